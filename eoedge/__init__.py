@@ -1,0 +1,1 @@
+"""The `eoedge` command: a thin dispatcher over the four packages' own CLIs."""

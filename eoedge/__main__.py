@@ -1,0 +1,3 @@
+from eoedge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,2 @@
+"""The world around the daemon: scenes, payload camera, bus, uplink, downlink, reports.
+Starts `onboard` as a separate process; never imports it."""

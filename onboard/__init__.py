@@ -1,0 +1,1 @@
+"""The on-board daemon. Never imports torch or `ground` (a test checks)."""

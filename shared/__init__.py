@@ -1,0 +1,5 @@
+"""The contracts every other package stands on: bands and scenes, tiling, metrics,
+bundles (build, sign, verify) and bus messages.
+
+Imports only numpy, msgpack, tifffile, the standard library and `cryptography`.
+"""
