@@ -1,0 +1,174 @@
+"""The daemon's configuration: one TOML file names every endpoint, path and limit.
+
+`load_config(path)` reads it over the defaults in `onboard/default.toml` (the documented
+example), checks every value's type and range, resolves relative paths against the file's
+folder, and raises `ConfigError` naming the file and the field (`queue.max_frames: ...`).
+Unknown sections or keys are errors too: a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+ENDPOINT_NAMES = ("frames", "products", "commands", "telemetry")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or value; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything the daemon process needs, already checked. Paths are absolute."""
+
+    name: str
+    device: str
+    num_requests: int
+    log_level: str
+    endpoints: dict[str, str]
+    store_root: Path
+    public_key: Path
+    uploads: Path
+    max_upload_bytes: int
+    max_chunk_bytes: int
+    max_frames: int
+    max_pending_products: int
+    max_message_bytes: int
+    socket_limit_factor: float
+    telemetry_interval_s: float
+    telemetry_window: int
+    drain_timeout_s: float
+    source_file: Path | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _non_empty_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _endpoint(value: Any) -> bool:
+    return isinstance(value, str) and value.split("://", 1)[0] in ("tcp", "ipc", "inproc") \
+        and "://" in value and value.split("://", 1)[1] != ""
+
+
+# section -> key -> (check, what the check means, attribute name on DaemonConfig)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "daemon": {
+        "name": (_non_empty_str, "a non-empty string", "name"),
+        "device": (_non_empty_str, "an OpenVINO device name such as \"CPU\"", "device"),
+        "num_requests": (_non_negative_int, "an integer >= 0 (0 = let OpenVINO choose)", "num_requests"),
+        "log_level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                      "one of DEBUG, INFO, WARNING, ERROR", "log_level"),
+    },
+    "endpoints": {name: (_endpoint, "a ZeroMQ endpoint tcp://..., ipc://... or inproc://...", None)
+                  for name in ENDPOINT_NAMES},
+    "store": {
+        "root": (_non_empty_str, "a folder path", "store_root"),
+        "public_key": (_non_empty_str, "a PEM public key file path", "public_key"),
+        "uploads": (_non_empty_str, "a folder path", "uploads"),
+        "max_upload_bytes": (_positive_int, "an integer >= 1", "max_upload_bytes"),
+        "max_chunk_bytes": (_positive_int, "an integer >= 1", "max_chunk_bytes"),
+    },
+    "queue": {
+        "max_frames": (_positive_int, "an integer >= 1", "max_frames"),
+        "max_pending_products": (_positive_int, "an integer >= 1", "max_pending_products"),
+    },
+    "limits": {
+        "max_message_bytes": (_positive_int, "an integer >= 1", "max_message_bytes"),
+        "socket_limit_factor": (lambda v: _positive_number(v) and v >= 1, "a number >= 1",
+                                "socket_limit_factor"),
+    },
+    "telemetry": {
+        "interval_s": (_positive_number, "a number of seconds > 0", "telemetry_interval_s"),
+        "window": (_positive_int, "an integer >= 1", "telemetry_window"),
+    },
+    "shutdown": {
+        "drain_timeout_s": (lambda v: _positive_number(v) or v == 0, "a number of seconds >= 0",
+                            "drain_timeout_s"),
+    },
+}
+FLOAT_ATTRS = {"socket_limit_factor", "telemetry_interval_s", "drain_timeout_s"}
+PATH_KEYS = {("store", "root"), ("store", "public_key"), ("store", "uploads")}
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _merge(defaults: dict, given: dict, where: str) -> dict:
+    merged = {section: dict(values) for section, values in defaults.items()}
+    for section, values in given.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section}: must be a table [{section}]")
+        for key, value in values.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{where}: {section}.{key}: unknown key "
+                                  f"(known: {', '.join(SCHEMA[section])})")
+            merged[section][key] = value
+    return merged
+
+
+def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<config>") -> DaemonConfig:
+    """Check `given` (sections as in default.toml, any subset) over the defaults."""
+    merged = _merge(_read_toml(DEFAULT_TOML), given, where)
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    values: dict[str, Any] = {"endpoints": {}}
+    for section, keys in SCHEMA.items():
+        for key, (check, meaning, attr) in keys.items():
+            value = merged[section].get(key)
+            if not check(value):
+                raise ConfigError(f"{where}: {section}.{key}: must be {meaning}, got {value!r}")
+            if (section, key) in PATH_KEYS:
+                value = (base_dir / Path(value).expanduser()).resolve()
+            if section == "endpoints":
+                values["endpoints"][key] = value
+            else:
+                values[attr] = float(value) if attr in FLOAT_ATTRS else value
+    if values["max_chunk_bytes"] > values["max_upload_bytes"]:
+        raise ConfigError(f"{where}: store.max_chunk_bytes: must be <= store.max_upload_bytes")
+    bound = [ep for ep in values["endpoints"].values()]
+    if len(set(bound)) != len(bound):
+        raise ConfigError(f"{where}: endpoints: every endpoint must be different, got {bound}")
+    return DaemonConfig(**values, raw=merged)
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    """Read a daemon TOML config file; errors name the file and the field."""
+    path = Path(path).expanduser().resolve()
+    config = config_from_dict(_read_toml(path), base_dir=path.parent, where=str(path))
+    return DaemonConfig(**{**config.__dict__, "source_file": path})
+
+
+def connect_address(endpoint: str) -> str:
+    """The address a client connects to for a bound endpoint (`tcp://*:5552` -> 127.0.0.1)."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if host in ("*", "0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "[::]":
+            host = "[::1]"
+        return f"tcp://{host}:{port}"
+    return endpoint
