@@ -1,0 +1,367 @@
+"""The bundle manifest: what a model expects, what it outputs, how it decides, what it came from.
+
+A manifest is a JSON object (format_version 1)::
+
+    format_version  1
+    model_id        "cloudmask-6b" ([a-z0-9._-])
+    version         int >= 1, grows with every bundle of a model (the daemon refuses older ones)
+    parent          {"model_id", "version"} of the bundle this one replaces, or null
+    created         ISO 8601 time
+    input           {bands: [canonical S2 names], dtype: "float32",
+                     scaling: {mean: [..], std: [.. > 0]}  -> (reflectance 0..1 - mean) / std,
+                     tile_size: int, overlap: int < tile_size}
+    output          {classes: [names], activation: "softmax" | "sigmoid" | "none"}
+    postprocess     {threshold: {class: 0..1} for thresholded classes, opening_radius: int >= 0}
+    policy          the keep/discard policy (shared.policy)
+    metrics         free object of numbers measured on the ground (may nest)
+    reference       {file: "reference.npz", max_abs_diff: >= 0, min_mask_agreement: 0..1}
+    lineage         free object (config, input hashes, run folder ...)
+    files           {relative path: sha256 hex} of every file but manifest.json and manifest.sig
+
+`validate_manifest` raises `ManifestError` whose message starts with the path of the offending
+field (`input.scaling.std[3]: must be > 0`). `make_manifest` fills defaults and file hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping
+
+from shared.bands import S2_BANDS, UnknownBandError, canonical_band
+from shared.policy import DEFAULT_POLICY, PolicyError, validate_policy
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"
+REFERENCE_NAME = "reference.npz"
+RESERVED_NAMES = (MANIFEST_NAME, SIGNATURE_NAME)
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+DTYPES = ("float32",)
+DEFAULT_REFERENCE = {"file": REFERENCE_NAME, "max_abs_diff": 1e-2, "min_mask_agreement": 0.99}
+
+_MODEL_ID = re.compile(r"^[a-z0-9._-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+_TOP_FIELDS = {
+    "format_version", "model_id", "version", "parent", "created", "input", "output",
+    "postprocess", "policy", "metrics", "reference", "lineage", "files",
+}
+
+
+class ManifestError(ValueError):
+    """An invalid manifest; `.field` is the path of the offending field (`input.tile_size`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+# ---------------------------------------------------------------------------------------------
+# Small checkers: each raises ManifestError(field, ...) and returns the value
+# ---------------------------------------------------------------------------------------------
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _obj(m: Any, field: str, allowed: set[str] | None = None,
+         required: Iterable[str] = ()) -> dict:
+    if not isinstance(m, dict):
+        raise ManifestError(field, f"must be an object, got {type(m).__name__}")
+    prefix = f"{field}." if field else ""
+    for key in required:
+        if key not in m:
+            raise ManifestError(f"{prefix}{key}", "missing")
+    if allowed is not None:
+        for key in m:
+            if key not in allowed:
+                raise ManifestError(f"{prefix}{key}",
+                                    f"unknown field (expected {', '.join(sorted(allowed))})")
+    return m
+
+
+def _int(v: Any, field: str, minimum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ManifestError(field, f"must be an integer, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise ManifestError(field, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _num(v: Any, field: str, lo: float | None = None, hi: float | None = None) -> float:
+    if not _is_number(v):
+        raise ManifestError(field, f"must be a finite number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (
+            f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+        raise ManifestError(field, f"must be {rng}, got {v!r}")
+    return float(v)
+
+
+def _str(v: Any, field: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ManifestError(field, f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _unique_strings(v: Any, field: str) -> list[str]:
+    if not isinstance(v, list) or not v:
+        raise ManifestError(field, "must be a non-empty list")
+    seen: set[str] = set()
+    for i, item in enumerate(v):
+        _str(item, f"{field}[{i}]")
+        if item in seen:
+            raise ManifestError(f"{field}[{i}]", f"duplicate {item!r}")
+        seen.add(item)
+    return v
+
+
+def safe_relative_path(name: Any) -> bool:
+    """A plain relative POSIX path inside the bundle: no absolute path, no `..`, no `\\`."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def parse_time(value: Any, field: str = "created") -> datetime:
+    if not isinstance(value, str):
+        raise ManifestError(field, f"must be an ISO 8601 time string, got {value!r}")
+    try:
+        # Python 3.10 does not read a trailing "Z"
+        return datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+    except ValueError:
+        raise ManifestError(field, f"not an ISO 8601 time: {value!r}") from None
+
+
+def _numbers_tree(v: Any, field: str) -> None:
+    if isinstance(v, dict):
+        for k, item in v.items():
+            _numbers_tree(item, f"{field}.{k}")
+    elif not _is_number(v):
+        raise ManifestError(field, f"must be a number (or an object of numbers), got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _check_input(inp: Any) -> None:
+    _obj(inp, "input", {"bands", "dtype", "scaling", "tile_size", "overlap"},
+         ("bands", "dtype", "scaling", "tile_size", "overlap"))
+    bands = _unique_strings(inp["bands"], "input.bands")
+    for i, name in enumerate(bands):
+        if name not in S2_BANDS:
+            try:
+                hint = f"; write {canonical_band(name)!r}"
+            except UnknownBandError:
+                hint = f" (expected one of {' '.join(S2_BANDS)})"
+            raise ManifestError(f"input.bands[{i}]", f"{name!r} is not a canonical Sentinel-2 band name{hint}")
+    if inp["dtype"] not in DTYPES:
+        raise ManifestError("input.dtype", f"must be one of {', '.join(DTYPES)}, got {inp['dtype']!r}")
+    scaling = _obj(inp["scaling"], "input.scaling", {"mean", "std"}, ("mean", "std"))
+    for key in ("mean", "std"):
+        values = scaling[key]
+        field = f"input.scaling.{key}"
+        if not isinstance(values, list):
+            raise ManifestError(field, "must be a list of numbers, one per band")
+        if len(values) != len(bands):
+            raise ManifestError(field, f"has {len(values)} values for {len(bands)} bands")
+        for i, v in enumerate(values):
+            _num(v, f"{field}[{i}]")
+            if key == "std" and v <= 0:
+                raise ManifestError(f"{field}[{i}]", f"must be > 0, got {v!r}")
+    tile = _int(inp["tile_size"], "input.tile_size", minimum=1)
+    overlap = _int(inp["overlap"], "input.overlap", minimum=0)
+    if overlap >= tile:
+        raise ManifestError("input.overlap", f"must be < tile_size ({tile}), got {overlap}")
+
+
+def _check_output(out: Any) -> list[str]:
+    _obj(out, "output", {"classes", "activation"}, ("classes", "activation"))
+    classes = _unique_strings(out["classes"], "output.classes")
+    if out["activation"] not in ACTIVATIONS:
+        raise ManifestError("output.activation",
+                            f"must be one of {', '.join(ACTIVATIONS)}, got {out['activation']!r}")
+    return classes
+
+
+def _check_postprocess(post: Any, classes: list[str]) -> None:
+    _obj(post, "postprocess", {"threshold", "opening_radius"}, ("threshold", "opening_radius"))
+    thr = _obj(post["threshold"], "postprocess.threshold")
+    for cls, value in thr.items():
+        if cls not in classes:
+            raise ManifestError(f"postprocess.threshold.{cls}",
+                                f"unknown class {cls!r} (classes: {', '.join(classes)})")
+        _num(value, f"postprocess.threshold.{cls}", 0.0, 1.0)
+    _int(post["opening_radius"], "postprocess.opening_radius", minimum=0)
+
+
+def _check_files(files: Any) -> None:
+    _obj(files, "files")
+    for name, digest in files.items():
+        field = f"files[{name!r}]"
+        if not safe_relative_path(name):
+            raise ManifestError(field, "must be a relative path inside the bundle (no '/', '..', '\\')")
+        if name in RESERVED_NAMES:
+            raise ManifestError(field, f"{name} is not listed in files (it holds them)")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ManifestError(field, f"must be a lowercase sha256 hex digest, got {digest!r}")
+    for name in (MODEL_XML, MODEL_BIN):
+        if name not in files:
+            raise ManifestError("files", f"must list {name} (the OpenVINO IR)")
+
+
+def _check_reference(ref: Any, files: dict) -> None:
+    _obj(ref, "reference", {"file", "max_abs_diff", "min_mask_agreement"},
+         ("file", "max_abs_diff", "min_mask_agreement"))
+    name = _str(ref["file"], "reference.file")
+    if name not in files:
+        raise ManifestError("reference.file", f"{name!r} is not listed in files")
+    _num(ref["max_abs_diff"], "reference.max_abs_diff", lo=0.0)
+    _num(ref["min_mask_agreement"], "reference.min_mask_agreement", 0.0, 1.0)
+
+
+def validate_manifest(manifest: Any) -> dict:
+    """Check every field of a manifest; raise ManifestError naming the first bad one.
+
+    Returns the manifest unchanged (so `m = validate_manifest(json.loads(...))` reads well).
+    """
+    m = _obj(manifest, "", _TOP_FIELDS, sorted(_TOP_FIELDS))
+    fv = _int(m["format_version"], "format_version")
+    if fv != FORMAT_VERSION:
+        raise ManifestError("format_version", f"unsupported format version {fv} (this reads {FORMAT_VERSION})")
+    model_id = _str(m["model_id"], "model_id")
+    if not _MODEL_ID.match(model_id):
+        raise ManifestError("model_id", f"{model_id!r} may only use a-z 0-9 . _ -")
+    version = _int(m["version"], "version", minimum=1)
+    if m["parent"] is not None:
+        parent = _obj(m["parent"], "parent", {"model_id", "version"}, ("model_id", "version"))
+        pid = _str(parent["model_id"], "parent.model_id")
+        if not _MODEL_ID.match(pid):
+            raise ManifestError("parent.model_id", f"{pid!r} may only use a-z 0-9 . _ -")
+        pv = _int(parent["version"], "parent.version", minimum=1)
+        if pid == model_id and pv >= version:
+            raise ManifestError("parent.version",
+                                f"{pv} must be older than this bundle's version {version}")
+    parse_time(m["created"])
+    _check_input(m["input"])
+    classes = _check_output(m["output"])
+    _check_postprocess(m["postprocess"], classes)
+    try:
+        validate_policy(m["policy"], classes=classes, field="policy")
+    except PolicyError as exc:
+        raise ManifestError(exc.field, str(exc).split(": ", 1)[1]) from None
+    _numbers_tree(_obj(m["metrics"], "metrics"), "metrics")
+    _obj(m["lineage"], "lineage")
+    _check_files(m["files"])
+    _check_reference(m["reference"], m["files"])
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(files: Mapping[str, str | os.PathLike]) -> dict[str, str]:
+    """{arcname: sha256} for {arcname: path}; a missing file names both."""
+    out = {}
+    for name, path in sorted(files.items()):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"file for {name!r} not found: {path}")
+        out[name] = sha256_file(path)
+    return out
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def fill_defaults(partial: Mapping[str, Any],
+                  files: Mapping[str, str | os.PathLike] | None = None) -> dict:
+    """A complete manifest from a partial one: format_version, created (now, UTC), parent null,
+    empty metrics/lineage, the default policy and reference, and `files` hashed when given.
+    Fields already present are kept. Does not validate (call `validate_manifest`)."""
+    m = json.loads(json.dumps(dict(partial)))   # deep copy; also proves it is JSON
+    m.setdefault("format_version", FORMAT_VERSION)
+    m.setdefault("parent", None)
+    m.setdefault("created", utc_now())
+    m.setdefault("policy", json.loads(json.dumps(DEFAULT_POLICY)))
+    m.setdefault("metrics", {})
+    m.setdefault("lineage", {})
+    m.setdefault("reference", dict(DEFAULT_REFERENCE))
+    post = m.setdefault("postprocess", {})
+    if isinstance(post, dict):
+        post.setdefault("threshold", {})
+        post.setdefault("opening_radius", 2)
+    inp = m.get("input")
+    if isinstance(inp, dict):
+        inp.setdefault("dtype", "float32")
+    out = m.get("output")
+    if isinstance(out, dict):
+        out.setdefault("activation", "softmax")
+    if files is not None:
+        m["files"] = hash_files(files)
+    else:
+        m.setdefault("files", {})
+    return m
+
+
+def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
+                  mean: Iterable[float], std: Iterable[float], classes: Iterable[str],
+                  tile_size: int = 256, overlap: int = 32, activation: str = "softmax",
+                  threshold: Mapping[str, float] | None = None, opening_radius: int = 2,
+                  policy: dict | None = None, metrics: dict | None = None,
+                  reference: dict | None = None, lineage: dict | None = None,
+                  parent: dict | None = None, created: str | None = None,
+                  files: Mapping[str, str | os.PathLike] | None = None) -> dict:
+    """A validated manifest from plain arguments; band aliases (`B2`, `NIR`) become canonical,
+    and `files` ({arcname: path}) is hashed. Raises ManifestError naming a bad field."""
+    try:
+        canon = [canonical_band(b) for b in bands]
+    except UnknownBandError as exc:
+        raise ManifestError("input.bands", str(exc)) from None
+    partial = {
+        "model_id": model_id, "version": version, "parent": parent,
+        "input": {"bands": canon, "dtype": "float32",
+                  "scaling": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+                  "tile_size": tile_size, "overlap": overlap},
+        "output": {"classes": list(classes), "activation": activation},
+        "postprocess": {"threshold": dict(threshold or {}), "opening_radius": opening_radius},
+    }
+    for key, value in (("policy", policy), ("metrics", metrics), ("reference", reference),
+                       ("lineage", lineage), ("created", created)):
+        if value is not None:
+            partial[key] = value
+    return validate_manifest(fill_defaults(partial, files))
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical encoding that gets signed: UTF-8 JSON, sorted keys, 2-space indent."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False,
+                       allow_nan=False) + "\n").encode("utf-8")
+
+
+def parse_manifest(data: bytes, source: str = MANIFEST_NAME) -> dict:
+    """Decode and validate manifest bytes; a decoding error names `source`."""
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError("", f"{source}: not valid UTF-8 JSON ({exc})") from None
+    return validate_manifest(m)
