@@ -1,0 +1,469 @@
+"""Bus messages: msgpack envelopes with typed bodies and zero-copy array frames.
+
+A message travels as a ZeroMQ multipart message:
+
+    frame 0   msgpack map {"type", "schema", "id", "ref", "ts", "source", "body",
+                           "arrays": [{"name", "dtype", "shape"}, ...]}
+    frame 1.. one raw C-order little-endian buffer per entry of "arrays"
+
+`encode(msg)` returns that list (array frames are memoryviews of the arrays: send them with
+`copy=False`); `decode(frames, limits)` checks the header, the body schema of its type, every
+array's dtype (allowlist), shape and byte count against the frame it came in, all before it
+builds anything, and returns arrays that are read-only views of the received frames.
+Everything wrong raises `MessageError`, whose `.field` names what was wrong.
+
+To add a message type, add one entry to `BODY_SCHEMAS` (fields and, if any, array rules).
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Only plain little-endian numeric dtypes travel: no objects, strings, structured or complex types
+# (an "O" dtype from a peer would let it name arbitrary Python objects), and no bool: a byte other
+# than 0/1 read as numpy bool is undefined. Masks travel as uint8.
+ALLOWED_DTYPES: frozenset[str] = frozenset({
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+    "float16", "float32", "float64",
+})
+
+
+class MessageError(ValueError):
+    """A message that cannot be encoded or decoded; `.field` names the part that was wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts; checked before anything is allocated."""
+
+    max_header_bytes: int = 1 << 20           # the msgpack envelope
+    max_array_bytes: int = 256 << 20          # all arrays of one message together
+    max_arrays: int = 32
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Message:
+    """One bus message. `arrays` maps a name to an array or bytes (each sent as its own frame;
+    bytes arrive as a 1-D uint8 array)."""
+
+    type: str
+    body: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    ref: str | None = None
+    ts: float = field(default_factory=time.time)
+    schema: int = SCHEMA_VERSION
+    source: str = ""
+
+    def reply(self, type: str, body: dict, arrays: Mapping[str, np.ndarray] | None = None,
+              source: str = "") -> "Message":
+        """A new message answering this one (`ref` = this message's id)."""
+        return Message(type, body, dict(arrays or {}), ref=self.id, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Body schemas: one small validator per field type, one registry entry per message type.
+
+Validator = Callable[[Any, str], None]
+
+
+def _fail(path: str, expected: str, value: Any) -> None:
+    raise MessageError(path, f"expected {expected}, got {type(value).__name__}")
+
+
+def STR(value: Any, path: str) -> None:
+    if not isinstance(value, str):
+        _fail(path, "a string", value)
+
+
+def NONEMPTY_STR(value: Any, path: str) -> None:
+    STR(value, path)
+    if not value:
+        raise MessageError(path, "must not be empty")
+
+
+def INT(value: Any, path: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(path, "an integer", value)
+
+
+def NONNEG_INT(value: Any, path: str) -> None:
+    INT(value, path)
+    if value < 0:
+        raise MessageError(path, f"must be >= 0, got {value}")
+
+
+def FLOAT(value: Any, path: str) -> None:
+    """A finite number (an integer is fine: msgpack keeps 1.0 and 1 apart, senders may not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _fail(path, "a number", value)
+    if not math.isfinite(value):
+        raise MessageError(path, f"must be finite, got {value}")
+
+
+def POSITIVE_FLOAT(value: Any, path: str) -> None:
+    FLOAT(value, path)
+    if value <= 0:
+        raise MessageError(path, f"must be > 0, got {value}")
+
+
+def BOOL(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        _fail(path, "true or false", value)
+
+
+def DICT(value: Any, path: str) -> None:
+    if not isinstance(value, dict):
+        _fail(path, "a map", value)
+    for key in value:
+        if not isinstance(key, str):
+            raise MessageError(path, f"map keys must be strings, got {type(key).__name__}")
+
+
+def LIST(value: Any, path: str) -> None:
+    if not isinstance(value, list):
+        _fail(path, "a list", value)
+
+
+def list_of(item: Validator, nonempty: bool = False) -> Validator:
+    def check(value: Any, path: str) -> None:
+        LIST(value, path)
+        if nonempty and not value:
+            raise MessageError(path, "must not be empty")
+        for i, v in enumerate(value):
+            item(v, f"{path}[{i}]")
+    return check
+
+
+def optional(inner: Validator) -> Validator:
+    """`inner`, or None."""
+    def check(value: Any, path: str) -> None:
+        if value is not None:
+            inner(value, path)
+    return check
+
+
+@dataclass(frozen=True)
+class ArrayRule:
+    """What one named array of a message type must look like."""
+
+    dtypes: frozenset[str] = ALLOWED_DTYPES
+    ndim: int | None = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class BodySchema:
+    required: Mapping[str, Validator]
+    optional: Mapping[str, Validator] = field(default_factory=dict)
+    # Named arrays with rules; `other_arrays` says whether arrays with other names may come too.
+    arrays: Mapping[str, ArrayRule] = field(default_factory=dict)
+    other_arrays: bool = False
+    # Cross-field rule on the body, after the fields are checked.
+    check: Callable[[dict], None] | None = None
+
+
+def _ack_check(body: dict) -> None:
+    if "ok" not in body and "accepted" not in body:
+        raise MessageError("body.ok", "an ack carries 'ok' (command) or 'accepted' (frame)")
+    if body.get("ok") is False and "error" not in body:
+        raise MessageError("body.error", "a failed ack must say why")
+
+
+BODY_SCHEMAS: dict[str, BodySchema] = {
+    # Payload -> daemon: one image frame. reflectance = value * scale.
+    "frame": BodySchema(
+        required={"frame_id": NONEMPTY_STR, "bands": list_of(NONEMPTY_STR, nonempty=True),
+                  "scale": POSITIVE_FLOAT},
+        optional={"scene": STR, "index": INT, "acquired": FLOAT},
+        arrays={"data": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=3)},
+    ),
+    # Daemon -> payload: the outcome of an accepted frame.
+    "decision": BodySchema(
+        required={"frame_id": NONEMPTY_STR, "keep": BOOL, "priority": INT, "reason": STR},
+        optional={"stats": DICT, "tile_decisions": list_of(DICT), "timings_ms": DICT,
+                  "model": optional(DICT)},
+        other_arrays=True,
+    ),
+    # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook).
+    "product": BodySchema(
+        required={"frame_id": NONEMPTY_STR, "priority": INT},
+        optional={"scene": STR, "index": INT, "reason": STR, "stats": DICT, "classes": list_of(STR),
+                  "tiles": list_of(DICT), "model": optional(DICT), "acquired": FLOAT},
+        other_arrays=True,
+    ),
+    # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).
+    "error": BodySchema(
+        required={"code": NONEMPTY_STR, "message": STR},
+        optional={"frame_id": optional(STR), "field": optional(STR), "details": DICT},
+    ),
+    # Operator -> daemon: {name, args}; upload_chunk carries its bytes as one array.
+    "command": BodySchema(
+        required={"name": NONEMPTY_STR},
+        optional={"args": DICT},
+        other_arrays=True,
+    ),
+    # Daemon -> sender: a frame ack {accepted, queue_depth} or a command ack {ok, result | error}.
+    "ack": BodySchema(
+        required={},
+        optional={"ok": BOOL, "accepted": BOOL, "queue_depth": NONNEG_INT, "result": DICT,
+                  "error": STR},
+        check=_ack_check,
+    ),
+    # Daemon -> anyone subscribed: the heartbeat.
+    "telemetry": BodySchema(
+        required={"seq": NONNEG_INT, "uptime": FLOAT, "queue_depth": NONNEG_INT},
+        optional={"model": optional(DICT), "frames": DICT, "latency_ms": DICT, "rss_mb": FLOAT},
+    ),
+}
+
+MESSAGE_TYPES: tuple[str, ...] = tuple(BODY_SCHEMAS)
+
+
+def validate_body(type_: str, body: Any) -> None:
+    """Check `body` against the schema of `type_`; raises MessageError naming the field."""
+    schema = BODY_SCHEMAS.get(type_) if isinstance(type_, str) else None
+    if schema is None:
+        raise MessageError("type", f"unknown message type {type_!r}; known: {', '.join(MESSAGE_TYPES)}")
+    DICT(body, "body")
+    for name, check in schema.required.items():
+        if name not in body:
+            raise MessageError(f"body.{name}", f"missing (required for a {type_} message)")
+        check(body[name], f"body.{name}")
+    for name, check in schema.optional.items():
+        if name in body:
+            check(body[name], f"body.{name}")
+    if schema.check is not None:
+        schema.check(body)
+
+
+def _check_array_names(type_: str, names: Sequence[str]) -> None:
+    schema = BODY_SCHEMAS[type_]
+    for name, rule in schema.arrays.items():
+        if rule.required and name not in names:
+            raise MessageError(f"arrays.{name}", f"missing (required for a {type_} message)")
+    if not schema.other_arrays:
+        for name in names:
+            if name not in schema.arrays:
+                raise MessageError(f"arrays.{name}", f"a {type_} message carries no array named {name!r}")
+
+
+def _check_array_rule(type_: str, name: str, dtype: str, ndim: int) -> None:
+    rule = BODY_SCHEMAS[type_].arrays.get(name)
+    if rule is None:
+        return
+    if dtype not in rule.dtypes:
+        raise MessageError(f"arrays.{name}.dtype",
+                           f"{dtype} not allowed for {type_}; allowed: {', '.join(sorted(rule.dtypes))}")
+    if rule.ndim is not None and ndim != rule.ndim:
+        raise MessageError(f"arrays.{name}.shape", f"expected {rule.ndim} dimensions, got {ndim}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode
+
+def _packable(value: Any) -> Any:
+    # msgpack raises on numpy scalars; senders (telemetry, stats) often hold them.
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot pack {type(value).__name__}")
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Header frame, then one memoryview per array (zero-copy; send with copy=False).
+
+    Raises MessageError for a message the receiver would reject (unknown type, bad body,
+    disallowed dtype), so a sender's bug surfaces where it is made.
+    """
+    if msg.type not in BODY_SCHEMAS:
+        validate_body(msg.type, msg.body)          # raises, naming the known types
+    if not isinstance(msg.arrays, Mapping):
+        raise MessageError("arrays", "expected a mapping of name -> array")
+    _check_array_names(msg.type, list(msg.arrays))
+    specs, frames = [], []
+    for name, arr in msg.arrays.items():
+        if not isinstance(name, str) or not name:
+            raise MessageError("arrays", f"array names must be non-empty strings, got {name!r}")
+        if isinstance(arr, (bytes, bytearray, memoryview)):   # e.g. a PNG: travels as uint8
+            arr = np.frombuffer(arr, dtype=np.uint8)
+        arr = np.asarray(arr)
+        dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+        if dtype.name not in ALLOWED_DTYPES or not dtype.isnative:
+            raise MessageError(f"arrays.{name}.dtype",
+                               f"{arr.dtype} cannot travel; allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
+        _check_array_rule(msg.type, name, dtype.name, arr.ndim)
+        if arr.dtype != dtype or not arr.flags.c_contiguous:
+            arr = np.array(arr, dtype=dtype, order="C")     # (ascontiguousarray would make 0-d 1-d)
+        specs.append({"name": name, "dtype": dtype.name, "shape": list(arr.shape)})
+        frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    header = {"type": msg.type, "schema": msg.schema, "id": msg.id, "ref": msg.ref, "ts": msg.ts,
+              "source": msg.source, "body": msg.body, "arrays": specs}
+    try:
+        packed = msgpack.packb(header, default=_packable, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MessageError("body", f"cannot be packed: {exc}") from None
+    # Check the body as the receiver will see it (tuples become lists, numpy scalars numbers).
+    validate_body(msg.type, msgpack.unpackb(packed, raw=False, strict_map_key=False)["body"])
+    return [packed, *frames]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MessageError("header", f"msgpack extension type {code} not allowed")
+
+
+def _check_plain(value: Any) -> None:
+    """Only maps, lists and scalars (iterative: a deep nest must not hit Python's recursion limit)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif not isinstance(v, _PLAIN):
+            raise MessageError("header", f"{type(v).__name__} values are not allowed")
+
+
+def _as_buffer(frame: Any, index: int) -> memoryview:
+    try:
+        mv = memoryview(frame)
+    except TypeError:
+        raise MessageError(f"frames[{index}]", f"expected bytes, got {type(frame).__name__}") from None
+    if mv.ndim != 1 or mv.itemsize != 1:
+        if not mv.c_contiguous:
+            raise MessageError(f"frames[{index}]", "buffer is not contiguous")
+        mv = mv.cast("B")
+    return mv
+
+
+def _header_str(header: dict, key: str, nullable: bool = False, max_len: int = 256) -> None:
+    value = header.get(key)
+    if nullable and value is None:
+        return
+    if not isinstance(value, str):
+        _fail(key, "a string", value)
+    if len(value) > max_len:
+        raise MessageError(key, f"longer than {max_len} characters")
+
+
+def _decode_header(buf: memoryview, limits: Limits) -> dict:
+    if buf.nbytes > limits.max_header_bytes:
+        raise MessageError("header", f"{buf.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True,
+                                 ext_hook=_reject_ext, timestamp=0)
+    except MessageError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MessageError("header", f"not a valid msgpack envelope: {exc}") from None
+    if not isinstance(header, dict):
+        _fail("header", "a msgpack map", header)
+    _check_plain(header)
+    schema = header.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema != SCHEMA_VERSION:
+        raise MessageError("schema", f"unsupported schema version {schema!r} (this end speaks {SCHEMA_VERSION})")
+    if not isinstance(header.get("type"), str) or header["type"] not in BODY_SCHEMAS:
+        raise MessageError("type", f"unknown message type {header.get('type')!r}; known: {', '.join(MESSAGE_TYPES)}")
+    _header_str(header, "id", max_len=64)
+    if not header["id"]:
+        raise MessageError("id", "must not be empty")
+    _header_str(header, "ref", nullable=True, max_len=64)
+    _header_str(header, "source")
+    FLOAT(header.get("ts"), "ts")
+    LIST(header.get("arrays"), "arrays")
+    if "body" not in header:
+        raise MessageError("body", "missing")
+    return header
+
+
+def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str, np.dtype, tuple, int]]:
+    """Check every array entry (name, dtype, shape, bytes) without building any array."""
+    entries = header["arrays"]
+    if len(entries) > limits.max_arrays:
+        raise MessageError("arrays", f"{len(entries)} arrays exceeds the limit of {limits.max_arrays}")
+    if len(entries) != n_frames:
+        raise MessageError("arrays", f"header lists {len(entries)} arrays but {n_frames} array frames came")
+    out, total, seen = [], 0, set()
+    for i, entry in enumerate(entries):
+        where = f"arrays[{i}]"
+        DICT(entry, where)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise MessageError(f"{where}.name", f"expected a non-empty string, got {name!r}")
+        if name in seen:
+            raise MessageError(f"{where}.name", f"duplicate array name {name!r}")
+        seen.add(name)
+        dtype_name = entry.get("dtype")
+        if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
+            raise MessageError(f"arrays.{name}.dtype",
+                               f"{dtype_name!r} not allowed; allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise MessageError(f"arrays.{name}.shape", f"expected a list of at most {limits.max_ndim} sizes")
+        for d in shape:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+                raise MessageError(f"arrays.{name}.shape", f"sizes must be integers >= 0, got {d!r}")
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        nbytes = math.prod(shape) * dtype.itemsize      # Python ints: a lying shape cannot overflow
+        total += nbytes
+        if total > limits.max_array_bytes:
+            raise MessageError(f"arrays.{name}.shape",
+                               f"arrays total {total} bytes, over the limit of {limits.max_array_bytes}")
+        _check_array_rule(header["type"], name, dtype_name, len(shape))
+        out.append((name, dtype, tuple(shape), nbytes))
+    _check_array_names(header["type"], [o[0] for o in out])
+    return out
+
+
+def decode(frames: Sequence[Any] | Iterable[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate a multipart message (bytes, memoryviews or zmq.Frame objects).
+
+    Arrays come back as read-only views of the frames (no copy).
+    """
+    if isinstance(frames, (bytes, bytearray, memoryview, str)):
+        raise MessageError("frames", "expected a list of frames, got a single buffer")
+    try:
+        frames = list(frames)
+    except TypeError:
+        raise MessageError("frames", f"expected a list of frames, got {type(frames).__name__}") from None
+    if not frames:
+        raise MessageError("frames", "empty message")
+    header = _decode_header(_as_buffer(frames[0], 0), limits)
+    specs = _array_specs(header, limits, len(frames) - 1)
+    validate_body(header["type"], header["body"])
+    arrays: dict[str, np.ndarray] = {}
+    for i, (name, dtype, shape, nbytes) in enumerate(specs, start=1):
+        buf = _as_buffer(frames[i], i)
+        if buf.nbytes != nbytes:
+            raise MessageError(f"arrays.{name}",
+                               f"frame has {buf.nbytes} bytes, header says {nbytes} ({dtype.name} {list(shape)})")
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return Message(type=header["type"], body=header["body"], arrays=arrays, id=header["id"],
+                   ref=header.get("ref"), ts=header["ts"], schema=header["schema"], source=header["source"])
