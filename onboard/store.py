@@ -1,0 +1,394 @@
+"""The model store: slots for the active, staged and previous model, and the install path.
+
+Like a cFS table load: a new bundle goes into an inactive slot, is checked there by its owner,
+and only then becomes active, at one atomic step. Installing is
+
+    verify (signature, checksums, version newer than the active one: shared.bundle)
+    -> extract into a new slot (the staged one)
+    -> load it (FramePipeline) and self-test it on the bundle's reference tiles
+    -> activate: state.json rewritten via a temporary file + fsync + os.replace, so a crash
+       leaves either the old or the new state, never half of one
+    -> the model that was active becomes `previous`, kept for `rollback()`.
+
+Any failure removes the staged slot and leaves the active model untouched and serving; the
+InstallResult says which check refused the bundle and why. A restart (even after kill -9)
+reopens state.json and comes back with the same active model after re-checking its files.
+
+Layout under `root`:
+    state.json                   {"active": slot, "previous": slot, "policy": {slot: policy}, ...}
+    slots/<model_id>-v<version>-<8 hex>/   manifest.json, manifest.sig, model.xml, model.bin, ...
+A slot folder that state.json does not name is debris of an interrupted install: removed at open.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("onboard.store")
+
+STATE_FILE = "state.json"
+SLOTS_DIR = "slots"
+STATE_SCHEMA = 1
+HISTORY_LENGTH = 20
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (no previous model, store busy, broken state)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SlotInfo:
+    """What a slot holds, as status reports it."""
+
+    slot: str
+    model_id: str
+    version: int
+    path: Path
+    manifest: dict = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"slot": self.slot, "model_id": self.model_id, "version": self.version,
+                "path": str(self.path)}
+
+
+@dataclass
+class InstallResult:
+    """The outcome of an install or a rollback. `pipeline` is the loaded, self-tested model."""
+
+    ok: bool
+    code: str                     # "installed", "rolled_back", or why it was refused
+    reason: str
+    model_id: str | None = None
+    version: int | None = None
+    slot: str | None = None
+    active: dict | None = None     # what is active after this call (old one when refused)
+    previous: dict | None = None
+    self_test: dict | None = None
+    duration_s: float = 0.0
+    pipeline: Any = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("pipeline")
+        return out
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def rejection_code(exc: BaseException) -> str:
+    """`VersionTooOld` -> `version_too_old`: the bundle check's class names the reason."""
+    return _snake(type(exc).__name__)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write-temp, fsync, rename, fsync the folder: after a crash the file is old or new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def default_pipeline_factory(device: str = "CPU") -> Callable[[dict, Path], Any]:
+    def factory(manifest: dict, model_dir: Path) -> Any:
+        from onboard.pipeline import FramePipeline   # OpenVINO loads only when a model does
+        return FramePipeline(manifest, model_dir, device=device)
+    return factory
+
+
+class ModelStore:
+    """Model slots on disk (active, staged, previous) and the verified install path.
+
+    `public_key`: the uplink Ed25519 public key (PEM path or key object).
+    `pipeline_factory(manifest, model_dir)` builds the runnable model (default: FramePipeline on
+    `device`); it must offer `.self_test(reference_path)` like onboard.pipeline.FramePipeline.
+    """
+
+    def __init__(self, root: str | os.PathLike, public_key: Any, device: str = "CPU",
+                 pipeline_factory: Callable[[dict, Path], Any] | None = None):
+        from shared.keys import load_public_key
+        self.root = Path(root)
+        self.public_key = load_public_key(public_key)
+        self.device = device
+        self.pipeline_factory = pipeline_factory or default_pipeline_factory(device)
+        self._state_lock = threading.Lock()     # state reads/writes (status runs beside installs)
+        self._install_lock = threading.Lock()   # one install or rollback at a time
+        self._staged: SlotInfo | None = None
+        (self.root / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
+        self._state = self._read_state()
+        self._remove_debris()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def _read_state(self) -> dict:
+        empty = {"schema": STATE_SCHEMA, "active": None, "previous": None, "policy": {},
+                 "history": []}
+        if not self.state_path.exists():
+            return empty
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError("bad_state", f"{self.state_path}: unreadable store state ({exc})") from None
+        if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
+            raise StoreError("bad_state", f"{self.state_path}: not a schema-{STATE_SCHEMA} store state")
+        return {**empty, **state}
+
+    def _write_state(self, state: dict, event: dict) -> None:
+        state = dict(state)
+        state["history"] = (list(state.get("history", [])) + [{"ts": time.time(), **event}])[-HISTORY_LENGTH:]
+        write_json_atomic(self.state_path, state)
+        with self._state_lock:
+            self._state = state
+
+    def _remove_debris(self) -> None:
+        keep = {self._state.get("active"), self._state.get("previous")}
+        for path in (self.root / SLOTS_DIR).iterdir():
+            if path.name not in keep:
+                log.info("removing %s: not an active or previous slot (interrupted install?)", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _slot_info(self, slot: str | None) -> SlotInfo | None:
+        if not slot:
+            return None
+        path = self.root / SLOTS_DIR / slot
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError("slot_unreadable", f"{path}: cannot read the slot's manifest ({exc})") from None
+        return SlotInfo(slot, manifest.get("model_id", "?"), manifest.get("version", 0), path, manifest)
+
+    def active(self) -> SlotInfo | None:
+        """The active model's slot, or None before the first install."""
+        with self._state_lock:
+            slot = self._state.get("active")
+        return self._slot_info(slot)
+
+    def previous(self) -> SlotInfo | None:
+        with self._state_lock:
+            slot = self._state.get("previous")
+        return self._slot_info(slot)
+
+    def staged(self) -> SlotInfo | None:
+        """The slot being verified and self-tested right now, if an install is running."""
+        return self._staged
+
+    def policy_override(self) -> dict | None:
+        """A policy set by command for the active slot (None: the bundle's own policy)."""
+        with self._state_lock:
+            return self._state.get("policy", {}).get(self._state.get("active") or "")
+
+    def set_policy_override(self, policy: dict | None) -> None:
+        """Persist `policy` for the active slot (it stays with that slot across restarts)."""
+        with self._state_lock:
+            state = json.loads(json.dumps(self._state))
+        slot = state.get("active")
+        if not slot:
+            raise StoreError("no_model", "no active model to set a policy for")
+        policies = {k: v for k, v in state.get("policy", {}).items() if k != slot}
+        if policy is not None:
+            policies[slot] = policy
+        state["policy"] = policies
+        self._write_state(state, {"event": "set_policy", "slot": slot})
+
+    def status(self) -> dict:
+        def describe(get):
+            try:
+                info = get()
+            except StoreError as exc:
+                return {"error": str(exc)}
+            return info.as_dict() if info else None
+        with self._state_lock:
+            history = list(self._state.get("history", []))[-5:]
+        return {"root": str(self.root), "active": describe(self.active),
+                "staged": describe(self.staged), "previous": describe(self.previous),
+                "history": history}
+
+    # ------------------------------------------------------------------ checks
+    def check_slot_files(self, info: SlotInfo) -> None:
+        """Re-check a slot as its bundle was checked: the manifest's signature, then every
+        file's sha256 (a bit flip on disk since the install must not fly)."""
+        from shared.keys import signature_valid
+        try:
+            sig = json.loads((info.path / "manifest.sig").read_text(encoding="utf-8"))
+            signature = base64.b64decode(sig["signature"], validate=True)
+            raw_manifest = (info.path / "manifest.json").read_bytes()
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise StoreError("slot_corrupt", f"{info.path}: manifest or signature unreadable ({exc})") from None
+        if not signature_valid(self.public_key, signature, raw_manifest):
+            raise StoreError("slot_corrupt", f"{info.path}: manifest.json no longer matches its signature")
+        files = info.manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise StoreError("slot_corrupt", f"{info.path}: manifest lists no files")
+        for name, digest in files.items():
+            path = info.path / name
+            if not path.is_file():
+                raise StoreError("slot_corrupt", f"{path}: missing from the slot")
+            if sha256_file(path) != digest:
+                raise StoreError("slot_corrupt", f"{path}: sha256 differs from the manifest")
+
+    def _load_and_test(self, info: SlotInfo) -> tuple[Any, dict]:
+        """Build the pipeline for a slot and self-test it; raise StoreError saying why not."""
+        try:
+            pipeline = self.pipeline_factory(info.manifest, info.path)
+        except Exception as exc:       # OpenVINO raises plain RuntimeError for a bad IR or device
+            raise StoreError("load_failed", f"model {info.model_id} v{info.version} did not load "
+                                            f"on {self.device}: {exc}") from None
+        reference = (info.manifest.get("reference") or {}).get("file", "reference.npz")
+        try:
+            result = pipeline.self_test(info.path / reference)
+        except Exception as exc:
+            raise StoreError("self_test_failed", f"self-test could not run: {exc}") from None
+        report = {"ok": bool(result.ok), "max_abs_diff": float(result.max_abs_diff),
+                  "mask_agreement": float(result.mask_agreement), "message": result.message}
+        if not result.ok:
+            error = StoreError("self_test_failed", f"self-test on the reference tiles failed: {result.message}")
+            error.self_test = report
+            raise error
+        return pipeline, report
+
+    # ------------------------------------------------------------------ install / rollback
+    def install(self, bundle_path: str | os.PathLike) -> InstallResult:
+        """Verify, stage, self-test and activate a bundle. Never raises for a bad bundle: the
+        result says why it was refused, and the active model is untouched."""
+        started = time.monotonic()
+        if not self._install_lock.acquire(blocking=False):
+            return self._refused("busy", "another install or rollback is running", started)
+        try:
+            return self._install(Path(bundle_path), started)
+        finally:
+            self._staged = None
+            self._install_lock.release()
+
+    def _install(self, bundle_path: Path, started: float) -> InstallResult:
+        from shared.bundle import BundleError, extract_bundle
+        active = self.active()
+        min_version = active.version if active else None
+        if not bundle_path.is_file():
+            return self._refused("not_found", f"{bundle_path}: no such bundle file", started)
+        slot_path = self.root / SLOTS_DIR / f"staging-{uuid.uuid4().hex[:8]}"
+        try:
+            try:
+                extract_bundle(bundle_path, slot_path, self.public_key, min_version=min_version)
+            except BundleError as exc:
+                return self._refused(getattr(exc, "reason", None) or rejection_code(exc), str(exc), started)
+            except OSError as exc:      # disk full, permissions: the bundle may be fine
+                return self._refused("extract_failed", f"{bundle_path}: could not extract into "
+                                                       f"{slot_path}: {exc}", started)
+            info = self._slot_info(slot_path.name)
+            final = self.root / SLOTS_DIR / f"{info.model_id}-v{info.version}-{uuid.uuid4().hex[:8]}"
+            # Rename before loading: the pipeline may keep paths, and the slot's name is final.
+            os.rename(slot_path, final)
+            slot_path = final
+            info = self._slot_info(final.name)
+            self._staged = info
+            try:
+                pipeline, report = self._load_and_test(info)
+            except StoreError as exc:
+                return self._refused(exc.code, str(exc), started, info, getattr(exc, "self_test", None))
+            with self._state_lock:
+                state = json.loads(json.dumps(self._state))
+            old_previous, state["previous"], state["active"] = state["previous"], state["active"], final.name
+            self._write_state(state, {"event": "install", "slot": final.name,
+                                      "model_id": info.model_id, "version": info.version})
+            slot_path = None            # activated: keep it
+            if old_previous and old_previous not in (state["active"], state["previous"]):
+                shutil.rmtree(self.root / SLOTS_DIR / old_previous, ignore_errors=True)
+            log.info("installed %s v%d in %s", info.model_id, info.version, final.name)
+            return InstallResult(True, "installed", f"{info.model_id} v{info.version} active",
+                                 info.model_id, info.version, final.name, info.as_dict(),
+                                 self._describe(self.previous), report,
+                                 time.monotonic() - started, pipeline)
+        finally:
+            if slot_path is not None:
+                shutil.rmtree(slot_path, ignore_errors=True)
+
+    def rollback(self) -> InstallResult:
+        """Make the previous model active again (after re-checking and self-testing it); the
+        model it replaces becomes `previous`, so a second rollback undoes the first."""
+        started = time.monotonic()
+        if not self._install_lock.acquire(blocking=False):
+            return self._refused("busy", "another install or rollback is running", started)
+        try:
+            previous = self.previous()
+            if previous is None:
+                return self._refused("no_previous", "no previous model to roll back to", started)
+            try:
+                self.check_slot_files(previous)
+                pipeline, report = self._load_and_test(previous)
+            except StoreError as exc:
+                return self._refused(exc.code, f"cannot roll back to {previous.model_id} "
+                                               f"v{previous.version}: {exc}", started)
+            with self._state_lock:
+                state = json.loads(json.dumps(self._state))
+            state["active"], state["previous"] = state["previous"], state["active"]
+            self._write_state(state, {"event": "rollback", "slot": previous.slot,
+                                      "model_id": previous.model_id, "version": previous.version})
+            return InstallResult(True, "rolled_back", f"{previous.model_id} v{previous.version} active again",
+                                 previous.model_id, previous.version, previous.slot, previous.as_dict(),
+                                 self._describe(self.previous), report,
+                                 time.monotonic() - started, pipeline)
+        finally:
+            self._install_lock.release()
+
+    def load_active(self) -> tuple[SlotInfo | None, Any]:
+        """At start-up: the active slot and its loaded pipeline, files re-checked first.
+
+        Raises StoreError if the active slot is corrupt or fails to load: the daemon then
+        serves no model (and says why) rather than a model that differs from what was signed.
+        """
+        info = self.active()
+        if info is None:
+            return None, None
+        self.check_slot_files(info)
+        pipeline, _ = self._load_and_test(info)
+        return info, pipeline
+
+    # ------------------------------------------------------------------ helpers
+    def _describe(self, get) -> dict | None:
+        try:
+            info = get()
+        except StoreError:
+            return None
+        return info.as_dict() if info else None
+
+    def _refused(self, code: str, reason: str, started: float, info: SlotInfo | None = None,
+                 self_test: dict | None = None) -> InstallResult:
+        log.warning("install refused (%s): %s", code, reason)
+        return InstallResult(False, code, reason, info.model_id if info else None,
+                             info.version if info else None, None, self._describe(self.active),
+                             self._describe(self.previous), self_test, time.monotonic() - started)
