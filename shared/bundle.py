@@ -258,6 +258,24 @@ def _parse_signature(data: bytes, path: Path) -> tuple[str, bytes]:
     return kid, sig
 
 
+def _authenticated_manifest(raw_manifest: bytes, raw_signature: bytes, public_key,
+                            where: Path) -> tuple[dict, str]:
+    """Key id, then signature over the exact bytes, then (only then) parse and validate."""
+    claimed_kid, signature = _parse_signature(raw_signature, where)
+    pub = load_public_key(public_key)
+    our_kid = key_id(pub)
+    if claimed_kid != our_kid:
+        raise WrongKey(f"{where}: signed by key {claimed_kid}, but the trusted key is {our_kid}")
+    if not signature_valid(pub, signature, raw_manifest):
+        raise BadSignature(f"{where}: the signature does not match {MANIFEST_NAME} "
+                           f"(key {our_kid}): the manifest or signature was altered")
+    try:
+        manifest = parse_manifest(raw_manifest, f"{where}: {MANIFEST_NAME}")
+    except ManifestError as exc:
+        raise BundleManifestError(exc) from None
+    return manifest, our_kid
+
+
 def _manifest_and_members(tf: tarfile.TarFile, path: Path, public_key, limits: ReadLimits,
                           min_version: int | None) -> tuple[dict, str, dict[str, _Member]]:
     """Headers, then signature, then manifest, then version and the member list; no file
@@ -273,20 +291,8 @@ def _manifest_and_members(tf: tarfile.TarFile, path: Path, public_key, limits: R
     if members[SIGNATURE_NAME].size > 4096:
         raise TooLarge(f"{path}: {SIGNATURE_NAME} is {members[SIGNATURE_NAME].size} bytes, over 4096")
     raw_manifest = _read_member(tf, members[MANIFEST_NAME], path)
-    claimed_kid, signature = _parse_signature(_read_member(tf, members[SIGNATURE_NAME], path), path)
-
-    pub = load_public_key(public_key)
-    our_kid = key_id(pub)
-    if claimed_kid != our_kid:
-        raise WrongKey(f"{path}: signed by key {claimed_kid}, but the trusted key is {our_kid}")
-    if not signature_valid(pub, signature, raw_manifest):
-        raise BadSignature(f"{path}: the signature does not match {MANIFEST_NAME} "
-                           f"(key {our_kid}): the manifest or signature was altered")
-    # Only now, with the bytes authenticated, do we parse them.
-    try:
-        manifest = parse_manifest(raw_manifest, f"{path}: {MANIFEST_NAME}")
-    except ManifestError as exc:
-        raise BundleManifestError(exc) from None
+    manifest, our_kid = _authenticated_manifest(
+        raw_manifest, _read_member(tf, members[SIGNATURE_NAME], path), public_key, path)
     if min_version is not None and manifest["version"] <= min_version:
         raise VersionTooOld(f"{path}: bundle version {manifest['version']} of "
                             f"{manifest['model_id']!r} is not newer than version {min_version}")
@@ -363,6 +369,36 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, public_key:
         raise
     files = {n: m.size for n, m in members.items() if n not in RESERVED_NAMES}
     return VerifiedBundle(path, manifest, kid, files, root=dest)
+
+
+def verify_extracted(root: str | os.PathLike, public_key: PublicKeyLike) -> VerifiedBundle:
+    """Re-check an extracted bundle folder (a model slot) as the archive was checked: the
+    signature over manifest.json, the manifest, then every listed file's sha256. A bit flip on
+    disk since the install raises the same BundleError subclasses as a bad archive. Files the
+    manifest does not list are ignored (the folder's owner may keep its own files there)."""
+    root = Path(root)
+    try:
+        raw_manifest = (root / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        raise NotABundle(f"{root}: no {MANIFEST_NAME}") from None
+    try:
+        raw_signature = (root / SIGNATURE_NAME).read_bytes()
+    except FileNotFoundError:
+        raise MissingSignature(f"{root}: no {SIGNATURE_NAME}") from None
+    manifest, kid = _authenticated_manifest(raw_manifest, raw_signature, public_key, root)
+    sizes = {}
+    for name, expected in sorted(manifest["files"].items()):
+        path = root.joinpath(*name.split("/"))
+        if not path.is_file() or path.is_symlink():
+            raise MissingFile(f"{root}: {name!r} is listed in the manifest but missing (or not a regular file)")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(_CHUNK):
+                h.update(block)
+        if h.hexdigest() != expected:
+            raise _checksum_error(root, name, expected, h.hexdigest())
+        sizes[name] = path.stat().st_size
+    return VerifiedBundle(root, manifest, kid, sizes, root=root)
 
 
 def inspect_bundle(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> dict:

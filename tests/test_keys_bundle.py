@@ -436,3 +436,24 @@ def test_build_checks_its_inputs(built, keys, tmp_path):
         B.build_bundle(tmp_path / "x.tar", {k: v for k, v in built["files"].items() if k != "model.bin"},
                        built["manifest"], keys["priv"])
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_verify_extracted_slot_catches_changes_on_disk(built, keys, tmp_path):
+    slot = B.extract_bundle(built["path"], tmp_path / "slot", keys["pub"]).root
+    (slot / "notes.txt").write_text("the daemon's own file: ignored")
+    v = B.verify_extracted(slot, keys["pub"])
+    assert v.manifest == built["manifest"] and set(v.files) == set(built["files"])
+    binf = slot / "model.bin"
+    good = binf.read_bytes()
+    binf.write_bytes(flip(good, 11))
+    with pytest.raises(B.ChecksumMismatch, match="'model.bin'"):
+        B.verify_extracted(slot, keys["pub"])
+    binf.write_bytes(good)
+    (slot / "reference.npz").unlink()
+    with pytest.raises(B.MissingFile, match="'reference.npz'"):
+        B.verify_extracted(slot, keys["pub"])
+    (slot / "manifest.json").write_bytes((slot / "manifest.json").read_bytes().replace(b'"version": 3', b'"version": 9'))
+    with pytest.raises(B.BadSignature):
+        B.verify_extracted(slot, keys["pub"])
+    with pytest.raises(B.WrongKey):
+        B.verify_extracted(slot, keys["other_pub"])
