@@ -75,7 +75,7 @@ def _is_number(v: Any) -> bool:
 def _obj(m: Any, field: str, allowed: set[str] | None = None,
          required: Iterable[str] = ()) -> dict:
     if not isinstance(m, dict):
-        raise ManifestError(field, f"must be an object, got {type(m).__name__}")
+        raise ManifestError(field or "manifest", f"must be an object, got {type(m).__name__}")
     prefix = f"{field}." if field else ""
     for key in required:
         if key not in m:

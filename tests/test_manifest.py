@@ -136,6 +136,8 @@ def test_parse_and_canonical_bytes_round_trip():
     raw = manifest_bytes(_good)
     assert parse_manifest(raw) == _good
     assert manifest_bytes(json.loads(raw)) == raw          # canonical: stable under re-encoding
+    with pytest.raises(ManifestError, match="^manifest: must be an object, got list"):
+        parse_manifest(b"[1, 2]")
     with pytest.raises(ManifestError, match="manifest.json: not valid UTF-8 JSON"):
         parse_manifest(b"{nope")
     with pytest.raises(ManifestError, match="input.scaling.std\\[0\\]: must be a finite number"):
