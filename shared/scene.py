@@ -325,13 +325,13 @@ def _band_first(data: np.ndarray, names: Sequence[str] | None,
         if data.shape[0] == n:
             return data
         if data.shape[2] == n:
-            return np.moveaxis(data, 2, 0)
+            return np.ascontiguousarray(np.moveaxis(data, 2, 0))
     if names is not None:
         raise SceneReadError(f"{path}: {len(names)} band names but array shape {data.shape} "
                              f"has no axis of that size first or last")
     small = [ax for ax in (0, 2) if data.shape[ax] <= len(S2_BANDS)]
     if len(small) == 1:
-        return data if small[0] == 0 else np.moveaxis(data, 2, 0)
+        return data if small[0] == 0 else np.ascontiguousarray(np.moveaxis(data, 2, 0))
     raise SceneReadError(f"{path}: cannot tell channels-first from channels-last for shape "
                          f"{data.shape}; store a 'bands' array in the file or pass bands=[...]")
 
@@ -454,27 +454,46 @@ def _read_band_folder(folder: Path, bands: Sequence[str] | None) -> Scene:
         missing = [b for b in wanted if b not in files]
         if missing:
             raise MissingBandsError(missing, available, str(folder))
-    planes, georefs = [], []
+    # The scene's grid is the finest grid in the folder, whichever bands are asked for, so
+    # that a band subset lines up pixel for pixel with the full set.
+    shapes = {b: _tiff_plane_shape(p) for b, p in files.items()}
+    rows = max(r for r, _ in shapes.values())
+    cols = max(c for _, c in shapes.values())
+    factors = {}
     for b in wanted:
-        data, _, georef = _read_geotiff(files[b])
+        r, c = shapes[b]
+        if rows % r or cols % c or rows // r != cols // c:
+            raise SceneReadError(f"{files[b]}: shape {(r, c)} is not an integer fraction of the "
+                                 f"finest band grid ({rows}, {cols}); resample first")
+        factors[b] = rows // r
+    planes, georef = [], None
+    for b in wanted:
+        data, _, band_georef = _read_geotiff(files[b])
         if data.shape[0] != 1:
             raise SceneReadError(f"{files[b]}: expected one band per file, found {data.shape[0]}")
         planes.append(data[0])
-        georefs.append(georef)
-    rows = max(p.shape[0] for p in planes)
-    cols = max(p.shape[1] for p in planes)
-    georef = None
+        if georef is None and band_georef is not None:
+            georef = band_georef.scaled(factors[b]) if factors[b] > 1 else band_georef
+    out = np.empty((len(wanted), rows, cols), dtype=np.result_type(*planes))
     for i, (b, plane) in enumerate(zip(wanted, planes)):
-        fr, fc = rows // plane.shape[0], cols // plane.shape[1]
-        if plane.shape[0] * fr != rows or plane.shape[1] * fc != cols or fr != fc:
-            raise SceneReadError(f"{files[b]}: shape {plane.shape} is not an integer fraction of "
-                                 f"the finest band grid ({rows}, {cols}); resample first")
-        if fr > 1:
-            planes[i] = np.repeat(np.repeat(plane, fr, axis=0), fc, axis=1)
-        if georef is None and georefs[i] is not None:
-            georef = georefs[i].scaled(fr) if fr > 1 else georefs[i]
-    dtype = np.result_type(*planes)
-    return Scene(np.stack(planes).astype(dtype, copy=False), wanted, georef, folder.name)
+        f = factors[b]
+        # nearest-neighbour upsampling by broadcasting each pixel into an f x f block
+        out[i].reshape(rows // f, f, cols // f, f)[...] = plane[:, None, :, None]
+    return Scene(out, wanted, georef, folder.name)
+
+
+def _tiff_plane_shape(path: Path) -> tuple[int, int]:
+    """(rows, cols) of a single-band TIFF from its header, without decoding pixels."""
+    import tifffile
+
+    def read():
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return dict(zip(series.axes, series.shape))
+    dims = _guard(path, read)
+    if "Y" not in dims or "X" not in dims:
+        raise SceneReadError(f"{path}: not an image (axes {''.join(dims)})")
+    return dims["Y"], dims["X"]
 
 
 # -------------------------------------------------------------------------------------- writer
