@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onboard.store import write_json_atomic
+from shared.manifest import sha256_file
 
 
 class CommandFailed(Exception):
@@ -183,7 +184,6 @@ class Uploads:
             if missing:
                 raise CommandFailed(f"upload {upload_id}: {len(missing)} chunks missing, first "
                                     f"{missing[:10]}")
-            from onboard.store import sha256_file
             actual = sha256_file(path / "data.part")
             if actual != meta["sha256"]:
                 # Every chunk matched its own hash, so the announced hash or the chunking was wrong:
@@ -357,7 +357,6 @@ class CommandClient:
         upload_end's result (with upload_id and the daemon-side path)."""
         path = Path(path)
         size = path.stat().st_size
-        from onboard.store import sha256_file
         begun = self.call("upload_begin", {"name": path.name, "size": size,
                                            "sha256": sha256_file(path), "chunk_size": chunk_size})
         upload_id, held = begun["upload_id"], set(begun["received"])

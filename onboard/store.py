@@ -21,9 +21,6 @@ A slot folder that state.json does not name is debris of an interrupted install:
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 import logging
 import os
@@ -96,14 +93,6 @@ def _snake(name: str) -> str:
 def rejection_code(exc: BaseException) -> str:
     """`VersionTooOld` -> `version_too_old`: the bundle check's class names the reason."""
     return _snake(type(exc).__name__)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -240,26 +229,13 @@ class ModelStore:
 
     # ------------------------------------------------------------------ checks
     def check_slot_files(self, info: SlotInfo) -> None:
-        """Re-check a slot as its bundle was checked: the manifest's signature, then every
-        file's sha256 (a bit flip on disk since the install must not fly)."""
-        from shared.keys import signature_valid
+        """Re-check a slot as its bundle was checked (signature over the manifest, every file's
+        sha256): a bit flip on disk since the install must not fly."""
+        from shared.bundle import BundleError, verify_extracted
         try:
-            sig = json.loads((info.path / "manifest.sig").read_text(encoding="utf-8"))
-            signature = base64.b64decode(sig["signature"], validate=True)
-            raw_manifest = (info.path / "manifest.json").read_bytes()
-        except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-            raise StoreError("slot_corrupt", f"{info.path}: manifest or signature unreadable ({exc})") from None
-        if not signature_valid(self.public_key, signature, raw_manifest):
-            raise StoreError("slot_corrupt", f"{info.path}: manifest.json no longer matches its signature")
-        files = info.manifest.get("files")
-        if not isinstance(files, dict) or not files:
-            raise StoreError("slot_corrupt", f"{info.path}: manifest lists no files")
-        for name, digest in files.items():
-            path = info.path / name
-            if not path.is_file():
-                raise StoreError("slot_corrupt", f"{path}: missing from the slot")
-            if sha256_file(path) != digest:
-                raise StoreError("slot_corrupt", f"{path}: sha256 differs from the manifest")
+            verify_extracted(info.path, self.public_key)
+        except BundleError as exc:
+            raise StoreError("slot_corrupt", f"slot {info.slot} failed its check: {exc}") from None
 
     def _load_and_test(self, info: SlotInfo) -> tuple[Any, dict]:
         """Build the pipeline for a slot and self-test it; raise StoreError saying why not."""
@@ -323,8 +299,12 @@ class ModelStore:
             with self._state_lock:
                 state = json.loads(json.dumps(self._state))
             old_previous, state["previous"], state["active"] = state["previous"], state["active"], final.name
-            self._write_state(state, {"event": "install", "slot": final.name,
-                                      "model_id": info.model_id, "version": info.version})
+            try:
+                self._write_state(state, {"event": "install", "slot": final.name,
+                                          "model_id": info.model_id, "version": info.version})
+            except OSError as exc:      # state.json untouched (os.replace never ran): old model stays
+                return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
+                                     started, info, report)
             slot_path = None            # activated: keep it
             if old_previous and old_previous not in (state["active"], state["previous"]):
                 shutil.rmtree(self.root / SLOTS_DIR / old_previous, ignore_errors=True)
@@ -356,8 +336,12 @@ class ModelStore:
             with self._state_lock:
                 state = json.loads(json.dumps(self._state))
             state["active"], state["previous"] = state["previous"], state["active"]
-            self._write_state(state, {"event": "rollback", "slot": previous.slot,
-                                      "model_id": previous.model_id, "version": previous.version})
+            try:
+                self._write_state(state, {"event": "rollback", "slot": previous.slot,
+                                          "model_id": previous.model_id, "version": previous.version})
+            except OSError as exc:
+                return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
+                                     started)
             return InstallResult(True, "rolled_back", f"{previous.model_id} v{previous.version} active again",
                                  previous.model_id, previous.version, previous.slot, previous.as_dict(),
                                  self._describe(self.previous), report,
