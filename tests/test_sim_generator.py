@@ -1,0 +1,120 @@
+"""The procedural scene generator: truth consistent with the pixels, seeded, windowable."""
+import numpy as np
+import pytest
+
+from flight_sim.generator import (CLASSES, CLOUD, LAND, SHADOW, SHIP, WATER, SceneGenerator,
+                                  generate_scene, spectrum)
+from shared.bands import S2_BANDS
+
+B = {b: i for i, b in enumerate(S2_BANDS)}
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    gen = SceneGenerator(512, 384, seed=3, cloud_cover=0.25, water_fraction=0.4, ships=12)
+    return gen, gen.window()
+
+
+def test_every_class_present_and_shapes(mixed):
+    gen, win = mixed
+    assert win.reflectance.shape == (13, 512, 384) and win.reflectance.dtype == np.float32
+    assert win.truth.shape == (512, 384) and win.truth.dtype == np.uint8
+    present = set(np.unique(win.truth).tolist())
+    assert {LAND, WATER, CLOUD, SHADOW} <= present
+    assert np.all(win.reflectance >= 0)
+
+
+def test_pixels_look_like_their_truth(mixed):
+    """Water is dark in NIR, vegetation/land bright in NIR, clouds bright in the visible,
+    shadows darker than lit land: the spectral signatures a model keys on."""
+    _, win = mixed
+    r, t = win.reflectance, win.truth
+    med = {k: np.median(r[:, t == k], axis=1) for k in (LAND, WATER, CLOUD, SHADOW)}
+    assert med[WATER][B["B08"]] < 0.05 < med[LAND][B["B08"]]
+    assert med[CLOUD][B["B02"]] > 0.3 > med[LAND][B["B02"]]
+    assert med[SHADOW][B["B08"]] < 0.6 * med[LAND][B["B08"]]
+    # cloud: bright in the visible, lower in the SWIR (absorption)
+    assert med[CLOUD][B["B12"]] < med[CLOUD][B["B04"]]
+
+
+def test_ships_on_water_and_labelled(mixed):
+    gen, win = mixed
+    assert len(gen.ship_list) > 0
+    visible = np.unique(win.ships[win.ships > 0])
+    assert visible.size > 0
+    assert np.all(win.truth[win.ships > 0] == SHIP)
+    # each ship is surrounded by water (or cloud/shadow over water), never land
+    for sid in visible:
+        rows, cols = np.nonzero(win.ships == sid)
+        r0, r1 = max(rows.min() - 3, 0), min(rows.max() + 4, win.truth.shape[0])
+        c0, c1 = max(cols.min() - 3, 0), min(cols.max() + 4, win.truth.shape[1])
+        assert not np.any(win.truth[r0:r1, c0:c1] == LAND)
+
+
+def test_seeded_and_different_seeds_differ():
+    a, ta = generate_scene(128, 128, seed=5)
+    b, tb = generate_scene(128, 128, seed=5)
+    c, _ = generate_scene(128, 128, seed=6)
+    assert np.array_equal(a.data, b.data) and np.array_equal(ta.truth, tb.truth)
+    assert not np.array_equal(a.data, c.data)
+    assert a.bands == S2_BANDS
+
+
+def test_windows_match_the_whole_scene():
+    """A push-broom camera renders strips: truth and (noise aside) reflectance of a window are
+    those of the same rows of the whole scene."""
+    gen = SceneGenerator(300, 200, seed=11, cloud_cover=0.4, ships=5, noise_sigma=0.0)
+    whole = gen.window()
+    part = gen.window(120, 250)
+    assert np.array_equal(part.truth, whole.truth[120:250])
+    assert np.array_equal(part.ships, whole.ships[120:250])
+    np.testing.assert_allclose(part.reflectance, whole.reflectance[:, 120:250], atol=1e-6)
+
+
+def test_cloud_cover_profile_along_track():
+    """[0, 1]: clear at the start of the track, overcast at its end."""
+    gen = SceneGenerator(1024, 256, seed=2, cloud_cover=[0.0, 0.0, 1.0, 1.0])
+    win = gen.window()
+    first = (win.truth[:200] == CLOUD).mean()
+    last = (win.truth[-200:] == CLOUD).mean()
+    assert first == 0.0
+    assert last == 1.0
+    assert np.all(win.reflectance[B["B02"], -200:] > 0.2)
+
+
+@pytest.mark.parametrize("cover", [0.1, 0.5])
+def test_cloud_cover_fraction_roughly_as_asked(cover):
+    gen = SceneGenerator(768, 768, seed=1, cloud_cover=cover, water_fraction=0.0, ships=0)
+    frac = (gen.window().truth == CLOUD).mean()
+    assert abs(frac - cover) < 0.15
+
+
+def test_spectrum_table_is_complete():
+    for name in ("vegetation", "soil", "urban", "water", "cloud", "ship", "path"):
+        s = spectrum(name)
+        assert s.shape == (13,) and np.all(s >= 0)
+    assert spectrum("water", ["B08", "B02"]).tolist() == [spectrum("water")[B["B08"]],
+                                                          spectrum("water")[B["B02"]]]
+
+
+@pytest.mark.parametrize("bad", [dict(rows=0, cols=5), dict(rows=5, cols=5, cloud_cover=1.5),
+                                 dict(rows=5, cols=5, water_fraction=-0.1),
+                                 dict(rows=5, cols=5, sun_elevation_deg=0)])
+def test_bad_parameters_name_the_field(bad):
+    with pytest.raises(ValueError, match="generator\\."):
+        SceneGenerator(**bad)
+
+
+def test_spectra_close_to_real_chip_classes(data_root):
+    """The generated clear-land, cloud and shadow medians sit within the spread of the
+    human-labelled ukis chip (6 bands) classes: between its 10th and 90th percentiles."""
+    from shared.datasets import UKIS_BANDS, load_ukis_chip
+    scene, labels = load_ukis_chip(data_root)
+    gen = SceneGenerator(512, 512, seed=4, cloud_cover=0.3, water_fraction=0.0, ships=0)
+    win = gen.window()
+    idx = [B[b] for b in UKIS_BANDS]
+    for gen_cls, real_cls in ((LAND, 0), (CLOUD, 1), (SHADOW, 2)):
+        ours = np.median(win.reflectance[idx][:, win.truth == gen_cls], axis=1)
+        real = scene.data[:, labels == real_cls]
+        lo, hi = np.percentile(real, 10, axis=1), np.percentile(real, 90, axis=1)
+        assert np.all((ours >= lo - 0.02) & (ours <= hi + 0.02)), (CLASSES[gen_cls], ours, lo, hi)
