@@ -1,0 +1,176 @@
+"""One TOML file drives a factory run. Every table is checked before any work starts, and an
+unknown or malformed key is reported by its dotted name (e.g. `experiment[2].loss`).
+
+See configs/ukis_label_free.toml for a complete, commented example.
+"""
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ground.train import TrainConfig
+
+MODES = ("labels", "distill", "feature")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _take(table: dict, where: str, allowed: dict) -> dict:
+    """Check `table` holds only `allowed` keys (name -> default, or ... for required); fill defaults."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    out = {}
+    for key, default in allowed.items():
+        if key in table:
+            out[key] = table[key]
+        elif default is ...:
+            raise ConfigError(f"{where}.{key}: required")
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+@dataclass
+class Experiment:
+    name: str
+    mode: str = "distill"            # labels | distill | feature
+    loss: str = "kl"                 # ground.losses registry name
+    options: dict = field(default_factory=dict)   # loss options: temperature, ce_weight
+    feature_weight: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str
+    out: Path
+    seed: int
+    cache: Path
+    deliver: str | None
+    bands: list
+    classes: list
+    class_weights: object
+    unlabelled: list
+    labelled: list
+    eval_data: dict | None
+    tile: int
+    overlap: int
+    opening_radius: int
+    calibrate: str
+    teacher: dict
+    feature_teacher: dict | None
+    student: dict
+    train: TrainConfig
+    experiments: list
+    raw: dict
+    source: Path | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.name
+
+
+def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
+    top = _take(raw, "config", {"run": ..., "data": ..., "eval": {}, "teacher": ..., "feature_teacher": None,
+                                "student": ..., "train": {}, "experiment": ...})
+    run = _take(top["run"], "run", {"name": ..., "out": "runs", "seed": 0, "cache": None, "deliver": None})
+    data = _take(top["data"], "data", {"bands": ..., "classes": ..., "class_weights": "none",
+                                       "unlabelled": [], "labelled": []})
+    ev = _take(top["eval"], "eval", {"data": None, "tile": 256, "overlap": 128, "opening_radius": 2,
+                                     "calibrate": "auto"})
+    teacher = _take(top["teacher"], "teacher", {"name": ..., "options": {}, "train": {}})
+    student = _take(top["student"], "student", {"name": "tiny-unet", "params": None, "widths": None,
+                                                "separable": False, "upsample": "bilinear", "depth": None,
+                                                "multiple_of": None})
+    for key in ("bands", "classes"):
+        if not isinstance(data[key], list) or not data[key] or not all(isinstance(v, str) for v in data[key]):
+            raise ConfigError(f"data.{key}: a non-empty list of names")
+    for key in ("unlabelled", "labelled"):
+        if not isinstance(data[key], list) or not all(isinstance(v, dict) and "source" in v for v in data[key]):
+            raise ConfigError(f"data.{key}: a list of tables, each with a 'source'")
+    if ev["calibrate"] not in ("auto", "labels", "teacher", "none"):
+        raise ConfigError(f"eval.calibrate: one of auto, labels, teacher, none; got {ev['calibrate']!r}")
+    if ev["data"] is not None and (not isinstance(ev["data"], dict) or "source" not in ev["data"]):
+        raise ConfigError("eval.data: a table with a 'source'")
+    try:
+        train = TrainConfig(**{**_take(top["train"], "train", {k: getattr(TrainConfig(), k) for k in
+                                                                 TrainConfig.__dataclass_fields__}),
+                               "seed": int(run["seed"])})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    exps = top["experiment"]
+    if not isinstance(exps, list) or not exps:
+        raise ConfigError("experiment: at least one [[experiment]] table")
+    experiments = []
+    for i, e in enumerate(exps):
+        where = f"experiment[{i}]"
+        e = _take(e, where, {"name": ..., "mode": "distill", "loss": None, "temperature": None,
+                             "ce_weight": None, "feature_weight": 1.0})
+        if e["mode"] not in MODES:
+            raise ConfigError(f"{where}.mode: one of {MODES}, got {e['mode']!r}")
+        loss = e["loss"] or ("ce" if e["mode"] == "labels" else "kl")
+        from ground.losses import LOSSES
+        if loss not in LOSSES:
+            raise ConfigError(f"{where}.loss: unknown {loss!r}; known: {sorted(LOSSES)}")
+        opts = {k: e[k] for k in ("temperature", "ce_weight") if e[k] is not None}
+        if "temperature" in opts and loss != "kl":
+            raise ConfigError(f"{where}.temperature: only the 'kl' loss has a temperature")
+        if e["mode"] == "feature" and top["feature_teacher"] is None:
+            raise ConfigError(f"{where}: mode 'feature' needs a [feature_teacher] table (a torch teacher and "
+                              "the layers to match; name = \"teacher\" reuses an smp [teacher])")
+        experiments.append(Experiment(e["name"], e["mode"], loss, opts, float(e["feature_weight"])))
+    names = [e.name for e in experiments]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"experiment names must be unique: {names}")
+    if run["deliver"] is not None and run["deliver"] not in names:
+        raise ConfigError(f"run.deliver: {run['deliver']!r} is not an experiment name ({names})")
+    if any(e.mode == "labels" or e.options.get("ce_weight") for e in experiments) and not data["labelled"]:
+        raise ConfigError("data.labelled: experiments use labels but no labelled data is configured")
+    if any(e.mode != "labels" for e in experiments) and not (data["unlabelled"] or data["labelled"]):
+        raise ConfigError("data.unlabelled: distillation needs imagery")
+
+    ft = None
+    if top["feature_teacher"] is not None:
+        ft = _take(top["feature_teacher"], "feature_teacher", {"name": ..., "options": {}, "train": {},
+                                                               "layers": ..., "student_layers": ...})
+        if len(ft["layers"]) != len(ft["student_layers"]):
+            raise ConfigError("feature_teacher: layers and student_layers pair one to one")
+
+    out = Path(run["out"])
+    return RunConfig(
+        name=str(run["name"]), out=out, seed=int(run["seed"]),
+        cache=Path(run["cache"]) if run["cache"] else out / ".teacher-cache", deliver=run["deliver"],
+        bands=data["bands"], classes=data["classes"], class_weights=data["class_weights"],
+        unlabelled=data["unlabelled"], labelled=data["labelled"], eval_data=ev["data"],
+        tile=int(ev["tile"]), overlap=int(ev["overlap"]), opening_radius=int(ev["opening_radius"]),
+        calibrate=ev["calibrate"], teacher=teacher, feature_teacher=ft,
+        student={k: v for k, v in student.items() if v is not None}, train=train,
+        experiments=experiments, raw=raw, source=source)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a TOML file; `overrides` are dotted keys (e.g. {"train.steps": 50}) applied first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return parse_config(raw, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
