@@ -392,7 +392,13 @@ def _file_source(spec: dict, base_dir: Path, where: str) -> SceneSource:
     scale = spec.get("scale")
     if scale is None:                # integers are L1C digital numbers, floats reflectance
         scale = 1.0 / DEFAULT_QUANTIFICATION if np.issubdtype(scene.data.dtype, np.integer) else 1.0
-    truth = None
+    truth, classes, objects = None, spec.get("truth_classes"), None
+    if path.suffix.lower() == ".npz" and spec.get("truth") is None:
+        # `eoedge sim generate` writes its truth beside the data: truth, classes, ships
+        with np.load(path, allow_pickle=False) as z:
+            if "truth" in z and "classes" in z:
+                truth, classes = z["truth"].astype(np.uint8), [str(c) for c in z["classes"]]
+                objects = z["ships"] if "ships" in z else None
     if spec.get("truth") is not None:
         tpath = base_dir / spec["truth"]
         truth = read_scene(tpath, ["truth"]).data[0] if tpath.suffix.lower() not in (".npy",) \
@@ -401,5 +407,5 @@ def _file_source(spec: dict, base_dir: Path, where: str) -> SceneSource:
             raise SceneSpecError(f"{where}.truth_classes: the class names of the truth values "
                                  f"(0, 1, ...) expected with truth")
         truth = truth.astype(np.uint8)
-    return ArraySource(scene, truth, spec.get("truth_classes"), scale=float(scale),
-                       name=spec.get("name") or path.stem)
+    return ArraySource(scene, truth, classes, scale=float(scale), name=spec.get("name") or path.stem,
+                       objects=objects, object_class="ship" if objects is not None else None)

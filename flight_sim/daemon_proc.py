@@ -1,0 +1,188 @@
+"""The on-board daemon as a separate process: configure, start, kill -9, restart, stop.
+
+The simulator writes the daemon's TOML config (endpoints from `flight_sim.bus.plan_endpoints`,
+its store, upload folder and public key in the run folder), starts
+`python -m onboard run --config FILE --json` and reads the one JSON line the daemon prints
+once its sockets are bound (pid, endpoints, active model). Its log (stderr) goes to a file in
+the run folder. Nothing of `onboard` is imported here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flight_sim.bus import Endpoints
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DaemonStartError(RuntimeError):
+    """The daemon process exited or stayed silent instead of reporting its endpoints."""
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))          # a JSON string is a valid TOML basic string
+
+
+def write_daemon_config(path: Path, endpoints: Endpoints, store: Path, uploads: Path,
+                        public_key: Path, *, max_frames: int = 4, max_pending_products: int = 32,
+                        telemetry_interval_s: float = 0.5, drain_timeout_s: float = 5.0,
+                        device: str = "CPU", num_requests: int = 0, log_level: str = "INFO",
+                        max_message_bytes: int | None = None) -> Path:
+    sections = {
+        "daemon": {"name": "onboard", "device": device, "num_requests": num_requests,
+                   "log_level": log_level},
+        "endpoints": endpoints.as_dict(),
+        "store": {"root": str(store), "public_key": str(public_key), "uploads": str(uploads)},
+        "queue": {"max_frames": max_frames, "max_pending_products": max_pending_products},
+        "telemetry": {"interval_s": telemetry_interval_s},
+        "shutdown": {"drain_timeout_s": drain_timeout_s},
+    }
+    if max_message_bytes:
+        sections["limits"] = {"max_message_bytes": int(max_message_bytes)}
+    lines = ["# written by the flight simulator for this run"]
+    for name, values in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonEvent:
+    t: float            # time.monotonic()
+    kind: str           # started, killed, stopped, exited
+    detail: dict = field(default_factory=dict)
+
+
+class DaemonProcess:
+    """One daemon, restartable. `events` records every start, kill and stop."""
+
+    def __init__(self, config_path: Path, log_path: Path, python: str = sys.executable):
+        self.config_path, self.log_path, self.python = Path(config_path), Path(log_path), python
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict | None = None
+        self.events: list[DaemonEvent] = []
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 120.0) -> dict:
+        """Start the process and wait for its ready line; returns it (pid, endpoints, model)."""
+        if self.alive():
+            raise RuntimeError("daemon already running")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(f"\n--- start {self.starts + 1} at {time.strftime('%H:%M:%S')} ---\n".encode())
+        log.flush()
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "onboard", "run", "--config", str(self.config_path), "--json"],
+            stdout=subprocess.PIPE, stderr=log, cwd=str(REPO_ROOT), env=env)
+        log.close()
+        line = self._read_line(timeout_s)
+        try:
+            self.ready = json.loads(line)
+        except json.JSONDecodeError:
+            self.kill()
+            raise DaemonStartError(f"the daemon printed {line[:200]!r} instead of its JSON ready "
+                                   f"line; log: {self.log_path}") from None
+        self.starts += 1
+        self.events.append(DaemonEvent(time.monotonic(), "started",
+                                       {"pid": self.proc.pid, "model": self.ready.get("model"),
+                                        "start_s": round(time.monotonic() - t0, 3)}))
+        return self.ready
+
+    def _read_line(self, timeout_s: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.kill()
+                    raise DaemonStartError(f"the daemon did not report ready within {timeout_s:g} s; "
+                                           f"log: {self.log_path}")
+                if sel.select(min(remaining, 0.5)):
+                    chunk = os.read(self.proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        code = self.proc.wait()
+                        raise DaemonStartError(f"the daemon exited with code {code} before it was "
+                                               f"ready: {self._log_tail()}")
+                    buf += chunk
+        finally:
+            sel.close()
+        return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+    def _log_tail(self, n: int = 6) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            return " | ".join(lines[-n:]) + f" (log: {self.log_path})"
+        except OSError:
+            return f"(no log at {self.log_path})"
+
+    def kill(self) -> int | None:
+        """kill -9: no drain, no goodbye (the fault a scenario injects)."""
+        if not self.alive():
+            return None
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGKILL)
+        code = self.proc.wait()
+        self.events.append(DaemonEvent(time.monotonic(), "killed", {"pid": pid, "signal": "SIGKILL"}))
+        self._close_pipe()
+        return code
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (the daemon drains and exits 0); SIGKILL if it does not within the timeout."""
+        if not self.alive():
+            return self.proc.returncode if self.proc else None
+        pid = self.proc.pid
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+            kind = "stopped"
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            code = self.proc.wait()
+            kind = "killed_after_timeout"
+        self.events.append(DaemonEvent(time.monotonic(), kind, {"pid": pid, "exit_code": code}))
+        self._close_pipe()
+        return code
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int | None:
+        """After a `shutdown` command: wait for the exit code."""
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return self.stop()
+        self.events.append(DaemonEvent(time.monotonic(), "exited", {"pid": self.proc.pid,
+                                                                    "exit_code": code}))
+        self._close_pipe()
+        return code
+
+    def _close_pipe(self) -> None:
+        if self.proc and self.proc.stdout and not self.proc.stdout.closed:
+            self.proc.stdout.close()

@@ -1,0 +1,212 @@
+"""Downlink: products wait on board in a priority queue; ground-station passes take what fits.
+
+The daemon PUSHes a PRODUCT for every kept frame; `Downlink.receive` pulls it into on-board
+storage at once (so the daemon never blocks on us) with the mission time at which it was ready.
+Passes lie on a timeline (`Pass(start_s, duration_s, budget_bytes)`, mission seconds); when the
+mission clock passes the end of a pass, `advance(t)` plays it: the products ready before the pass
+ends go down in priority order (smaller number first, then oldest), each as its encoded size,
+while the pass's byte budget lasts. A product bigger than what is left waits for the next pass,
+and smaller ones behind it may still go (no head-of-line blocking). What goes down, the
+`GroundStation` writes to disk: one folder per product with its body (product.json), the class
+mask PNG, the quicklook JPEG and the kept tiles (.npy).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.messages import Limits, MessageError, decode
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class Pass:
+    start_s: float
+    duration_s: float
+    budget_bytes: int
+    station: str = "ground"
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+
+def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
+    """The pass timeline of a scenario's [downlink] table: an explicit `passes` list of
+    {start_s, duration_s, rate_mbps | budget_bytes}, or a periodic one from `first_pass_s`,
+    `pass_every_s`, `pass_duration_s`, `rate_mbps`, `passes_after_end`.
+
+    Periodic passes cover `until_s` (the end of acquisition) and `passes_after_end` more."""
+    def budget(p: dict, where: str) -> int:
+        if "budget_bytes" in p:
+            return int(p["budget_bytes"])
+        if "rate_mbps" in p:
+            return int(float(p["rate_mbps"]) * 1e6 / 8 * float(p["duration_s"]))
+        raise ValueError(f"{where}: give rate_mbps or budget_bytes")
+
+    out = []
+    if "passes" in spec:
+        if not isinstance(spec["passes"], list):
+            raise ValueError("downlink.passes: a list of {start_s, duration_s, rate_mbps} expected")
+        for i, p in enumerate(spec["passes"]):
+            where = f"downlink.passes[{i}]"
+            for key in ("start_s", "duration_s"):
+                if not isinstance(p.get(key), (int, float)) or p[key] < 0:
+                    raise ValueError(f"{where}.{key}: a number >= 0 expected, got {p.get(key)!r}")
+            out.append(Pass(float(p["start_s"]), float(p["duration_s"]), budget(p, where),
+                            str(p.get("station", "ground"))))
+    else:
+        every = float(spec.get("pass_every_s", 60.0))
+        duration = float(spec.get("pass_duration_s", 10.0))
+        first = float(spec.get("first_pass_s", every))
+        after = int(spec.get("passes_after_end", 3))
+        if every <= 0 or duration <= 0 or duration > every:
+            raise ValueError("downlink: need 0 < pass_duration_s <= pass_every_s")
+        template = {"duration_s": duration, **{k: spec[k] for k in ("rate_mbps", "budget_bytes")
+                                                 if k in spec}}
+        if "rate_mbps" not in template and "budget_bytes" not in template:
+            template["rate_mbps"] = 100.0
+        t, n_after = first, 0
+        while n_after < after:
+            out.append(Pass(t, duration, budget(template, "downlink"), "ground"))
+            if t + duration > until_s:
+                n_after += 1
+            t += every
+    return sorted(out, key=lambda p: p.start_s)
+
+
+@dataclass(order=True)
+class Stored:
+    priority: int
+    acquired: float
+    seq: int
+    ready_s: float = field(compare=False)
+    frame_id: str = field(compare=False)
+    nbytes: int = field(compare=False)
+    body: dict = field(compare=False)
+    arrays: dict = field(compare=False)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "product"
+
+
+class GroundStation:
+    """Writes what comes down: <out>/<pass>/<frame_id>/product.json, mask.png, quicklook.jpg,
+    tiles.npy, tile_boxes.npy."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.received: list[dict] = []
+
+    def receive(self, item: Stored, pass_index: int, pass_: Pass, t_s: float) -> Path:
+        folder = self.out_dir / f"pass-{pass_index:02d}" / _safe(item.frame_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for name, arr in item.arrays.items():
+            raw = np.ascontiguousarray(arr)
+            blob = raw.tobytes() if raw.dtype == np.uint8 and raw.ndim == 1 else None
+            if blob is not None and blob.startswith(PNG_MAGIC):
+                path = folder / f"{_safe(name.removesuffix('_png'))}.png"
+                path.write_bytes(blob)
+            elif blob is not None and blob.startswith(JPEG_MAGIC):
+                path = folder / f"{_safe(name.removesuffix('_jpg'))}.jpg"
+                path.write_bytes(blob)
+            else:
+                path = folder / f"{_safe(name)}.npy"
+                np.save(path, raw)
+            files.append(path.name)
+        record = {"frame_id": item.frame_id, "pass": pass_index, "station": pass_.station,
+                  "received_s": round(t_s, 3), "ready_s": round(item.ready_s, 3),
+                  "bytes": item.nbytes, "priority": item.priority, "files": sorted(files),
+                  "body": item.body}
+        (folder / "product.json").write_text(json.dumps(record, indent=1, default=str))
+        self.received.append({k: v for k, v in record.items() if k != "body"} | {"folder": str(folder)})
+        return folder
+
+
+class Downlink:
+    def __init__(self, passes: list[Pass], station: GroundStation,
+                 limits: Limits = Limits(max_array_bytes=1 << 30)):
+        self.passes = list(passes)
+        self.station = station
+        self.limits = limits
+        self.queue: list[Stored] = []
+        self.products: dict[str, Stored] = {}     # every product received, by frame_id
+        self.duplicates = 0
+        self.rejected: list[str] = []
+        self.downlinked: dict[str, tuple[int, float]] = {}   # frame_id -> (pass index, mission s)
+        self.pass_log: list[dict] = []
+        self._next_pass = 0
+        self._seq = 0
+
+    def receive(self, parts: list, ready_s: float) -> str | None:
+        """A PRODUCT message from the daemon; returns its frame_id (None if refused/duplicate)."""
+        try:
+            msg = decode(parts, self.limits)
+        except MessageError as exc:
+            self.rejected.append(str(exc))
+            return None
+        if msg.type != "product":
+            self.rejected.append(f"type: expected product, got {msg.type}")
+            return None
+        frame_id = msg.body["frame_id"]
+        if frame_id in self.products:             # a resent frame processed twice
+            self.duplicates += 1
+            return None
+        nbytes = sum(len(p) for p in parts)
+        # copy out of the zmq frames: they are reused once this message is dropped
+        arrays = {k: np.array(v) for k, v in msg.arrays.items()}
+        item = Stored(int(msg.body["priority"]), float(msg.body.get("acquired", ready_s)), self._seq,
+                      ready_s, frame_id, nbytes, dict(msg.body), arrays)
+        self._seq += 1
+        self.products[frame_id] = item
+        heapq.heappush(self.queue, item)
+        return frame_id
+
+    def advance(self, mission_s: float) -> int:
+        """Play every pass that has ended by `mission_s`; returns products sent down."""
+        sent = 0
+        while self._next_pass < len(self.passes) and self.passes[self._next_pass].end_s <= mission_s:
+            sent += self._play(self._next_pass)
+            self._next_pass += 1
+        return sent
+
+    def finish(self) -> int:
+        """Play the rest of the timeline (acquisition is over)."""
+        return self.advance(float("inf"))
+
+    def _play(self, index: int) -> int:
+        p = self.passes[index]
+        budget, used, sent, waiting = p.budget_bytes, 0, 0, []
+        while self.queue:
+            item = heapq.heappop(self.queue)
+            if item.ready_s > p.end_s or item.nbytes > budget - used:
+                waiting.append(item)               # not ready yet, or too big for what is left
+                continue
+            used += item.nbytes
+            t = max(p.start_s, item.ready_s) + (used / p.budget_bytes) * p.duration_s \
+                if p.budget_bytes else p.end_s
+            self.station.receive(item, index, p, min(t, p.end_s))
+            self.downlinked[item.frame_id] = (index, min(t, p.end_s))
+            sent += 1
+        for item in waiting:
+            heapq.heappush(self.queue, item)
+        self.pass_log.append({"pass": index, "start_s": p.start_s, "end_s": p.end_s,
+                              "budget_bytes": p.budget_bytes, "used_bytes": used, "products": sent,
+                              "left_on_board": len(self.queue)})
+        return sent
+
+    def summary(self) -> dict:
+        down = [self.products[f] for f in self.downlinked]
+        return {"products": len(self.products), "downlinked": len(self.downlinked),
+                "left_on_board": len(self.queue), "duplicates_ignored": self.duplicates,
+                "rejected": self.rejected, "bytes_produced": sum(p.nbytes for p in self.products.values()),
+                "bytes_downlinked": sum(p.nbytes for p in down), "passes": self.pass_log}

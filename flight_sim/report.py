@@ -1,0 +1,478 @@
+"""The scenario report: figures from a RunRecord, written as JSON, markdown and two PNGs.
+
+Figures (report.json keys):
+- `accounting`: frames sent, decided, errored (by code), given up, pending; `balanced` is true
+  when every frame sent has exactly one outcome and none is pending. Refusals (queue_full...),
+  resends (after a restart, a timeout) and duplicates ignored say how it got there.
+- `data`: bytes acquired (frames as the camera sent them), bytes of products made and
+  downlinked; `reduction` = downlinked / acquired.
+- `value`: where truth exists, recall of target pixels (classes `report.targets`) and of
+  target objects (ships) in what was kept on board and in what came down (a kept frame's
+  tiles, or the whole frame when its product has no tile boxes).
+- `decisions`: each decision against the bundle's own policy applied to the truth
+  (flight_sim.truth.expected_decision): agreement, and the frames where they differ.
+- `masks`: class masks that came down against the truth: confusion, per-class IoU, mIoU.
+- `latency_ms`: daemon-side total per frame and payload round trip, p50/p90/p99/max.
+- `realtime`: acquisition time of the frames over the wall time to process them (> 1: faster
+  than the satellite acquires).
+- `uplink`, `restarts`, `daemon`: installs and refusals, kill -9 and what came back.
+
+timeline.png: frames from send to outcome, kills and restarts, buffers; passes on mission time.
+masks.png: quicklook, truth and downlinked mask for a few frames.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flight_sim.runner import RunRecord
+from flight_sim.truth import IGNORE, default_targets, expected_decision, to_model_classes
+from shared.metrics import SegmentationScores, confusion_matrix
+
+
+def _pct(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    p = np.percentile(values, [50, 90, 99])
+    return {"n": len(values), "p50": round(float(p[0]), 2), "p90": round(float(p[1]), 2),
+            "p99": round(float(p[2]), 2), "max": round(float(max(values)), 2)}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def decode_png(blob: bytes | np.ndarray) -> np.ndarray:
+    from PIL import Image
+    raw = bytes(np.asarray(blob, np.uint8).tobytes()) if isinstance(blob, np.ndarray) else blob
+    return np.asarray(Image.open(io.BytesIO(raw)))
+
+
+def _region(frame_shape: tuple[int, int], arrays: dict) -> np.ndarray:
+    """Pixels of a frame that came down: its kept tiles' boxes, else all of it."""
+    boxes = arrays.get("tile_boxes")
+    if boxes is None:
+        return np.ones(frame_shape, bool)
+    region = np.zeros(frame_shape, bool)
+    for r, c, h, w in np.asarray(boxes).reshape(-1, 4):
+        region[r:r + h, c:c + w] = True
+    return region
+
+
+def build_report(rec: RunRecord) -> dict:
+    man = rec.manifest
+    classes = list(man["output"]["classes"])
+    policy = man.get("policy")
+    targets = rec.scenario.sections["report"].get("targets") or default_targets(classes)
+    target_idx = [classes.index(t) for t in targets if t in classes]
+    payload, downlink = rec.payload, rec.downlink
+    acc = payload.accounting() if payload else {}
+    states = list(payload.states.values()) if payload else []
+
+    # -------------------------------------------------------------- latency and real time
+    daemon_ms = [s.body["timings_ms"]["total"] for s in states
+                 if s.outcome == "decision" and "total" in (s.body.get("timings_ms") or {})]
+    round_trip_ms = [(s.outcome_at - s.last_sent) * 1000 for s in states
+                     if s.outcome in ("decision", "error") and s.last_sent]
+    normal = [s for s in states if s.frame.kind == "frame"]
+    line = rec.camera.get("line_period_s", 0.0)
+    acquisition_s = sum((s.frame.row1 - s.frame.row0) * line for s in normal)
+    first = min((s.first_sent for s in normal if s.first_sent), default=None)
+    last = max((s.outcome_at for s in normal if s.outcome_at), default=None)
+    processing_s = (last - first) if first and last else None
+    rt = {"acquisition_s": round(acquisition_s, 3),
+          "processing_wall_s": round(processing_s, 3) if processing_s else None,
+          "factor": round(acquisition_s / processing_s, 3) if processing_s else None,
+          "mode": rec.camera.get("mode"), "speedup": rec.camera.get("speedup")}
+    rt["keeps_up"] = bool(rt["factor"] and rt["factor"] >= 1.0)
+
+    # -------------------------------------------------------------- truth: decisions, value, masks
+    decisions = {"with_truth": 0, "agree": 0, "disagree": [], "by_truth": []}
+    value = {"targets": targets, "target_pixels": 0, "kept_pixels": 0, "downlinked_pixels": 0,
+             "objects": 0, "objects_kept": 0, "objects_downlinked": 0, "object_class": None}
+    cm = np.zeros((len(classes), len(classes)), np.int64)
+    mask_frames = 0
+    examples = []
+    for s in normal:
+        f = s.frame
+        if f.truth is None or f.truth_classes is None:
+            continue
+        mapped = to_model_classes(f.truth, f.truth_classes, classes)
+        got = s.body if s.outcome == "decision" else None
+        product = downlink.products.get(f.frame_id) if downlink else None
+        down = bool(downlink and f.frame_id in downlink.downlinked)
+        region = _region(mapped.shape, product.arrays) if product else np.zeros(mapped.shape, bool)
+        # value kept: target pixels and objects in kept / downlinked regions
+        if target_idx:
+            tmask = np.isin(mapped, target_idx)
+            n_t = int(tmask.sum())
+            value["target_pixels"] += n_t
+            if got and got.get("keep"):
+                value["kept_pixels"] += int((tmask & region).sum())
+                if down:
+                    value["downlinked_pixels"] += int((tmask & region).sum())
+        if f.objects is not None:
+            value["object_class"] = f.object_class
+            for oid in np.unique(f.objects[f.objects > 0]):
+                pix = f.objects == oid
+                value["objects"] += 1
+                if got and got.get("keep") and region[pix].mean() >= 0.5:
+                    value["objects_kept"] += 1
+                    value["objects_downlinked"] += int(down)
+        # decisions against the policy on the truth
+        if policy and got is not None:
+            exp = expected_decision(mapped, classes, policy)
+            decisions["with_truth"] += 1
+            entry = {"frame_id": f.frame_id, "keep": bool(got["keep"]), "expected_keep": exp["keep"],
+                     "truth_fractions": exp["fractions"], "reason": got.get("reason", ""),
+                     "expected_reason": exp["reason"]}
+            decisions["by_truth"].append(entry)
+            if bool(got["keep"]) == exp["keep"]:
+                decisions["agree"] += 1
+            else:
+                decisions["disagree"].append(entry)
+        # masks that came down against the truth
+        if down and product is not None and "mask_png" in product.arrays:
+            try:
+                pred = decode_png(product.arrays["mask_png"])
+            except Exception:
+                pred = None
+            if pred is not None and pred.shape == mapped.shape:
+                valid = mapped != IGNORE
+                cm += confusion_matrix(mapped[valid], pred[valid], len(classes))
+                mask_frames += 1
+                if len(examples) < rec.scenario.sections["report"]["mask_examples"]:
+                    examples.append((f, mapped, pred))
+    for key in ("kept", "downlinked"):
+        value[f"recall_{key}"] = (round(value[f"{key}_pixels"] / value["target_pixels"], 4)
+                                  if value["target_pixels"] else None)
+        value[f"object_recall_{key}"] = (round(value[f"objects_{key}"] / value["objects"], 4)
+                                         if value["objects"] else None)
+    decisions["agreement"] = (round(decisions["agree"] / decisions["with_truth"], 4)
+                              if decisions["with_truth"] else None)
+    masks = {"frames": mask_frames}
+    if mask_frames:
+        scores = SegmentationScores.from_confusion(cm, classes)
+        masks.update(scores.as_dict())
+        masks["confusion"] = cm.tolist()
+
+    # -------------------------------------------------------------- data
+    dl = downlink.summary() if downlink else {}
+    acquired = rec.acquired_bytes
+    data = {"bytes_acquired": acquired, "bytes_products": dl.get("bytes_produced", 0),
+            "bytes_downlinked": dl.get("bytes_downlinked", 0),
+            "reduction": round(dl.get("bytes_downlinked", 0) / acquired, 5) if acquired else None,
+            "products": dl.get("products", 0), "downlinked": dl.get("downlinked", 0),
+            "left_on_board": dl.get("left_on_board", 0), "products_missing": rec.products_missing,
+            "duplicates_ignored": dl.get("duplicates_ignored", 0), "passes": dl.get("passes", [])}
+
+    # -------------------------------------------------------------- malformed frames
+    malformed = [{"frame_id": s.frame.frame_id, "kind": s.frame.kind, "outcome": s.outcome,
+                  "code": (s.body or {}).get("code"), "message": (s.body or {}).get("message", "")[:200]}
+                 for s in states if s.frame.kind != "frame"]
+
+    rss = [t["rss_mb"] for t in rec.telemetry if isinstance(t.get("rss_mb"), (int, float))]
+    report = {
+        "scenario": rec.scenario.name, "description": rec.scenario.description,
+        "out_dir": str(rec.out_dir),
+        "model": {"id": man["model_id"], "version": man["version"], "classes": classes,
+                  "bands": man["input"]["bands"], "tile": man["input"].get("tile_size")},
+        "scenes": rec.scenes, "camera": rec.camera,
+        "accounting": acc, "malformed": malformed,
+        "data": data, "value": value, "decisions": decisions, "masks": masks,
+        "latency_ms": {"daemon_total": _pct(daemon_ms), "round_trip": _pct(round_trip_ms)},
+        "realtime": rt, "uplink": rec.uplink, "restarts": rec.restarts,
+        "daemon": {"events": [{k: v for k, v in e.items() if k != "t"} | {"t": round(e["t"] - rec.t0, 3)}
+                              for e in rec.daemon_events],
+                   "exit_code": rec.exit_code, "final_status": _slim_status(rec.final_status),
+                   "heartbeats": len(rec.telemetry), "rss_mb_max": max(rss) if rss else None},
+        "timed_out": rec.timed_out,
+        "wall_s": round(rec.t_end - rec.t0, 3),
+    }
+    report["checks"] = _checks(report)
+    report["ok"] = all(c["ok"] for c in report["checks"])
+    report["_examples"] = examples          # not written to JSON; for masks.png
+    return report
+
+
+def _slim_status(status: dict) -> dict:
+    keep = ("model", "state", "frames", "queue_depth", "pending_products", "latency_ms", "rss_mb",
+            "store")
+    return {k: status[k] for k in keep if k in status} if isinstance(status, dict) else {}
+
+
+def _checks(r: dict) -> list[dict]:
+    """The scenario's pass/fail lines: what a reader should see hold."""
+    out = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        out.append({"name": name, "ok": bool(ok), "detail": detail})
+
+    a = r["accounting"]
+    check("accounting balances", a.get("balanced", False) and not r["timed_out"],
+          f"sent {a.get('sent')} = decided {a.get('decided')} + errored {a.get('errored')} "
+          f"+ given up {a.get('gave_up')}; pending {a.get('pending')}")
+    bad = [m for m in r["malformed"] if m["outcome"] != "error"]
+    if r["malformed"]:
+        check("malformed frames answered with an error", not bad,
+              f"{len(r['malformed']) - len(bad)}/{len(r['malformed'])} got an error outcome")
+    for att in r["uplink"].get("attempts", []):
+        if att["kind"] == "good":
+            check("bundle uplinked and installed", att["ok"], att.get("error") or "installed")
+        else:
+            check(f"{att['kind']} bundle refused, model kept serving",
+                  not att["ok"] and att.get("still_serving", False), str(att.get("error"))[:160])
+    for i, rs in enumerate(r["restarts"]):
+        check(f"restart {i + 1}: same active model after kill -9", rs["same_model"],
+              f"{rs['model_before']} -> {rs['model_after']}, {rs['frames_resent']} frames resent")
+    d = r["decisions"]
+    if d["with_truth"]:
+        check("decisions agree with the policy on the truth", not d["disagree"],
+              f"{d['agree']}/{d['with_truth']} agree")
+    if r["data"]["products_missing"]:
+        check("every kept frame's product arrived", False, f"missing {r['data']['products_missing']}")
+    if r["daemon"]["exit_code"] is not None:
+        check("daemon shut down cleanly", r["daemon"]["exit_code"] == 0,
+              f"exit code {r['daemon']['exit_code']}")
+    return out
+
+
+# =============================================================================== writing
+
+def headline(r: dict) -> str:
+    a, d, v, rt = r["accounting"], r["data"], r["value"], r["realtime"]
+    lat = r["latency_ms"]["daemon_total"]
+    parts = [f"scenario {r['scenario']}: {'OK' if r['ok'] else 'CHECKS FAILED'}",
+             f"frames sent {a.get('sent')}, decided {a.get('decided')}, errored {a.get('errored')}, "
+             f"pending {a.get('pending')} ({'balanced' if a.get('balanced') else 'NOT balanced'})",
+             f"data reduction {_fmt_pct(d['reduction'])} ({_size(d['bytes_downlinked'])} down of "
+             f"{_size(d['bytes_acquired'])} acquired)"]
+    if v["recall_downlinked"] is not None:
+        obj = (f", {v['object_class']}s {_fmt_pct(v['object_recall_downlinked'])}"
+               if v["object_recall_downlinked"] is not None else "")
+        parts.append(f"value kept: {'/'.join(v['targets'])} pixels {_fmt_pct(v['recall_downlinked'])}{obj}")
+    if lat.get("n"):
+        parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms; real-time factor "
+                     f"{rt['factor']}")
+    return "\n".join(parts)
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _size(n: int | None) -> str:
+    n = n or 0
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def markdown(r: dict) -> str:
+    a, d, v, rt = r["accounting"], r["data"], r["value"], r["realtime"]
+    L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
+         "```", headline(r), "```", "", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
+    L += [f"| {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |" for c in r["checks"]]
+    L += ["", "## Frames", "",
+          "| sent | decided | errored | given up | pending | attempts | refusals | resent | duplicates ignored | max payload buffer |",
+          "|---|---|---|---|---|---|---|---|---|---|",
+          f"| {a.get('sent')} | {a.get('decided')} | {a.get('errored')} | {a.get('gave_up')} | "
+          f"{a.get('pending')} | {a.get('attempts')} | {a.get('refusals')} | {a.get('resent')} | "
+          f"{a.get('duplicates_ignored')} | {a.get('max_buffer')} |", ""]
+    if a.get("error_codes"):
+        L += [f"Error outcomes by code: {a['error_codes']}", ""]
+    if r["malformed"]:
+        L += ["| malformed frame | outcome | code |", "|---|---|---|"]
+        L += [f"| {m['kind']} | {m['outcome']} | {m['code']} |" for m in r["malformed"]]
+        L += [""]
+    L += ["## Data and value", "",
+          f"- acquired {_size(d['bytes_acquired'])}; products {d['products']} "
+          f"({_size(d['bytes_products'])}); downlinked {d['downlinked']} ({_size(d['bytes_downlinked'])}); "
+          f"left on board {d['left_on_board']}; reduction {_fmt_pct(d['reduction'])}",
+          f"- value ({', '.join(v['targets'])} pixels): kept {_fmt_pct(v['recall_kept'])}, "
+          f"downlinked {_fmt_pct(v['recall_downlinked'])} of {v['target_pixels']} true pixels"]
+    if v["objects"]:
+        L.append(f"- {v['object_class']}s: {v['objects']} visible; kept {_fmt_pct(v['object_recall_kept'])}, "
+                 f"downlinked {_fmt_pct(v['object_recall_downlinked'])}")
+    L += ["", "| pass | start s | end s | budget | used | products | left on board |", "|---|---|---|---|---|---|---|"]
+    L += [f"| {p['pass']} | {p['start_s']:.2f} | {p['end_s']:.2f} | {_size(p['budget_bytes'])} | "
+          f"{_size(p['used_bytes'])} | {p['products']} | {p['left_on_board']} |" for p in d["passes"]]
+    dec = r["decisions"]
+    L += ["", "## Decisions against the truth", "",
+          f"{dec['agree']}/{dec['with_truth']} decisions agree with the bundle's policy applied to the "
+          f"truth (agreement {_fmt_pct(dec['agreement'])}).", ""]
+    if dec["by_truth"]:
+        L += ["| frame | keep | expected | truth fractions | reason |", "|---|---|---|---|---|"]
+        L += [f"| {e['frame_id']} | {e['keep']} | {e['expected_keep']} | "
+              f"{', '.join(f'{k} {x:.2f}' for k, x in e['truth_fractions'].items())} | {e['reason'][:70]} |"
+              for e in dec["by_truth"]]
+    m = r["masks"]
+    if m.get("frames"):
+        L += ["", f"Masks that came down ({m['frames']} frames) against the truth: mIoU "
+              f"{m.get('miou', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}; "
+              f"IoU per class {m.get('iou')}"]
+    lat = r["latency_ms"]
+    L += ["", "## Timing", "",
+          f"- daemon latency per frame (ms): {lat['daemon_total']}",
+          f"- payload round trip (ms): {lat['round_trip']}",
+          f"- real time: {rt['acquisition_s']} s of acquisition processed in {rt['processing_wall_s']} s "
+          f"of wall time: factor {rt['factor']} ({'keeps up' if rt['keeps_up'] else 'falls behind'}; "
+          f"mode {rt['mode']})", "", "## Uplink and daemon", ""]
+    for att in r["uplink"].get("attempts", []):
+        up = att["upload"]
+        L.append(f"- {att['kind']} bundle: {up['chunks']} chunks of {up['chunk_size']} B, "
+                 f"{up['corrupted_in_transit']} corrupted in transit and resent, interrupted after "
+                 f"{up['interrupted_after']} (resumed {len(up['resumed_missing'])} missing); install "
+                 f"{'ok' if att['ok'] else 'refused: ' + str(att.get('error'))[:150]}")
+    for i, rs in enumerate(r["restarts"]):
+        L.append(f"- kill -9 #{i + 1}: pid {rs['killed_pid']} -> {rs['new_pid']} after "
+                 f"{rs['downtime_s']} s; model {rs['model_before']} -> {rs['model_after']}; "
+                 f"{rs['frames_resent']} frames resent")
+    dm = r["daemon"]
+    L += [f"- daemon exit code {dm['exit_code']}, {dm['heartbeats']} heartbeats, max RSS "
+          f"{dm['rss_mb_max']} MB", "", "![timeline](timeline.png)", ""]
+    if r["masks"].get("frames"):
+        L += ["![masks](masks.png)", ""]
+    return "\n".join(L)
+
+
+def write_report(r: dict, rec: RunRecord, out_dir: Path | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir or rec.out_dir)
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md",
+             "timeline": out_dir / "timeline.png"}
+    doc = _plain({k: v for k, v in r.items() if not k.startswith("_")})
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    plot_timeline(rec, paths["timeline"])
+    if r.get("_examples"):
+        paths["masks"] = out_dir / "masks.png"
+        plot_masks(r["_examples"], r["model"]["classes"], paths["masks"])
+    paths["markdown"].write_text(markdown(r))
+    return paths
+
+
+# =============================================================================== figures
+
+CLASS_COLOURS = {"clear": (0.35, 0.6, 0.3), "cloud": (0.95, 0.95, 0.95), "shadow": (0.25, 0.25, 0.35),
+                 "cloud_shadow": (0.25, 0.25, 0.35), "water": (0.1, 0.3, 0.7), "ship": (0.9, 0.2, 0.1),
+                 "land": (0.55, 0.45, 0.3)}
+
+
+def _palette(classes: list[str]) -> np.ndarray:
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10"]
+    pal = np.zeros((256, 3))
+    for i, c in enumerate(classes):
+        pal[i] = CLASS_COLOURS.get(c, cmap(i % 10)[:3])
+    pal[IGNORE] = (1.0, 0.0, 1.0)
+    return pal
+
+
+def plot_timeline(rec: RunRecord, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = rec.t_fly or rec.t0
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9), gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
+    ax = axes[0]
+    states = list(rec.payload.states.values()) if rec.payload else []
+    for y, s in enumerate(states):
+        if not s.first_sent:
+            continue
+        end = s.outcome_at or rec.t_end
+        if s.outcome == "decision":
+            colour = "tab:green" if s.body.get("keep") else "tab:gray"
+        elif s.outcome == "error":
+            colour = "tab:red"
+        else:
+            colour = "tab:orange"
+        start = rec.release.get(s.frame.frame_id, s.first_sent)
+        ax.plot([start - t0, s.first_sent - t0], [y, y], color="0.8", lw=1)
+        ax.plot([s.first_sent - t0, end - t0], [y, y], color=colour, lw=3, solid_capstyle="butt")
+    for e in rec.events:
+        if e["kind"] in ("daemon_killed", "daemon_restarted", "burst"):
+            style = {"daemon_killed": ("tab:red", "kill -9"), "daemon_restarted": ("tab:blue", "restart"),
+                     "burst": ("tab:purple", "burst")}[e["kind"]]
+            for a in axes[:2]:
+                a.axvline(e["t"] - t0, color=style[0], ls="--", lw=1)
+            ax.text(e["t"] - t0, len(states), style[1], color=style[0], fontsize=8, va="bottom")
+    ax.set_ylabel("frame (send order)")
+    ax.set_title(f"{rec.scenario.name}: frames from release (grey) and send to outcome "
+                 f"(green kept, grey discarded, red error)")
+    ax.invert_yaxis()
+    ax = axes[1]
+    if rec.samples:
+        ts = np.array([s[0] for s in rec.samples]) - t0
+        ax.step(ts, [s[1] for s in rec.samples], where="post", label="payload buffer")
+        ax.step(ts, [s[2] for s in rec.samples], where="post", label="payload in flight")
+    if rec.telemetry:
+        ax.plot([t["t"] - t0 for t in rec.telemetry], [t.get("queue_depth", 0) for t in rec.telemetry],
+                "k.", ms=3, label="daemon queue (telemetry)")
+    ax.set_ylabel("frames")
+    ax.set_xlabel("wall time since first frame (s)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax = axes[2]
+    dl = rec.downlink
+    if dl:
+        for p in dl.passes:
+            ax.axvspan(p.start_s, p.end_s, color="tab:blue", alpha=0.15)
+        if dl.downlinked:
+            down = sorted(t for _, t in dl.downlinked.values())
+            sizes = [dl.products[f].nbytes for f, _ in sorted(dl.downlinked.items(), key=lambda kv: kv[1][1])]
+            ax.step(down, np.cumsum(sizes) / 1e6, where="post", color="tab:blue", label="downlinked MB")
+        acq = sorted((s.frame.acquired, s.frame.nbytes) for s in states if s.frame.kind == "frame")
+        if acq:
+            ax.step([a for a, _ in acq], np.cumsum([b for _, b in acq]) / 1e6, where="post",
+                    color="tab:gray", label="acquired MB")
+    ax.set_xlabel("mission time (s); shaded: ground-station passes")
+    ax.set_ylabel("MB")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _rgb(frame) -> np.ndarray:
+    from flight_sim.camera import preview_rgb
+    rgb = frame.extra.get("preview")
+    if rgb is None and frame.data is not None:
+        rgb = preview_rgb(frame.data, frame.bands, frame.scale)
+    return rgb if rgb is not None else np.zeros(frame.truth.shape + (3,))
+
+
+def plot_masks(examples: list, classes: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pal = _palette(classes)
+    fig, axes = plt.subplots(len(examples), 3, figsize=(10, 2.6 * len(examples)), squeeze=False)
+    for row, (frame, truth, pred) in enumerate(examples):
+        for col, (img, title) in enumerate(((_rgb(frame), f"{frame.frame_id} (true colour)"),
+                                            (pal[truth], "truth"), (pal[pred], "mask downlinked"))):
+            ax = axes[row, col]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=pal[i]) for i in range(len(classes))]
+    fig.legend(handles, classes, loc="lower center", ncol=len(classes), fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
