@@ -1,0 +1,163 @@
+"""End to end: the real daemon as a separate process, flown by the simulator with faults on.
+
+The bundle is built from tests/onboard_models.py (a small real OpenVINO IR that reads
+brightness: bright -> cloud, dark -> shadow), signed with a key made here. The scene is
+generated with a known truth: clear land and sea at the start of the track, overcast at its end.
+Faults: a chunk corrupted in transit and the uplink lost midway (resumed), an unsigned and a
+corrupted bundle, kill -9 of the daemon mid-flight and its restart, malformed frames, a burst of
+frames faster than the daemon takes them.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+pytest.importorskip("openvino")
+pytest.importorskip("zmq")
+
+from onboard_models import make_test_manifest, make_test_model_files  # noqa: E402
+
+SCENARIO = """
+name = "e2e"
+description = "CI: a short flight with every fault on"
+[bundle]
+path = "bundle.tar"
+public_key = "keys/uplink.pub"
+private_key = "keys/uplink.key"
+chunk_size = 65536
+[daemon]
+max_frames = 2
+telemetry_interval_s = 0.3
+[camera]
+frame_lines = 128
+mode = "asap"
+[payload]
+window = 3
+[[scenes]]
+kind = "generated"
+rows = 1024
+cols = 256
+seed = 7
+cloud_cover = [0.0, 0.0, 0.3, 1.0, 1.0]
+water_fraction = 0.4
+ships = 12
+[downlink]
+first_pass_s = 0.5
+pass_every_s = 1.0
+pass_duration_s = 0.5
+rate_mbps = 40
+passes_after_end = 3
+[faults]
+kill_daemon_after_frames = [3]
+restart_after_s = 0.3
+unsigned_bundle = true
+corrupt_bundle = true
+corrupt_chunks = [1]
+interrupt_uplink_after_chunks = 2
+malformed = ["band_count", "truncated", "not_finite", "bad_dtype"]
+malformed_every = 2
+burst = {after_frames = 5, frames = 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def flight(tmp_path_factory):
+    from shared.bundle import build_bundle
+    from shared.keys import generate_keypair
+
+    root = tmp_path_factory.mktemp("e2e")
+    sk, _ = generate_keypair(root / "keys")
+    files = make_test_model_files(root / "model", tile=64)
+    build_bundle(root / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=8), sk)
+    (root / "scenario.toml").write_text(SCENARIO)
+    out = root / "run"
+    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / "scenario.toml"),
+                           "--out", str(out), "--json", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    return proc, report, out
+
+
+def test_every_check_passes_and_exit_code_says_so(flight):
+    proc, report, _ = flight
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, failed
+    assert report["ok"] and proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_accounting_balances_nothing_lost(flight):
+    _, report, _ = flight
+    a = report["accounting"]
+    assert a["balanced"] and a["pending"] == 0 and a["gave_up"] == 0
+    assert a["sent"] == a["frames"] == 8 + 4          # 8 frames of 128 lines + 4 malformed
+    assert a["sent"] == a["decided"] + a["errored"]
+    assert a["decided"] == 8 and a["errored"] == 4
+    # the faults really happened: frames went again after the restart, the burst met a full queue
+    assert a["resent"].get("daemon_restart", 0) >= 1
+    assert a["refusals"].get("queue_full", 0) >= 1
+
+
+def test_malformed_frames_each_got_an_error_naming_the_problem(flight):
+    _, report, _ = flight
+    codes = {m["kind"]: m["code"] for m in report["malformed"]}
+    assert set(codes) == {"band_count", "truncated", "not_finite", "bad_dtype"}
+    assert all(m["outcome"] == "error" for m in report["malformed"])
+    assert codes["truncated"] == "invalid_frame" and codes["bad_dtype"] == "invalid_frame"
+    assert codes["not_finite"] == "not_finite"
+
+
+def test_decisions_right_on_known_truth(flight):
+    """Overcast frames are discarded; clear frames (whose value is clear ground) are kept."""
+    _, report, _ = flight
+    frames = report["decisions"]["by_truth"]
+    assert len(frames) == 8
+    overcast = [f for f in frames if f["truth_fractions"]["cloud"] >= 0.95]
+    clear = [f for f in frames if f["truth_fractions"]["cloud"] == 0 and f["truth_fractions"]["clear"] > 0.3]
+    assert overcast and clear
+    assert all(not f["keep"] for f in overcast)
+    assert all(f["keep"] for f in clear)
+    assert report["decisions"]["agreement"] == 1.0
+
+
+def test_killed_daemon_came_back_with_the_same_model(flight):
+    _, report, _ = flight
+    (restart,) = report["restarts"]
+    assert restart["same_model"] and restart["new_pid"] != restart["killed_pid"]
+    assert restart["model_after"]["id"] == "cloud-test" and restart["model_after"]["version"] == 1
+    assert report["daemon"]["final_status"]["model"]["id"] == "cloud-test"
+    kinds = [e["kind"] for e in report["daemon"]["events"]]
+    assert kinds[:3] == ["started", "killed", "started"] and report["daemon"]["exit_code"] == 0
+
+
+def test_bad_bundles_refused_for_the_right_reason(flight):
+    _, report, _ = flight
+    attempts = {a["kind"]: a for a in report["uplink"]["attempts"]}
+    good = attempts["good"]["upload"]
+    assert attempts["good"]["ok"]
+    assert good["corrupted_in_transit"] == 1 and good["interrupted_after"] == 2
+    assert good["resumed_missing"] and 0 not in good["resumed_missing"]
+    assert attempts["unsigned"]["error"].startswith("missing_signature")
+    assert attempts["corrupt"]["error"].startswith("checksum_mismatch")
+    assert attempts["unsigned"]["still_serving"] and attempts["corrupt"]["still_serving"]
+
+
+def test_ground_station_wrote_what_came_down(flight):
+    from flight_sim.report import decode_png
+    _, report, out = flight
+    data = report["data"]
+    assert data["downlinked"] == data["products"] > 0 and data["left_on_board"] == 0
+    assert 0 < data["reduction"] < 1
+    assert report["value"]["recall_downlinked"] == pytest.approx(1.0)
+    products = sorted(out.glob("ground/pass-*/*/product.json"))
+    assert len(products) == data["downlinked"]
+    record = json.loads(products[0].read_text())
+    mask = decode_png((products[0].parent / "mask.png").read_bytes())
+    assert mask.shape == (128, 256) and set(np.unique(mask)) <= {0, 1, 2}
+    assert record["bytes"] > 0 and "tiles.npy" in record["files"]
+    for name in ("report.md", "report.json", "timeline.png", "masks.png"):
+        assert (out / name).stat().st_size > 0
