@@ -335,8 +335,8 @@ def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: 
             rec.mission_s = max(rec.mission_s, (time.monotonic() - rec.t_fly) * speedup)
             downlink.advance(rec.mission_s)
         rec.samples.append((time.monotonic(), len(payload.buffer), payload.in_flight))
-        if bar is not None:
-            resolved = len(payload.states) - payload.unresolved
+        resolved = len(payload.states) - payload.unresolved
+        if bar is not None and resolved > resolved_shown:
             bar.update(resolved - resolved_shown)
             resolved_shown = resolved
         # ---- done?
