@@ -14,6 +14,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +108,21 @@ class DaemonProcess:
             raise DaemonStartError(f"the daemon printed {line[:200]!r} instead of its JSON ready "
                                    f"line; log: {self.log_path}") from None
         self.starts += 1
+        # anything more it prints goes to the log, so a full pipe can never block it
+        threading.Thread(target=self._drain_stdout, args=(self.proc,), daemon=True).start()
         self.events.append(DaemonEvent(time.monotonic(), "started",
                                        {"pid": self.proc.pid, "model": self.ready.get("model"),
                                         "start_s": round(time.monotonic() - t0, 3)}))
         return self.ready
+
+    def _drain_stdout(self, proc: subprocess.Popen) -> None:
+        try:
+            with open(self.log_path, "ab") as log:
+                for line in iter(proc.stdout.readline, b""):
+                    log.write(b"[stdout] " + line)
+                    log.flush()
+        except (OSError, ValueError):      # the pipe was closed by kill/stop
+            pass
 
     def _read_line(self, timeout_s: float) -> str:
         sel = selectors.DefaultSelector()
@@ -133,7 +145,11 @@ class DaemonProcess:
                     buf += chunk
         finally:
             sel.close()
-        return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+        line, _, rest = buf.partition(b"\n")
+        if rest:
+            with open(self.log_path, "ab") as log:
+                log.write(b"[stdout] " + rest)
+        return line.decode("utf-8", "replace")
 
     def _log_tail(self, n: int = 6) -> str:
         try:
@@ -150,7 +166,6 @@ class DaemonProcess:
         os.kill(pid, signal.SIGKILL)
         code = self.proc.wait()
         self.events.append(DaemonEvent(time.monotonic(), "killed", {"pid": pid, "signal": "SIGKILL"}))
-        self._close_pipe()
         return code
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -167,7 +182,6 @@ class DaemonProcess:
             code = self.proc.wait()
             kind = "killed_after_timeout"
         self.events.append(DaemonEvent(time.monotonic(), kind, {"pid": pid, "exit_code": code}))
-        self._close_pipe()
         return code
 
     def wait_exit(self, timeout_s: float = 30.0) -> int | None:
@@ -180,9 +194,5 @@ class DaemonProcess:
             return self.stop()
         self.events.append(DaemonEvent(time.monotonic(), "exited", {"pid": self.proc.pid,
                                                                     "exit_code": code}))
-        self._close_pipe()
         return code
 
-    def _close_pipe(self) -> None:
-        if self.proc and self.proc.stdout and not self.proc.stdout.closed:
-            self.proc.stdout.close()

@@ -213,7 +213,7 @@ def build_report(rec: RunRecord) -> dict:
         "accounting": acc, "malformed": malformed,
         "data": data, "value": value, "decisions": decisions, "masks": masks,
         "latency_ms": {"daemon_total": _pct(daemon_ms), "round_trip": _pct(round_trip_ms)},
-        "realtime": rt, "uplink": rec.uplink, "restarts": rec.restarts,
+        "realtime": rt, "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
         "daemon": {"events": [{k: v for k, v in e.items() if k != "t"} | {"t": round(e["t"] - rec.t0, 3)}
                               for e in rec.daemon_events],
                    "exit_code": rec.exit_code, "final_status": _slim_status(rec.final_status),
@@ -244,6 +244,8 @@ def _checks(r: dict) -> list[dict]:
     check("accounting balances", a.get("balanced", False) and not r["timed_out"],
           f"sent {a.get('sent')} = decided {a.get('decided')} + errored {a.get('errored')} "
           f"+ given up {a.get('gave_up')}; pending {a.get('pending')}")
+    check("the daemon never died on its own", not r["crashes"],
+          f"{len(r['crashes'])} unplanned exits (restarted)" if r["crashes"] else "no unplanned exit")
     bad = [m for m in r["malformed"] if m["outcome"] != "error"]
     if r["malformed"]:
         check("malformed frames answered with an error", not bad,

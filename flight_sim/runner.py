@@ -81,6 +81,7 @@ class RunRecord:
     malformed_frames: int = 0
     products_missing: list[str] = field(default_factory=list)
     mission_s: float = 0.0
+    crashes: list[dict] = field(default_factory=list)
 
     def event(self, kind: str, **info) -> None:
         self.events.append({"t": time.monotonic(), "kind": kind, **info})
@@ -310,8 +311,11 @@ def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: 
             if in_burst and next_i == burst_range.stop:
                 rec.event("burst", frames=len(burst_range))
         if burst and payload.window != base_window and next_i >= burst_range.stop and \
-                all(payload.states[f].outcome for f in list(payload.states)[:next_i + rec.malformed_frames]):
-            payload.window = base_window
+                payload.in_flight <= base_window:
+            payload.window = base_window             # the burst has drained into the daemon
+        # ---- a daemon that died on its own is restarted, as a watchdog would
+        if not daemon.alive():
+            _restart_after_crash(rec, daemon, payload, S["daemon"]["start_timeout_s"])
         # ---- kill -9 and restart
         if kills and sent_frames() >= kills[0]:
             kills.pop(0)
@@ -391,6 +395,17 @@ def _on_telemetry(rec: RunRecord, parts: list) -> None:
         return
     if msg.type == "telemetry":
         rec.telemetry.append({"t": time.monotonic(), **msg.body})
+
+
+def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload,
+                         start_timeout_s: float) -> None:
+    code = daemon.proc.returncode if daemon.proc else None
+    rec.event("daemon_crashed", exit_code=code)
+    log.warning("the daemon exited on its own (code %s); restarting it", code)
+    ready = daemon.start(start_timeout_s)
+    resent = payload.peer_restarted()
+    rec.crashes.append({"exit_code": code, "new_pid": ready.get("pid"), "model_after": ready.get("model"),
+                        "frames_resent": resent})
 
 
 def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandLink, payload: Payload,
