@@ -232,6 +232,7 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
         shutil.copyfile(cfg.source, folder.file("config.toml"))
 
     data = load_data(cfg)
+    data_seconds = time.perf_counter() - t_start
     folder.add_inputs(data.inputs)
     (run_dir / "normalization.json").write_text(json.dumps(data.norm.as_dict(), indent=2))
     log(f"data: {len(data.unlabelled)} unlabelled, {len(data.labelled)} labelled image(s); "
@@ -239,6 +240,7 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
 
     t0 = time.perf_counter()
     teacher = build_run_teacher(cfg, data, run_dir, progress)
+    setup_seconds = data_seconds + time.perf_counter() - t0
     folder.add_inputs({f"teacher:{teacher.name}": __import__("hashlib").sha256(teacher.identity.encode()).hexdigest()})
     rows, results = [], {}
     teacher_mask = None
@@ -260,6 +262,7 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
     if only and len(wanted) != len(only):
         raise ValueError(f"--only: unknown experiment(s) {sorted(set(only) - {e.name for e in cfg.experiments})}")
     for exp in wanted:
+        t_exp = time.perf_counter()
         if exp.mode == "feature" and feature_teacher is None:
             feature_teacher = build_feature_teacher(cfg, data, teacher, run_dir, progress)
         model, history, path, info = train_student(cfg, exp, data, teacher, run_dir, feature_teacher, progress)
@@ -273,6 +276,8 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
             res.update(evaluate_on(probs, point, cfg, data.eval, teacher_mask))
             masks[exp.name] = point.apply(probs)
             row.update(summary(res))
+        # what this student alone costs end to end: data, teacher set-up, labelling, training, evaluation
+        info["run_seconds"] = round(setup_seconds + time.perf_counter() - t_exp, 1)
         results[exp.name] = res
         rows.append(row)
         folder.add_stage(f"student:{exp.name}", [path], summary(res) if data.eval is not None else None,
