@@ -23,6 +23,7 @@ import numpy as np
 from shared.messages import Limits, MessageError, decode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KEPT_AFTER_DOWNLINK = ("mask_png", "tile_boxes")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -196,6 +197,8 @@ class Downlink:
                 if p.budget_bytes else p.end_s
             self.station.receive(item, index, p, min(t, p.end_s))
             self.downlinked[item.frame_id] = (index, min(t, p.end_s))
+            # on the ground now (written to disk): keep only what the report scores
+            item.arrays = {k: v for k, v in item.arrays.items() if k in KEPT_AFTER_DOWNLINK}
             sent += 1
         for item in waiting:
             heapq.heappush(self.queue, item)
