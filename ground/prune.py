@@ -94,6 +94,10 @@ def measure(model: nn.Module, example: torch.Tensor) -> ModelSize:
     return ModelSize(int(params), int(macs))
 
 
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def conv_widths(model: nn.Module) -> dict[str, int]:
     """Output channels of every convolution, by module name (what pruning changes)."""
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
@@ -176,8 +180,9 @@ def self_distillation_loss(example: torch.Tensor) -> LossFn:
 @dataclass
 class PruneStep:
     target_reduction: float        # of the original size, after this step
-    channel_ratio: float           # the torch-pruning ratio that met it (on the model before the step)
+    channel_ratio: float           # the channel ratio that met it (on the model before the step)
     size: ModelSize
+    unscored: list[str] = field(default_factory=list)   # groups the criterion could not score (kept)
 
 
 @dataclass
@@ -223,8 +228,9 @@ class _GroupScore:
 
 
 def _score_groups(model: nn.Module, example: torch.Tensor, crit: Criterion, protected: list[str],
-                  loss_fn: LossFn | None, seed: int) -> list[_GroupScore]:
-    """torch-pruning's groups of `model` and the criterion's score of every channel in them."""
+                  loss_fn: LossFn | None, seed: int) -> tuple[list[_GroupScore], list[str]]:
+    """torch-pruning's groups of `model` and the criterion's score of every channel in them;
+    also the root layers of the groups the criterion could not score (left unpruned)."""
     m = copy.deepcopy(model).eval()      # gradients and tracing must not touch the caller's model
     named = dict(m.named_modules())
     names = {mod: n for n, mod in named.items()}
@@ -237,13 +243,19 @@ def _score_groups(model: nn.Module, example: torch.Tensor, crit: Criterion, prot
             loss_fn(m).backward()
     importance = crit.make()
     torch.manual_seed(seed)      # RandomImportance draws from the global generator
-    out = []
+    out, unscored = [], []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
         dep, _ = group[0]
-        imp = importance(group)
+        try:
+            imp = importance(group)
+        except (RuntimeError, IndexError):
+            # torch-pruning 1.6 fails to reduce some scores over a concatenation (BN scale after a
+            # depthwise conv that follows torch.cat): such a group is left whole, and reported.
+            unscored.append(names[dep.target.module])
+            continue
         if imp is not None:
             out.append(_GroupScore(names[dep.target.module], dep.handler, imp.detach().float().cpu()))
-    return out
+    return out, unscored
 
 
 def _keep(channels: int, exact: float, round_to: int | None) -> int:
@@ -282,8 +294,24 @@ def _apply(model: nn.Module, example: torch.Tensor, groups: list[_GroupScore], k
     named = dict(m.named_modules())
     dg = tp.DependencyGraph().build_dependency(m, example_inputs=example)
     for g, k in zip(groups, keep):
-        if k < g.channels:
-            dg.get_pruning_group(named[g.module], g.handler, torch.argsort(g.scores)[:g.channels - k].tolist()).prune()
+        if k >= g.channels:
+            continue
+        order = torch.argsort(g.scores).tolist()
+        group = dg.get_pruning_group(named[g.module], g.handler, order[:g.channels - k])
+        if not dg.check_pruning_group(group):
+            # A group can span a concatenation (a depthwise conv right after torch.cat): its
+            # weakest channels may all come from one source layer, which would be emptied.
+            # Prune the most channels that leave every layer at least one.
+            lo, hi = 0, g.channels - k
+            while lo < hi:
+                n = (lo + hi + 1) // 2
+                if dg.check_pruning_group(dg.get_pruning_group(named[g.module], g.handler, order[:n])):
+                    lo = n
+                else:
+                    hi = n - 1
+            group = dg.get_pruning_group(named[g.module], g.handler, order[:lo]) if lo else None
+        if group is not None:
+            group.prune()
     return m
 
 
@@ -322,18 +350,19 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, criterion_name: str
     for i in range(1, steps + 1):
         step_target = float(target) * i / steps
         goal = before.of(by) * (1.0 - step_target)
-        groups = _score_groups(current, example, crit, protected, loss_fn, seed + i)
+        groups, unscored = _score_groups(current, example, crit, protected, loss_fn, seed + i)
         plans = _plans(groups, scope, round_to, max_channel_ratio)
-        tried: dict[int, tuple[nn.Module, ModelSize]] = {}
+        tried: dict[int, tuple[nn.Module, int]] = {}
 
-        def trial(j: int) -> tuple[nn.Module, ModelSize]:
+        def trial(j: int) -> tuple[nn.Module, int]:
             if j not in tried:
                 cand = _apply(current, example, groups, plans[j][1])
-                tried[j] = (cand, measure(cand, example))
+                # parameters need no forward pass; MACs do
+                tried[j] = (cand, _count_params(cand) if by == "params" else measure(cand, example).macs)
             return tried[j]
 
-        if trial(len(plans) - 1)[1].of(by) > goal:
-            most = trial(len(plans) - 1)[1].of(by)
+        most = trial(len(plans) - 1)[1]
+        if most > goal:
             raise ValueError(
                 f"cannot reach {step_target:.0%} fewer {by} with criterion {crit.name!r}, scope {scope} and "
                 f"round_to={round_to}: at most {1 - most / before.of(by):.1%} (protected: {', '.join(protected)})")
@@ -341,20 +370,20 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, criterion_name: str
         lo, hi = 0, len(plans) - 1
         while lo < hi:
             j = (lo + hi) // 2
-            if trial(j)[1].of(by) <= goal:
+            if trial(j)[1] <= goal:
                 hi = j
             else:
                 lo = j + 1
-        current, size = trial(hi)
+        current = trial(hi)[0]
+        size = measure(current, example)
         got = _output_shape(current, example)
         if got != out_shape:     # a safety net: protected_layers should make this impossible
             raise RuntimeError(f"pruning changed the output shape {out_shape} -> {got}")
-        history.append(PruneStep(step_target, plans[hi][0], size))
+        history.append(PruneStep(step_target, plans[hi][0], size, unscored))
         if between_steps is not None and i < steps:
             between_steps(current, i)
-    return PruneResult(current, crit.name, scope, by, float(target), round_to, before, measure(current, example),
+    return PruneResult(current, crit.name, scope, by, float(target), round_to, before, size,
                        protected, history, widths_before, conv_widths(current))
-
 
 
 def _output_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
