@@ -116,6 +116,14 @@ def _config_arg(p):
     p.add_argument("--name", help="run name (run.name)")
 
 
+def _stage(module: str, func: str):
+    """A command or argument adder living in a stage module, imported only when used (they import torch)."""
+    def call(arg):
+        import importlib
+        return getattr(importlib.import_module(module), func)(arg)
+    return call
+
+
 # name -> (function, help, argument adder)
 COMMANDS = {
     "list": (cmd_list, "the registries: teachers, students, losses, data sources", lambda p: None),
@@ -139,6 +147,21 @@ COMMANDS = {
     "eval-teacher": (cmd_eval_teacher, "score the teacher on the config's evaluation image", lambda p: (
         _config_arg(p),
         p.add_argument("--teacher", help="another teacher name than the config's"))),
+    # the stages after distillation (ground.prune, ground.sweep, ground.fp16, ground.export, ground.package)
+    "prune": (_stage("ground.prune", "cmd_prune"), "prune a run's student to a size target, then fine-tune it",
+              _stage("ground.sweep", "add_prune_args")),
+    "sweep": (_stage("ground.sweep", "cmd_sweep"), "criteria x ratios: metric, size and OpenVINO latency",
+              _stage("ground.sweep", "add_sweep_args")),
+    "fp16-finetune": (_stage("ground.fp16", "cmd_fp16_finetune"),
+                      "FP16-aware fine-tuning and the deployment-gap table", _stage("ground.sweep", "add_fp16_args")),
+    "export": (_stage("ground.export", "cmd_export"), "OpenVINO IR (FP16), parity on real tiles, scores, latency",
+               _stage("ground.sweep", "add_export_args")),
+    "bundle": (_stage("ground.package", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
+               _stage("ground.package", "add_bundle_args")),
+    "inspect": (_stage("ground.package", "cmd_inspect"), "what a bundle says about itself (unverified)",
+                _stage("ground.package", "add_inspect_args")),
+    "verify": (_stage("ground.package", "cmd_verify"), "verify a bundle's signature and checksums",
+               _stage("ground.package", "add_verify_args")),
 }
 
 

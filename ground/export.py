@@ -190,3 +190,87 @@ def latency_of(model: torch.nn.Module, tile: int = 256, **kw) -> dict:
     with tempfile.TemporaryDirectory(prefix="eoedge-latency-") as d:
         res = export_openvino(model, d, tile=tile)
         return openvino_latency(res.xml, tile=tile, **kw)
+
+
+# ---- the stage: a checkpoint of a run folder in, an IR checked, scored and timed out ----------------
+
+
+def export_stage(run_dir, checkpoint: str = "student.pt", name: str | None = None, fp16: bool = True,
+                 onnx: bool = False, evaluate: bool = True, threads: int = 1, parity_n: int = 4,
+                 progress: bool = True) -> dict:
+    """Export a checkpoint of a run folder to `export/NAME/model.{xml,bin}` (FP16 weights unless
+    fp16=False), check it against torch on real tiles, score it *as OpenVINO executes it* on the
+    held-out image (and in emulated FP16, as a VPU would, with the same operating point), time
+    it, and record it all in `export/NAME/export.json` and the lineage. `ground bundle` packs it."""
+    import json
+    from ground.prune import measure
+    from ground.sweep import RunContext
+    ctx = RunContext.open(run_dir, progress)
+    model, norm, meta = ctx.load(checkpoint)
+    name = name or Path(checkpoint).stem
+    out_dir = ctx.run_dir / "export" / name
+    tiles = parity_tiles(ctx.cfg.bands, norm, n=parity_n, tile=ctx.cfg.tile)
+    res = export_openvino(model, out_dir, tiles=tiles, fp16=fp16, onnx=onnx, tile=ctx.cfg.tile)
+    ctx.log(f"parity on {res.parity['tiles']} real tiles: max |p_IR - p_torch| {res.parity['max_abs_diff']:.2e}, "
+            f"mask agreement {res.parity['mask_agreement']:.5f}")
+    size = measure(model, torch.zeros(1, len(ctx.cfg.bands), ctx.cfg.tile, ctx.cfg.tile))
+    record = {"checkpoint": checkpoint, "name": name, "fp16": bool(fp16), "files": res.sizes,
+              "parity": res.parity, "params": size.params, "macs": size.macs, "tile": ctx.cfg.tile,
+              "overlap": ctx.cfg.overlap, "bands": list(ctx.cfg.bands), "classes": ctx.classes,
+              "normalization": norm.as_dict(), "model_meta": {k: v for k, v in meta.items()
+                                                             if k in ("name", "role", "arch")},
+              "label_free": _label_free(ctx, checkpoint)}
+    if evaluate and ctx.data.eval is not None:
+        ir = ctx.evaluate(ctx.ir_predict(res.xml, norm))
+        from ground.fp16 import _point
+        vpu = ctx.evaluate(ctx.torch_predict(model, norm, fp16="round"), _point(ir))
+        record["operating_point"] = ir["operating_point"]
+        record["metrics"] = {"openvino": ir, "fp16_emulated": vpu, "eval": ctx.data.eval.name}
+        ctx.log(f"held-out {ctx.data.eval.name}: mIoU {ir['miou']:.4f} as OpenVINO runs it, "
+                f"{vpu['miou']:.4f} in emulated FP16")
+    else:
+        point = ctx.calibrate(ctx.ir_predict(res.xml, norm)) if evaluate else None
+        record["operating_point"] = point.as_dict(ctx.classes) if point else None
+    record["latency"] = openvino_latency(res.xml, tile=ctx.cfg.tile, threads=threads)
+    (out_dir / "export.json").write_text(json.dumps(record, indent=2))
+    metrics = {"parity_max_abs_diff": res.parity["max_abs_diff"],
+               "parity_mask_agreement": res.parity["mask_agreement"],
+               "ms_per_tile": record["latency"]["ms_per_tile"]}
+    if "metrics" in record:
+        metrics.update(miou_openvino=record["metrics"]["openvino"]["miou"],
+                       miou_fp16_emulated=record["metrics"]["fp16_emulated"]["miou"])
+    ctx.folder.add_stage(f"export:{name}", [res.xml, res.bin, out_dir / "export.json"]
+                         + ([res.onnx] if res.onnx else []), metrics, checkpoint=checkpoint, fp16=bool(fp16),
+                         parity=res.parity)
+    record["out_dir"] = str(out_dir)
+    return record
+
+
+def _label_free(ctx, checkpoint: str) -> bool:
+    """True when no stage behind this checkpoint used a human label (distillation, pruning, FP16)."""
+    if not ctx.label_free:
+        return False
+    for stage in ctx.folder.record.get("stages", []):
+        if checkpoint in (stage.get("outputs") or {}) and stage.get("label_free") is False:
+            return False
+    return True
+
+
+def cmd_export(args) -> int:
+    from shared.cliutil import emit
+    res = export_stage(args.run, args.checkpoint, args.name, fp16=not args.fp32, onnx=args.onnx,
+                       evaluate=not args.no_eval, threads=args.threads, progress=not args.json)
+
+    def human(r: dict) -> str:
+        p = r["parity"]
+        lines = [f"{r['out_dir']}: " + ", ".join(f"{k} {v:,} B" for k, v in r["files"].items()),
+                 f"parity on {p['tiles']} real tiles: max |p_IR - p_torch| {p['max_abs_diff']:.2e}, "
+                 f"mask agreement {p['mask_agreement']:.5f}"]
+        if "metrics" in r:
+            lines.append(f"held-out mIoU: {r['metrics']['openvino']['miou']:.4f} (OpenVINO), "
+                         f"{r['metrics']['fp16_emulated']['miou']:.4f} (emulated FP16)")
+        lines.append(f"OpenVINO CPU: {r['latency']['ms_per_tile']:.1f} ms per {r['tile']}x{r['tile']} tile "
+                     f"({r['latency']['threads']} thread(s), load {r['latency']['load_avg_1min'][0]:.1f})")
+        return "\n".join(lines)
+    emit(res, args.json, human)
+    return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -176,3 +177,96 @@ def fp16_aware(model: nn.Module) -> Iterator[nn.Module]:
             parametrize.remove_parametrizations(m, pname, leave_parametrized=False)
         for h in handles:
             h.remove()
+
+
+# ---- the stage: the deployment gap, and FP16-aware fine-tuning of a run's checkpoint ----------------
+
+
+def fp16_finetune_stage(run_dir, checkpoint: str = "student.pt", steps: int = 200, source: str = "teacher",
+                        mode: str = "round", name: str | None = None, lr: float | None = None,
+                        progress: bool = True) -> dict:
+    """The deployment-gap report of a checkpoint and an FP16-aware fine-tuned copy of it.
+
+    Rows (all on the run's held-out image, post-processed as on board):
+    - `fp32`: the checkpoint as trained (its operating point calibrated on training imagery);
+    - `fp16_naive`: the same weights run in emulated FP16 with that same operating point;
+    - `fp16_aware`: after `steps` of FP16-aware fine-tuning (FP16 forward, FP32 masters),
+      in emulated FP16, recalibrated;
+    - `fp32_after`: the fine-tuned weights in FP32 (separates more training from FP16-awareness).
+    Writes `fp16/NAME.pt` and `fp16/NAME-gap.{json,md}`, and a lineage record."""
+    import copy as _copy
+    import json
+    from ground.checkpoints import save_checkpoint
+    from ground.export import parity_tiles
+    from ground.sweep import RunContext
+    if mode not in EMULATION_MODES:
+        raise ValueError(f"FP16 emulation mode must be one of {EMULATION_MODES}, got {mode!r}")
+    ctx = RunContext.open(run_dir, progress)
+    model, norm, meta = ctx.load(checkpoint)
+    name = name or f"{Path(checkpoint).stem}-fp16"
+    tiles = torch.from_numpy(parity_tiles(ctx.cfg.bands, norm, n=2, tile=ctx.cfg.tile))
+    rows = {}
+    fp32 = ctx.evaluate(ctx.torch_predict(model, norm))
+    rows["fp32"] = fp32
+    point = _point(fp32)
+    rows["fp16_naive"] = ctx.evaluate(ctx.torch_predict(model, norm, fp16=mode), point)
+    tuned = _copy.deepcopy(model)
+    history = ctx.finetune(tuned, steps, source, fp16=True, lr=lr, reference_model=model, norm=norm,
+                           desc="FP16-aware fine-tune")
+    rows["fp16_aware"] = ctx.evaluate(ctx.torch_predict(tuned, norm, fp16=mode))
+    rows["fp32_after"] = ctx.evaluate(ctx.torch_predict(tuned, norm))
+    with torch.no_grad():
+        ref = torch.softmax(model(tiles), 1)
+        diffs = {"fp16_naive": float((torch.softmax(emulate_fp16(model, mode)(tiles), 1) - ref).abs().max()),
+                 "fp16_aware": float((torch.softmax(emulate_fp16(tuned, mode)(tiles), 1) - ref).abs().max())}
+    report = {"checkpoint": checkpoint, "mode": mode, "steps": steps, "source": source,
+              "eval": ctx.data.eval.name if ctx.data.eval else None,
+              "label_free": ctx.label_free and source != "labels",
+              "rows": {k: {m: v.get(m) for m in ("miou", "f1", "accuracy", "agreement", "iou", "operating_point")}
+                       for k, v in rows.items()},
+              "max_prob_diff_vs_fp32": diffs, "overflows": {"before": fp16_overflows(model, tiles),
+                                                           "after": fp16_overflows(tuned, tiles)},
+              "final_loss": history[-1]["loss"] if history else None}
+    out = ctx.run_dir / "fp16" / f"{name}.pt"
+    save_checkpoint(out, tuned, meta["arch"], norm, meta={"name": name, "role": "fp16-aware",
+                                                          "fp16": {k: v for k, v in report.items() if k != "rows"}})
+    (out.parent / f"{name}-gap.json").write_text(json.dumps(report, indent=2))
+    (out.parent / f"{name}-gap.md").write_text(gap_markdown(report))
+    ctx.folder.add_stage(f"fp16-finetune:{name}", [out, out.parent / f"{name}-gap.json"],
+                         {k: v["miou"] for k, v in report["rows"].items()}, source_checkpoint=checkpoint,
+                         mode=mode, steps=steps, finetune_with=source, label_free=report["label_free"])
+    report["out"] = str(out.relative_to(ctx.run_dir))
+    return report
+
+
+def _point(row: dict):
+    from ground.evaluate import OperatingPoint
+    op = row["operating_point"]
+    return OperatingPoint(list(op["thresholds"]), int(op["opening_radius"]))
+
+
+GAP_LABELS = {"fp32": "FP32 (as trained)", "fp16_naive": "FP16, naive conversion",
+              "fp16_aware": "FP16 after FP16-aware fine-tuning", "fp32_after": "(FP32 of the fine-tuned weights)"}
+
+
+def gap_markdown(report: dict) -> str:
+    lines = [f"Deployment gap of `{report['checkpoint']}` on `{report['eval']}` (FP16 emulated in torch, "
+             f"mode {report['mode']}; {report['steps']} FP16-aware steps with {report['source']}):", "",
+             "| precision | mIoU | accuracy | F1 | agreement with teacher |", "|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None else f"{v:.4f}"
+    for key, row in report["rows"].items():
+        lines.append(f"| {GAP_LABELS.get(key, key)} | {f(row['miou'])} | {f(row['accuracy'])} | {f(row['f1'])} | "
+                     f"{f(row['agreement'])} |")
+    d = report["max_prob_diff_vs_fp32"]
+    lines += ["", f"max |probability difference| vs FP32 on 2 real tiles: naive {d['fp16_naive']:.2e}, "
+                  f"after fine-tuning {d['fp16_aware']:.2e}; FP16 overflows: "
+                  f"{report['overflows']['before'] or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_fp16_finetune(args) -> int:
+    from shared.cliutil import emit
+    res = fp16_finetune_stage(args.run, args.checkpoint, args.steps, args.finetune_with, args.mode, args.name,
+                              args.lr, progress=not args.json)
+    emit(res, args.json, lambda r: gap_markdown(r) + f"\ncheckpoint: {r['out']}")
+    return 0

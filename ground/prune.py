@@ -440,3 +440,66 @@ def load_model(path):
     model = fit_to_state_dict(build_arch(state["arch"]), state["state_dict"])
     meta = dict(state["meta"], arch=state["arch"], step=state["step"])
     return model.eval(), Normalization.from_dict(state["norm"]), meta
+
+
+# ---- the stage: a checkpoint of a run folder in, a pruned (and fine-tuned) checkpoint out ----------
+
+
+def prune_stage(run_dir, criterion_name: str, target: float, by: str = "params",
+                round_to: int | None = DEFAULT_ROUND_TO, steps: int = 1, scope: str = "local",
+                checkpoint: str = "student.pt", finetune_steps: int = 200, finetune_with: str = "teacher",
+                name: str | None = None, evaluate: bool = True, progress: bool = True) -> dict:
+    """Prune a checkpoint of a run folder to `target`, fine-tune it (pruning-aware distillation
+    with the run's teacher by default; "self": the unpruned model teaches; "labels"; "none"),
+    score it before and after on the held-out image, and write `pruned/NAME.pt` with a lineage
+    record. With `steps` > 1 the fine-tuning budget is spread over the steps."""
+    from ground.checkpoints import save_checkpoint
+    from ground.sweep import RunContext
+    ctx = RunContext.open(run_dir, progress)
+    base, norm, meta = ctx.load(checkpoint)
+    example = ctx.example(norm)
+    name = name or f"{criterion_name}-{round(100 * target)}{'-macs' if by == 'macs' else ''}"
+    per_step = max(1, finetune_steps // steps) if finetune_steps > 0 else 0
+
+    def between(model, i):
+        ctx.finetune(model, per_step, finetune_with, reference_model=base, norm=norm, desc=f"fine-tune step {i}")
+
+    loss_fn = ctx.loss_fn(norm, finetune_with, base) if get_criterion(criterion_name).needs_gradients else None
+    res = prune_to_target(base, example, criterion_name, target, by=by, round_to=round_to, steps=steps,
+                          loss_fn=loss_fn, between_steps=between if per_step else None, scope=scope)
+    metrics = {}
+    if evaluate and ctx.data.eval is not None:
+        metrics["unpruned"] = ctx.evaluate(ctx.torch_predict(base, norm))
+        metrics["pruned"] = ctx.evaluate(ctx.torch_predict(res.model, norm))
+    history = ctx.finetune(res.model, finetune_steps - per_step * (steps - 1), finetune_with,
+                           reference_model=base, norm=norm, desc="fine-tune") if per_step else []
+    if evaluate and ctx.data.eval is not None:
+        metrics["fine_tuned"] = ctx.evaluate(ctx.torch_predict(res.model, norm))
+    out = ctx.run_dir / "pruned" / f"{name}.pt"
+    info = {"source": checkpoint, **res.as_dict(), "finetune": {"steps": finetune_steps, "with": finetune_with,
+                                                                "final_loss": history[-1]["loss"] if history else None}}
+    save_checkpoint(out, res.model, meta["arch"], norm, meta={"name": name, "role": "pruned", "prune": info})
+    summary = {k: {m: v.get(m) for m in ("miou", "f1", "accuracy", "agreement")} for k, v in metrics.items()}
+    ctx.folder.add_stage(f"prune:{name}", [out], summary, **info,
+                         label_free=ctx.label_free and finetune_with != "labels")
+    return {"checkpoint": str(out.relative_to(ctx.run_dir)), "run_dir": str(ctx.run_dir), **info,
+            "metrics": metrics}
+
+
+def cmd_prune(args) -> int:
+    """`eoedge ground prune RUN ...` (the row lives in ground/cli.py)."""
+    from shared.cliutil import emit
+    res = prune_stage(args.run, args.criterion, args.target, by=args.by,
+                      round_to=None if args.round_to == 0 else args.round_to, steps=args.steps, scope=args.scope,
+                      checkpoint=args.checkpoint, finetune_steps=args.finetune_steps,
+                      finetune_with=args.finetune_with, name=args.name, progress=not args.json)
+
+    def human(r: dict) -> str:
+        lines = [f"{r['criterion']} ({r['scope']}, round_to={r['round_to']}): {r['before']['params']:,} -> "
+                 f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
+        for k, v in r["metrics"].items():
+            lines.append(f"  mIoU {k}: {v['miou']:.4f}")
+        lines.append(f"checkpoint: {r['run_dir']}/{r['checkpoint']}")
+        return "\n".join(lines)
+    emit(res, args.json, human)
+    return 0
