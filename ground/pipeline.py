@@ -71,7 +71,9 @@ def train_smp_teacher(cfg: RunConfig, data: Data, path: Path, spec: str, train: 
     from ground.checkpoints import build_arch
     from ground.losses import build_objective
     from ground.train import BatchSampler, TrainConfig, fit
+    import torch
     arch = smp_arch(spec, cfg, options)
+    torch.manual_seed(cfg.seed)          # the same initial weights on every (re)start
     model = build_arch(arch)
     tcfg = TrainConfig(**{**asdict(cfg.train), **train})
     if teacher is None:
@@ -149,7 +151,9 @@ def train_student(cfg: RunConfig, exp: Experiment, data: Data, teacher, run_dir:
     from ground.checkpoints import build_arch
     from ground.losses import build_objective
     from ground.train import BatchSampler, FeatureTerm, fit
+    import torch
     arch = student_arch(cfg)
+    torch.manual_seed(cfg.seed)          # every experiment starts from the same initial student
     model = build_arch(arch)
     weights = class_weights(data.labelled, len(cfg.classes), cfg.class_weights) \
         if data.labelled and cfg.class_weights != "none" else None

@@ -151,7 +151,8 @@ def fit(model: torch.nn.Module, sampler: BatchSampler, objective, norm: Normaliz
         m = dict(meta or {}, train=asdict(cfg), sampler_rng=sampler.rng.bit_generator.state)
         if feature:
             m["adapters"] = feature.adapters.state_dict()
-        save_checkpoint(checkpoint, model, arch or {}, norm, m, opt, sched, step, history)
+        save_checkpoint(checkpoint, model, arch or {}, norm, meta=m, optimizer=opt, scheduler=sched, step=step,
+                        history=history)
 
     model.train()
     if feature:
