@@ -1,0 +1,292 @@
+"""One frame in, one decision out: the daemon's stages, read top to bottom in `process`.
+
+    validate        dtype, dimensions, band names vs data, bands the model needs, NaN/Inf, scale
+    tile + infer    tiles with overlap (shared.tiling's grid and reflect padding) are cut straight
+                    from the frame into idle requests' input tensors, in the model's band order
+                    and the frame's dtype; OpenVINO scales ((value * scale - mean) / std), runs
+                    the network and its activation (see onboard.runtime)
+    stitch +        as each batch comes back (while the other requests still infer): every tile's
+    threshold       central part (shared.tiling's "center" stitching) is thresholded per class
+                    (shared.postprocess.threshold) straight into the frame's class mask
+    opening         each class but the background opened with disk(radius) (OpenCV)
+    statistics      class fractions and, for the classes the policy counts, connected components,
+                    for the frame and for each tile_size x tile_size cell
+    policy          shared.policy.evaluate for the frame and for every cell
+    products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles
+
+Cutting tiles and thresholding overlap with inference; no float copy of the frame is made.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from onboard import products as products_mod
+from onboard.runtime import INPUT_DTYPES, ModelLoadError, OpenVinoModel
+from onboard.stats import frame_and_cell_stats, summarise_components
+from shared.bands import UnknownBandError, canonical_band
+from shared.bundle import load_reference
+from shared.manifest import MODEL_XML, validate_manifest
+from shared.policy import classes_needing_components, evaluate, validate_policy
+from shared.postprocess import open_classes, threshold, threshold_vector
+from shared.tiling import TileGrid
+
+# FrameError codes (the daemon sends them on in its error event)
+FRAME_ERROR_CODES = ("wrong_dtype", "wrong_shape", "band_mismatch", "empty_frame", "bad_scale",
+                     "unknown_band", "duplicate_band", "missing_bands", "not_finite")
+
+
+class FrameError(ValueError):
+    """A frame the pipeline cannot take; `.code` is one of FRAME_ERROR_CODES."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class FrameResult:
+    keep: bool
+    priority: int
+    reason: str
+    stats: dict                         # {"fractions", "components" (largest 32), "component_counts"}
+    class_mask: np.ndarray              # (H, W) uint8, class indices in manifest order
+    tile_decisions: list[dict]          # per cell: row, col, height, width, keep, priority, rule, reason, fractions
+    timings_ms: dict[str, float]
+    products: dict[str, Any] = field(default_factory=dict)   # only for a kept frame
+
+    def summary(self) -> dict:
+        """Everything but the mask and the products: the body of a DECISION."""
+        return {"keep": self.keep, "priority": self.priority, "reason": self.reason,
+                "stats": self.stats, "tile_decisions": self.tile_decisions,
+                "timings_ms": self.timings_ms}
+
+
+@dataclass
+class SelfTestResult:
+    ok: bool
+    max_abs_diff: float
+    mask_agreement: float
+    message: str
+
+
+def _owned_regions(grid: TileGrid) -> list[tuple[int, int, int, int, int, int]]:
+    """Per tile: the part of the frame it alone provides (shared.tiling's "center" stitch: the
+    overlap is split in half between neighbours) as (row0, row1, col0, col1) in the frame and
+    the (row, col) of that part inside the tile; clipped to the frame."""
+    t, nr_nc = grid.tile, grid.grid_shape
+    lead, trail = grid.overlap // 2, grid.overlap - grid.overlap // 2
+    last_r, last_c = (nr_nc[0] - 1) * grid.stride, (nr_nc[1] - 1) * grid.stride
+    out = []
+    for r, c in grid.positions:
+        r0, c0 = (0 if r == 0 else lead), (0 if c == 0 else lead)
+        r1 = t if r == last_r else t - trail
+        c1 = t if c == last_c else t - trail
+        out.append((r + r0, min(r + r1, grid.height), c + c0, min(c + c1, grid.width), r0, c0))
+    return out
+
+
+class _Timer:
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+        self._start = self._t
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = round((now - self._t) * 1e3, 3)
+        self._t = now
+
+    def total(self) -> dict[str, float]:
+        self.ms["total"] = round((time.perf_counter() - self._start) * 1e3, 3)
+        return self.ms
+
+
+class FramePipeline:
+    """A bundle's model and rules, ready to process frames (one at a time)."""
+
+    def __init__(self, manifest: dict, model_dir: str | Path, device: str = "CPU", *,
+                 batch_size: int = 2, num_requests: int | None = None, config: dict | None = None):
+        self.manifest = validate_manifest(manifest)
+        inp, out, post = manifest["input"], manifest["output"], manifest["postprocess"]
+        self.model_id, self.version = manifest["model_id"], manifest["version"]
+        self.bands = tuple(inp["bands"])
+        self.mean = np.asarray(inp["scaling"]["mean"], np.float32)
+        self.std = np.asarray(inp["scaling"]["std"], np.float32)
+        self.tile, self.overlap = int(inp["tile_size"]), int(inp["overlap"])
+        self.classes = tuple(out["classes"])
+        self.thresholds = threshold_vector(self.classes, post["threshold"])
+        self.opening_radius = int(post["opening_radius"])
+        self.policy = manifest["policy"]
+        self.model_dir = Path(model_dir)
+        self.model = OpenVinoModel(self.model_dir / MODEL_XML, device, num_requests, tile=self.tile,
+                                   batch_size=batch_size, activation=out["activation"], config=config)
+        if self.model.channels != len(self.bands):
+            raise ModelLoadError(f"{self.model.xml_path}: model takes {self.model.channels} bands, "
+                                 f"manifest lists {len(self.bands)}")
+        if self.model.num_classes != len(self.classes):
+            raise ModelLoadError(f"{self.model.xml_path}: model outputs {self.model.num_classes} "
+                                 f"classes, manifest lists {len(self.classes)}")
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"model_id": self.model_id, "version": self.version, "bands": list(self.bands),
+                "classes": list(self.classes), "tile_size": self.tile, "overlap": self.overlap,
+                "runtime": self.model.properties()}
+
+    def set_policy(self, policy: dict) -> None:
+        """Replace the keep/discard policy (raises shared.policy.PolicyError naming the field)."""
+        self.policy = validate_policy(policy, classes=self.classes)
+
+    # ---------------------------------------------------------------------------------------
+    def process(self, data: np.ndarray, bands: Sequence[str], scale: float = 1.0, *,
+                policy: dict | None = None, make_products: bool = True) -> FrameResult:
+        """Decide on one frame (bands, H, W) of uint16, int16 or float32, reflectance = value * scale."""
+        with self._lock:
+            policy = self.policy if policy is None else validate_policy(policy, classes=self.classes)
+            timer = _Timer()
+            select = self._validate(data, bands, scale)
+            timer.lap("validate")
+            mask, sub = self._tile_infer_stitch(data, select, scale)
+            timer.lap("tile_infer_threshold")
+            timer.ms.update(sub)
+            open_classes(mask, self.opening_radius, classes=range(1, len(self.classes)))
+            timer.lap("opening")
+            counted = classes_needing_components(policy)
+            frame_stats, cells = frame_and_cell_stats(mask, self.classes, self.tile, counted)
+            timer.lap("stats")
+            decision = evaluate(policy, frame_stats)
+            tile_decisions = []
+            for cell in cells:
+                d = evaluate(policy, cell["stats"])
+                tile_decisions.append({"row": cell["row"], "col": cell["col"], "height": cell["height"],
+                                       "width": cell["width"], "keep": d.keep, "priority": d.priority,
+                                       "rule": d.rule, "reason": d.reason,
+                                       "fractions": cell["stats"]["fractions"]})
+            timer.lap("policy")
+            kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
+            products = {}
+            if decision.keep and make_products:
+                products = products_mod.frame_products(data, bands, scale, mask, kept, self.tile)
+            timer.lap("products")
+            reason = f"{decision.reason}; {len(kept)}/{len(cells)} tiles kept"
+            return FrameResult(decision.keep, decision.priority, reason, summarise_components(frame_stats),
+                               mask, tile_decisions, timer.total(), products)
+
+    # -- stages ------------------------------------------------------------------------------
+    def _validate(self, data: Any, bands: Sequence[str], scale: float) -> list[int]:
+        """Check the frame; return the index in `data` of each band the model takes, in order."""
+        if not isinstance(data, np.ndarray):
+            raise FrameError("wrong_dtype", f"data must be a numpy array, got {type(data).__name__}")
+        if data.ndim != 3:
+            raise FrameError("wrong_shape", f"data must be 3-D (bands, rows, cols), got shape {data.shape}")
+        if data.dtype.name not in INPUT_DTYPES or not data.dtype.isnative:
+            raise FrameError("wrong_dtype", f"data dtype {data.dtype.str} not accepted "
+                                            f"(native-order {', '.join(INPUT_DTYPES)})")
+        if isinstance(bands, str) or len(bands) != data.shape[0]:
+            raise FrameError("band_mismatch", f"{len(bands)} band names for {data.shape[0]} bands in data")
+        if 0 in data.shape:
+            raise FrameError("empty_frame", f"data has shape {data.shape}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
+                or not math.isfinite(scale) or scale <= 0:
+            raise FrameError("bad_scale", f"scale must be a finite number > 0, got {scale!r}")
+        index: dict[str, int] = {}
+        for i, name in enumerate(bands):
+            try:
+                canon = canonical_band(name)
+            except (UnknownBandError, TypeError, AttributeError):
+                raise FrameError("unknown_band", f"bands[{i}] = {name!r} is not a Sentinel-2 band") from None
+            if canon in index:
+                raise FrameError("duplicate_band", f"bands[{i}] = {name!r} repeats bands[{index[canon]}]")
+            index[canon] = i
+        missing = [b for b in self.bands if b not in index]
+        if missing:
+            raise FrameError("missing_bands", f"model {self.model_id} needs {', '.join(missing)}; "
+                                              f"frame has {', '.join(bands)}")
+        select = [index[b] for b in self.bands]
+        if data.dtype.kind == "f":
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._check_finite(data, bands, select)
+        return select
+
+    @staticmethod
+    def _check_finite(data: np.ndarray, bands: Sequence[str], select: list[int]) -> None:
+        for b in select:
+            # one cheap reduction per band; a NaN/Inf poisons the sum (a huge finite frame
+            # can overflow it to inf, hence the exact check before accusing it)
+            if not math.isfinite(float(data[b].sum(dtype=np.float32))) and not np.isfinite(data[b]).all():
+                raise FrameError("not_finite", f"band {bands[b]} holds NaN or Inf values")
+
+    def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float
+                           ) -> tuple[np.ndarray, dict[str, float]]:
+        h, w = data.shape[1:]
+        t = self.tile
+        grid = TileGrid(h, w, t, self.overlap)
+        positions, owned = grid.positions, _owned_regions(grid)
+        hp, wp = grid.padded_shape
+        # shared.tiling pads the far edges with numpy's reflect: the same row/column lookup
+        rows = np.pad(np.arange(h), (0, hp - h), mode="reflect")
+        cols = np.pad(np.arange(w), (0, wp - w), mode="reflect")
+        identity = select == list(range(data.shape[0]))
+        sel = np.asarray(select)
+        mask = np.empty((h, w), np.uint8)
+        busy = {"tiling_ms": 0.0, "threshold_ms": 0.0}
+        thr = self.thresholds
+
+        def fill(start: int, buf: np.ndarray) -> None:
+            t0 = time.perf_counter()
+            for j in range(len(buf)):
+                r, c = positions[start + j]
+                if r + t <= h and c + t <= w:
+                    window = data[:, r:r + t, c:c + t]
+                    if identity:
+                        buf[j] = window
+                    else:
+                        np.take(window, sel, axis=0, out=buf[j], mode="clip")
+                else:        # an edge tile reaching into the padding
+                    buf[j] = data[np.ix_(sel, rows[r:r + t], cols[c:c + t])]
+            busy["tiling_ms"] += (time.perf_counter() - t0) * 1e3
+
+        def on_output(start: int, probs: np.ndarray) -> None:
+            t0 = time.perf_counter()
+            for j in range(len(probs)):
+                r0, r1, c0, c1, tr, tc = owned[start + j]
+                threshold(probs[j, :, tr:tr + r1 - r0, tc:tc + c1 - c0], thr, out=mask[r0:r1, c0:c1])
+            busy["threshold_ms"] += (time.perf_counter() - t0) * 1e3
+
+        gain = (np.float32(scale) / self.std).astype(np.float32)
+        offset = (-self.mean / self.std).astype(np.float32)
+        self.model.run(len(grid), data.dtype.name, fill, on_output, gain, offset)
+        busy = {k: round(v, 3) for k, v in busy.items()}
+        return mask, busy
+
+    # ---------------------------------------------------------------------------------------
+    def self_test(self, reference_npz_path: str | Path) -> SelfTestResult:
+        """Run the bundle's reference tiles and compare with the ground's outputs, within the
+        manifest's tolerances (max |difference| of the probabilities, agreement of the masks)."""
+        ref = self.manifest["reference"]
+        tol, min_agree = float(ref["max_abs_diff"]), float(ref["min_mask_agreement"])
+        try:
+            tiles, expected = load_reference(reference_npz_path, self.manifest)
+        except (ValueError, OSError) as exc:
+            return SelfTestResult(False, math.inf, 0.0, f"reference unusable: {exc}")
+        if len(tiles) == 0:
+            return SelfTestResult(False, math.inf, 0.0, f"{reference_npz_path}: no reference tiles")
+        with self._lock:
+            got = self.model.infer(tiles, gain=1.0 / self.std, offset=-self.mean / self.std)
+        diff = float(np.abs(got - expected).max())
+        if not math.isfinite(diff):
+            diff = math.inf
+        agreement = float(np.mean(threshold(got, self.thresholds) == threshold(expected, self.thresholds)))
+        ok = diff <= tol and agreement >= min_agree
+        message = (f"{len(tiles)} reference tiles: max |diff| {diff:.3g} "
+                   f"({'<=' if diff <= tol else '>'} {tol:g}), mask agreement {agreement:.4f} "
+                   f"({'>=' if agreement >= min_agree else '<'} {min_agree:g})")
+        return SelfTestResult(ok, diff, agreement, message)

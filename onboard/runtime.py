@@ -1,0 +1,222 @@
+"""OpenVINO inference for the daemon: a compiled model behind an AsyncInferQueue.
+
+Two things are folded into the compiled graph because OpenVINO does them for almost nothing
+there, while numpy would need extra passes over every tile:
+
+- the input scaling: the compiled model takes raw frame values (uint16, int16 or float32) plus
+  a per-band `gain` and `offset` and computes `x * gain + offset` itself, so the tiles the
+  daemon cuts stay in the frame's dtype (half the bytes of float32 for uint16 frames) and a new
+  frame scale needs no recompilation;
+- the output activation (softmax / sigmoid from the manifest), so requests hand back
+  probabilities.
+
+`OpenVinoModel.run` streams batches: a `fill` callback writes each batch straight into an idle
+request's input tensor, and `on_output` receives each finished batch (a view of the request's
+output tensor, valid only during the call) while the other requests are still inferring, so
+cutting tiles and post-processing overlap with inference.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+INPUT_DTYPES = ("uint16", "int16", "float32")
+
+# This machine's CPU plugin defaults to bfloat16 where the CPU has AVX512-BF16/AMX, which is
+# off by up to ~0.1 in the logits of a 1x1 conv: the ground's reference outputs assume f32
+# (or emulated FP16), so we ask for f32 unless the caller says otherwise.
+DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
+
+
+class ModelLoadError(RuntimeError):
+    """The IR cannot be read or does not look like a segmentation model we can run."""
+
+
+def _core():
+    import openvino as ov
+    return ov.Core()
+
+
+def read_model(xml_path: str | Path, core=None):
+    """Read an IR and check it has one 4-D input (N, C, t, t) and one 4-D output."""
+    xml_path = Path(xml_path)
+    if not xml_path.is_file():
+        raise ModelLoadError(f"{xml_path}: model file not found")
+    core = core or _core()
+    try:
+        model = core.read_model(str(xml_path))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{xml_path}: OpenVINO cannot read it: {str(exc).splitlines()[0]}") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelLoadError(f"{xml_path}: expected one input and one output, got "
+                             f"{len(model.inputs)} and {len(model.outputs)}")
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 4 or shape[1].is_dynamic:
+        raise ModelLoadError(f"{xml_path}: input must be (N, C, H, W) with a fixed C, got {shape}")
+    return model
+
+
+def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
+    """Fix the input shape to (batch, C, tile, tile), put `x * gain + offset` in front of the
+    network (raw values of `input_dtype` in) and the activation behind it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    model = model.clone()
+    channels = model.inputs[0].get_partial_shape()[1].get_length()
+    try:
+        model.reshape({model.inputs[0]: ov.PartialShape([batch, channels, tile, tile])})
+    except RuntimeError as exc:
+        raise ModelLoadError(f"input cannot take ({batch}, {channels}, {tile}, {tile}) tiles: "
+                             f"{str(exc).splitlines()[0]}") from None
+    old = model.get_parameters()[0]
+    raw = ops.parameter([batch, channels, tile, tile], ov.Type(np.dtype(input_dtype)), name="raw")
+    gain = ops.parameter([1, channels, 1, 1], ov.Type.f32, name="gain")
+    offset = ops.parameter([1, channels, 1, 1], ov.Type.f32, name="offset")
+    x = raw if input_dtype == "float32" else ops.convert(raw, ov.Type.f32)
+    x = ops.add(ops.multiply(x, gain), offset)
+    for target in list(old.output(0).get_target_inputs()):
+        target.replace_source_output(x.output(0))
+    result = model.get_results()[0]
+    if activation != "none":
+        logits = result.input_value(0)
+        act = ops.softmax(logits, 1) if activation == "softmax" else ops.sigmoid(logits)
+        result.input(0).replace_source_output(act.output(0))
+    return ov.Model(model.get_results(), [raw, gain, offset], model.get_friendly_name())
+
+
+class OpenVinoModel:
+    """A segmentation IR compiled for fixed tiles, run batch by batch through an AsyncInferQueue.
+
+    `infer(tiles)` takes (N, C, t, t) tiles: float32 already normalised (the plain IR's input),
+    or raw values with `gain`/`offset` (per band) to normalise inside the graph. One compiled
+    variant per input dtype, compiled on first use.
+    """
+
+    def __init__(self, xml_path: str | Path, device: str = "CPU", num_requests: int | None = None,
+                 *, tile: int | None = None, batch_size: int = 2, activation: str = "none",
+                 config: dict | None = None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.xml_path = Path(xml_path)
+        self.device = device
+        self.activation = activation
+        self.batch_size = int(batch_size)
+        self._core = _core()
+        self._model = read_model(self.xml_path, self._core)
+        shape = self._model.inputs[0].get_partial_shape()
+        self.channels = shape[1].get_length()
+        if tile is None:
+            if shape[2].is_dynamic or shape[3].is_dynamic or shape[2] != shape[3]:
+                raise ModelLoadError(f"{self.xml_path}: input {shape} has no fixed square tile size; pass tile=")
+            tile = shape[2].get_length()
+        self.tile = int(tile)
+        self._config = dict(DEFAULT_CONFIG if device == "CPU" else {"PERFORMANCE_HINT": "THROUGHPUT"})
+        self._config.update(config or {})
+        self._num_requests = num_requests
+        self._variants: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self.num_classes = self._variant("float32")[0].outputs[0].get_partial_shape()[1].get_length()
+
+    # -- compiled variants -------------------------------------------------------------------
+    def _variant(self, dtype: str):
+        """(compiled model, AsyncInferQueue) for raw input of `dtype`, compiled on first use."""
+        if dtype not in INPUT_DTYPES:
+            raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
+        if dtype not in self._variants:
+            import openvino as ov
+            model = _prepare(self._model, self.tile, self.batch_size, dtype, self.activation)
+            try:
+                compiled = self._core.compile_model(model, self.device, self._config)
+            except RuntimeError as exc:
+                raise ModelLoadError(f"{self.xml_path}: cannot compile for {self.device}: "
+                                     f"{str(exc).splitlines()[0]}") from None
+            n = self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+            self._variants[dtype] = (compiled, ov.AsyncInferQueue(compiled, max(1, int(n))))
+        return self._variants[dtype]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._variant("float32")[1])
+
+    def properties(self) -> dict:
+        """What OpenVINO chose (streams, requests, precision), for status and benchmarks."""
+        compiled, queue = self._variant("float32")
+        out = {"device": self.device, "batch_size": self.batch_size, "num_requests": len(queue)}
+        for key in ("NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT"):
+            try:
+                out[key.lower()] = str(compiled.get_property(key))
+            except RuntimeError:
+                pass
+        return out
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, n_tiles: int, dtype: str, fill: Callable[[int, np.ndarray], None],
+            on_output: Callable[[int, np.ndarray], None],
+            gain: np.ndarray | None = None, offset: np.ndarray | None = None) -> None:
+        """Stream `n_tiles` tiles through the queue, `batch_size` per request.
+
+        `fill(start, buf)` writes tiles start .. start+len(buf)-1 into `buf` (a view of an idle
+        request's input tensor, (n, C, t, t) of `dtype`). `on_output(start, probs)` gets their
+        outputs (n, K, t, t) float32, a view valid only during the call. Both run in the calling
+        thread, between submissions, while the other requests keep inferring.
+        """
+        gain = np.ones(self.channels, np.float32) if gain is None else np.asarray(gain, np.float32)
+        offset = np.zeros(self.channels, np.float32) if offset is None else np.asarray(offset, np.float32)
+        if gain.shape != (self.channels,) or offset.shape != (self.channels,):
+            raise ValueError(f"gain and offset need {self.channels} values (one per band), "
+                             f"got {gain.shape} and {offset.shape}")
+        with self._lock:
+            _, queue = self._variant(dtype)
+            for request in queue:           # all idle here: set this run's scaling once
+                request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
+                request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
+            # No Python callback on the queue: OpenVINO's own marks requests idle in completion
+            # order, and we collect a finished request's output when get_idle_request_id hands
+            # it back. (A Python callback makes OpenVINO threads take the GIL; destroying such a
+            # queue can then deadlock: openvinotoolkit/openvino#37073.)
+            pending: dict[int, tuple[int, int]] = {}     # request id -> (first tile, count)
+
+            def collect(rid: int) -> None:
+                start, count = pending.pop(rid)
+                on_output(start, queue[rid].get_output_tensor(0).data[:count])
+
+            try:
+                for start in range(0, n_tiles, self.batch_size):
+                    rid = queue.get_idle_request_id()    # start_async takes this same request
+                    if rid in pending:
+                        collect(rid)
+                    count = min(self.batch_size, n_tiles - start)
+                    fill(start, queue[rid].get_input_tensor(0).data[:count])
+                    queue.start_async()
+                    pending[rid] = (start, count)
+                queue.wait_all()
+                for rid in sorted(pending, key=lambda r: pending[r][0]):
+                    collect(rid)
+            finally:
+                queue.wait_all()        # never leave a request writing into a buffer we dropped
+                pending.clear()
+
+    def infer(self, tiles: np.ndarray, gain: np.ndarray | None = None,
+              offset: np.ndarray | None = None) -> np.ndarray:
+        """(N, C, t, t) tiles -> (N, K, t, t) float32 outputs (after the activation)."""
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[1:] != (self.channels, self.tile, self.tile):
+            raise ValueError(f"tiles must be (N, {self.channels}, {self.tile}, {self.tile}), got {tiles.shape}")
+        dtype = tiles.dtype.name
+        out = np.empty((len(tiles), self.num_classes, self.tile, self.tile), np.float32)
+
+        def fill(start: int, buf: np.ndarray) -> None:
+            buf[...] = tiles[start:start + len(buf)]
+
+        def on_output(start: int, probs: np.ndarray) -> None:
+            out[start:start + len(probs)] = probs
+
+        self.run(len(tiles), dtype, fill, on_output, gain, offset)
+        return out
