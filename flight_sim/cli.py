@@ -26,9 +26,12 @@ def cmd_run(args) -> int:
     except ScenarioError as exc:
         raise CommandError(str(exc)) from None
     out = Path(args.out) if args.out else Path("runs") / "sim" / scenario.name
+    from flight_sim.bus import CommandRejected
+    from flight_sim.daemon_proc import DaemonStartError
     try:
         record = run_scenario(scenario, out, progress=not args.no_progress)
-    except (ScenarioFailed, SceneSpecError, ValueError) as exc:
+    except (ScenarioFailed, SceneSpecError, ValueError, DaemonStartError, CommandRejected,
+            TimeoutError) as exc:
         raise CommandError(f"{args.scenario}: {exc}") from None
     report = build_report(record)
     paths = write_report(report, record)

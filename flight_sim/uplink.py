@@ -69,13 +69,14 @@ class Uplink:
         if not path.is_file():
             raise FileNotFoundError(f"uplink: bundle {path} not found")
         report = UploadReport(path.name, path.stat().st_size, sha256_file(path), self.chunk_size)
+        corrupt = set(corrupt_chunks)        # each of these goes up flipped the first time it is sent
         try:
-            self._send(path, report, interrupt_after, set(corrupt_chunks), progress)
+            self._send(path, report, interrupt_after, corrupt, progress)
         except UplinkInterrupted as exc:
             report.interrupted_after = exc.sent
             status = self.link.call("upload_status", {"upload_id": exc.upload_id})
             report.resumed_missing = list(status["missing"])
-            self._send(path, report, None, set(), progress)
+            self._send(path, report, None, corrupt, progress)
         done = self.link.call("upload_end", {"upload_id": report.upload_id})
         report.path_on_board = done.get("path", "")
         return report
@@ -106,7 +107,8 @@ class Uplink:
         digest = hashlib.sha256(data).hexdigest()
         for attempt in range(MAX_CHUNK_TRIES):
             payload = data
-            if index in corrupt and attempt == 0:        # one bit flipped on the way up
+            if index in corrupt:                          # one bit flipped on the way up, once
+                corrupt.discard(index)
                 flipped = bytearray(data)
                 flipped[len(flipped) // 2] ^= 0x01
                 payload = bytes(flipped)
