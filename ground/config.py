@@ -94,6 +94,11 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     for key in ("unlabelled", "labelled"):
         if not isinstance(data[key], list) or not all(isinstance(v, dict) and "source" in v for v in data[key]):
             raise ConfigError(f"data.{key}: a list of tables, each with a 'source'")
+    from shared.bands import canonical_band
+    try:       # one spelling everywhere downstream (manifest, cache keys): B02, not Blue
+        data["bands"] = [canonical_band(b) for b in data["bands"]]
+    except ValueError as exc:
+        raise ConfigError(f"data.bands: {exc}") from None
     if ev["calibrate"] not in ("auto", "labels", "teacher", "none"):
         raise ConfigError(f"eval.calibrate: one of auto, labels, teacher, none; got {ev['calibrate']!r}")
     if ev["data"] is not None and (not isinstance(ev["data"], dict) or "source" not in ev["data"]):
