@@ -254,7 +254,7 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
         tres = evaluate_on(tprobs, OperatingPoint([None] * len(cfg.classes), 0), cfg, data.eval, None)
         results["teacher"] = tres
         size = describe(teacher.model, len(cfg.bands), cfg.tile) if hasattr(teacher, "model") else \
-            {"params": None, "macs": None}
+            {"params": getattr(teacher, "params", None), "macs": None}
         rows.append({"name": "teacher", "model": teacher.name, "mode": "teacher", **size,
                      **summary(tres), "seconds": round(time.perf_counter() - t0, 1)})
         log(f"teacher {teacher.name}: mIoU {rows[-1].get('miou')}")
@@ -289,8 +289,9 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
         log(f"{exp.name}: mIoU {row.get('miou')} agreement {row.get('agreement')} ({info['train_seconds']} s)")
 
     deliver = cfg.deliver or wanted[-1].name
+    deliver = deliver if deliver in results else None      # e.g. --only left it out
     outputs = []
-    if deliver in results:
+    if deliver is not None:
         shutil.copyfile(run_dir / results[deliver]["checkpoint"], run_dir / "student.pt")
         outputs = ["student.pt", "normalization.json"]
     report = {"run": cfg.name, "deliver": deliver, "rows": rows, "results": results,

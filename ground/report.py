@@ -59,7 +59,8 @@ def markdown(report: dict) -> str:
            "the teacher). Students are post-processed as on board: calibrated per-class thresholds (chosen on "
            "training imagery) then opening; the teacher row is its plain argmax.", "",
            markdown_table(report), "",
-           f"Delivered student: `{report['deliver']}` (student.pt, normalization.json). "
+           (f"Delivered student: `{report['deliver']}` (student.pt, normalization.json). " if report.get("deliver")
+            else "No student delivered (the run.deliver experiment was not run). ") +
            f"Total run time {report.get('seconds_total')} s."]
     winners = [r for r in report["rows"] if r.get("miou") is not None]
     if winners:

@@ -92,6 +92,9 @@ class OpenVINOTeacher(Teacher):
                              f"{len(self.bands)} band names given")
         if shape[2].is_static and shape[2].get_length() != self.tile:
             self.tile = shape[2].get_length()       # a fixed-size model dictates the tile
+        # weights = floating-point constants of the graph (shape constants are integers)
+        self.params = int(sum(np.prod(list(op.get_output_shape(0))) for op in model.get_ops()
+                              if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real()))
         config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
         self._compiled = core.compile_model(model, "CPU", config)
         self._digest = _file_digest(self.path)
