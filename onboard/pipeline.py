@@ -12,7 +12,8 @@
     statistics      class fractions and, for the classes the policy counts, connected components,
                     for the frame and for each tile_size x tile_size cell
     policy          shared.policy.evaluate for the frame and for every cell
-    products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles
+    products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles (or the
+                    frame itself when every cell is kept: no copy)
 
 Cutting tiles and thresholding overlap with inference; no float copy of the frame is made.
 """
@@ -174,7 +175,8 @@ class FramePipeline:
             kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
             products = {}
             if decision.keep and make_products:
-                products = products_mod.frame_products(data, bands, scale, mask, kept, self.tile)
+                products = products_mod.frame_products(data, bands, scale, mask, kept, self.tile,
+                                                       all_kept=len(kept) == len(cells))
             timer.lap("products")
             reason = f"{decision.reason}; {len(kept)}/{len(cells)} tiles kept"
             return FrameResult(decision.keep, decision.priority, reason, summarise_components(frame_stats),
@@ -237,7 +239,7 @@ class FramePipeline:
         identity = select == list(range(data.shape[0]))
         sel = np.asarray(select)
         mask = np.empty((h, w), np.uint8)
-        busy = {"tiling_ms": 0.0, "threshold_ms": 0.0}
+        busy = {"tiling_overlapped": 0.0, "threshold_overlapped": 0.0}
         thr = self.thresholds
 
         def fill(start: int, buf: np.ndarray) -> None:
@@ -252,14 +254,14 @@ class FramePipeline:
                         np.take(window, sel, axis=0, out=buf[j], mode="clip")
                 else:        # an edge tile reaching into the padding
                     buf[j] = data[np.ix_(sel, rows[r:r + t], cols[c:c + t])]
-            busy["tiling_ms"] += (time.perf_counter() - t0) * 1e3
+            busy["tiling_overlapped"] += (time.perf_counter() - t0) * 1e3
 
         def on_output(start: int, probs: np.ndarray) -> None:
             t0 = time.perf_counter()
             for j in range(len(probs)):
                 r0, r1, c0, c1, tr, tc = owned[start + j]
                 threshold(probs[j, :, tr:tr + r1 - r0, tc:tc + c1 - c0], thr, out=mask[r0:r1, c0:c1])
-            busy["threshold_ms"] += (time.perf_counter() - t0) * 1e3
+            busy["threshold_overlapped"] += (time.perf_counter() - t0) * 1e3
 
         gain = (np.float32(scale) / self.std).astype(np.float32)
         offset = (-self.mean / self.std).astype(np.float32)

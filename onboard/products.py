@@ -2,9 +2,11 @@
 
     mask_png      bytes   the class mask (H, W), one class index per pixel, lossless PNG
     quicklook_jpg bytes   true colour (B04, B03, B02) or the first band, at most `max_side` px
-    tiles         (N, C, t, t) the frame's own values (all its bands, its dtype) of the kept
-                  tiles, zero-padded where a tile runs past the frame's edge
     tile_boxes    (N, 4) int32: row, col, height, width of each kept tile in the frame
+    tiles         (N, C, t, t) the frame's own values (all its bands, its dtype) of the kept
+                  tiles, zero-padded where a tile runs past the frame's edge; or, when every
+    frame         tile is kept, the frame itself (C, H, W) instead: no copy (the bus sends the
+                  very buffer it received), no padding, and the same pixels
 """
 from __future__ import annotations
 
@@ -77,14 +79,21 @@ def quicklook_jpg(data: np.ndarray, bands: Sequence[str], scale: float, max_side
 def kept_tiles(data: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], tile: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """The frame's values under each box (row, col, height, width), as (N, C, tile, tile)."""
-    out = np.zeros((len(boxes), data.shape[0], tile, tile), dtype=data.dtype)
+    out = np.empty((len(boxes), data.shape[0], tile, tile), dtype=data.dtype)
     for n, (r, c, h, w) in enumerate(boxes):
         out[n, :, :h, :w] = data[:, r:r + h, c:c + w]
+        if h < tile or w < tile:          # zero only the padding of an edge tile
+            out[n, :, h:, :] = 0
+            out[n, :, :h, w:] = 0
     return out, np.asarray(boxes, dtype=np.int32).reshape(len(boxes), 4)
 
 
 def frame_products(data: np.ndarray, bands: Sequence[str], scale: float, mask: np.ndarray,
-                   tile_boxes: Sequence[tuple[int, int, int, int]], tile: int) -> dict:
-    tiles, boxes = kept_tiles(data, tile_boxes, tile)
-    return {"mask_png": mask_png(mask), "quicklook_jpg": quicklook_jpg(data, bands, scale),
-            "tiles": tiles, "tile_boxes": boxes}
+                   tile_boxes: Sequence[tuple[int, int, int, int]], tile: int, all_kept: bool = False) -> dict:
+    out = {"mask_png": mask_png(mask), "quicklook_jpg": quicklook_jpg(data, bands, scale),
+           "tile_boxes": np.asarray(tile_boxes, dtype=np.int32).reshape(len(tile_boxes), 4)}
+    if all_kept:
+        out["frame"] = data            # a copy into tiles would only rearrange the same pixels
+    else:
+        out["tiles"] = kept_tiles(data, tile_boxes, tile)[0]
+    return out

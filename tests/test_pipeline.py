@@ -219,9 +219,33 @@ def test_shadow_frame_is_kept_urgently_with_products(pipeline):
     assert boxes.tolist() == [list(c) for c in cells[:4]]
     for (row, col, hh, ww), t in zip(boxes, r.products["tiles"]):
         assert t.dtype == np.uint16 and np.array_equal(t[:, :hh, :ww], data[:, row:row + hh, col:col + ww])
-    assert "4/6 tiles kept" in r.reason
+    assert "4/6 tiles kept" in r.reason and "frame" not in r.products
     assert set(r.timings_ms) >= {"validate", "tile_infer_threshold", "opening", "stats", "policy",
                                  "products", "total"}
+
+
+def test_every_tile_kept_sends_the_frame_itself(pipeline):
+    data, _ = synthetic_frame(BANDS_6, 100, 70, shadows=[(0, 100, 0, 10)])
+    r = pipeline.process(data, BANDS_6, 1e-4)
+    assert r.keep and all(t["keep"] for t in r.tile_decisions) and "tiles" not in r.products
+    assert r.products["frame"] is data                       # no copy
+    assert r.products["tile_boxes"].tolist() == [[0, 0, 64, 64], [0, 64, 64, 6], [64, 0, 36, 64], [64, 64, 36, 6]]
+
+
+def test_result_travels_as_decision_and_product_messages(pipeline):
+    from shared.messages import Message, decode, encode
+
+    data, _ = synthetic_frame(BANDS_6, 100, 130, shadows=[(0, 30, 0, 130)], clouds=[(60, 100, 0, 130)])
+    data.flags.writeable = False            # as a zmq frame is: the pipeline must never write into it
+    frame = decode(encode(Message("frame", {"frame_id": "f7", "bands": list(BANDS_6), "scale": 1e-4},
+                                  {"data": data})))
+    assert not frame.arrays["data"].flags.writeable
+    r = pipeline.process(frame.arrays["data"], frame.body["bands"], frame.body["scale"])
+    decision = decode(encode(frame.reply("decision", {"frame_id": "f7", **r.summary()})))
+    assert decision.body["keep"] is True and len(decision.body["tile_decisions"]) == 6
+    product = decode(encode(Message("product", {"frame_id": "f7", "priority": r.priority}, r.products)))
+    assert np.array_equal(decode_mask_png(product.arrays["mask_png"].tobytes()), r.class_mask)
+    assert np.array_equal(product.arrays["tiles"], r.products["tiles"])
 
 
 def test_quicklook_is_a_true_colour_jpeg(pipeline):
