@@ -113,7 +113,8 @@ class Outbox:
 class Daemon:
     def __init__(self, config: DaemonConfig, store: ModelStore | None = None):
         self.config = config
-        self.store = store or ModelStore(config.store_root, config.public_key, device=config.device)
+        self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
+                                         num_requests=config.num_requests or None)
         self.uploads = Uploads(config.uploads, config.max_upload_bytes, config.max_chunk_bytes)
         self.frame_limits = Limits(max_array_bytes=config.max_message_bytes)
         self.command_limits = Limits(max_array_bytes=config.max_chunk_bytes)
@@ -301,7 +302,10 @@ class Daemon:
             split = 2 if len(parts) > 2 and len(parts[1]) == 0 else 1
             route = [p.bytes for p in parts[:split]]
             self._retry_route(route[0])
-            handle(route, parts[split:])
+            try:
+                handle(route, parts[split:])
+            except Exception:          # our bug must cost one message, not the daemon
+                log.exception("unexpected failure handling a message from %r", route[0])
 
     # ================================================================== frames in
     def _on_frame(self, route: list, parts: list) -> None:
@@ -518,9 +522,10 @@ class Daemon:
                 kept.append((route, parts))
                 blocked = True           # PUSH: nobody pulling or HWM reached; keep the order
             except zmq.ZMQError as exc:
-                if exc.errno != errno.EHOSTUNREACH:
-                    raise
-                kept.append((route, parts))   # the payload is away: retry when it is back
+                if exc.errno == errno.EHOSTUNREACH:
+                    kept.append((route, parts))   # the payload is away: retry when it is back
+                else:
+                    log.error("%s: message to %r not sent: %s", box, route[0] if route else None, exc)
         outbox.items = kept
         outbox.next_try = time.monotonic() + OUTBOX_RETRY_S if kept else 0.0
 

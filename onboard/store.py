@@ -29,7 +29,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,9 +81,8 @@ class InstallResult:
     pipeline: Any = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("pipeline")
-        return out
+        """JSON-ready (the pipeline stays out: it holds the compiled model)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pipeline"}
 
 
 def _snake(name: str) -> str:
@@ -110,10 +109,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
         os.close(dir_fd)
 
 
-def default_pipeline_factory(device: str = "CPU") -> Callable[[dict, Path], Any]:
+def default_pipeline_factory(device: str = "CPU", num_requests: int | None = None
+                             ) -> Callable[[dict, Path], Any]:
     def factory(manifest: dict, model_dir: Path) -> Any:
         from onboard.pipeline import FramePipeline   # OpenVINO loads only when a model does
-        return FramePipeline(manifest, model_dir, device=device)
+        return FramePipeline(manifest, model_dir, device=device, num_requests=num_requests)
     return factory
 
 
@@ -122,16 +122,18 @@ class ModelStore:
 
     `public_key`: the uplink Ed25519 public key (PEM path or key object).
     `pipeline_factory(manifest, model_dir)` builds the runnable model (default: FramePipeline on
-    `device`); it must offer `.self_test(reference_path)` like onboard.pipeline.FramePipeline.
+    `device` with `num_requests` infer requests, None = OpenVINO's choice); it must offer
+    `.self_test(reference_path)` like onboard.pipeline.FramePipeline.
     """
 
     def __init__(self, root: str | os.PathLike, public_key: Any, device: str = "CPU",
-                 pipeline_factory: Callable[[dict, Path], Any] | None = None):
+                 pipeline_factory: Callable[[dict, Path], Any] | None = None,
+                 num_requests: int | None = None):
         from shared.keys import load_public_key
         self.root = Path(root)
         self.public_key = load_public_key(public_key)
         self.device = device
-        self.pipeline_factory = pipeline_factory or default_pipeline_factory(device)
+        self.pipeline_factory = pipeline_factory or default_pipeline_factory(device, num_requests)
         self._state_lock = threading.Lock()     # state reads/writes (status runs beside installs)
         self._install_lock = threading.Lock()   # one install or rollback at a time
         self._staged: SlotInfo | None = None
