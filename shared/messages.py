@@ -296,7 +296,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     Raises MessageError for a message the receiver would reject (unknown type, bad body,
     disallowed dtype), so a sender's bug surfaces where it is made.
     """
-    if msg.type not in BODY_SCHEMAS:
+    if not isinstance(msg.type, str) or msg.type not in BODY_SCHEMAS:
         validate_body(msg.type, msg.body)          # raises, naming the known types
     if not isinstance(msg.arrays, Mapping):
         raise MessageError("arrays", "expected a mapping of name -> array")
@@ -323,8 +323,13 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         packed = msgpack.packb(header, default=_packable, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise MessageError("body", f"cannot be packed: {exc}") from None
-    # Check the body as the receiver will see it (tuples become lists, numpy scalars numbers).
-    validate_body(msg.type, msgpack.unpackb(packed, raw=False, strict_map_key=False)["body"])
+    if len(packed) > DEFAULT_LIMITS.max_header_bytes:
+        raise MessageError("header", f"{len(packed)} bytes exceeds the default limit of "
+                                     f"{DEFAULT_LIMITS.max_header_bytes}: move data into arrays")
+    # Check what the receiver will see (tuples become lists, numpy scalars numbers).
+    seen = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    _check_envelope(seen)
+    validate_body(msg.type, seen["body"])
     return [packed, *frames]
 
 
@@ -386,6 +391,12 @@ def _decode_header(buf: memoryview, limits: Limits) -> dict:
     if not isinstance(header, dict):
         _fail("header", "a msgpack map", header)
     _check_plain(header)
+    _check_envelope(header)
+    return header
+
+
+def _check_envelope(header: dict) -> None:
+    """The envelope fields around the body (sender and receiver check the same)."""
     schema = header.get("schema")
     if not isinstance(schema, int) or isinstance(schema, bool) or schema != SCHEMA_VERSION:
         raise MessageError("schema", f"unsupported schema version {schema!r} (this end speaks {SCHEMA_VERSION})")
@@ -400,7 +411,6 @@ def _decode_header(buf: memoryview, limits: Limits) -> dict:
     LIST(header.get("arrays"), "arrays")
     if "body" not in header:
         raise MessageError("body", "missing")
-    return header
 
 
 def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str, np.dtype, tuple, int]]:

@@ -361,6 +361,21 @@ def test_ack_needs_ok_or_accepted_and_a_reason_to_fail():
             encode(Message("ack", b))
 
 
+@pytest.mark.parametrize("field,value", [("id", ""), ("id", None), ("ref", 5), ("ts", None),
+                                         ("ts", float("nan")), ("source", b"x"), ("schema", 2)])
+def test_encode_checks_the_envelope_as_the_receiver_would(field, value):
+    msg = Message("command", {"name": "status"})
+    setattr(msg, field, value)
+    with pytest.raises(MessageError) as info:
+        encode(msg)
+    assert info.value.field == field
+
+
+def test_encode_refuses_a_header_the_receiver_would_refuse():
+    with pytest.raises(MessageError, match="move data into arrays"):
+        encode(Message("command", {"name": "x", "args": {"blob": b"\0" * (2 << 20)}}))
+
+
 def test_unknown_type_names_the_known_ones():
     with pytest.raises(MessageError, match="known: frame"):
         encode(Message("telemetri", {}))
