@@ -31,7 +31,7 @@ from pathlib import Path
 
 import zmq
 
-from flight_sim.bus import CommandLink, Endpoints, plan_endpoints
+from flight_sim.bus import CommandLink, plan_endpoints
 from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
