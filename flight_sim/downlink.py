@@ -8,7 +8,7 @@ ends go down in priority order (smaller number first, then oldest), each as its 
 while the pass's byte budget lasts. A product bigger than what is left waits for the next pass,
 and smaller ones behind it may still go (no head-of-line blocking). What goes down, the
 `GroundStation` writes to disk: one folder per product with its body (product.json), the class
-mask PNG, the quicklook JPEG and the kept tiles (.npy).
+mask PNG, the quicklook JPEG, the kept tiles or whole frame and their boxes (.npy).
 """
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def _safe(name: str) -> str:
 
 
 class GroundStation:
-    """Writes what comes down: <out>/<pass>/<frame_id>/product.json, mask.png, quicklook.jpg,
-    tiles.npy, tile_boxes.npy."""
+    """Writes what comes down: <out>/<pass>/<frame_id>/product.json, and each array of the
+    product: PNG and JPEG bytes as .png/.jpg (mask.png, quicklook.jpg), others as .npy
+    (tiles.npy or frame.npy, tile_boxes.npy)."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
