@@ -192,7 +192,9 @@ class FramePipeline:
         if data.dtype.name not in INPUT_DTYPES or not data.dtype.isnative:
             raise FrameError("wrong_dtype", f"data dtype {data.dtype.str} not accepted "
                                             f"(native-order {', '.join(INPUT_DTYPES)})")
-        if isinstance(bands, str) or len(bands) != data.shape[0]:
+        if isinstance(bands, (str, bytes)) or not isinstance(bands, Sequence):
+            raise FrameError("band_mismatch", f"bands must be a list of band names, got {type(bands).__name__}")
+        if len(bands) != data.shape[0]:
             raise FrameError("band_mismatch", f"{len(bands)} band names for {data.shape[0]} bands in data")
         if 0 in data.shape:
             raise FrameError("empty_frame", f"data has shape {data.shape}")

@@ -299,6 +299,8 @@ GOOD = np.zeros((6, 32, 32), np.uint16)
     (GOOD[0], BANDS_6, 1e-4, "wrong_shape"),
     (GOOD[None], BANDS_6, 1e-4, "wrong_shape"),
     (GOOD, BANDS_6[:5], 1e-4, "band_mismatch"),
+    (GOOD, "B02B03", 1e-4, "band_mismatch"),
+    (GOOD, None, 1e-4, "band_mismatch"),
     (GOOD[:, :0], BANDS_6, 1e-4, "empty_frame"),
     (GOOD, BANDS_6, 0.0, "bad_scale"),
     (GOOD, BANDS_6, float("nan"), "bad_scale"),
@@ -403,5 +405,6 @@ def test_real_teacher_on_the_real_chip(ukis):
     held = UKIS_HELD_OUT_ROWS
     scores = SegmentationScores.from_confusion(
         confusion_matrix(labels[held], r.class_mask[held], 3), ["clear", "cloud", "shadow"])
-    # DESIGN.md: the teacher scores accuracy 0.910, mIoU 0.776 on these rows (one 512 inference)
+    # DESIGN.md: the teacher scores accuracy 0.910, mIoU 0.776 on these rows (one 512 inference);
+    # through this pipeline (256 tiles, overlap 32, FP16 IR, opening r=2) it scored 0.919 / 0.794
     assert scores.accuracy > 0.88 and scores.miou > 0.72, scores.as_dict()
