@@ -101,10 +101,13 @@ def cmd_eval_teacher(args) -> int:
         raise CommandError("eval.data: no evaluation image configured")
     data = load_data(cfg)
     teacher = build_teacher(args.teacher or cfg.teacher["name"], **cfg.teacher["options"])
-    probs = teacher.predict_proba(data.eval.image)
+    probs = [teacher.predict_proba(s.image) for s in data.evals]
     res = evaluate_probs(probs, OperatingPoint([None] * len(cfg.classes), 0), len(cfg.classes), cfg.classes,
-                         data.eval.labels)
-    result = {"teacher": teacher.name, "eval": data.eval.name, **summary(res), "scores": res.get("vs_labels")}
+                         [s.labels for s in data.evals])
+    if "vs_labels" not in res:
+        raise CommandError(f"eval.data {data.eval.name}: no labels to score the teacher against")
+    result = {"teacher": teacher.name, "eval": data.eval.name, "images": len(data.evals), **summary(res),
+              "scores": res["vs_labels"]}
     emit(result, args.json, lambda r: f"{r['teacher']} on {r['eval']}: mIoU {r['miou']:.3f}, accuracy "
                                       f"{r['accuracy']:.3f}, IoU " + ", ".join(f"{k} {v:.3f}" for k, v in r["iou"].items()))
     return 0

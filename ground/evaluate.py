@@ -81,15 +81,21 @@ def sweep_thresholds(probs: list[np.ndarray], refs: list[np.ndarray], num_classe
     return OperatingPoint([None if t is None else float(t) for t in best], opening_radius), trace
 
 
-def evaluate_probs(probs: np.ndarray, point: OperatingPoint, num_classes: int, class_names=None,
-                   labels: np.ndarray | None = None, teacher_mask: np.ndarray | None = None) -> dict:
-    """Scores of one probability map at an operating point: vs labels (if any), vs teacher (if any)."""
-    mask = point.apply(probs)
+def evaluate_probs(probs, point: OperatingPoint, num_classes: int, class_names=None, labels=None,
+                   teacher_mask=None) -> dict:
+    """Scores at an operating point, vs labels (if any) and vs the teacher's mask (if any). Takes one
+    probability map (K, H, W) or a list of them (a patch dataset: pixels pooled over all patches)."""
+    many = isinstance(probs, (list, tuple))
+    probs = list(probs) if many else [probs]
+    labels = (list(labels) if many else [labels]) if labels is not None else None
+    teacher = (list(teacher_mask) if many else [teacher_mask]) if teacher_mask is not None else None
+    masks = [point.apply(p) for p in probs]
+    flat = np.concatenate([m.ravel() for m in masks])
     out = {"operating_point": point.as_dict(class_names)}
-    if labels is not None:
-        out["vs_labels"] = scores(mask, labels, num_classes, class_names)
-    if teacher_mask is not None:
-        out["vs_teacher"] = scores(mask, teacher_mask, num_classes, class_names)
+    if labels is not None and all(lab is not None for lab in labels):
+        out["vs_labels"] = scores(flat, np.concatenate([lab.ravel() for lab in labels]), num_classes, class_names)
+    if teacher is not None:
+        out["vs_teacher"] = scores(flat, np.concatenate([t.ravel() for t in teacher]), num_classes, class_names)
     return out
 
 

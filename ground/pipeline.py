@@ -23,9 +23,10 @@ from ground.data import IGNORE, Normalization, Sample, class_weights, load_sourc
 class Data:
     unlabelled: list[Sample]
     labelled: list[Sample]
-    eval: Sample | None
+    eval: Sample | None               # the first evaluation image (figures)
     norm: Normalization
     inputs: dict = field(default_factory=dict)
+    evals: list = field(default_factory=list)   # every evaluation image (a patch split may hold many)
 
     def distill_samples(self, with_labels: bool) -> list[Sample]:
         """Teacher-labelled imagery; with_labels adds the labelled samples (their labels kept) and
@@ -41,20 +42,16 @@ def load_data(cfg: RunConfig) -> Data:
     K = len(cfg.classes)
     unlabelled = [s for spec in cfg.unlabelled for s in load_source(spec, cfg.bands, "train", K, labelled=False)]
     labelled = [s for spec in cfg.labelled for s in load_source(spec, cfg.bands, "train", K)]
-    ev = None
-    if cfg.eval_data is not None:
-        found = load_source(cfg.eval_data, cfg.bands, "eval", K)
-        if len(found) != 1:
-            raise ValueError(f"eval.data must name one image, found {len(found)}")
-        ev = found[0]
+    evals = load_source(cfg.eval_data, cfg.bands, "eval", K) if cfg.eval_data is not None else []
+    ev = evals[0] if evals else None
     seen, train_imagery = set(), []
     for s in unlabelled + labelled:
         if s.digest() not in seen:
             seen.add(s.digest())
             train_imagery.append(s)
     norm = Normalization.fit(train_imagery, cfg.bands)
-    inputs = {f"image:{s.name}": s.digest() for s in unlabelled + labelled + ([ev] if ev else [])}
-    return Data(unlabelled, labelled, ev, norm, inputs)
+    inputs = {f"image:{s.name}": s.digest() for s in unlabelled + labelled + evals}
+    return Data(unlabelled, labelled, ev, norm, inputs, evals)
 
 
 # ---- teachers -------------------------------------------------------------------------------------
@@ -210,11 +207,12 @@ def calibrate(model, cfg: RunConfig, exp: Experiment | None, data: Data, teacher
     return point, how
 
 
-def evaluate_on(probs: np.ndarray, point, cfg: RunConfig, sample: Sample, teacher_mask: np.ndarray | None) -> dict:
+def evaluate_on(probs: list, point, cfg: RunConfig, samples: list[Sample], teacher_masks: list | None) -> dict:
     from ground.evaluate import OperatingPoint, evaluate_probs
-    out = evaluate_probs(probs, point, len(cfg.classes), cfg.classes, sample.labels, teacher_mask)
+    labels = [s.labels for s in samples] if all(s.labels is not None for s in samples) else None
+    out = evaluate_probs(probs, point, len(cfg.classes), cfg.classes, labels, teacher_masks)
     raw = evaluate_probs(probs, OperatingPoint([None] * len(cfg.classes), 0), len(cfg.classes), cfg.classes,
-                         sample.labels, teacher_mask)
+                         labels, teacher_masks)
     out["argmax"] = {k: v for k, v in raw.items() if k != "operating_point"}
     return out
 
@@ -249,9 +247,9 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
     rows, results = [], {}
     teacher_mask = None
     if data.eval is not None:
-        tprobs = teacher.predict_proba(data.eval.image)
-        teacher_mask = tprobs.argmax(0).astype(np.uint8)
-        tres = evaluate_on(tprobs, OperatingPoint([None] * len(cfg.classes), 0), cfg, data.eval, None)
+        tprobs = [teacher.predict_proba(s.image) for s in data.evals]
+        teacher_mask = [p.argmax(0).astype(np.uint8) for p in tprobs]
+        tres = evaluate_on(tprobs, OperatingPoint([None] * len(cfg.classes), 0), cfg, data.evals, None)
         results["teacher"] = tres
         size = describe(teacher.model, len(cfg.bands), cfg.tile) if hasattr(teacher, "model") else \
             {"params": getattr(teacher, "params", None), "macs": None}
@@ -261,7 +259,7 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
 
     feature_teacher = None
     histories = {}
-    masks = {"teacher": teacher_mask}
+    masks = {"teacher": teacher_mask[0] if teacher_mask else None}
     wanted = [e for e in cfg.experiments if only is None or e.name in only]
     if only and len(wanted) != len(only):
         raise ValueError(f"--only: unknown experiment(s) {sorted(set(only) - {e.name for e in cfg.experiments})}")
@@ -276,9 +274,9 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
         row = {"name": exp.name, "model": cfg.student["name"], "mode": exp.mode, "loss": exp.loss,
                **exp.options, **describe(model, len(cfg.bands), cfg.tile), "seconds": info["train_seconds"]}
         if data.eval is not None:
-            probs = model_proba(model, data.eval.image, data.norm, cfg.tile, cfg.overlap)
-            res.update(evaluate_on(probs, point, cfg, data.eval, teacher_mask))
-            masks[exp.name] = point.apply(probs)
+            probs = [model_proba(model, s.image, data.norm, cfg.tile, cfg.overlap) for s in data.evals]
+            res.update(evaluate_on(probs, point, cfg, data.evals, teacher_mask))
+            masks[exp.name] = point.apply(probs[0])
             row.update(summary(res))
         # what this student alone costs end to end: data, teacher set-up, labelling, training, evaluation
         info["run_seconds"] = round(setup_seconds + time.perf_counter() - t_exp, 1)
@@ -296,7 +294,8 @@ def run(cfg: RunConfig, progress: bool = True, only: list[str] | None = None, lo
         outputs = ["student.pt", "normalization.json"]
     report = {"run": cfg.name, "deliver": deliver, "rows": rows, "results": results,
               "normalization": data.norm.as_dict(), "classes": cfg.classes, "bands": cfg.bands,
-              "eval": data.eval.name if data.eval else None, "histories": histories,
+              "eval": (data.eval.name + (f" (+{len(data.evals) - 1} more)" if len(data.evals) > 1 else ""))
+              if data.eval else None, "histories": histories,
               "seconds_total": round(time.perf_counter() - t_start, 1)}
     written = write_report(report, run_dir, data=data, masks=masks, cfg=cfg)
     folder.add_stage("distill", outputs + written, {r["name"]: {k: r.get(k) for k in ("miou", "f1", "agreement")}
