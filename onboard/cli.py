@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def cmd_run(args) -> int:
         endpoints = daemon.bind()
     except OSError as exc:
         raise CommandError(str(exc)) from None
-    ready = {"pid": __import__("os").getpid(), "endpoints": endpoints, "model": daemon.model_info(),
+    ready = {"pid": os.getpid(), "endpoints": endpoints, "model": daemon.model_info(),
              "device": config.device, "config": str(config.source_file)}
     if args.json:
         print(json.dumps(ready), flush=True)          # one line: a parent process reads it
@@ -76,7 +77,13 @@ def cmd_run(args) -> int:
         for name, endpoint in endpoints.items():
             print(f"  {name:<10} {endpoint}")
         sys.stdout.flush()
-    return daemon.run()
+    code = daemon.run()
+    if not daemon.threads_finished:      # a worker is still inside OpenVINO: don't unwind under it
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # ------------------------------------------------------------------------------------ install

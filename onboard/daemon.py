@@ -137,6 +137,7 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._ctx: zmq.Context | None = None
+        self.threads_finished = True
 
     # ================================================================== model
     def load_model(self) -> None:
@@ -207,8 +208,11 @@ class Daemon:
             validate_policy(effective, info.manifest["output"]["classes"])
         except PolicyError as exc:
             raise CommandFailed(f"args.{exc}") from None
+        try:                            # on disk first: what serves must survive a restart
+            self.store.set_policy_override(policy)
+        except (StoreError, OSError) as exc:
+            raise CommandFailed(f"policy not stored: {exc}") from None
         self._apply_policy(pipeline, effective)
-        self.store.set_policy_override(policy)
         return {"policy": effective, "source": "bundle" if policy is None else "command",
                 "model": self.model_info()}
 
@@ -640,4 +644,7 @@ class Daemon:
         os.close(self._wake_w)
         for worker in workers:
             worker.join(timeout=1.0)
+        # A frame cut off by the drain timeout may still be inside OpenVINO: the caller should
+        # then leave with os._exit rather than tear the interpreter down under that thread.
+        self.threads_finished = not any(worker.is_alive() for worker in workers)
         log.info("stopped")

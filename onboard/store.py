@@ -136,6 +136,7 @@ class ModelStore:
         self.pipeline_factory = pipeline_factory or default_pipeline_factory(device, num_requests)
         self._state_lock = threading.Lock()     # state reads/writes (status runs beside installs)
         self._install_lock = threading.Lock()   # one install or rollback at a time
+        self._write_lock = threading.Lock()     # one read-modify-write of state.json at a time
         self._staged: SlotInfo | None = None
         (self.root / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
         self._state = self._read_state()
@@ -159,12 +160,21 @@ class ModelStore:
             raise StoreError("bad_state", f"{self.state_path}: not a schema-{STATE_SCHEMA} store state")
         return {**empty, **state}
 
-    def _write_state(self, state: dict, event: dict) -> None:
-        state = dict(state)
-        state["history"] = (list(state.get("history", [])) + [{"ts": time.time(), **event}])[-HISTORY_LENGTH:]
-        write_json_atomic(self.state_path, state)
-        with self._state_lock:
-            self._state = state
+    def _update_state(self, change: Callable[[dict], None], event: dict) -> dict:
+        """Read-modify-write of state.json as one step: `change` edits a copy, which is written
+        atomically and only then becomes the state in memory. Installs (admin thread) and
+        set_policy (poller) both write; the lock keeps one from losing the other's change."""
+        with self._write_lock:
+            with self._state_lock:
+                state = json.loads(json.dumps(self._state))
+            change(state)
+            live = {state.get("active"), state.get("previous")}
+            state["policy"] = {k: v for k, v in state.get("policy", {}).items() if k in live}
+            state["history"] = (list(state.get("history", [])) + [{"ts": time.time(), **event}])[-HISTORY_LENGTH:]
+            write_json_atomic(self.state_path, state)
+            with self._state_lock:
+                self._state = state
+            return state
 
     def _remove_debris(self) -> None:
         keep = {self._state.get("active"), self._state.get("previous")}
@@ -206,15 +216,17 @@ class ModelStore:
     def set_policy_override(self, policy: dict | None) -> None:
         """Persist `policy` for the active slot (it stays with that slot across restarts)."""
         with self._state_lock:
-            state = json.loads(json.dumps(self._state))
-        slot = state.get("active")
+            slot = self._state.get("active")
         if not slot:
             raise StoreError("no_model", "no active model to set a policy for")
-        policies = {k: v for k, v in state.get("policy", {}).items() if k != slot}
-        if policy is not None:
-            policies[slot] = policy
-        state["policy"] = policies
-        self._write_state(state, {"event": "set_policy", "slot": slot})
+
+        def change(state: dict) -> None:
+            if state.get("active") != slot:
+                raise StoreError("busy", "the active model changed while setting its policy")
+            state.setdefault("policy", {}).pop(slot, None)
+            if policy is not None:
+                state["policy"][slot] = policy
+        self._update_state(change, {"event": "set_policy", "slot": slot})
 
     def status(self) -> dict:
         def describe(get):
@@ -298,18 +310,20 @@ class ModelStore:
                 pipeline, report = self._load_and_test(info)
             except StoreError as exc:
                 return self._refused(exc.code, str(exc), started, info, getattr(exc, "self_test", None))
-            with self._state_lock:
-                state = json.loads(json.dumps(self._state))
-            old_previous, state["previous"], state["active"] = state["previous"], state["active"], final.name
+            retired = []
+
+            def activate(state: dict) -> None:
+                retired.append(state["previous"])
+                state["previous"], state["active"] = state["active"], final.name
             try:
-                self._write_state(state, {"event": "install", "slot": final.name,
-                                          "model_id": info.model_id, "version": info.version})
+                state = self._update_state(activate, {"event": "install", "slot": final.name,
+                                                      "model_id": info.model_id, "version": info.version})
             except OSError as exc:      # state.json untouched (os.replace never ran): old model stays
                 return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
                                      started, info, report)
             slot_path = None            # activated: keep it
-            if old_previous and old_previous not in (state["active"], state["previous"]):
-                shutil.rmtree(self.root / SLOTS_DIR / old_previous, ignore_errors=True)
+            if retired[0] and retired[0] not in (state["active"], state["previous"]):
+                shutil.rmtree(self.root / SLOTS_DIR / retired[0], ignore_errors=True)
             log.info("installed %s v%d in %s", info.model_id, info.version, final.name)
             return InstallResult(True, "installed", f"{info.model_id} v{info.version} active",
                                  info.model_id, info.version, final.name, info.as_dict(),
@@ -335,11 +349,10 @@ class ModelStore:
             except StoreError as exc:
                 return self._refused(exc.code, f"cannot roll back to {previous.model_id} "
                                                f"v{previous.version}: {exc}", started)
-            with self._state_lock:
-                state = json.loads(json.dumps(self._state))
-            state["active"], state["previous"] = state["previous"], state["active"]
+            def swap(state: dict) -> None:
+                state["active"], state["previous"] = state["previous"], state["active"]
             try:
-                self._write_state(state, {"event": "rollback", "slot": previous.slot,
+                self._update_state(swap, {"event": "rollback", "slot": previous.slot,
                                           "model_id": previous.model_id, "version": previous.version})
             except OSError as exc:
                 return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
