@@ -98,10 +98,13 @@ def _human_install(r: dict) -> str:
 
 
 def _offline_store(args):
-    from onboard.store import ModelStore
+    from onboard.store import ModelStore, StoreError
     if not args.store or not args.key:
         raise CommandError("offline use needs --store DIR and --key PUB (or --config FILE for a running daemon)")
-    return ModelStore(args.store, args.key, device=args.device)
+    try:
+        return ModelStore(args.store, args.key, device=args.device, exclusive=True)
+    except (StoreError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_install(args) -> int:

@@ -114,7 +114,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, store: ModelStore | None = None):
         self.config = config
         self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
-                                         num_requests=config.num_requests or None)
+                                         num_requests=config.num_requests or None, exclusive=True)
         self.uploads = Uploads(config.uploads, config.max_upload_bytes, config.max_chunk_bytes)
         self.frame_limits = Limits(max_array_bytes=config.max_message_bytes)
         self.command_limits = Limits(max_array_bytes=config.max_chunk_bytes)

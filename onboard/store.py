@@ -21,6 +21,7 @@ A slot folder that state.json does not name is debris of an interrupted install:
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from typing import Any, Callable
 log = logging.getLogger("onboard.store")
 
 STATE_FILE = "state.json"
+LOCK_FILE = "store.lock"
 SLOTS_DIR = "slots"
 STATE_SCHEMA = 1
 HISTORY_LENGTH = 20
@@ -124,23 +126,62 @@ class ModelStore:
     `pipeline_factory(manifest, model_dir)` builds the runnable model (default: FramePipeline on
     `device` with `num_requests` infer requests, None = OpenVINO's choice); it must offer
     `.self_test(reference_path)` like onboard.pipeline.FramePipeline.
+    `exclusive=True` takes an advisory lock on the store for this object's lifetime (the daemon
+    and the offline CLI do), so an offline install cannot race a running daemon's.
     """
 
     def __init__(self, root: str | os.PathLike, public_key: Any, device: str = "CPU",
                  pipeline_factory: Callable[[dict, Path], Any] | None = None,
-                 num_requests: int | None = None):
+                 num_requests: int | None = None, exclusive: bool = False):
         from shared.keys import load_public_key
         self.root = Path(root)
         self.public_key = load_public_key(public_key)
         self.device = device
         self.pipeline_factory = pipeline_factory or default_pipeline_factory(device, num_requests)
+        self._lock_fd: int | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            self._lock_store()
         self._state_lock = threading.Lock()     # state reads/writes (status runs beside installs)
         self._install_lock = threading.Lock()   # one install or rollback at a time
         self._write_lock = threading.Lock()     # one read-modify-write of state.json at a time
         self._staged: SlotInfo | None = None
         (self.root / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
         self._state = self._read_state()
-        self._remove_debris()
+        if self._lock_fd is not None or self._nobody_holds_the_store():
+            self._remove_debris()       # never under a running daemon: that could be its staged slot
+
+    def _lock_store(self) -> None:
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError("store_in_use", f"{self.root}: the store is in use by process {holder} "
+                                             "(a running daemon? send it the install command instead)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd            # released by close() or when the process dies (even kill -9)
+
+    def _nobody_holds_the_store(self) -> bool:
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)                # closing drops our probe lock
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ state
     @property

@@ -38,6 +38,7 @@ class DaemonProcess:
         self.root = Path(root)
         self.sock_dir = Path(tempfile.mkdtemp(prefix="eod-", dir="/tmp"))   # ipc paths stay short
         self.config_path = self.root / "daemon.toml"
+        self.public_key = Path(public_key)
         config = {
             "daemon": {"name": "onboard-test", "log_level": "INFO"},
             "endpoints": {n: f"ipc://{self.sock_dir}/{n}" for n in ("frames", "products", "commands",
@@ -380,6 +381,10 @@ def test_cli_status_and_generic_command(served):
     assert "cloud-test v1" in human.stdout
     bad = cli("command", "nonsense", "--config", str(daemon.config_path))
     assert bad.returncode == 1 and "unknown command 'nonsense'" in bad.stdout
+    # An offline install into the store the daemon owns is refused, naming the daemon's pid.
+    offline = cli("install", str(daemon.root / "none.tar"), "--store", str(daemon.root / "store"),
+                  "--key", str(daemon.public_key))
+    assert offline.returncode == 1 and f"in use by process {daemon.ready['pid']}" in offline.stderr
 
 
 def test_telemetry_heartbeats(served):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -260,3 +261,29 @@ def test_policy_override_persists_per_slot(tmp_path, bundles, v1, v2):
     assert store.policy_override() is None            # a new model brings its own policy
     store.rollback()
     assert store.policy_override() == policy          # and the old one gets its override back
+
+
+def test_exclusive_store_refuses_a_second_owner(tmp_path, bundles, v1):
+    from onboard.store import ModelStore, StoreError
+    owner = ModelStore(tmp_path / "store", bundles.public, exclusive=True)
+    try:
+        with pytest.raises(StoreError) as err:
+            ModelStore(tmp_path / "store", bundles.public, exclusive=True)
+        assert err.value.code == "store_in_use" and str(os.getpid()) in str(err.value)
+        # A reader beside the owner must not mistake the owner's staged slot for debris.
+        staged = tmp_path / "store" / "slots" / "staging-0000abcd"
+        staged.mkdir()
+        ModelStore(tmp_path / "store", bundles.public)
+        assert staged.exists()
+    finally:
+        owner.close()
+    ModelStore(tmp_path / "store", bundles.public, exclusive=True).close()   # free again
+    assert not staged.exists()
+
+
+def test_unknown_device_is_a_load_failure_naming_it(tmp_path, bundles, v1):
+    from onboard.store import ModelStore
+    store = ModelStore(tmp_path / "store", bundles.public, device="MYRIAD")
+    result = store.install(v1)
+    assert not result.ok and result.code == "load_failed" and "MYRIAD" in result.reason
+    assert store.active() is None and slot_names(tmp_path / "store") == set()
