@@ -89,8 +89,11 @@ class RunFolder:
         outs = {}
         for o in outputs:
             p = Path(o)
-            p = p if p.is_absolute() else self.path / p
-            outs[str(p.relative_to(self.path))] = file_sha256(p) if p.is_file() else None
+            full = p if p.is_absolute() else self.path / p      # relative to the run folder ...
+            if not full.exists() and p.exists():
+                full = p                                          # ... or to the working directory
+            name = full.resolve().relative_to(self.path.resolve())
+            outs[str(name)] = file_sha256(full) if full.is_file() else None
         self.record["stages"].append({"stage": stage, "finished": _now(), "outputs": outs, **info})
         if metrics:
             self.record["metrics"][stage] = metrics

@@ -105,6 +105,8 @@ def test_tiny_config_runs_end_to_end(data_root, tmp_path):
     assert lineage["config"]["run"]["name"] == "tiny"
     assert any(k.startswith("image:ukis") for k in lineage["inputs"])
     assert any(k.startswith("teacher:ukis-csmask") for k in lineage["inputs"])
+    scratch_stage = next(s for s in lineage["stages"] if s["stage"] == "student:scratch")
+    assert len(scratch_stage["outputs"]["students/scratch.pt"]) == 64
     stage = lineage["stages"][-1]
     assert stage["stage"] == "distill" and len(stage["outputs"]["student.pt"]) == 64
     assert "distilled" in lineage["metrics"]["distill"]
@@ -113,3 +115,21 @@ def test_tiny_config_runs_end_to_end(data_root, tmp_path):
     model, norm, meta = load_model(run / "student.pt")
     assert norm.bands == ("B02", "B03", "B04", "B08", "B11", "B12") and meta["step"] == 3
     assert json.loads((run / "normalization.json").read_text())["mean"] == list(norm.mean)
+
+
+def test_train_teacher_command_checkpoints_and_resumes(data_root, tmp_path, capsys):
+    cfg = textwrap.dedent(CONFIG).replace('name = "ukis-csmask-6b-l1c"', textwrap.dedent('''\
+        name = "smp:Unet/resnet18"
+        options = { encoder_depth = 3, decoder_channels = [32, 16, 8] }'''))
+    (tmp_path / "t.toml").write_text(cfg.replace('out = "runs"', f'out = "{tmp_path / "runs"}"'))
+    assert main(["train-teacher", str(tmp_path / "t.toml"), "--steps", "2", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["steps"] == 2 and first["checkpoint"].endswith("teacher.pt")
+    assert main(["train-teacher", str(tmp_path / "t.toml"), "--steps", "2"]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train-teacher", str(tmp_path / "t.toml"), "--steps", "4", "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
+    lineage = json.loads((tmp_path / "runs" / "tiny" / "lineage.json").read_text())
+    assert [s["stage"] for s in lineage["stages"]] == ["train-teacher", "train-teacher"]
+    assert main(["train-teacher", str(REPO / "configs" / "ukis_distill.toml")]) == 1
+    assert "not trained here" in capsys.readouterr().err
