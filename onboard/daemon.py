@@ -457,7 +457,7 @@ class Daemon:
         _, info, result = outcome
         self.counters.decided += 1
         timings = {**plain(result.timings_ms), "queue": waited_ms,
-                   "total": (now - job.accepted_at) * 1000}
+                   "end_to_end": (now - job.accepted_at) * 1000}   # pipeline "total" + queue + hand-offs
         self.latency.add(timings)
         model = {"id": info.model_id, "version": info.version}
         decision = {"frame_id": job.frame_id, "keep": bool(result.keep),
