@@ -456,8 +456,10 @@ class Daemon:
             return
         _, info, result = outcome
         self.counters.decided += 1
-        timings = {**plain(result.timings_ms), "queue": waited_ms,
-                   "end_to_end": (now - job.accepted_at) * 1000}   # pipeline "total" + queue + hand-offs
+        timings = plain(result.timings_ms)
+        # The pipeline's own total becomes "process"; "total" is the daemon's: accepted -> outcome.
+        timings["process"] = timings.pop("total", None)
+        timings.update(queue=waited_ms, total=(now - job.accepted_at) * 1000)
         self.latency.add(timings)
         model = {"id": info.model_id, "version": info.version}
         decision = {"frame_id": job.frame_id, "keep": bool(result.keep),
