@@ -167,7 +167,10 @@ class Daemon:
     def _set_model(self, info, pipeline) -> None:
         override = self.store.policy_override()
         if override is not None:
-            self._apply_policy(pipeline, override)
+            try:
+                self._apply_policy(pipeline, override)
+            except ValueError as exc:       # a stored override the model cannot take: its own policy
+                log.error("stored policy override not applied (%s); using the bundle's policy", exc)
         with self._model_lock:
             self._model = (info, pipeline)
             self._model_error = None
