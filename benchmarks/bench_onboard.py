@@ -125,7 +125,7 @@ def _bare_model(model_dir: Path, dtype: str, args):
     if dtype == "uint16":
         m = OpenVinoModel(model_dir / "model.xml", num_requests=args.num_requests, tile=TILE,
                           batch_size=args.batch_size, activation="softmax", config=config)
-        compiled, queue = m._variant("uint16")
+        compiled, queue, _ = m._variant("uint16")
         return compiled, queue
     core = ov.Core()
     model = core.read_model(model_dir / "model.xml")

@@ -18,6 +18,7 @@ cutting tiles and post-processing overlap with inference.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -89,6 +90,24 @@ def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
     return ov.Model(model.get_results(), [raw, gain, offset], model.get_friendly_name())
 
 
+@dataclass
+class _Buffers:
+    """Input and output memory shared with OpenVINO (ov.Tensor over numpy, no copies)."""
+
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+    input_tensors: list
+    output_tensors: list
+
+    @classmethod
+    def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple) -> "_Buffers":
+        import openvino as ov
+        inputs = [np.zeros(shape_in, dtype) for _ in range(n)]
+        outputs = [np.zeros(shape_out, np.float32) for _ in range(n)]
+        return cls(inputs, outputs, [ov.Tensor(a, shared_memory=True) for a in inputs],
+                   [ov.Tensor(a, shared_memory=True) for a in outputs])
+
+
 class OpenVinoModel:
     """A segmentation IR compiled for fixed tiles, run batch by batch through an AsyncInferQueue.
 
@@ -137,8 +156,11 @@ class OpenVinoModel:
             except RuntimeError as exc:
                 raise ModelLoadError(f"{self.xml_path}: cannot compile for {self.device}: "
                                      f"{str(exc).splitlines()[0]}") from None
-            n = self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-            self._variants[dtype] = (compiled, ov.AsyncInferQueue(compiled, max(1, int(n))))
+            n = max(1, int(self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            shape_in = (self.batch_size, self.channels, self.tile, self.tile)
+            shape_out = tuple(compiled.outputs[0].get_shape())
+            self._variants[dtype] = (compiled, ov.AsyncInferQueue(compiled, n),
+                                     _Buffers.make(n + 1, shape_in, dtype, shape_out))
         return self._variants[dtype]
 
     @property
@@ -147,7 +169,7 @@ class OpenVinoModel:
 
     def properties(self) -> dict:
         """What OpenVINO chose (streams, requests, precision), for status and benchmarks."""
-        compiled, queue = self._variant("float32")
+        compiled, queue, _ = self._variant("float32")
         out = {"device": self.device, "batch_size": self.batch_size, "num_requests": len(queue)}
         for key in ("NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT"):
             try:
@@ -162,10 +184,10 @@ class OpenVinoModel:
             gain: np.ndarray | None = None, offset: np.ndarray | None = None) -> None:
         """Stream `n_tiles` tiles through the queue, `batch_size` per request.
 
-        `fill(start, buf)` writes tiles start .. start+len(buf)-1 into `buf` (a view of an idle
-        request's input tensor, (n, C, t, t) of `dtype`). `on_output(start, probs)` gets their
-        outputs (n, K, t, t) float32, a view valid only during the call. Both run in the calling
-        thread, between submissions, while the other requests keep inferring.
+        `fill(start, buf)` writes tiles start .. start+len(buf)-1 into `buf` (a view of an input
+        buffer OpenVINO reads without a copy, (n, C, t, t) of `dtype`). `on_output(start, probs)`
+        gets their outputs (n, K, t, t) float32, a view valid only during the call. Both run in
+        the calling thread while the requests keep inferring.
         """
         gain = np.ones(self.channels, np.float32) if gain is None else np.asarray(gain, np.float32)
         offset = np.zeros(self.channels, np.float32) if offset is None else np.asarray(offset, np.float32)
@@ -173,7 +195,7 @@ class OpenVinoModel:
             raise ValueError(f"gain and offset need {self.channels} values (one per band), "
                              f"got {gain.shape} and {offset.shape}")
         with self._lock:
-            _, queue = self._variant(dtype)
+            _, queue, buffers = self._variant(dtype)
             for request in queue:           # all idle here: set this run's scaling once
                 request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
                 request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
@@ -181,24 +203,37 @@ class OpenVinoModel:
             # order, and we collect a finished request's output when get_idle_request_id hands
             # it back. (A Python callback makes OpenVINO threads take the GIL; destroying such a
             # queue can then deadlock: openvinotoolkit/openvino#37073.)
-            pending: dict[int, tuple[int, int]] = {}     # request id -> (first tile, count)
+            # Input and output memory rotates through a pool one larger than the queue: the next
+            # batch is cut into a free input buffer before a request is free, a free request gets
+            # it and a fresh output buffer and starts at once, and only then is the output it had
+            # finished post-processed, while it runs again.
+            free_in, free_out = list(range(len(buffers.inputs))), list(range(len(buffers.outputs)))
+            pending: dict[int, tuple[int, int, int, int]] = {}   # request -> (start, count, in, out)
 
-            def collect(rid: int) -> None:
-                start, count = pending.pop(rid)
-                on_output(start, queue[rid].get_output_tensor(0).data[:count])
+            def collect(job: tuple[int, int, int, int]) -> None:
+                start, count, i, o = job
+                on_output(start, buffers.outputs[o][:count])
+                free_in.append(i)
+                free_out.append(o)
 
             try:
                 for start in range(0, n_tiles, self.batch_size):
-                    rid = queue.get_idle_request_id()    # start_async takes this same request
-                    if rid in pending:
-                        collect(rid)
                     count = min(self.batch_size, n_tiles - start)
-                    fill(start, queue[rid].get_input_tensor(0).data[:count])
+                    i = free_in.pop()
+                    fill(start, buffers.inputs[i][:count])
+                    rid = queue.get_idle_request_id()    # start_async takes this same request
+                    finished = pending.pop(rid, None)
+                    o = free_out.pop()
+                    request = queue[rid]
+                    request.set_input_tensor(0, buffers.input_tensors[i])
+                    request.set_output_tensor(0, buffers.output_tensors[o])
                     queue.start_async()
-                    pending[rid] = (start, count)
+                    pending[rid] = (start, count, i, o)
+                    if finished is not None:
+                        collect(finished)
                 queue.wait_all()
-                for rid in sorted(pending, key=lambda r: pending[r][0]):
-                    collect(rid)
+                for job in sorted(pending.values()):
+                    collect(job)
             finally:
                 queue.wait_all()        # never leave a request writing into a buffer we dropped
                 pending.clear()
