@@ -220,13 +220,13 @@ def export_stage(run_dir, checkpoint: str = "student.pt", name: str | None = Non
               "normalization": norm.as_dict(), "model_meta": {k: v for k, v in meta.items()
                                                              if k in ("name", "role", "arch")},
               "label_free": _label_free(ctx, checkpoint)}
-    if evaluate and ctx.data.eval is not None:
+    if evaluate and ctx.evals:
         ir = ctx.evaluate(ctx.ir_predict(res.xml, norm))
         from ground.fp16 import _point
         vpu = ctx.evaluate(ctx.torch_predict(model, norm, fp16="round"), _point(ir))
         record["operating_point"] = ir["operating_point"]
-        record["metrics"] = {"openvino": ir, "fp16_emulated": vpu, "eval": ctx.data.eval.name}
-        ctx.log(f"held-out {ctx.data.eval.name}: mIoU {ir['miou']:.4f} as OpenVINO runs it, "
+        record["metrics"] = {"openvino": ir, "fp16_emulated": vpu, "eval": ctx.eval_name}
+        ctx.log(f"held-out {ctx.eval_name}: mIoU {ir['miou']:.4f} as OpenVINO runs it, "
                 f"{vpu['miou']:.4f} in emulated FP16")
     else:
         point = ctx.calibrate(ctx.ir_predict(res.xml, norm)) if evaluate else None

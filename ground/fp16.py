@@ -220,7 +220,7 @@ def fp16_finetune_stage(run_dir, checkpoint: str = "student.pt", steps: int = 20
         diffs = {"fp16_naive": float((torch.softmax(emulate_fp16(model, mode)(tiles), 1) - ref).abs().max()),
                  "fp16_aware": float((torch.softmax(emulate_fp16(tuned, mode)(tiles), 1) - ref).abs().max())}
     report = {"checkpoint": checkpoint, "mode": mode, "steps": steps, "source": source,
-              "eval": ctx.data.eval.name if ctx.data.eval else None,
+              "eval": ctx.eval_name,
               "label_free": ctx.label_free and source != "labels",
               "rows": {k: {m: v.get(m) for m in ("miou", "f1", "accuracy", "agreement", "iou", "operating_point")}
                        for k, v in rows.items()},

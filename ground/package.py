@@ -17,7 +17,8 @@ Budget: a bundle over `max_bytes` (default 5 MB, the CloudScout uplink figure) i
 the sizes. The reference is the part that can be made small without losing anything: its
 tiles and probabilities are stored at float16 precision (exactly representable values in the
 float32 arrays the layout prescribes, computed *after* rounding, so they are exact expectations)
-in an LZMA-compressed .npz, which `numpy.load` reads as any other.
+in an LZMA-compressed .npz, which `numpy.load` reads as any other. For a tight budget,
+`reference_window` keeps a real patch of each tile and fills the rest with the band means.
 """
 from __future__ import annotations
 
@@ -73,14 +74,27 @@ def compact(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
 
 
-def reference_for(xml: Path, bands, mean, std, n: int, tile: int) -> dict:
+def reference_for(xml: Path, bands, mean, std, n: int, tile: int, window: int | None = None) -> dict:
     """`n` real tiles (training rows) at float16 precision and the IR's probabilities for them,
-    with how far emulated FP16 (a VPU) strays from them."""
-    import torch
+    with how far emulated FP16 (a VPU) strays from them.
+
+    `window` < tile keeps only a real `window` x `window` patch in each tile and fills the rest
+    with the normalisation mean (a zero input after normalisation): every weight is still
+    exercised, and the constant part costs almost nothing compressed. It is how a reference fits
+    a tight uplink budget (a real 256x256 6-band tile is ~0.5 MB however it is compressed)."""
     from ground.export import _softmax, compile_ir, parity_tiles
-    tiles = compact(parity_tiles(bands, None, n=n, tile=tile))
+    if n < 1:
+        raise ValueError(f"reference_tiles must be >= 1, got {n}")
+    tiles = parity_tiles(bands, None, n=n, tile=tile)
     m = np.asarray(mean, np.float32)[None, :, None, None]
     s = np.asarray(std, np.float32)[None, :, None, None]
+    if window is not None:
+        if not 8 <= window <= tile:
+            raise ValueError(f"reference window must be within 8..{tile} (the tile), got {window}")
+        filled = np.broadcast_to(m, tiles.shape).copy()
+        filled[:, :, :window, :window] = tiles[:, :, :window, :window]
+        tiles = filled
+    tiles = compact(tiles)
     probs = _softmax(np.asarray(compile_ir(xml)(((tiles - m) / s).astype(np.float32))[0]))
     return {"tiles": tiles, "probabilities": compact(probs)}
 
@@ -124,14 +138,14 @@ def _metrics(record: dict) -> dict:
 
 def bundle_stage(run_dir, export: str, key, model_id: str, version: int, out: str | None = None,
                  max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
-                 parent: dict | None = None, reference_tiles: int = 2, tile_size: int | None = None,
-                 overlap: int | None = None, progress: bool = True) -> dict:
+                 parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
+                 tile_size: int | None = None, overlap: int | None = None, progress: bool = True) -> dict:
     """Build, sign and verify the bundle of `export` (a folder `ground export` wrote in `run_dir`).
 
     `tile_size`/`overlap` default to the tiling the model was scored with; another tiling is
     scored again on the held-out image so the manifest's metrics are the ones the daemon's tiling
     gives. Raises shared.bundle.TooLarge (sizes named) when over `max_bytes`."""
-    from shared.bundle import build_bundle, load_reference, verify_bundle
+    from shared.bundle import TooLarge, build_bundle, load_reference, verify_bundle
     from shared.keys import load_private_key
     from shared.manifest import MODEL_BIN, MODEL_XML, REFERENCE_NAME, make_manifest
     from shared.policy import DEFAULT_POLICY
@@ -163,7 +177,7 @@ def bundle_stage(run_dir, export: str, key, model_id: str, version: int, out: st
     point = record.get("operating_point") or {"thresholds": [None] * len(record["classes"]),
                                                "opening_radius": ctx.cfg.opening_radius}
     metrics = _metrics(record)
-    if (tile, ov) != (record["tile"], record["overlap"]) and ctx.data.eval is not None:
+    if (tile, ov) != (record["tile"], record["overlap"]) and ctx.evals:
         # the daemon will tile differently from the evaluation: score that tiling
         from ground.data import Normalization
         from ground.evaluate import OperatingPoint
@@ -177,7 +191,7 @@ def bundle_stage(run_dir, export: str, key, model_id: str, version: int, out: st
 
     staging = ctx.run_dir / "bundles" / f".{model_id}-v{version}"
     staging.mkdir(parents=True, exist_ok=True)
-    ref = reference_for(xml, record["bands"], norm["mean"], norm["std"], reference_tiles, tile)
+    ref = reference_for(xml, record["bands"], norm["mean"], norm["std"], reference_tiles, tile, reference_window)
     ref_path = write_reference(staging / REFERENCE_NAME, ref["tiles"], ref["probabilities"])
     model, _, _ = ctx.load(record["checkpoint"])
     m = np.asarray(norm["mean"], np.float32)[None, :, None, None]
@@ -193,7 +207,9 @@ def bundle_stage(run_dir, export: str, key, model_id: str, version: int, out: st
                "label_free": bool(record.get("label_free")), "lineage_sha256": file_sha256(ctx.folder.lineage_path),
                "git_commit": ctx.folder.record.get("git_commit"), "inputs": ctx.folder.record.get("inputs", {}),
                "fp16_weights": bool(record.get("fp16")),
-               "reference_fp16_emulated": {"max_abs_diff": spread, "mask_agreement": agree}}
+               "reference_tiles": {"count": int(reference_tiles), "window": reference_window,
+                                   "from": "training rows of the real imagery (never the held-out rows)",
+                                   "fp16_emulated": {"max_abs_diff": spread, "mask_agreement": agree}}}
     manifest = make_manifest(model_id=model_id, version=int(version), bands=record["bands"], mean=norm["mean"],
                              std=norm["std"], classes=classes, tile_size=tile, overlap=ov, activation="softmax",
                              threshold=thresholds, opening_radius=int(point["opening_radius"]),
@@ -201,7 +217,12 @@ def bundle_stage(run_dir, export: str, key, model_id: str, version: int, out: st
                              reference=reference, lineage=lineage, parent=parent, files=files)
     load_reference(ref_path, manifest)          # the daemon will read it this way
     out_path = Path(out) if out else ctx.run_dir / "bundles" / f"{model_id}-v{version}.tar"
-    build_bundle(out_path, files, manifest, sk, max_bytes=budget)
+    try:
+        build_bundle(out_path, files, manifest, sk, max_bytes=budget)
+    except TooLarge as exc:
+        hint = "" if reference_window else (" (the reference can shrink: --reference-tiles 1 "
+                                            "--reference-window 48)")
+        raise TooLarge(f"{exc}{hint}") from None
     verified = verify_bundle(out_path, sk.public_key())
     size = out_path.stat().st_size
     ctx.folder.add_stage(f"bundle:{model_id}-v{version}", [out_path], {"bytes": size},
@@ -223,7 +244,8 @@ def cmd_bundle(args) -> int:
     try:
         res = bundle_stage(args.run, args.export, args.key, args.model_id, args.version, out=args.out,
                            max_bytes=args.max_bytes, policy=args.policy, parent=parent,
-                           reference_tiles=args.reference_tiles, tile_size=args.tile_size, overlap=args.overlap,
+                           reference_tiles=args.reference_tiles, reference_window=args.reference_window,
+                           tile_size=args.tile_size, overlap=args.overlap,
                            progress=not args.json)
     except BundleError as exc:
         raise CommandError(f"bundle refused ({exc.reason}): {exc}") from None
@@ -280,6 +302,8 @@ def add_bundle_args(p) -> None:
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), help="uplink budget (e.g. 5MB, 300KB)")
     p.add_argument("--policy", help="decision policy JSON file (default: keep everything)")
     p.add_argument("--reference-tiles", type=int, default=2, help="real tiles for the daemon's self-test")
+    p.add_argument("--reference-window", type=int,
+                   help="keep only a real WxW patch of each reference tile (the rest the mean): a smaller bundle")
     p.add_argument("--tile-size", type=int, help="the daemon's tile (default: the evaluation tile)")
     p.add_argument("--overlap", type=int, help="the daemon's tile overlap")
 

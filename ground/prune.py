@@ -468,12 +468,12 @@ def prune_stage(run_dir, criterion_name: str, target: float, by: str = "params",
     res = prune_to_target(base, example, criterion_name, target, by=by, round_to=round_to, steps=steps,
                           loss_fn=loss_fn, between_steps=between if per_step else None, scope=scope)
     metrics = {}
-    if evaluate and ctx.data.eval is not None:
+    if evaluate and ctx.evals:
         metrics["unpruned"] = ctx.evaluate(ctx.torch_predict(base, norm))
         metrics["pruned"] = ctx.evaluate(ctx.torch_predict(res.model, norm))
     history = ctx.finetune(res.model, finetune_steps - per_step * (steps - 1), finetune_with,
                            reference_model=base, norm=norm, desc="fine-tune") if per_step else []
-    if evaluate and ctx.data.eval is not None:
+    if evaluate and ctx.evals:
         metrics["fine_tuned"] = ctx.evaluate(ctx.torch_predict(res.model, norm))
     out = ctx.run_dir / "pruned" / f"{name}.pt"
     info = {"source": checkpoint, **res.as_dict(), "finetune": {"steps": finetune_steps, "with": finetune_with,

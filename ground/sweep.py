@@ -211,20 +211,31 @@ class RunContext:
         point, _ = sweep_thresholds([predict(s.image) for s in samples], refs, k, self.cfg.opening_radius)
         return point
 
-    def teacher_mask(self) -> np.ndarray | None:
-        if self._teacher_mask is None and self.data.eval is not None:
-            self._teacher_mask = self.teacher.predict_proba(self.data.eval.image).argmax(0).astype(np.uint8)
+    @property
+    def evals(self) -> list:
+        """The held-out evaluation image(s) of the run's config (eval.data)."""
+        data = self.data
+        return list(getattr(data, "evals", None) or ([data.eval] if data.eval is not None else []))
+
+    @property
+    def eval_name(self) -> str | None:
+        ev = self.evals
+        return None if not ev else ev[0].name + (f" (+{len(ev) - 1} more)" if len(ev) > 1 else "")
+
+    def teacher_masks(self) -> list | None:
+        if self._teacher_mask is None and self.evals:
+            self._teacher_mask = [self.teacher.predict_proba(s.image).argmax(0).astype(np.uint8) for s in self.evals]
         return self._teacher_mask
 
     def evaluate(self, predict: Predict, point=None) -> dict:
-        """Scores on the held-out image at an operating point (calibrated here when not given):
+        """Scores on the held-out image(s) at an operating point (calibrated here when not given):
         {"operating_point", "miou", "f1", "accuracy", "iou", "agreement", ..., "argmax_miou"}."""
         from ground.evaluate import summary
         from ground.pipeline import evaluate_on
-        if self.data.eval is None:
+        if not self.evals:
             raise ValueError("the run's config has no eval.data: nothing to score on")
         point = point or self.calibrate(predict)
-        res = evaluate_on(predict(self.data.eval.image), point, self.cfg, self.data.eval, self.teacher_mask())
+        res = evaluate_on([predict(s.image) for s in self.evals], point, self.cfg, self.evals, self.teacher_masks())
         row = summary(res)
         row["argmax_miou"] = res["argmax"].get("vs_labels", {}).get("miou")
         row["operating_point"] = point.as_dict(self.classes)
@@ -236,7 +247,7 @@ class RunContext:
 def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[str] | None = None,
           ratios: Sequence[float] = (0.3, 0.5, 0.7), by: str = "params", round_to: int | None = 8,
           scope: str = "local", finetune_steps: int = 100, finetune_with: str = "teacher",
-          threads: int = 1, out: str = "sweep") -> dict:
+          threads: int = 1, out: str = "sweep", latency_repeats: int = 30) -> dict:
     """Every criterion at every ratio: prune, score before and after fine-tuning, export the FP16
     IR and time it in OpenVINO. Writes OUT/sweep.{json,md,png} into the run folder."""
     from tqdm import tqdm
@@ -257,7 +268,7 @@ def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[st
 
     def timed(model, tag) -> dict:
         res = export_openvino(model, out_dir / "ir" / tag, tile=ctx.cfg.tile)
-        return openvino_latency(res.xml, tile=ctx.cfg.tile, threads=threads)
+        return openvino_latency(res.xml, tile=ctx.cfg.tile, threads=threads, repeats=latency_repeats)
 
     from ground.prune import measure
     size = measure(base, example)
@@ -276,8 +287,11 @@ def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[st
         res = prune_to_target(base, example, crit, ratio, by=by, round_to=round_to, scope=scope, loss_fn=loss_fn)
         model = res.model
         before_ft = ctx.evaluate(ctx.torch_predict(model, norm))
-        ctx.finetune(model, finetune_steps, finetune_with, reference_model=base, norm=norm, desc=f"fine-tune {tag}")
-        after = ctx.evaluate(ctx.torch_predict(model, norm))
+        if finetune_steps > 0 and finetune_with != "none":
+            ctx.finetune(model, finetune_steps, finetune_with, reference_model=base, norm=norm, desc=f"fine-tune {tag}")
+            after = ctx.evaluate(ctx.torch_predict(model, norm))
+        else:
+            after = before_ft
         lat = timed(model, tag)
         d = res.as_dict()
         row = {"criterion": crit, "ratio": ratio, "params": res.after.params, "macs": res.after.macs,
@@ -289,7 +303,7 @@ def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[st
                 f"{row['miou']:.3f} after fine-tuning, {row['ms_per_tile']:.1f} ms/tile")
     report = {"checkpoint": checkpoint, "by": by, "round_to": round_to, "scope": scope,
               "finetune": {"steps": finetune_steps, "with": finetune_with}, "threads": threads,
-              "label_free": ctx.label_free and finetune_with != "labels", "eval": ctx.data.eval.name,
+              "label_free": ctx.label_free and finetune_with != "labels", "eval": ctx.eval_name,
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     (out_dir / "sweep.json").write_text(json.dumps(report, indent=2))
     (out_dir / "sweep.md").write_text(sweep_markdown(report))

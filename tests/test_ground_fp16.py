@@ -14,6 +14,15 @@ from ground.fp16 import (FP16_MAX, emulate_fp16, fp16_aware, fp16_overflows, fus
 from ground.students import TinyUNet
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _identity_conv(scale: float = 1.0) -> nn.Sequential:
     conv = nn.Conv2d(1, 1, 1, bias=True)
     with torch.no_grad():
