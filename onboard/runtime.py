@@ -245,7 +245,7 @@ class OpenVinoModel:
         if tiles.ndim != 4 or tiles.shape[1:] != (self.channels, self.tile, self.tile):
             raise ValueError(f"tiles must be (N, {self.channels}, {self.tile}, {self.tile}), got {tiles.shape}")
         dtype = tiles.dtype.name
-        out = np.empty((len(tiles), self.num_classes, self.tile, self.tile), np.float32)
+        out = np.full((len(tiles), self.num_classes, self.tile, self.tile), np.nan, np.float32)
 
         def fill(start: int, buf: np.ndarray) -> None:
             buf[...] = tiles[start:start + len(buf)]
