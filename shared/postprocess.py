@@ -70,15 +70,17 @@ def threshold(probs: np.ndarray, thresholds: Sequence[float | None] | np.ndarray
     if np.isnan(thr).all():
         out[...] = np.argmax(probs, axis=axis)
         return out
-    # A running maximum over classes: K passes, no (K, H, W) temporaries.
-    best = np.full(shape, -np.inf, dtype=np.float32)
-    for c in range(k):
-        p = np.take(probs, c, axis=axis)
-        better = p > best
-        if not np.isnan(thr[c]):
-            better &= p >= thr[c]
-        out[better] = c
-        np.copyto(best, p, where=better)
+    # Ineligible scores become -inf (one pass over all classes), then a running maximum over
+    # classes: strict ">" keeps the lower index on ties, and an all -inf pixel stays class 0.
+    floor = np.where(np.isnan(thr), -np.inf, thr).astype(np.float32)
+    shape_k = [1] * probs.ndim
+    shape_k[axis] = k
+    score = np.where(probs >= floor.reshape(shape_k), probs, np.float32(-np.inf))
+    best = np.take(score, 0, axis=axis)
+    for c in range(1, k):
+        s = np.take(score, c, axis=axis)
+        out[s > best] = c
+        best = np.maximum(best, s)
     return out
 
 
@@ -126,5 +128,6 @@ def open_classes(mask: np.ndarray, radius: int, classes: Iterable[int] | None = 
         binary = (mask == c).view(np.uint8)
         opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
         # opened is a subset of binary: the difference is what the opening removed
-        mask[binary > opened] = background
+        removed = cv2.subtract(binary, opened)
+        np.copyto(mask, np.uint8(background), where=removed.view(np.bool_))
     return mask
