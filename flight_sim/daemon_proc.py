@@ -24,6 +24,16 @@ from flight_sim.bus import Endpoints
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the simulator dies, however it dies (Linux
+    prctl PR_SET_PDEATHSIG), so a killed simulator never leaves a daemon behind."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class DaemonStartError(RuntimeError):
     """The daemon process exited or stayed silent instead of reporting its endpoints."""
 
@@ -98,7 +108,8 @@ class DaemonProcess:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [self.python, "-m", "onboard", "run", "--config", str(self.config_path), "--json"],
-            stdout=subprocess.PIPE, stderr=log, cwd=str(REPO_ROOT), env=env)
+            stdout=subprocess.PIPE, stderr=log, cwd=str(REPO_ROOT), env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         log.close()
         line = self._read_line(timeout_s)
         try:

@@ -150,8 +150,10 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
         policy_path.write_text(json.dumps(POLICY, indent=1))
         log("bundle: manifest, reference tiles, signature", quiet)
         t = time.perf_counter()
-        bundled = bundle_stage(run_dir, "export/student", sk, RECIPE["model_id"], 1, out=str(out / "bundle.tar"),
-                               policy=policy_path, progress=not quiet)
+        bundled = bundle_stage(run_dir, "export/student", sk, RECIPE["model_id"], 1, policy=policy_path,
+                               progress=not quiet)
+        # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
+        shutil.copyfile(bundled["bundle"], out / "bundle.tar")
         bundle_s = time.perf_counter() - t
     finally:
         if standin is not None:
@@ -160,7 +162,8 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
             else:
                 os.environ["EOEDGE_DATA"] = saved
     row = (distilled.get("rows") or [{}])[-1]
-    return {"bundle": bundled["bundle"], "bytes": bundled["bytes"], "model_id": bundled["model_id"],
+    return {"bundle": str(out / "bundle.tar"), "built": bundled["bundle"], "bytes": bundled["bytes"],
+            "model_id": bundled["model_id"],
             "version": bundled["version"], "params": row.get("params"), "macs_per_tile": row.get("macs"),
             "parity": exported.get("parity"), "latency": exported.get("latency"),
             "standin_reference_data": bool(standin), "run_dir": str(run_dir),

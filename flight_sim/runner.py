@@ -303,9 +303,12 @@ def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: 
             rec.normal_frames += 1
             mission_now = max(mission_now, frame.acquired)
             next_i += 1
-            if malformed and rec.normal_frames % F["malformed_every"] == 0:
-                bad = _malformed_copy(frame, malformed.pop(0))
-                payload.add(bad, malformed=bad.frame_id.rsplit("-bad-", 1)[1])
+            # one malformed frame after every `malformed_every` good ones; any left at the last frame
+            due = 1 if rec.normal_frames % F["malformed_every"] == 0 else 0
+            for kind in [malformed.pop(0) for _ in range(len(malformed) if next_i == len(schedule)
+                                                         else min(due, len(malformed)))]:
+                bad = _malformed_copy(frame, kind)
+                payload.add(bad, malformed=kind)
                 rec.release[bad.frame_id] = time.monotonic()
                 rec.malformed_frames += 1
             if in_burst and next_i == burst_range.stop:
