@@ -14,13 +14,6 @@ import numpy as np
 CONNECTIVITY = 8
 
 
-def class_fractions(mask: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    """Fraction of the pixels of `mask` (H, W) uint8 in each class (0 for an empty mask)."""
-    counts = np.bincount(mask.ravel(), minlength=len(classes))[:len(classes)]
-    n = mask.size
-    return {name: (float(counts[k]) / n if n else 0.0) for k, name in enumerate(classes)}
-
-
 def component_sizes(mask: np.ndarray, class_index: int) -> list[int]:
     """Pixel counts of the connected components of one class, largest first."""
     import cv2
@@ -31,14 +24,6 @@ def component_sizes(mask: np.ndarray, class_index: int) -> list[int]:
     n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=CONNECTIVITY)
     sizes = stats[1:n, cv2.CC_STAT_AREA]        # label 0 is the background
     return sorted((int(s) for s in sizes), reverse=True)
-
-
-def mask_stats(mask: np.ndarray, classes: Sequence[str], component_classes: Sequence[str] = ()) -> dict:
-    """Policy statistics of a mask: fractions of every class, components of `component_classes`."""
-    out = {"fractions": class_fractions(mask, classes), "components": {}}
-    for name in component_classes:
-        out["components"][name] = component_sizes(mask, list(classes).index(name))
-    return out
 
 
 def cell_edges(size: int, cell: int) -> np.ndarray:

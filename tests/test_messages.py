@@ -95,6 +95,14 @@ def with_header(msg: Message, header: dict) -> list:
     return [msgpack.packb(header, use_bin_type=True), *encode(msg)[1:]]
 
 
+def lying_frame(key: str, value) -> list:
+    """A good frame message whose header says `value` for its data array's `key`."""
+    msg = frame_message()
+    h = header_of(msg)
+    h["arrays"][0][key] = value
+    return with_header(msg, h)
+
+
 def assert_same(a: Message, b: Message) -> None:
     assert (a.type, a.body, a.id, a.ref, a.ts, a.source, a.schema) == \
            (b.type, b.body, b.id, b.ref, b.ts, b.source, b.schema)
@@ -233,37 +241,26 @@ def test_missing_or_extra_frames(msg, data):
 @SETTINGS
 @given(st.lists(st.integers(-(2**63), 2**64 - 1), max_size=6), st.binary(max_size=64))
 def test_lying_shapes(shape, payload):
-    msg = frame_message()
-    h = header_of(msg)
-    h["arrays"][0]["shape"] = shape
-    frames = [msgpack.packb(h), payload]
+    frames = [lying_frame("shape", shape)[0], payload]
     out = decode_or_message_error(frames)
     if out is not None:   # only an honest header decodes
         assert len(shape) == 3 and out.arrays["data"].nbytes == len(payload) == math.prod(shape) * 2
 
 
 def test_shape_claiming_more_bytes_than_sent():
-    msg = frame_message()
-    h = header_of(msg)
-    h["arrays"][0]["shape"] = [2, 3, 5]
-    err = raises_field(with_header(msg, h), "arrays.data")
+    err = raises_field(lying_frame("shape", [2, 3, 5]), "arrays.data")
     assert "48 bytes" in str(err) and "60" in str(err)
 
 
 @pytest.mark.parametrize("shape", [[2**40, 2**40, 2**40], [2**62, 4, 1], [-1, 3, 4], [2, 3, True], [2, 3, 4.0],
                                    "234", [[2], 3, 4], list(range(1, 12))])
 def test_huge_negative_and_malformed_shapes(shape):
-    msg = frame_message()
-    h = header_of(msg)
-    h["arrays"][0]["shape"] = shape
-    raises_field(with_header(msg, h), "arrays.data.shape")
+    raises_field(lying_frame("shape", shape), "arrays.data.shape")
 
 
 def test_array_limit_is_checked_before_allocation():
     msg = frame_message()
-    h = header_of(msg)
-    h["arrays"][0]["shape"] = [13, 100000, 100000]   # 260 GB: must be refused, not attempted
-    raises_field(with_header(msg, h), "arrays.data.shape")
+    raises_field(lying_frame("shape", [13, 100000, 100000]), "arrays.data.shape")   # 260 GB: refused
     raises_field(encode(msg), "arrays.data.shape", Limits(max_array_bytes=47))
     assert decode(encode(msg), Limits(max_array_bytes=48)).arrays["data"].shape == (2, 3, 4)
 
@@ -271,17 +268,12 @@ def test_array_limit_is_checked_before_allocation():
 @pytest.mark.parametrize("dtype", ["object", "O", "<U4", "S3", "complex128", "V8", "bool", ">u2", "float128",
                                    "datetime64[s]", "", None, 7, ["uint8"]])
 def test_disallowed_dtypes(dtype):
-    msg = frame_message()
-    h = header_of(msg)
-    h["arrays"][0]["dtype"] = dtype
-    raises_field(with_header(msg, h), "arrays.data.dtype")
+    raises_field(lying_frame("dtype", dtype), "arrays.data.dtype")
 
 
 def test_frame_data_rules_by_type():
     good = frame_message()
-    h = header_of(good)
-    h["arrays"][0]["dtype"] = "uint8"              # allowed on the bus, not for frame data
-    raises_field(with_header(good, h), "arrays.data.dtype")
+    raises_field(lying_frame("dtype", "uint8"), "arrays.data.dtype")   # fine on the bus, not for frame data
     with pytest.raises(MessageError, match="arrays.data.shape"):
         encode(frame_message(np.zeros((3, 4), np.uint16)))
     with pytest.raises(MessageError, match="arrays.data"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from skimage import morphology
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -17,6 +19,7 @@ from onboard_models import (BANDS_6, BANDS_13, CLASSES_2, CLASSES_3, default_sca
 from onboard.pipeline import FRAME_ERROR_CODES, FrameError, FramePipeline  # noqa: E402
 from onboard.products import decode_mask_png  # noqa: E402
 from onboard.runtime import ModelLoadError, OpenVinoModel  # noqa: E402
+from onboard.stats import cell_class_counts, component_sizes  # noqa: E402
 from shared.policy import PolicyError  # noqa: E402
 from shared.postprocess import open_classes, threshold, threshold_vector  # noqa: E402
 from shared.tiling import stitch, tile  # noqa: E402
@@ -408,3 +411,27 @@ def test_real_teacher_on_the_real_chip(ukis):
     # DESIGN.md: the teacher scores accuracy 0.910, mIoU 0.776 on these rows (one 512 inference);
     # through this pipeline (256 tiles, overlap 32, FP16 IR, opening r=2) it scored 0.919 / 0.794
     assert scores.accuracy > 0.88 and scores.miou > 0.72, scores.as_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# statistics helpers against plain references
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.integers(1, 32), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_cell_class_counts_match_bincount_per_cell(h, w, cell, k, seed):
+    mask = np.random.default_rng(seed).integers(0, k, (h, w)).astype(np.uint8)
+    counts = cell_class_counts(mask, k, cell)
+    for i, r in enumerate(range(0, h, cell)):
+        for j, c in enumerate(range(0, w, cell)):
+            want = np.bincount(mask[r:r + cell, c:c + cell].ravel(), minlength=k)
+            assert counts[i, j].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_component_sizes_match_skimage_labels(seed):
+    from skimage import measure
+
+    mask = (np.random.default_rng(seed).random((60, 80)) < 0.3).astype(np.uint8) * 2
+    labels = measure.label(mask == 2, connectivity=2)        # 8-connectivity
+    want = sorted(np.bincount(labels.ravel())[1:].tolist(), reverse=True)
+    assert component_sizes(mask, 2) == want and component_sizes(mask, 1) == []
