@@ -43,7 +43,7 @@ def _core():
 
 
 def read_model(xml_path: str | Path, core=None):
-    """Read an IR and check it has one 4-D input (N, C, t, t) and one 4-D output."""
+    """Read an IR and check it has one 4-D input (N, C, H, W) with a fixed C, and one output."""
     xml_path = Path(xml_path)
     if not xml_path.is_file():
         raise ModelLoadError(f"{xml_path}: model file not found")
@@ -145,7 +145,8 @@ class OpenVinoModel:
 
     # -- compiled variants -------------------------------------------------------------------
     def _variant(self, dtype: str):
-        """(compiled model, AsyncInferQueue) for raw input of `dtype`, compiled on first use."""
+        """(compiled model, AsyncInferQueue, buffer pool) for raw input of `dtype`, built on first
+        use (under `run`'s lock, or at construction for float32)."""
         if dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
         if dtype not in self._variants:
