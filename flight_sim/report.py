@@ -419,6 +419,7 @@ def plot_timeline(rec: RunRecord, path: Path) -> None:
 
     t0 = rec.t_fly or rec.t0
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
+    axes[1].sharex(axes[0])                  # both on wall time; the passes are on mission time
     ax = axes[0]
     states = list(rec.payload.states.values()) if rec.payload else []
     for y, s in enumerate(states):
