@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def export_openvino(model: torch.nn.Module, out_dir: str | Path, tiles: np.ndarr
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, channels, tile, tile)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # tracing notes that shape checks in forward() become constants: the IR takes any tile the
+        # model accepts, which the daemon fixes at load (reshape to its tile and batch)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         ov_model = ov.convert_model(model, example_input=example,
                                     input=[ov.PartialShape([-1, channels, -1, -1])])
     xml = out_dir / f"{name}.xml"
@@ -71,9 +76,12 @@ def export_openvino(model: torch.nn.Module, out_dir: str | Path, tiles: np.ndarr
     if onnx:
         onnx_path = out_dir / f"{name}.onnx"
         # the TorchScript exporter: dynamic batch/height/width without onnxscript's dynamo tracing
-        torch.onnx.export(model, (example,), str(onnx_path), dynamo=False, input_names=["input"],
-                          output_names=["logits"],
-                          dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(onnx_path), dynamo=False, input_names=["input"],
+                              output_names=["logits"],
+                              dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
     paths = [xml, xml.with_suffix(".bin")] + ([onnx_path] if onnx_path else [])
     result = ExportResult(xml, xml.with_suffix(".bin"), onnx_path, bool(fp16), channels,
                           {p.name: p.stat().st_size for p in paths})
@@ -250,9 +258,14 @@ def _label_free(ctx, checkpoint: str) -> bool:
     """True when no stage behind this checkpoint used a human label (distillation, pruning, FP16)."""
     if not ctx.label_free:
         return False
-    for stage in ctx.folder.record.get("stages", []):
-        if checkpoint in (stage.get("outputs") or {}) and stage.get("label_free") is False:
+    producers = {out: s for s in ctx.folder.record.get("stages", []) for out in (s.get("outputs") or {})}
+    seen = set()
+    while checkpoint in producers and checkpoint not in seen:      # walk back: fp16 <- pruned <- student
+        seen.add(checkpoint)
+        stage = producers[checkpoint]
+        if stage.get("label_free") is False:
             return False
+        checkpoint = stage.get("source_checkpoint") or stage.get("source")
     return True
 
 

@@ -14,6 +14,7 @@ an OpenVINO IR alike.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -247,9 +248,13 @@ class RunContext:
 def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[str] | None = None,
           ratios: Sequence[float] = (0.3, 0.5, 0.7), by: str = "params", round_to: int | None = 8,
           scope: str = "local", finetune_steps: int = 100, finetune_with: str = "teacher",
-          threads: int = 1, out: str = "sweep", latency_repeats: int = 30) -> dict:
+          threads: int = 1, out: str = "sweep", latency_repeats: int = 20, latency_rounds: int = 3) -> dict:
     """Every criterion at every ratio: prune, score before and after fine-tuning, export the FP16
-    IR and time it in OpenVINO. Writes OUT/sweep.{json,md,png} into the run folder."""
+    IR and time it in OpenVINO. Writes OUT/sweep.{json,md,png} into the run folder.
+
+    Latency is measured at the end, all IRs in turn, `latency_rounds` times; each point keeps the
+    lowest of its per-round medians: on a shared CPU that is the figure least disturbed by other
+    jobs, and every point is measured under the same conditions."""
     from tqdm import tqdm
     from ground.export import export_openvino, openvino_latency
     from ground.prune import SWEEP_CRITERIA, get_criterion, prune_to_target
@@ -266,17 +271,17 @@ def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[st
     t0 = time.perf_counter()
     rows = []
 
-    def timed(model, tag) -> dict:
-        res = export_openvino(model, out_dir / "ir" / tag, tile=ctx.cfg.tile)
-        return openvino_latency(res.xml, tile=ctx.cfg.tile, threads=threads, repeats=latency_repeats)
+    irs: dict[str, Path] = {}
+
+    def export(model, tag) -> None:
+        irs[tag] = export_openvino(model, out_dir / "ir" / tag, tile=ctx.cfg.tile).xml
 
     from ground.prune import measure
     size = measure(base, example)
-    lat = timed(base, "base")
-    ctx.log(f"base: {size.params} params, {lat['ms_per_tile']:.1f} ms/tile")
+    export(base, "base")
     base_row = {"criterion": "none", "ratio": 0.0, "params": size.params, "macs": size.macs,
                 "params_reduction": 0.0, "macs_reduction": 0.0, **_scores(ctx.evaluate(ctx.torch_predict(base, norm))),
-                "ms_per_tile": lat["ms_per_tile"], "load_avg": lat["load_avg_1min"][0]}
+                "tag": "base"}
     base_row["miou_pruned"] = base_row["miou"]
     rows.append(base_row)
     jobs = [(c, float(r)) for c in criteria for r in ratios]
@@ -292,19 +297,32 @@ def sweep(ctx: RunContext, checkpoint: str = "student.pt", criteria: Sequence[st
             after = ctx.evaluate(ctx.torch_predict(model, norm))
         else:
             after = before_ft
-        lat = timed(model, tag)
+        export(model, tag)
         d = res.as_dict()
         row = {"criterion": crit, "ratio": ratio, "params": res.after.params, "macs": res.after.macs,
                "params_reduction": d["params_reduction"], "macs_reduction": d["macs_reduction"],
-               "miou_pruned": before_ft["miou"], **_scores(after), "ms_per_tile": lat["ms_per_tile"],
-               "load_avg": lat["load_avg_1min"][0], "seconds": round(time.perf_counter() - t_point, 1)}
+               "miou_pruned": before_ft["miou"], "agreement_pruned": before_ft.get("agreement"), **_scores(after),
+               "tag": tag, "seconds": round(time.perf_counter() - t_point, 1)}
         rows.append(row)
         ctx.log(f"{tag}: -{row['params_reduction']:.0%} params, mIoU {row['miou_pruned']:.3f} -> "
-                f"{row['miou']:.3f} after fine-tuning, {row['ms_per_tile']:.1f} ms/tile")
+                f"{row['miou']:.3f} after fine-tuning")
+    medians: dict[str, list[float]] = {tag: [] for tag in irs}
+    loads = []
+    for _ in tqdm(range(latency_rounds), desc="latency rounds", file=sys.stderr, disable=not ctx.progress):
+        for tag, xml in irs.items():
+            lat = openvino_latency(xml, tile=ctx.cfg.tile, threads=threads, repeats=latency_repeats)
+            medians[tag].append(lat["ms_per_tile"])
+            loads.append(lat["load_avg_1min"][0])
+    for row in rows:
+        row["ms_per_tile"] = min(medians[row["tag"]])
+        row["ms_rounds"] = medians[row["tag"]]
+        row["gmacs_per_s"] = row["macs"] / row["ms_per_tile"] / 1e6
     report = {"checkpoint": checkpoint, "by": by, "round_to": round_to, "scope": scope,
+              "latency": {"threads": threads, "repeats": latency_repeats, "rounds": latency_rounds,
+                          "load_avg_min_max": [min(loads), max(loads)]},
               "finetune": {"steps": finetune_steps, "with": finetune_with}, "threads": threads,
               "label_free": ctx.label_free and finetune_with != "labels", "eval": ctx.eval_name,
-              "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+              "tile": ctx.cfg.tile, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     (out_dir / "sweep.json").write_text(json.dumps(report, indent=2))
     (out_dir / "sweep.md").write_text(sweep_markdown(report))
     plot_sweep(report, out_dir / "sweep.png")
@@ -326,14 +344,19 @@ def sweep_markdown(report: dict) -> str:
     lines = [f"Pruning sweep of `{report['checkpoint']}` (target: {report['by']}, round_to={report['round_to']}, "
              f"{report['scope']} scope; fine-tuned {report['finetune']['steps']} steps with "
              f"{report['finetune']['with']}), scored on `{report['eval']}`; OpenVINO CPU latency, "
-             f"{report['threads']} thread(s), FP16 IR, 256x256 tile.", "",
-             "| criterion | target | params | -params | -MACs | mIoU pruned | mIoU fine-tuned | delta | ms/tile | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{report['threads']} thread(s), FP16 IR, {report.get('tile', 256)}x{report.get('tile', 256)} tile, "
+             f"lowest of {report['latency']['rounds']} rounds' medians (load average "
+             f"{report['latency']['load_avg_min_max'][0]:.1f}..{report['latency']['load_avg_min_max'][1]:.1f} "
+             f"on {os.cpu_count()} CPUs).", "",
+             "| criterion | target | params | -params | -MACs | mIoU pruned | mIoU fine-tuned | delta | "
+             "agreement | ms/tile | GMAC/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = r["miou"] - base["miou"] if r["miou"] is not None and base["miou"] is not None else None
         lines.append(f"| {r['criterion']} | {r['ratio']:.0%} | {r['params']:,} | {r['params_reduction']:.1%} | "
                      f"{r['macs_reduction']:.1%} | {_f(r.get('miou_pruned'))} | {_f(r['miou'])} | "
-                     f"{'-' if delta is None else f'{delta:+.3f}'} | {r['ms_per_tile']:.1f} | {r['load_avg']:.1f} |")
+                     f"{'-' if delta is None else f'{delta:+.3f}'} | {_f(r.get('agreement'))} | "
+                     f"{r['ms_per_tile']:.1f} | {r['gmacs_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

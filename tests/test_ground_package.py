@@ -196,11 +196,11 @@ def test_sweep_writes_table_json_and_plot(chain):
     from ground.sweep import RunContext, sweep
     ctx = RunContext.open(chain["run"], progress=False)
     rep = sweep(ctx, criteria=["magnitude-l1", "fpgm"], ratios=[0.5], finetune_steps=0, out="sweep-test",
-                latency_repeats=3)
+                latency_repeats=3, latency_rounds=1)
     rows = rep["rows"]
     assert [r["criterion"] for r in rows] == ["none", "magnitude-l1", "fpgm"]
     assert all(r["params_reduction"] >= 0.5 for r in rows[1:])
-    assert all(r["ms_per_tile"] > 0 and 0 <= r["miou"] <= 1 for r in rows)
+    assert all(r["ms_per_tile"] > 0 and r["gmacs_per_s"] > 0 and 0 <= r["miou"] <= 1 for r in rows)
     out = chain["run"] / "sweep-test"
     assert json.loads((out / "sweep.json").read_text())["rows"] == rows
     assert (out / "sweep.md").read_text().count("\n| ") == 4       # header + 3 rows

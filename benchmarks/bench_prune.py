@@ -1,0 +1,344 @@
+"""Pruning, FP16 and bundles on the label-free distilled student, scored on the held-out rows
+256..511 of the real ukis chip (never trained, fine-tuned or calibrated on).
+
+    .venv/bin/python benchmarks/bench_prune.py                     # everything (about an hour under load)
+    .venv/bin/python benchmarks/bench_prune.py --phases sweep      # one part
+    .venv/bin/python benchmarks/bench_prune.py --json
+
+The student comes from a run folder of `eoedge ground run configs/ukis_distill.toml --only
+output-distilled` (made if missing): distilled from the ukis-csmask teacher alone, no human
+label in any training or fine-tuning step here either (fine-tuning distils from that teacher,
+thresholds are calibrated on the teacher's masks of the training imagery). Phases:
+
+- `roundto`: the same 30%-MACs pruning with round_to None/4/8/16: OpenVINO latency (which
+  channel multiple gives a speed-up on this CPU);
+- `sweep`: the six criteria x three ratios: mIoU before/after fine-tuning, size, latency;
+- `target`: at least 40% of the parameters pruned (best sweep criterion), fine-tuned, scored as
+  OpenVINO runs it: the mIoU lost against the unpruned student;
+- `smallest`: growing ratios until the FP16 IR, run by OpenVINO, falls below the teacher's mIoU:
+  the smallest that does not, and its compression against the teacher;
+- `gap`: the deployment-gap table (FP32, naive FP16, FP16-aware fine-tuned) of that student;
+- `bundle`: a signed FP16 bundle of a ~100k-parameter student under 300 KB, and a tampered copy
+  refused by verify.
+Writes bench-prune.json / bench-prune.md into the run folder and prints them. Timings depend on
+the machine's load (printed with them): the CPU is shared with other developers.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PHASES = ("roundto", "sweep", "target", "smallest", "gap", "bundle")
+TEACHER_MIOU = 0.776          # ukis-csmask on rows 256..511 (DESIGN.md), re-measured by the run
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_prune {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_run(run_dir: Path, config: Path, steps: int | None) -> Path:
+    """The label-free student's run folder; trained with the ground pipeline when missing."""
+    if (run_dir / "student.pt").exists():
+        return run_dir
+    from ground.config import load_config
+    from ground.pipeline import run
+    overrides = {"run.out": str(run_dir.parent), "run.name": run_dir.name}
+    if steps:
+        overrides["train.steps"] = steps
+    log(f"no student in {run_dir}: distilling one (label-free) with {config.name}")
+    run(load_config(config, overrides), progress=True, only=["output-distilled"])
+    return run_dir
+
+
+def teacher_row(ctx) -> dict:
+    rep = ctx.run_dir / "report.json"
+    rows = json.loads(rep.read_text())["rows"] if rep.exists() else []
+    return next((r for r in rows if r.get("mode") == "teacher"), {})
+
+
+# ---- phases -------------------------------------------------------------------------------------------
+
+def phase_roundto(ctx, args) -> dict:
+    """The same pruning (40% of the parameters, magnitude-l1) with channel counts rounded to
+    None/4/8/16: OpenVINO latency and throughput (GMAC/s), all IRs timed in turn over rounds
+    (the lowest of each IR's per-round medians: the least disturbed by other jobs)."""
+    from ground.export import export_openvino, openvino_latency
+    from ground.prune import measure, prune_to_target
+    base, norm, _ = ctx.load(args.checkpoint)
+    example = ctx.example(norm)
+    out = ctx.run_dir / "bench-prune" / "roundto"
+    variants = {"unpruned": (base, measure(base, example), None)}
+    for rt in (None, 4, 8, 16):
+        res = prune_to_target(base, example, "magnitude-l1", 0.4, by="params", round_to=rt)
+        variants[f"round_to={rt}"] = (res.model, res.after,
+                                      sorted(set(v for k, v in res.widths_after.items() if k != "head")))
+    xmls = {k: export_openvino(m, out / k.replace("=", "-"), tile=ctx.cfg.tile).xml for k, (m, _, _) in variants.items()}
+    runs = {k: [] for k in xmls}
+    for _ in range(args.latency_rounds):
+        for k, xml in xmls.items():
+            runs[k].append(openvino_latency(xml, tile=ctx.cfg.tile, threads=1, repeats=20)["ms_per_tile"])
+    rows = []
+    for k, (_, size, widths) in variants.items():
+        ms = min(runs[k])
+        rows.append({"variant": k, "macs": size.macs, "params": size.params, "widths": widths, "ms_per_tile": ms,
+                     "ms_rounds": runs[k], "gmacs_per_s": size.macs / ms / 1e6})
+    return {"rows": rows, "load": load_line()}
+
+
+def phase_sweep(ctx, args) -> dict:
+    """The sweep with a light fine-tune (args.sweep_steps of args.sweep_batch crops) per point."""
+    from dataclasses import replace
+    from ground.sweep import sweep
+    cfg = ctx.cfg
+    ctx.cfg = replace(cfg, train=replace(cfg.train, batch=args.sweep_batch))
+    try:
+        return sweep(ctx, args.checkpoint, None, args.ratios, by="params", round_to=8, scope="local",
+                     finetune_steps=args.sweep_steps, finetune_with="teacher", threads=1, out="bench-prune/sweep",
+                     latency_repeats=20, latency_rounds=args.latency_rounds)
+    finally:
+        ctx.cfg = cfg
+
+
+def best_criterion(sweep: dict | None, default: str = "lamp") -> str:
+    if not sweep:
+        return default
+    rows = [r for r in sweep["rows"][1:] if r["miou"] is not None]
+    crits = {r["criterion"] for r in rows}
+    mean = {c: sum(r["miou"] for r in rows if r["criterion"] == c) / sum(1 for r in rows if r["criterion"] == c)
+            for c in crits}
+    return max(mean, key=mean.get)
+
+
+def score_ir(ctx, checkpoint: str, name: str) -> dict:
+    from ground.export import export_stage
+    rec = export_stage(ctx.run_dir, checkpoint, name=name, progress=False)
+    return {"checkpoint": checkpoint, "export": f"export/{name}", "params": rec["params"], "macs": rec["macs"],
+            "miou_openvino": rec["metrics"]["openvino"]["miou"],
+            "miou_fp16_emulated": rec["metrics"]["fp16_emulated"]["miou"],
+            "ms_per_tile": rec["latency"]["ms_per_tile"], "bin_bytes": rec["files"]["model.bin"],
+            "parity": rec["parity"], "label_free": rec["label_free"]}
+
+
+def phase_target(ctx, args, criterion: str) -> dict:
+    from ground.prune import prune_stage
+    base = score_ir(ctx, args.checkpoint, "bench-unpruned")
+    res = prune_stage(ctx.run_dir, criterion, args.target, checkpoint=args.checkpoint,
+                      finetune_steps=args.finetune_steps, name=f"bench-{criterion}-{round(100 * args.target)}",
+                      progress=not args.json)
+    pruned = score_ir(ctx, res["checkpoint"], f"bench-{criterion}-{round(100 * args.target)}")
+    loss = base["miou_openvino"] - pruned["miou_openvino"]
+    return {"criterion": criterion, "target": args.target, "params_reduction": res["params_reduction"],
+            "macs_reduction": res["macs_reduction"], "unpruned": base, "pruned": pruned,
+            "torch_metrics": {k: v["miou"] for k, v in res["metrics"].items()},
+            "miou_loss": loss, "meets": {"params_reduction>=0.40": res["params_reduction"] >= 0.40,
+                                         "miou_loss<=0.02": loss <= 0.02}}
+
+
+def phase_smallest(ctx, args, criterion: str, teacher_params: int | None) -> dict:
+    """Grow the ratio; each candidate pruned from the student, fine-tuned FP16-aware with the
+    teacher, exported (FP16 IR) and scored as OpenVINO runs it. Stop at the first miss."""
+    from ground.fp16 import fp16_finetune_stage
+    from ground.prune import prune_stage
+    tried, best = [], None
+    for ratio in args.smallest_ratios:
+        tag = f"bench-smallest-{round(100 * ratio)}"
+        res = prune_stage(ctx.run_dir, criterion, ratio, checkpoint=args.checkpoint, steps=args.smallest_prune_steps,
+                          finetune_steps=args.finetune_steps, name=tag, evaluate=False, progress=not args.json)
+        fp = fp16_finetune_stage(ctx.run_dir, res["checkpoint"], steps=args.fp16_steps, name=f"{tag}-fp16",
+                                 progress=not args.json)
+        row = {"ratio": ratio, **score_ir(ctx, fp["out"], tag), "fp16_gap_rows": {k: v["miou"] for k, v in fp["rows"].items()}}
+        tried.append(row)
+        log(f"ratio {ratio}: {row['params']} params, OpenVINO mIoU {row['miou_openvino']:.4f}")
+        if row["miou_openvino"] >= args.teacher_miou:
+            best = row
+        else:
+            break
+    out = {"criterion": criterion, "teacher_miou": args.teacher_miou, "tried": tried, "smallest": best}
+    if best and teacher_params:
+        out["compression_vs_teacher"] = teacher_params / best["params"]
+        out["teacher_params"] = teacher_params
+    return out
+
+
+def phase_gap(ctx, args, checkpoint: str) -> dict:
+    from ground.fp16 import fp16_finetune_stage
+    return fp16_finetune_stage(ctx.run_dir, checkpoint, steps=args.fp16_steps, name="bench-gap",
+                               progress=not args.json)
+
+
+def phase_bundle(ctx, args, checkpoint: str) -> dict:
+    """A signed FP16 bundle within 300 KB; then a copy with one weight byte flipped is verified."""
+    from shared.bundle import BundleError, verify_bundle
+    from shared.keys import generate_keypair
+    from ground.export import export_stage
+    from ground.package import bundle_stage
+    keys = ctx.run_dir / "bench-prune" / "keys"
+    shutil.rmtree(keys, ignore_errors=True)
+    sk, pk = generate_keypair(keys)
+    rec = export_stage(ctx.run_dir, checkpoint, name="bench-bundle", progress=False)
+    version = int(time.time())            # monotonic across re-runs
+    res = bundle_stage(ctx.run_dir, "export/bench-bundle", sk, "cloudmask-ukis", version, max_bytes="300KB",
+                       reference_tiles=1, reference_window=args.reference_window, progress=False)
+    ok = verify_bundle(res["bundle"], pk)
+    bad = Path(res["bundle"]).with_name("tampered.tar")
+    with tarfile.open(res["bundle"]) as src, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "model.bin":
+                data = data[:100] + bytes([data[100] ^ 0x40]) + data[101:]
+            dst.addfile(member, io.BytesIO(data))
+    try:
+        verify_bundle(bad, pk)
+        rejected = None
+    except BundleError as exc:
+        rejected = {"reason": exc.reason, "message": str(exc)}
+    return {"checkpoint": checkpoint, "params": rec["params"], "bundle": res["bundle"], "bytes": res["bytes"],
+            "files": res["files"], "key_id": ok.key_id, "verified": True, "tampered_rejected": rejected,
+            "miou_openvino": res["metrics"].get("openvino", {}).get("miou"),
+            "meets": {"bytes<300KB": res["bytes"] < 300_000, "tampered copy rejected": rejected is not None}}
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+def markdown(b: dict) -> str:
+    from ground.sweep import sweep_markdown
+    out = ["# bench_prune", "", f"`{b['command']}` on {b['machine']} ({b['load_before']} before, "
+           f"{b['load_after']} after); run folder `{b['run_dir']}`.", ""]
+    if "roundto" in b:
+        out += ["## round_to and OpenVINO latency (40% of the parameters pruned, magnitude-l1)", "",
+                "| variant | MACs | params | channel counts | ms/tile (min of rounds) | GMAC/s |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['variant']} | {r['macs']:,} | {r['params']:,} | {r['widths'] or '-'} | {r['ms_per_tile']:.2f} | "
+                f"{r.get('gmacs_per_s', 0):.1f} |" for r in b["roundto"]["rows"]] + [""]
+    if "sweep" in b:
+        out += ["## Criteria x ratios", "", sweep_markdown(b["sweep"])]
+    if "target" in b:
+        t = b["target"]
+        out += ["## At least 40% of the parameters pruned", "",
+                f"{t['criterion']}: -{t['params_reduction']:.1%} params (-{t['macs_reduction']:.1%} MACs), "
+                f"OpenVINO FP16 IR mIoU {t['unpruned']['miou_openvino']:.4f} -> {t['pruned']['miou_openvino']:.4f} "
+                f"(loss {t['miou_loss']:+.4f}); {t['unpruned']['ms_per_tile']:.1f} -> {t['pruned']['ms_per_tile']:.1f} "
+                f"ms/tile. Meets: {t['meets']}", ""]
+    if "smallest" in b:
+        s = b["smallest"]
+        out += ["## Smallest label-free student at the teacher's mIoU (FP16 IR, run by OpenVINO)", "",
+                "| ratio | params | mIoU (OpenVINO) | mIoU (emulated FP16) | ms/tile | .bin bytes |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['ratio']:.0%} | {r['params']:,} | {r['miou_openvino']:.4f} | {r['miou_fp16_emulated']:.4f} | "
+                f"{r['ms_per_tile']:.1f} | {r['bin_bytes']:,} |" for r in s["tried"]]
+        if s.get("smallest"):
+            out += ["", f"Smallest at >= {s['teacher_miou']}: {s['smallest']['params']:,} params"
+                        + (f", {s['compression_vs_teacher']:.0f}x fewer than the teacher's {s['teacher_params']:,}"
+                           if s.get("compression_vs_teacher") else "")]
+        else:
+            out += ["", f"No pruned student reached {s['teacher_miou']}."]
+        out += [""]
+    if "gap" in b:
+        from ground.fp16 import gap_markdown
+        out += ["## Deployment gap", "", gap_markdown(b["gap"])]
+    if "bundle" in b:
+        u = b["bundle"]
+        out += ["## Bundle", "", f"{u['params']:,}-parameter student: `{u['bundle']}` {u['bytes']:,} bytes "
+                f"({', '.join(f'{k} {v:,}' for k, v in u['files'].items())}), signed (key {u['key_id']}), verified; "
+                f"tampered copy: {'rejected (' + u['tampered_rejected']['reason'] + ')' if u['tampered_rejected'] else 'ACCEPTED'}."
+                f" Meets: {u['meets']}", ""]
+    out += [f"Wall time {b['wall_seconds']:.0f} s."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=str(REPO / "runs" / "e-student"), help="run folder of the student")
+    ap.add_argument("--config", default=str(REPO / "configs" / "ukis_distill.toml"))
+    ap.add_argument("--distill-steps", type=int, help="train.steps when the student must be made")
+    ap.add_argument("--checkpoint", default="student.pt")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="sweep ratios")
+    ap.add_argument("--sweep-steps", type=int, default=30, help="fine-tuning steps per sweep point")
+    ap.add_argument("--sweep-batch", type=int, default=8, help="crops per fine-tuning step in the sweep")
+    ap.add_argument("--criterion", help="criterion for target/smallest (default: the sweep's best)")
+    ap.add_argument("--target", type=float, default=0.4)
+    ap.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning after pruning (target, smallest)")
+    ap.add_argument("--smallest-ratios", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
+    ap.add_argument("--smallest-prune-steps", type=int, default=2, help="iterative pruning steps")
+    ap.add_argument("--fp16-steps", type=int, default=100, help="FP16-aware fine-tuning steps")
+    ap.add_argument("--teacher-miou", type=float, default=TEACHER_MIOU)
+    ap.add_argument("--bundle-checkpoint", help="the ~100k student to bundle (default: the unpruned student)")
+    ap.add_argument("--reference-window", type=int, default=48, help="real patch of the bundle's reference tile")
+    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a shared 2-core machine two mostly spin)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.torch_threads)
+    from ground.sweep import RunContext
+    t0 = time.perf_counter()
+    bench = {"command": " ".join(["benchmarks/bench_prune.py"] + (argv if argv is not None else sys.argv[1:])),
+             "machine": f"{os.cpu_count()} CPUs, torch {args.torch_threads} thread(s), OpenVINO 1 thread",
+             "load_before": load_line()}
+    run_dir = ensure_run(Path(args.run), Path(args.config), args.distill_steps)
+    ctx = RunContext.open(run_dir, progress=not args.json)
+    if not ctx.label_free:
+        raise SystemExit(f"{run_dir}: the delivered student used human labels; bench_prune needs a label-free one")
+    bench["run_dir"] = str(run_dir)
+    out_dir = run_dir / "bench-prune"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out_dir / "bench-prune.json").read_text()) if (out_dir / "bench-prune.json").exists() else {}
+    trow = teacher_row(ctx)
+    bench["teacher"] = {k: trow.get(k) for k in ("model", "params", "miou", "accuracy")}
+    if trow.get("miou"):
+        args.teacher_miou = max(args.teacher_miou, float(trow["miou"]))
+    for phase in PHASES:
+        if phase not in args.phases:
+            if phase in previous:
+                bench[phase] = previous[phase]       # keep earlier results of phases not re-run
+            continue
+        log(f"phase {phase} ({load_line()})")
+        t = time.perf_counter()
+        if phase == "roundto":
+            bench[phase] = phase_roundto(ctx, args)
+        elif phase == "sweep":
+            bench[phase] = phase_sweep(ctx, args)
+        elif phase == "target":
+            bench[phase] = phase_target(ctx, args, args.criterion or best_criterion(bench.get("sweep")))
+        elif phase == "smallest":
+            bench[phase] = phase_smallest(ctx, args, args.criterion or best_criterion(bench.get("sweep")),
+                                          trow.get("params"))
+        elif phase == "gap":
+            s = (bench.get("smallest") or {}).get("smallest")
+            src = s["checkpoint"].replace("-fp16.pt", ".pt").replace("fp16/", "pruned/") if s else args.checkpoint
+            bench[phase] = phase_gap(ctx, args, src)
+        elif phase == "bundle":
+            bench[phase] = phase_bundle(ctx, args, args.bundle_checkpoint or args.checkpoint)
+        bench[phase]["seconds"] = round(time.perf_counter() - t, 1)
+        (out_dir / "bench-prune.json").write_text(json.dumps(bench, indent=2, default=str))
+    bench["load_after"] = load_line()
+    bench["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "bench-prune.json").write_text(json.dumps(bench, indent=2, default=str))
+    md = markdown(bench)
+    (out_dir / "bench-prune.md").write_text(md)
+    print(json.dumps(bench, indent=2, default=str) if args.json else md)
+    if not args.json:
+        print(f"written: {out_dir}/bench-prune.json, bench-prune.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
