@@ -10,10 +10,11 @@ output-distilled` (made if missing): distilled from the ukis-csmask teacher alon
 label in any training or fine-tuning step here either (fine-tuning distils from that teacher,
 thresholds are calibrated on the teacher's masks of the training imagery). Phases:
 
-- `roundto`: the same 30%-MACs pruning with round_to None/4/8/16: OpenVINO latency (which
-  channel multiple gives a speed-up on this CPU);
+- `roundto`: the student's widths x 0.8 as odd channel counts and as multiples of 4, 8, 16:
+  OpenVINO latency and GMAC/s (which channel multiple gives a speed-up on this CPU);
 - `sweep`: the six criteria x three ratios: mIoU before/after fine-tuning, size, latency;
-- `target`: at least 40% of the parameters pruned (best sweep criterion), fine-tuned, scored as
+- `target`: at least 40% of the parameters pruned (`--criterion`, lamp: fixed beforehand, never
+  chosen from the sweep, whose scores come from the held-out rows), fine-tuned, scored as
   OpenVINO runs it: the mIoU lost against the unpruned student;
 - `smallest`: growing ratios until the FP16 IR, run by OpenVINO, falls below the teacher's mIoU:
   the smallest that does not, and its compression against the teacher;
@@ -73,31 +74,47 @@ def teacher_row(ctx) -> dict:
 
 # ---- phases -------------------------------------------------------------------------------------------
 
+def _nearest(x: float, step: int, odd: bool = False) -> int:
+    if odd:
+        return max(1, int(round((x - 1) / 2)) * 2 + 1)
+    return max(step, int(round(x / step)) * step)
+
+
 def phase_roundto(ctx, args) -> dict:
-    """The same pruning (40% of the parameters, magnitude-l1) with channel counts rounded to
-    None/4/8/16: OpenVINO latency and throughput (GMAC/s), all IRs timed in turn over rounds
-    (the lowest of each IR's per-round medians: the least disturbed by other jobs)."""
+    """Which channel multiple OpenVINO rewards on this CPU. The student's widths scaled by 0.8
+    (what a 36% parameter pruning leaves) and rounded four ways: to odd counts (no rounding can
+    give those), and to multiples of 4, 8, 16. Latency does not depend on the weight values, so
+    the TinyUNets are built at those widths directly. All IRs are timed in turn over rounds; each
+    keeps the lowest of its per-round medians (the least disturbed by other jobs)."""
     from ground.export import export_openvino, openvino_latency
-    from ground.prune import measure, prune_to_target
+    from ground.prune import measure
+    from ground.students import TinyUNet
     base, norm, _ = ctx.load(args.checkpoint)
-    example = ctx.example(norm)
+    cfg = base.config
+    example = torch_zeros(cfg["in_channels"], ctx.cfg.tile)
     out = ctx.run_dir / "bench-prune" / "roundto"
-    variants = {"unpruned": (base, measure(base, example), None)}
-    for rt in (None, 4, 8, 16):
-        res = prune_to_target(base, example, "magnitude-l1", 0.4, by="params", round_to=rt)
-        variants[f"round_to={rt}"] = (res.model, res.after,
-                                      sorted(set(v for k, v in res.widths_after.items() if k != "head")))
-    xmls = {k: export_openvino(m, out / k.replace("=", "-"), tile=ctx.cfg.tile).xml for k, (m, _, _) in variants.items()}
-    runs = {k: [] for k in xmls}
+    scaled = [0.8 * w for w in cfg["widths"]]
+    widths = {"unpruned": list(cfg["widths"]), "odd": [_nearest(w, 1, odd=True) for w in scaled]}
+    widths.update({f"round_to={k}": [_nearest(w, k) for w in scaled] for k in (4, 8, 16)})
+    variants = {}
+    for name, w in widths.items():
+        m = TinyUNet(cfg["in_channels"], cfg["num_classes"], w, upsample=cfg["upsample"]).eval()
+        variants[name] = (export_openvino(m, out / name.replace("=", "-"), tile=ctx.cfg.tile).xml, measure(m, example), w)
+    runs = {k: [] for k in variants}
     for _ in range(args.latency_rounds):
-        for k, xml in xmls.items():
+        for k, (xml, _, _) in variants.items():
             runs[k].append(openvino_latency(xml, tile=ctx.cfg.tile, threads=1, repeats=20)["ms_per_tile"])
     rows = []
-    for k, (_, size, widths) in variants.items():
+    for k, (_, size, w) in variants.items():
         ms = min(runs[k])
-        rows.append({"variant": k, "macs": size.macs, "params": size.params, "widths": widths, "ms_per_tile": ms,
+        rows.append({"variant": k, "macs": size.macs, "params": size.params, "widths": w, "ms_per_tile": ms,
                      "ms_rounds": runs[k], "gmacs_per_s": size.macs / ms / 1e6})
     return {"rows": rows, "load": load_line()}
+
+
+def torch_zeros(channels: int, tile: int):
+    import torch
+    return torch.zeros(1, channels, tile, tile)
 
 
 def phase_sweep(ctx, args) -> dict:
@@ -114,21 +131,12 @@ def phase_sweep(ctx, args) -> dict:
         ctx.cfg = cfg
 
 
-def best_criterion(sweep: dict | None, default: str = "lamp") -> str:
-    if not sweep:
-        return default
-    rows = [r for r in sweep["rows"][1:] if r["miou"] is not None]
-    crits = {r["criterion"] for r in rows}
-    mean = {c: sum(r["miou"] for r in rows if r["criterion"] == c) / sum(1 for r in rows if r["criterion"] == c)
-            for c in crits}
-    return max(mean, key=mean.get)
-
-
 def score_ir(ctx, checkpoint: str, name: str) -> dict:
     from ground.export import export_stage
     rec = export_stage(ctx.run_dir, checkpoint, name=name, progress=False)
     return {"checkpoint": checkpoint, "export": f"export/{name}", "params": rec["params"], "macs": rec["macs"],
             "miou_openvino": rec["metrics"]["openvino"]["miou"],
+            "agreement_openvino": rec["metrics"]["openvino"].get("agreement"),
             "miou_fp16_emulated": rec["metrics"]["fp16_emulated"]["miou"],
             "ms_per_tile": rec["latency"]["ms_per_tile"], "bin_bytes": rec["files"]["model.bin"],
             "parity": rec["parity"], "label_free": rec["label_free"]}
@@ -158,10 +166,12 @@ def phase_smallest(ctx, args, criterion: str, teacher_params: int | None) -> dic
     for ratio in args.smallest_ratios:
         tag = f"bench-smallest-{round(100 * ratio)}"
         res = prune_stage(ctx.run_dir, criterion, ratio, checkpoint=args.checkpoint, steps=args.smallest_prune_steps,
-                          finetune_steps=args.finetune_steps, name=tag, evaluate=False, progress=not args.json)
+                          round_to=args.smallest_round_to, finetune_steps=args.finetune_steps, name=tag,
+                          evaluate=False, progress=not args.json)
         fp = fp16_finetune_stage(ctx.run_dir, res["checkpoint"], steps=args.fp16_steps, name=f"{tag}-fp16",
                                  progress=not args.json)
-        row = {"ratio": ratio, **score_ir(ctx, fp["out"], tag), "fp16_gap_rows": {k: v["miou"] for k, v in fp["rows"].items()}}
+        row = {"ratio": ratio, "params_reduction": res["params_reduction"], **score_ir(ctx, fp["out"], tag),
+               "fp16_gap_rows": {k: v["miou"] for k, v in fp["rows"].items()}}
         tried.append(row)
         log(f"ratio {ratio}: {row['params']} params, OpenVINO mIoU {row['miou_openvino']:.4f}")
         if row["miou_openvino"] >= args.teacher_miou:
@@ -181,19 +191,29 @@ def phase_gap(ctx, args, checkpoint: str) -> dict:
                                progress=not args.json)
 
 
-def phase_bundle(ctx, args, checkpoint: str) -> dict:
-    """A signed FP16 bundle within 300 KB; then a copy with one weight byte flipped is verified."""
+def phase_bundle(ctx, args, checkpoint: str | None) -> dict:
+    """A ~100k-parameter student (the student pruned by `--bundle-target` of its parameters,
+    fine-tuned with the teacher, then FP16-aware), as a signed FP16 bundle within 300 KB; then a
+    copy with one weight byte flipped is verified."""
     from shared.bundle import BundleError, verify_bundle
     from shared.keys import generate_keypair
     from ground.export import export_stage
+    from ground.fp16 import fp16_finetune_stage
     from ground.package import bundle_stage
+    from ground.prune import prune_stage
+    if checkpoint is None:
+        res = prune_stage(ctx.run_dir, args.criterion, args.bundle_target, checkpoint=args.checkpoint,
+                          round_to=4, finetune_steps=args.finetune_steps, name="bench-bundle", evaluate=False,
+                          progress=not args.json)
+        checkpoint = fp16_finetune_stage(ctx.run_dir, res["checkpoint"], steps=args.fp16_steps,
+                                         name="bench-bundle-fp16", progress=not args.json)["out"]
     keys = ctx.run_dir / "bench-prune" / "keys"
     shutil.rmtree(keys, ignore_errors=True)
     sk, pk = generate_keypair(keys)
     rec = export_stage(ctx.run_dir, checkpoint, name="bench-bundle", progress=False)
     version = int(time.time())            # monotonic across re-runs
     res = bundle_stage(ctx.run_dir, "export/bench-bundle", sk, "cloudmask-ukis", version, max_bytes="300KB",
-                       reference_tiles=1, reference_window=args.reference_window, progress=False)
+                       reference_tiles=args.reference_tiles, reference_window=args.reference_window, progress=False)
     ok = verify_bundle(res["bundle"], pk)
     bad = Path(res["bundle"]).with_name("tampered.tar")
     with tarfile.open(res["bundle"]) as src, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as dst:
@@ -220,7 +240,7 @@ def markdown(b: dict) -> str:
     out = ["# bench_prune", "", f"`{b['command']}` on {b['machine']} ({b['load_before']} before, "
            f"{b['load_after']} after); run folder `{b['run_dir']}`.", ""]
     if "roundto" in b:
-        out += ["## round_to and OpenVINO latency (40% of the parameters pruned, magnitude-l1)", "",
+        out += ["## round_to and OpenVINO latency (the student's widths x 0.8, rounded four ways)", "",
                 "| variant | MACs | params | channel counts | ms/tile (min of rounds) | GMAC/s |", "|---|---|---|---|---|---|"]
         out += [f"| {r['variant']} | {r['macs']:,} | {r['params']:,} | {r['widths'] or '-'} | {r['ms_per_tile']:.2f} | "
                 f"{r.get('gmacs_per_s', 0):.1f} |" for r in b["roundto"]["rows"]] + [""]
@@ -236,10 +256,10 @@ def markdown(b: dict) -> str:
     if "smallest" in b:
         s = b["smallest"]
         out += ["## Smallest label-free student at the teacher's mIoU (FP16 IR, run by OpenVINO)", "",
-                "| ratio | params | mIoU (OpenVINO) | mIoU (emulated FP16) | ms/tile | .bin bytes |",
-                "|---|---|---|---|---|---|"]
+                "| target | params | mIoU (OpenVINO) | mIoU (emulated FP16) | agreement with teacher | ms/tile | .bin bytes |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['ratio']:.0%} | {r['params']:,} | {r['miou_openvino']:.4f} | {r['miou_fp16_emulated']:.4f} | "
-                f"{r['ms_per_tile']:.1f} | {r['bin_bytes']:,} |" for r in s["tried"]]
+                f"{r['agreement_openvino']:.4f} | {r['ms_per_tile']:.1f} | {r['bin_bytes']:,} |" for r in s["tried"]]
         if s.get("smallest"):
             out += ["", f"Smallest at >= {s['teacher_miou']}: {s['smallest']['params']:,} params"
                         + (f", {s['compression_vs_teacher']:.0f}x fewer than the teacher's {s['teacher_params']:,}"
@@ -271,16 +291,22 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="sweep ratios")
     ap.add_argument("--sweep-steps", type=int, default=30, help="fine-tuning steps per sweep point")
     ap.add_argument("--sweep-batch", type=int, default=8, help="crops per fine-tuning step in the sweep")
-    ap.add_argument("--criterion", help="criterion for target/smallest (default: the sweep's best)")
+    ap.add_argument("--criterion", default="lamp",
+                    help="criterion for target/smallest: fixed beforehand (the CLI's default), never picked "
+                         "from the sweep, whose scores are on the held-out rows")
     ap.add_argument("--target", type=float, default=0.4)
-    ap.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning after pruning (target, smallest)")
-    ap.add_argument("--smallest-ratios", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
+    ap.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning after pruning (target, smallest, bundle)")
+    ap.add_argument("--smallest-ratios", nargs="+", type=float, default=[0.7, 0.85, 0.92, 0.96])
+    ap.add_argument("--smallest-round-to", type=int, default=4, help="round_to of the smallest students")
     ap.add_argument("--smallest-prune-steps", type=int, default=2, help="iterative pruning steps")
-    ap.add_argument("--fp16-steps", type=int, default=100, help="FP16-aware fine-tuning steps")
+    ap.add_argument("--fp16-steps", type=int, default=60, help="FP16-aware fine-tuning steps")
     ap.add_argument("--teacher-miou", type=float, default=TEACHER_MIOU)
-    ap.add_argument("--bundle-checkpoint", help="the ~100k student to bundle (default: the unpruned student)")
-    ap.add_argument("--reference-window", type=int, default=48, help="real patch of the bundle's reference tile")
-    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--bundle-checkpoint", help="the student to bundle (default: the student pruned by --bundle-target)")
+    ap.add_argument("--bundle-target", type=float, default=0.13,
+                    help="pruning (round_to 4) that makes the ~100k student: 116k -> 97.7k")
+    ap.add_argument("--reference-tiles", type=int, default=2, help="reference tiles in the bundle")
+    ap.add_argument("--reference-window", type=int, default=16, help="real patch of each reference tile")
+    ap.add_argument("--latency-rounds", type=int, default=5, help="timing rounds (min of medians)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (1: on a shared 2-core machine two mostly spin)")
     ap.add_argument("--json", action="store_true")
@@ -302,6 +328,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out_dir / "bench-prune.json").read_text()) if (out_dir / "bench-prune.json").exists() else {}
     trow = teacher_row(ctx)
+    if not trow.get("params") and ("smallest" in args.phases or "target" in args.phases):
+        trow["params"] = getattr(ctx.teacher, "params", None)     # counted from the teacher's graph
     bench["teacher"] = {k: trow.get(k) for k in ("model", "params", "miou", "accuracy")}
     if trow.get("miou"):
         args.teacher_miou = max(args.teacher_miou, float(trow["miou"]))
@@ -317,16 +345,15 @@ def main(argv=None) -> int:
         elif phase == "sweep":
             bench[phase] = phase_sweep(ctx, args)
         elif phase == "target":
-            bench[phase] = phase_target(ctx, args, args.criterion or best_criterion(bench.get("sweep")))
+            bench[phase] = phase_target(ctx, args, args.criterion)
         elif phase == "smallest":
-            bench[phase] = phase_smallest(ctx, args, args.criterion or best_criterion(bench.get("sweep")),
-                                          trow.get("params"))
+            bench[phase] = phase_smallest(ctx, args, args.criterion, trow.get("params"))
         elif phase == "gap":
             s = (bench.get("smallest") or {}).get("smallest")
             src = s["checkpoint"].replace("-fp16.pt", ".pt").replace("fp16/", "pruned/") if s else args.checkpoint
             bench[phase] = phase_gap(ctx, args, src)
         elif phase == "bundle":
-            bench[phase] = phase_bundle(ctx, args, args.bundle_checkpoint or args.checkpoint)
+            bench[phase] = phase_bundle(ctx, args, args.bundle_checkpoint)
         bench[phase]["seconds"] = round(time.perf_counter() - t, 1)
         (out_dir / "bench-prune.json").write_text(json.dumps(bench, indent=2, default=str))
     bench["load_after"] = load_line()

@@ -348,6 +348,7 @@ def sweep_markdown(report: dict) -> str:
              f"lowest of {report['latency']['rounds']} rounds' medians (load average "
              f"{report['latency']['load_avg_min_max'][0]:.1f}..{report['latency']['load_avg_min_max'][1]:.1f} "
              f"on {os.cpu_count()} CPUs).", "",
+             "`agreement`: pixel agreement with the teacher's masks, before / after fine-tuning.", "",
              "| criterion | target | params | -params | -MACs | mIoU pruned | mIoU fine-tuned | delta | "
              "agreement | ms/tile | GMAC/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -355,7 +356,8 @@ def sweep_markdown(report: dict) -> str:
         delta = r["miou"] - base["miou"] if r["miou"] is not None and base["miou"] is not None else None
         lines.append(f"| {r['criterion']} | {r['ratio']:.0%} | {r['params']:,} | {r['params_reduction']:.1%} | "
                      f"{r['macs_reduction']:.1%} | {_f(r.get('miou_pruned'))} | {_f(r['miou'])} | "
-                     f"{'-' if delta is None else f'{delta:+.3f}'} | {_f(r.get('agreement'))} | "
+                     f"{'-' if delta is None else f'{delta:+.3f}'} | "
+                     f"{_f(r.get('agreement_pruned', r.get('agreement')))} / {_f(r.get('agreement'))} | "
                      f"{r['ms_per_tile']:.1f} | {r['gmacs_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
