@@ -11,7 +11,8 @@ interpolated, evaluated at any coordinates, so a window or a shifted copy costs 
 - water where a large-scale noise field is below the quantile giving `water_fraction`;
 - land: a vegetation/soil mix from a second field, urban patches from a third, a fine texture;
 - clouds: opacity from a fourth field against a threshold that follows the along-track
-  `cloud_cover` profile (so one scene has clear and overcast frames); thick where opacity >= 0.5;
+  `cloud_cover` profile (so one scene has clear and overcast frames); cloud (thin included)
+  where opacity >= CLOUD_TRUTH_OPACITY, brightness textured at several scales as real clouds are;
 - cloud shadows: the same opacity field displaced by the shadow vector (cloud height, sun
   elevation and azimuth), darkening the surface towards the atmospheric path reflectance;
 - ships: oriented rectangles (4..30 px, 40..300 m at 10 m) on open water, each an instance.
@@ -46,8 +47,9 @@ SPECTRA: dict[str, tuple[float, ...]] = {
     "urban":      (0.135, 0.115, 0.115, 0.115, 0.130, 0.150, 0.160, 0.170, 0.175, 0.060, 0.002, 0.200, 0.170),
     # open water: path radiance in the blue, absorbed in NIR and SWIR
     "water":      (0.115, 0.088, 0.068, 0.045, 0.035, 0.028, 0.026, 0.022, 0.020, 0.008, 0.001, 0.010, 0.007),
-    # thick water cloud: bright and flat in VNIR, lower in SWIR (absorption), some signal in B10
-    "cloud":      (0.500, 0.480, 0.470, 0.470, 0.480, 0.500, 0.510, 0.520, 0.520, 0.250, 0.040, 0.350, 0.240),
+    # thick water cloud: bright and flat in VNIR, lower in SWIR (absorption), some signal in B10;
+    # close to the brightest decile of the human-labelled clouds of the ukis chip
+    "cloud":      (0.560, 0.550, 0.540, 0.550, 0.560, 0.580, 0.600, 0.610, 0.620, 0.300, 0.050, 0.500, 0.380),
     # painted steel hull and deck
     "ship":       (0.170, 0.160, 0.160, 0.160, 0.170, 0.180, 0.185, 0.190, 0.190, 0.080, 0.003, 0.160, 0.130),
     # atmospheric path reflectance: what a shadowed surface tends to
@@ -56,7 +58,14 @@ SPECTRA: dict[str, tuple[float, ...]] = {
 ENDMEMBERS = ("vegetation", "soil", "urban", "water", "ship", "path", "cloud")
 _ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   # (13, 5)
 SHADOW_DIRECT_FRACTION = 0.28
-_QUANTILE_GRID = np.linspace(0, 1, 201)   # share of the surface signal left in a full cloud shadow
+_QUANTILE_GRID = np.linspace(0, 1, 201)
+# Cloud structure down to ~6 px and a strong brightness texture: real clouds are anything but
+# flat, and a flat bright field does not look like a cloud to a model trained on real ones (the
+# ukis-csmask teacher calls a uniform cloud-spectrum tile "clear", and finds ~100% of these).
+CLOUD_OCTAVES = 7
+CLOUD_TEXTURE = (128, 5, 0.6, 0.7)     # (cell px, octaves, gain, amplitude) of cloud brightness
+# Truth: a pixel is cloud from this opacity on (thin cloud counts: you cannot see the ground well)
+CLOUD_TRUTH_OPACITY = 0.25   # share of the surface signal left in a full cloud shadow
 
 
 def spectrum(name: str, bands: Sequence[str] = S2_BANDS) -> np.ndarray:
@@ -222,8 +231,9 @@ class SceneGenerator:
         self._veg = ValueNoise(rng, h, w, 260 * k, octaves=4, gain=0.55)
         self._urban = ValueNoise(rng, h, w, 90 * k, octaves=3, gain=0.5)
         self._texture = ValueNoise(rng, h, w, 12, octaves=2, gain=0.5)
-        self._cloud = ValueNoise(rng, h, w, 420 * k, octaves=5, gain=0.55, margin=margin)
-        self._cloud_texture = ValueNoise(rng, h, w, 40, octaves=2, gain=0.5)
+        self._cloud = ValueNoise(rng, h, w, 420 * k, octaves=CLOUD_OCTAVES, gain=0.55, margin=margin)
+        cell, octaves, gain, _ = CLOUD_TEXTURE
+        self._cloud_texture = ValueNoise(rng, h, w, cell, octaves=octaves, gain=gain)
         self._sensor_seed = int(rng.integers(2 ** 31))
         qw, qu = _coarse_quantiles(self._water, h, w, [self.water_fraction, 1 - self.urban_fraction])
         # Python floats: a numpy float64 level would promote every float32 field it touches
@@ -243,9 +253,11 @@ class SceneGenerator:
         return np.interp(ys, np.linspace(0, self.rows - 1, len(profile)), profile)
 
     def _cloud_level(self, ys: np.ndarray) -> np.ndarray:
-        """The threshold at each row above which opacity >= 0.5 covers `cover` of the pixels."""
+        """The threshold at each row above which opacity >= CLOUD_TRUTH_OPACITY covers `cover`
+        of the pixels."""
         cover = self.cover_at(ys)
-        level = np.interp(1 - cover, _QUANTILE_GRID, self._cloud_quantiles) - self._cloud_width / 2
+        level = (np.interp(1 - cover, _QUANTILE_GRID, self._cloud_quantiles)
+                 - self._cloud_width * CLOUD_TRUTH_OPACITY)
         level[cover >= 0.999] = -10.0          # overcast: thick everywhere (noise is within +-1)
         level[cover <= 0.0] = 10.0             # clear: no cloud at all
         return level
@@ -335,7 +347,8 @@ class SceneGenerator:
         below = 1 - opacity
         weights[:5] *= (lit * below)[None]
         weights[5] = (1 - lit) * below
-        weights[6] = opacity * (0.85 + 0.3 * self._cloud_texture.sample(ys, xs))
+        amp = CLOUD_TEXTURE[3]
+        weights[6] = opacity * np.clip(1 + amp * self._cloud_texture.sample(ys, xs), 0.3, None)
         toa = np.tensordot(_ENDMEMBER_MATRIX, weights, axes=1)  # (13, rows, cols)
         del weights
 
@@ -348,9 +361,11 @@ class SceneGenerator:
         del noise
         np.clip(toa, 0, None, out=toa)
 
-        truth[(shadow >= 0.5) & (opacity < 0.5)] = SHADOW
-        truth[opacity >= 0.5] = CLOUD
-        ship_ids[opacity >= 0.5] = 0                           # hidden under cloud: not a target
+        # a shadow on open water changes its reflectance by < 0.01 (water is already near the
+        # path reflectance): the truth is what can be seen, so only shadows on land count
+        truth[(shadow >= 0.5) & (opacity < CLOUD_TRUTH_OPACITY) & ~water] = SHADOW
+        truth[opacity >= CLOUD_TRUTH_OPACITY] = CLOUD
+        ship_ids[opacity >= CLOUD_TRUTH_OPACITY] = 0            # hidden under cloud: not a target
         return GeneratedWindow(toa, truth, ship_ids, opacity, r0)
 
     def scene(self) -> tuple[Scene, GeneratedWindow]:
