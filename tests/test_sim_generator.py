@@ -118,3 +118,14 @@ def test_spectra_close_to_real_chip_classes(data_root):
         real = scene.data[:, labels == real_cls]
         lo, hi = np.percentile(real, 10, axis=1), np.percentile(real, 90, axis=1)
         assert np.all((ours >= lo - 0.02) & (ours <= hi + 0.02)), (CLASSES[gen_cls], ours, lo, hi)
+
+
+def test_clouds_are_textured_not_flat():
+    """A flat bright field is not what a cloud looks like to models trained on real imagery:
+    thick cloud brightness varies by tens of percent across a cloud, at several scales."""
+    gen = SceneGenerator(512, 512, seed=9, cloud_cover=1.0, water_fraction=0.0, ships=0)
+    blue = gen.window().reflectance[B["B02"]]
+    assert blue.std() / blue.mean() > 0.15
+    # variation at a fine scale too (8-pixel blocks differ from their neighbours)
+    blocks = blue.reshape(64, 8, 64, 8).mean(axis=(1, 3))
+    assert np.abs(np.diff(blocks, axis=1)).mean() > 0.01
