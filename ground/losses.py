@@ -37,7 +37,16 @@ def weighted_mse(logits: torch.Tensor, teacher_probs: torch.Tensor,
     return sq.sum(1).mean()
 
 
-def kl_divergence(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def pixel_weights(teacher_probs: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor | None:
+    """(N,H,W) weight of each pixel: its class weights averaged by the teacher's probabilities, so a
+    pixel the teacher calls shadow counts as much as the (rare) shadow class is worth."""
+    if class_weights is None:
+        return None
+    return (teacher_probs * class_weights.view(1, -1, 1, 1)).sum(1)
+
+
+def kl_divergence(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0,
+                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """T^2 KL(p_T || q_T), with p_T = softmax(log p / T): the teacher's tempered distribution from its
     probabilities alone (log p = logits - const), so cached probabilities suffice."""
     t = float(temperature)
@@ -45,6 +54,9 @@ def kl_divergence(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature
     p_t = torch.softmax(log_p / t, 1)
     log_q_t = torch.log_softmax(logits / t, 1)
     kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_q_t)).sum(1)
+    w = pixel_weights(teacher_probs, class_weights)
+    if w is not None:
+        kl = kl * w
     return kl.mean() * t * t
 
 
@@ -52,11 +64,16 @@ class Objective:
     """A distillation loss plus optional label cross-entropy."""
     needs_teacher = True
 
-    def __init__(self, ce_weight: float = 0.0, class_weights: Sequence[float] | None = None):
+    def __init__(self, ce_weight: float = 0.0, class_weights: Sequence[float] | None = None,
+                 distill_weights: Sequence[float] | None = None):
         if not 0.0 <= float(ce_weight) <= 1.0:
             raise ValueError(f"ce_weight must be within 0..1, got {ce_weight}")
         self.ce_weight = float(ce_weight)
         self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        # per-class weights of the distillation term only (label-free: counted on the teacher's masks);
+        # weighted-mse falls back to class_weights as before
+        self.distill_weights = None if distill_weights is None else \
+            torch.as_tensor(distill_weights, dtype=torch.float32)
 
     def distill(self, logits, teacher_probs) -> torch.Tensor:
         raise NotImplementedError
@@ -75,7 +92,8 @@ class Objective:
 
 class WeightedMSE(Objective):
     def distill(self, logits, teacher_probs):
-        return weighted_mse(logits, teacher_probs, self.class_weights)
+        w = self.distill_weights if self.distill_weights is not None else self.class_weights
+        return weighted_mse(logits, teacher_probs, w)
 
 
 class KL(Objective):
@@ -86,7 +104,7 @@ class KL(Objective):
         self.temperature = float(temperature)
 
     def distill(self, logits, teacher_probs):
-        return kl_divergence(logits, teacher_probs, self.temperature)
+        return kl_divergence(logits, teacher_probs, self.temperature, self.distill_weights)
 
 
 class CrossEntropy(Objective):

@@ -142,6 +142,15 @@ def student_arch(cfg: RunConfig) -> dict:
             "options": opts}
 
 
+def teacher_class_weights(samples: list[Sample], cache, num_classes: int, method) -> np.ndarray:
+    """Class weights counted on the teacher's masks (view 0) of the training imagery: label-free.
+    Samples that carry labels are counted by their labels."""
+    masked = [s if s.labels is not None else
+              Sample(s.image, cache.probs(s, 0).astype(np.float32).argmax(0).astype(np.uint8), s.name, s.files)
+              for s in samples]
+    return class_weights(masked, num_classes, method)
+
+
 def train_student(cfg: RunConfig, exp: Experiment, data: Data, teacher, run_dir: Path,
                   feature_teacher=None, progress: bool = True, resume: bool = False):
     from ground.cache import TeacherCache
@@ -157,7 +166,6 @@ def train_student(cfg: RunConfig, exp: Experiment, data: Data, teacher, run_dir:
     opts = dict(exp.options)
     if weights is not None and exp.loss in ("ce", "weighted-mse") or opts.get("ce_weight"):
         opts["class_weights"] = None if weights is None else weights.tolist()
-    objective = build_objective(exp.loss, **opts)
     if exp.mode == "labels":
         samples, cache = data.labelled, None
     else:
@@ -165,6 +173,10 @@ def train_student(cfg: RunConfig, exp: Experiment, data: Data, teacher, run_dir:
         cache = TeacherCache(cfg.cache, teacher)
     sampler = BatchSampler(samples, cfg.train, cache)
     sampler.warm(progress)
+    if cache is not None and getattr(cfg.train, "distill_class_weights", "none") != "none":
+        opts["distill_weights"] = teacher_class_weights(samples, cache, len(cfg.classes),
+                                                        cfg.train.distill_class_weights).tolist()
+    objective = build_objective(exp.loss, **opts)
     feature = None
     if exp.mode == "feature":
         feature = FeatureTerm(model, feature_teacher, cfg.feature_teacher["student_layers"],

@@ -30,6 +30,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+    # label-free distillation of a rare class (ground.pipeline.train_student): the share of crops
+    # centred on a pixel of a class drawn uniformly (teacher's argmax, or labels), and per-class
+    # weights of the distillation term counted on the teacher's masks ("none", "inverse", "log", list)
+    balance: float = 0.0
+    distill_class_weights: object = "none"
 
     def __post_init__(self):
         for name in ("steps", "batch", "crop", "checkpoint_every", "log_every"):
@@ -37,6 +42,8 @@ class TrainConfig:
                 raise ValueError(f"training: {name} must be >= 1, got {getattr(self, name)}")
         if float(self.lr) <= 0:
             raise ValueError(f"training: lr must be > 0, got {self.lr}")
+        if not 0.0 <= float(self.balance) <= 1.0:
+            raise ValueError(f"training: balance must be within 0..1, got {self.balance}")
         transforms_for(self.augment)     # names checked here, before any work
 
 
@@ -52,6 +59,40 @@ class BatchSampler:
         self.rng = rng or np.random.default_rng(cfg.seed)
         area = np.array([s.image.shape[1] * s.image.shape[2] for s in samples], np.float64)
         self.p = area / area.sum()       # every pixel equally likely, whatever the image size
+        self.balance = float(getattr(cfg, "balance", 0.0))
+        self.class_counts = None         # (samples, K) pixels per class, for balanced crops
+
+    def _class_map(self, s: Sample, k: int, probs) -> np.ndarray | None:
+        """Class ids of view k: the labels where a sample has them, else the teacher's argmax."""
+        if s.labels is not None:
+            return dihedral(s.labels, k)
+        return None if probs is None else np.asarray(probs).argmax(0)
+
+    def count_classes(self) -> np.ndarray:
+        """Pixels per class of every sample (view 0: a D4 view has the same counts)."""
+        if self.class_counts is None:
+            rows = []
+            for s in self.samples:
+                m = self._class_map(s, 0, self.cache.probs(s, 0) if self.cache is not None else None)
+                if m is None:
+                    raise ValueError(f"training: balanced crops need labels or a teacher; {s.name} has neither")
+                rows.append(np.bincount(m[m != IGNORE].ravel(), minlength=int(m[m != IGNORE].max(initial=0)) + 1))
+            k = max(len(r) for r in rows)
+            self.class_counts = np.stack([np.pad(r, (0, k - len(r))) for r in rows]).astype(np.float64)
+        return self.class_counts
+
+    def _balanced_crop(self, arrays: list, s_index: int, k: int, cls: int, size: int) -> list:
+        """The window of `size` centred (as far as the image allows) on a random pixel of class `cls`."""
+        s = self.samples[s_index]
+        m = self._class_map(s, k, arrays[2] if self.cache is not None else None)
+        rows, cols = np.nonzero(m == cls)
+        if not len(rows):                # the teacher saw the class in view 0 only: an ordinary crop
+            return random_crop(arrays, size, self.rng)
+        i = int(self.rng.integers(len(rows)))
+        h, w = m.shape
+        r = int(np.clip(rows[i] - size // 2, 0, max(h - size, 0)))
+        c = int(np.clip(cols[i] - size // 2, 0, max(w - size, 0)))
+        return random_crop([a[..., r:r + size, c:c + size] for a in arrays], size, None)
 
     def warm(self, progress: bool = True) -> None:
         """Run the teacher on every (sample, transform) once up front, with a progress bar."""
@@ -66,14 +107,24 @@ class BatchSampler:
         xs, ps, ys = [], [], []
         size = self.cfg.crop
         for _ in range(self.cfg.batch):
-            s = self.samples[self.rng.choice(len(self.samples), p=self.p)]
+            cls = None
+            if self.balance > 0 and self.rng.random() < self.balance:
+                counts = self.count_classes()
+                cls = int(self.rng.choice(np.flatnonzero(counts.sum(0) > 0)))   # classes equally often
+                i = int(self.rng.choice(len(self.samples), p=counts[:, cls] / counts[:, cls].sum()))
+            else:
+                i = int(self.rng.choice(len(self.samples), p=self.p))
+            s = self.samples[i]
             k = int(self.rng.choice(self.transforms))
             arrays = [dihedral(s.image, k)]
             arrays.append(dihedral(s.labels, k) if s.labels is not None
                           else np.full(arrays[0].shape[1:], IGNORE, np.uint8))
             if self.cache is not None:
                 arrays.append(self.cache.probs(s, k))
-            crops = random_crop(arrays, size, self.rng if "crop" in self.cfg.augment else None)
+            if cls is not None:
+                crops = self._balanced_crop(arrays, i, k, cls, size)
+            else:
+                crops = random_crop(arrays, size, self.rng if "crop" in self.cfg.augment else None)
             xs.append(crops[0])
             ys.append(crops[1])
             if self.cache is not None:
