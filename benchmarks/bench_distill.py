@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "ukis_distill.toml"))
     ap.add_argument("--out", default=str(REPO / "runs"), help="parent of the run folder (default runs/)")
     ap.add_argument("--steps", type=int, help="override train.steps (the same for every student)")
+    ap.add_argument("--seed", type=int, help="override run.seed (initial weights, batches): label-free "
+                                              "distillation should hold for any seed")
+    ap.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these experiments "
+                                                                     "(e.g. output-distilled)")
     ap.add_argument("--feature", action="store_true", help="add the feature-distilled row (slower: trains an smp teacher)")
     ap.add_argument("--warm-cache", action="store_true", help="keep the teacher cache of an earlier run (default: cold)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
     overrides = {"run.out": args.out, "run.name": "bench-distill" + ("-feature" if args.feature else "")}
     if args.steps:
         overrides["train.steps"] = args.steps
+    if args.seed is not None:
+        overrides["run.seed"] = args.seed
     cfg = load_config(args.config, overrides)
     if args.feature:
         raw = dict(cfg.raw)
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
 
     load_before = load_line()
     t0 = time.perf_counter()
-    report = run(cfg, progress=not args.json)
+    report = run(cfg, progress=not args.json, only=args.only)
     wall = time.perf_counter() - t0
     rows = {r["name"]: r for r in report["rows"]}
     free = rows.get("output-distilled", {})
