@@ -45,7 +45,7 @@ POLICY = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.7}, "then": "d
                     {"if": {"class": "clear", "fraction_above": 0.6}, "then": "keep", "priority": 1}],
           "default": {"then": "keep", "priority": 5}}
 RECIPE = {"scenes": len(TRAINING_SCENES), "scene_size": 512, "teacher": "ukis-csmask-6b-l1c",
-          "student": "tiny-unet", "params": "100k", "steps": 300, "batch": 16, "crop": 128, "lr": 5e-3,
+          "student": "tiny-unet", "params": "100k", "steps": 200, "batch": 16, "crop": 128, "lr": 5e-3,
           "loss": "kl", "temperature": 2.0, "tile": 256, "overlap": 64, "model_id": "cloudmask-demo",
           "policy": POLICY}
 
