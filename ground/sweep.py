@@ -141,9 +141,16 @@ class RunContext:
         else:
             teacher = self.teacher
         # label-free: the teacher (or the unpruned student) labels every image, no human label
-        sampler = BatchSampler(self.data.distill_samples(with_labels=False), train_cfg,
-                               TeacherCache(self.cfg.cache, teacher))
+        samples = self.data.distill_samples(with_labels=False)
+        cache = TeacherCache(self.cfg.cache, teacher)
+        sampler = BatchSampler(samples, train_cfg, cache)
         sampler.warm(self.progress)
+        mode = getattr(train_cfg, "distill_class_weights", "none")
+        if mode != "none":
+            # the run's distillation term weighted its classes by counts on the teacher's masks:
+            # fine-tune with the same objective (ground.pipeline does the counting)
+            from ground.pipeline import teacher_class_weights
+            options["distill_weights"] = teacher_class_weights(samples, cache, len(self.classes), mode).tolist()
         return sampler, build_objective(loss, **options)
 
     def finetune(self, model: torch.nn.Module, steps: int, source: str = "teacher", fp16: bool = False,

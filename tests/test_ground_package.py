@@ -232,3 +232,20 @@ def test_cli_rows_help_json_and_errors(chain, keys, capsys):
     assert "wrong_key" in capsys.readouterr().err
     assert main(["prune", str(chain["run"]), "--criterion", "l7", "--finetune-steps", "0"]) == 1
     assert "unknown pruning criterion 'l7'" in capsys.readouterr().err
+
+
+def test_fine_tuning_reuses_the_runs_distillation_objective(tmp_path, data_root):
+    """A run that weighted its distillation classes on the teacher's masks fine-tunes the same way."""
+    from ground.lineage import RunFolder
+    from ground.sweep import RunContext
+    run = _make_run(tmp_path)
+    folder = RunFolder(run)
+    folder.record["config"]["train"]["distill_class_weights"] = "log"
+    folder.save()
+    ctx = RunContext.open(run, progress=False)
+    _, objective = ctx.batches("teacher", ctx.cfg.train)
+    assert type(objective).__name__ == "KL" and objective.temperature == 2.0
+    weights = getattr(objective, "distill_weights", None)
+    assert weights is not None and len(weights) == 3 and float(weights.min()) > 0
+    with pytest.raises(ValueError, match="needs data.labelled"):
+        ctx.batches("labels", ctx.cfg.train)
