@@ -169,7 +169,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eoedge ground", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="eoedge ground", description="The factory: teachers, distillation, pruning, FP16, export, bundles (one run folder per run).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_, add) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
