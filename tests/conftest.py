@@ -13,3 +13,13 @@ def data_root() -> Path:
     if not (root / "ukis_csmask_s2" / "sentinel2.npz").exists():
         pytest.skip(f"real Sentinel-2 chips not found in {root} (set EOEDGE_DATA); a fresh clone has none")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly spin against each other."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

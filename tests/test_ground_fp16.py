@@ -14,13 +14,7 @@ from ground.fp16 import (FP16_MAX, emulate_fp16, fp16_aware, fp16_overflows, fus
 from ground.students import TinyUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _identity_conv(scale: float = 1.0) -> nn.Sequential:

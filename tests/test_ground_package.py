@@ -18,13 +18,7 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _make_run(root):
