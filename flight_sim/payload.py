@@ -13,7 +13,9 @@ arrives, and the rules for getting there are explicit here:
 - `peer_restarted()` (the supervisor saw the daemon come back): every frame in flight is sent
   again, since the dead process took its queue with it;
 - every send is an attempt with its own message id; the first final outcome for a frame, from
-  whichever attempt, is its outcome, later ones are counted as duplicates and ignored.
+  whichever attempt, is its outcome, later ones are counted as duplicates and ignored;
+- a kept frame's pixels stay until its PRODUCT has arrived (`product_arrived`): if the daemon
+  dies between the DECISION and the PRODUCT, `reprocess_lost_products()` sends it again.
 
 Sockets are not thread-safe: the scenario's loop calls `pump()` and `handle()` from one thread.
 """
@@ -48,6 +50,7 @@ class FrameState:
     body: dict | None = None            # the DECISION or final ERROR body
     refusals: list[str] = field(default_factory=list)
     resends: collections.Counter = field(default_factory=collections.Counter)
+    awaiting_product: bool = False      # kept, product not yet in: the pixels stay
 
     @property
     def in_flight(self) -> bool:
@@ -240,8 +243,27 @@ class Payload:
     def _resolve(self, state: FrameState, outcome: str, body: dict) -> None:
         state.outcome, state.outcome_at, state.body = outcome, time.monotonic(), dict(body)
         state.current = None
-        state.frame.release_data()
+        if outcome == "decision" and body.get("keep") and state.frame.data is not None:
+            state.awaiting_product = True          # its product may yet be lost with the daemon
+        else:
+            state.frame.release_data()
         self.on_event(outcome, state, {})
+
+    def product_arrived(self, frame_id: str) -> None:
+        state = self.states.get(frame_id)
+        if state is not None and state.awaiting_product:
+            state.awaiting_product = False
+            state.frame.release_data()
+
+    def reprocess_lost_products(self) -> int:
+        """After the daemon died: kept frames whose product never came are sent again (their
+        outcome is reopened; the new decision replaces the lost one)."""
+        lost = [s for s in self.states.values() if s.awaiting_product]
+        for state in reversed(lost):
+            state.awaiting_product = False
+            state.outcome = state.outcome_at = state.body = None
+            self._requeue(state, "product_lost")
+        return len(lost)
 
     # ------------------------------------------------------------------ end
     def close(self) -> None:

@@ -258,7 +258,8 @@ def _checks(r: dict) -> list[dict]:
                   not att["ok"] and att.get("still_serving", False), str(att.get("error"))[:160])
     for i, rs in enumerate(r["restarts"]):
         check(f"restart {i + 1}: same active model after kill -9", rs["same_model"],
-              f"{rs['model_before']} -> {rs['model_after']}, {rs['frames_resent']} frames resent")
+              f"{rs['model_before']} -> {rs['model_after']}, {rs['frames_resent']} frames resent, "
+              f"{rs.get('products_lost_reprocessed', 0)} reprocessed for a lost product")
     d = r["decisions"]
     cut = d.get("clear_cut", [])
     if cut:
@@ -372,7 +373,8 @@ def markdown(r: dict) -> str:
     for i, rs in enumerate(r["restarts"]):
         L.append(f"- kill -9 #{i + 1}: pid {rs['killed_pid']} -> {rs['new_pid']} after "
                  f"{rs['downtime_s']} s; model {rs['model_before']} -> {rs['model_after']}; "
-                 f"{rs['frames_resent']} frames resent")
+                 f"{rs['frames_resent']} frames resent, {rs.get('products_lost_reprocessed', 0)} kept "
+                 f"frames processed again (their product died with the daemon)")
     dm = r["daemon"]
     L += [f"- daemon exit code {dm['exit_code']}, {dm['heartbeats']} heartbeats, max RSS "
           f"{dm['rss_mb_max']} MB", "", "![timeline](timeline.png)", ""]

@@ -277,6 +277,9 @@ def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: 
     rec.t_fly = time.monotonic()
     product_wait_until = None
 
+    def take_products() -> None:           # what reached us before the daemon died
+        _drain(products, lambda parts: _on_product(rec, payload, downlink, parts, realtime, speedup))
+
     def sent_frames() -> int:
         return sum(1 for s in payload.states.values() if s.attempts > 0)
 
@@ -318,12 +321,12 @@ def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: 
             payload.window = base_window             # the burst has drained into the daemon
         # ---- a daemon that died on its own is restarted, as a watchdog would
         if not daemon.alive():
-            _restart_after_crash(rec, daemon, payload, S["daemon"]["start_timeout_s"])
+            _restart_after_crash(rec, daemon, payload, S["daemon"]["start_timeout_s"], take_products)
         # ---- kill -9 and restart
         if kills and sent_frames() >= kills[0]:
             kills.pop(0)
             _kill_and_restart(rec, daemon, link, payload, float(F["restart_after_s"]),
-                              S["daemon"]["start_timeout_s"])
+                              S["daemon"]["start_timeout_s"], take_products)
         # ---- send, receive
         payload.pump()
         events = dict(poller.poll(POLL_MS))
@@ -387,6 +390,7 @@ def _on_product(rec: RunRecord, payload: Payload, downlink: Downlink, parts: lis
     latency = now - rec.release.get(frame_id, now)
     ready = state.frame.acquired + latency * (speedup if realtime else 1.0)
     if downlink.receive(parts, ready_s=ready):
+        payload.product_arrived(frame_id)
         rec.product_arrival[frame_id] = now
         rec.mission_s = max(rec.mission_s, ready)
 
@@ -401,18 +405,20 @@ def _on_telemetry(rec: RunRecord, parts: list) -> None:
 
 
 def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload,
-                         start_timeout_s: float) -> None:
+                         start_timeout_s: float, take_products) -> None:
     code = daemon.proc.returncode if daemon.proc else None
     rec.event("daemon_crashed", exit_code=code)
     log.warning("the daemon exited on its own (code %s); restarting it", code)
+    take_products()
     ready = daemon.start(start_timeout_s)
     resent = payload.peer_restarted()
+    reprocessed = payload.reprocess_lost_products()
     rec.crashes.append({"exit_code": code, "new_pid": ready.get("pid"), "model_after": ready.get("model"),
-                        "frames_resent": resent})
+                        "frames_resent": resent, "products_lost_reprocessed": reprocessed})
 
 
 def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandLink, payload: Payload,
-                      restart_after_s: float, start_timeout_s: float) -> None:
+                      restart_after_s: float, start_timeout_s: float, take_products) -> None:
     try:
         before = link.call("status", timeout_s=5.0, retries=0)["model"]
     except Exception:                       # busy or slow: the last heartbeat says it as well
@@ -424,11 +430,14 @@ def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandLink, 
     rec.event("daemon_killed", pid=pid, in_flight=in_flight)
     log.info("killed the daemon (pid %s) with %d frames in flight", pid, in_flight)
     time.sleep(restart_after_s)
+    take_products()                   # products that left before the kill; the rest died with it
     ready = daemon.start(start_timeout_s)
     resent = payload.peer_restarted()
+    reprocessed = payload.reprocess_lost_products()
     after = ready.get("model")
-    rec.event("daemon_restarted", pid=ready.get("pid"), model=after, resent=resent)
+    rec.event("daemon_restarted", pid=ready.get("pid"), model=after, resent=resent + reprocessed)
     rec.restarts.append({"killed_pid": pid, "new_pid": ready.get("pid"), "model_before": before,
                          "model_after": after, "same_model": _model_key(before) == _model_key(after),
                          "frames_in_flight": in_flight, "frames_resent": resent,
+                         "products_lost_reprocessed": reprocessed,
                          "downtime_s": round(time.monotonic() - t_kill, 3)})

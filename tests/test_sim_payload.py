@@ -81,7 +81,38 @@ def test_queue_full_is_a_refusal_not_an_outcome(ctx):
     acc = p.accounting()
     assert acc["balanced"] and acc["decided"] == 2 and acc["attempts"] == 3
     assert acc["refusals"] == {"queue_full": 1}
-    assert p.states[f1.frame_id].frame.data is None   # pixels dropped once the outcome is in
+    assert p.states[f2.frame_id].frame.data is None   # discarded: pixels dropped at the outcome
+    assert p.states[f1.frame_id].frame.data is not None   # kept: until its product is in
+    p.product_arrived(f1.frame_id)
+    assert p.states[f1.frame_id].frame.data is None
+    p.close()
+    peer.close()
+
+
+def test_kept_frame_whose_product_died_is_processed_again(ctx):
+    peer = Peer(ctx, "inproc://frames-6")
+    p = Payload(ctx, "inproc://frames-6")
+    f1, f2 = frames(2)
+    p.add(f1)
+    p.add(f2)
+    p.pump()
+    route, m1 = peer.recv()
+    _, m2 = peer.recv()
+    peer.reply(route, m1, "decision", {"frame_id": f1.frame_id, "keep": True, "priority": 1, "reason": "r"})
+    peer.reply(route, m2, "decision", {"frame_id": f2.frame_id, "keep": True, "priority": 1, "reason": "r"})
+    pump_until(p, lambda: p.unresolved == 0)
+    p.product_arrived(f2.frame_id)
+    # the daemon dies before f1's product left it: f1 goes again, f2 does not
+    assert p.reprocess_lost_products() == 1
+    assert p.states[f1.frame_id].outcome is None and p.states[f2.frame_id].outcome == "decision"
+    p.pump()
+    _, again = peer.recv()
+    assert again.body["frame_id"] == f1.frame_id
+    np.testing.assert_array_equal(again.arrays["data"], f1.data)
+    peer.reply(route, again, "decision", {"frame_id": f1.frame_id, "keep": True, "priority": 1, "reason": "r2"})
+    pump_until(p, lambda: p.unresolved == 0)
+    acc = p.accounting()
+    assert acc["balanced"] and acc["decided"] == 2 and acc["resent"] == {"product_lost": 1}
     p.close()
     peer.close()
 
