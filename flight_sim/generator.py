@@ -54,8 +54,11 @@ SPECTRA: dict[str, tuple[float, ...]] = {
     "ship":       (0.170, 0.160, 0.160, 0.160, 0.170, 0.180, 0.185, 0.190, 0.190, 0.080, 0.003, 0.160, 0.130),
     # atmospheric path reflectance: what a shadowed surface tends to
     "path":       (0.090, 0.065, 0.038, 0.022, 0.018, 0.014, 0.012, 0.010, 0.010, 0.005, 0.000, 0.003, 0.002),
+    # what a more vigorous canopy adds (red edge and NIR plateau up, a little SWIR): weighted by
+    # a vigour field in -0.6..1.2, it spreads vegetation NIR over ~0.26..0.55 as real land does
+    "vigour":     (0.000, 0.000, 0.000, -0.005, 0.015, 0.090, 0.140, 0.160, 0.170, 0.040, 0.000, 0.020, 0.000),
 }
-ENDMEMBERS = ("vegetation", "soil", "urban", "water", "ship", "path", "cloud")
+ENDMEMBERS = ("vegetation", "soil", "urban", "water", "ship", "path", "cloud", "vigour")
 _ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   # (13, 5)
 SHADOW_DIRECT_FRACTION = 0.28
 _QUANTILE_GRID = np.linspace(0, 1, 201)
@@ -235,6 +238,9 @@ class SceneGenerator:
         cell, octaves, gain, _ = CLOUD_TEXTURE
         self._cloud_texture = ValueNoise(rng, h, w, cell, octaves=octaves, gain=gain)
         self._sensor_seed = int(rng.integers(2 ** 31))
+        # land variety: canopy vigour and soil brightness (wet and dark to dry and bright)
+        self._vigour = ValueNoise(rng, h, w, 180 * k, octaves=3, gain=0.5)
+        self._soil_bright = ValueNoise(rng, h, w, 300 * k, octaves=3, gain=0.5)
         qw, qu = _coarse_quantiles(self._water, h, w, [self.water_fraction, 1 - self.urban_fraction])
         # Python floats: a numpy float64 level would promote every float32 field it touches
         self._water_level = float(qw) if self.water_fraction > 0 else -np.inf
@@ -312,7 +318,8 @@ class SceneGenerator:
         # Per-pixel weights of the endmembers ENDMEMBERS; one matrix product gives all 13 bands.
         weights = np.zeros((len(ENDMEMBERS), r1 - r0, self.cols), np.float32)
         weights[0] = np.where(land, veg * texture, 0)
-        weights[1] = np.where(land, (1 - veg) * texture, 0)
+        weights[1] = np.where(land, (1 - veg) * texture * (1 + 0.6 * self._soil_bright.sample(ys, xs)), 0)
+        weights[7] = weights[0] * np.clip(0.3 + 1.6 * self._vigour.sample(ys, xs), -0.6, 1.2)
         weights[2] = np.where(urban, texture, 0)
         # water: slightly turbid (a little soil signal) near the shore, where the field nears the level
         turbid = (np.clip(1 - (self._water_level - water_field) / 0.05, 0, 1) * 0.12
@@ -346,6 +353,7 @@ class SceneGenerator:
         lit = 1 - (1 - SHADOW_DIRECT_FRACTION) * shadow
         below = 1 - opacity
         weights[:5] *= (lit * below)[None]
+        weights[7] *= lit * below
         weights[5] = (1 - lit) * below
         amp = CLOUD_TEXTURE[3]
         weights[6] = opacity * np.clip(1 + amp * self._cloud_texture.sample(ys, xs), 0.3, None)
