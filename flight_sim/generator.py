@@ -62,6 +62,7 @@ ENDMEMBERS = ("vegetation", "soil", "urban", "water", "ship", "path", "cloud", "
 _ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   # (13, 5)
 SHADOW_DIRECT_FRACTION = 0.28
 _QUANTILE_GRID = np.linspace(0, 1, 201)
+PARCEL_LEVELS = 97       # distinct (cover, vigour, brightness) draws the parcels cycle through
 # Cloud structure down to ~6 px and a strong brightness texture: real clouds are anything but
 # flat, and a flat bright field does not look like a cloud to a model trained on real ones (the
 # ukis-csmask teacher calls a uniform cloud-spectrum tile "clear", and finds ~100% of these).
@@ -129,6 +130,38 @@ class ValueNoise:
             top = lattice[iy, ix] * (1 - tx) + lattice[iy, ix + 1] * tx
             bottom = lattice[iy + 1, ix] * (1 - tx) + lattice[iy + 1, ix + 1] * tx
             out += amp * (top * (1 - ty) + bottom * ty)
+        return out
+
+
+class Parcels:
+    """Voronoi cells around jittered grid points: straight-edged patches the size of fields.
+    `ids(ys, xs)` gives each pixel's cell number on the grid ys x xs (any window, same answer)."""
+
+    def __init__(self, rng: np.random.Generator, height: int, width: int, cell: float):
+        self.cell = float(cell)
+        self.ny, self.nx = int(height // cell) + 3, int(width // cell) + 3
+        self.jitter = rng.random((2, self.ny, self.nx)).astype(np.float32) * np.float32(cell)
+
+    def ids(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        c = self.cell
+        iy = (np.asarray(ys) // c).astype(np.intp)[:, None]
+        ix = (np.asarray(xs) // c).astype(np.intp)[None, :]
+        y = np.asarray(ys, np.float32)[:, None]
+        x = np.asarray(xs, np.float32)[None, :]
+        best = np.full((len(ys), len(xs)), np.inf, np.float32)
+        out = np.zeros((len(ys), len(xs)), np.intp)
+        for dy in (-1, 0, 1):
+            cy = np.clip(iy + dy, 0, self.ny - 1)
+            for dx in (-1, 0, 1):
+                cx = np.clip(ix + dx, 0, self.nx - 1)
+                d = y - (cy * np.float32(c) + self.jitter[0][cy, cx])
+                d *= d
+                e = x - (cx * np.float32(c) + self.jitter[1][cy, cx])
+                e *= e
+                d += e
+                closer = d < best
+                np.copyto(best, d, where=closer)
+                np.copyto(out, cy * self.nx + cx, where=closer)
         return out
 
 
@@ -233,7 +266,7 @@ class SceneGenerator:
         self._water = ValueNoise(rng, h, w, 700 * k, octaves=5, gain=0.5)
         self._veg = ValueNoise(rng, h, w, 260 * k, octaves=4, gain=0.55)
         self._urban = ValueNoise(rng, h, w, 90 * k, octaves=3, gain=0.5)
-        self._texture = ValueNoise(rng, h, w, 12, octaves=2, gain=0.5)
+        self._texture = ValueNoise(rng, h, w, 8, octaves=3, gain=0.6)
         self._cloud = ValueNoise(rng, h, w, 420 * k, octaves=CLOUD_OCTAVES, gain=0.55, margin=margin)
         cell, octaves, gain, _ = CLOUD_TEXTURE
         self._cloud_texture = ValueNoise(rng, h, w, cell, octaves=octaves, gain=gain)
@@ -241,6 +274,12 @@ class SceneGenerator:
         # land variety: canopy vigour and soil brightness (wet and dark to dry and bright)
         self._vigour = ValueNoise(rng, h, w, 180 * k, octaves=3, gain=0.5)
         self._soil_bright = ValueNoise(rng, h, w, 300 * k, octaves=3, gain=0.5)
+        # parcels: Voronoi cells of ~400 m, sharp-edged patches (fields, woods, lots), each with
+        # its own cover, vigour and brightness: real land is textured, not smooth
+        self._parcels = Parcels(rng, h, w, 40 * k)
+        self._parcel_veg = rng.uniform(-0.45, 0.45, PARCEL_LEVELS).astype(np.float32)
+        self._parcel_vigour = rng.uniform(-0.6, 0.6, PARCEL_LEVELS).astype(np.float32)
+        self._parcel_bright = rng.uniform(0.8, 1.2, PARCEL_LEVELS).astype(np.float32)
         qw, qu = _coarse_quantiles(self._water, h, w, [self.water_fraction, 1 - self.urban_fraction])
         # Python floats: a numpy float64 level would promote every float32 field it touches
         self._water_level = float(qw) if self.water_fraction > 0 else -np.inf
@@ -310,16 +349,18 @@ class SceneGenerator:
 
         water_field = self._water.sample(ys, xs)
         water = water_field < self._water_level
-        veg = np.clip(0.65 + 1.6 * self._veg.sample(ys, xs), 0, 1)   # mostly vegetated
+        parcel = self._parcels.ids(ys, xs) % PARCEL_LEVELS
+        veg = np.clip(0.65 + 1.6 * self._veg.sample(ys, xs) + self._parcel_veg[parcel], 0, 1)  # mostly green
         fine = self._texture.sample(ys, xs)
-        texture = 1 + 0.12 * fine
+        texture = (1 + 0.2 * fine) * self._parcel_bright[parcel]
         urban = (self._urban.sample(ys, xs) > self._urban_level) & ~water
         land = ~water & ~urban
         # Per-pixel weights of the endmembers ENDMEMBERS; one matrix product gives all 13 bands.
         weights = np.zeros((len(ENDMEMBERS), r1 - r0, self.cols), np.float32)
         weights[0] = np.where(land, veg * texture, 0)
         weights[1] = np.where(land, (1 - veg) * texture * (1 + 0.6 * self._soil_bright.sample(ys, xs)), 0)
-        weights[7] = weights[0] * np.clip(0.3 + 1.6 * self._vigour.sample(ys, xs), -0.6, 1.2)
+        weights[7] = weights[0] * np.clip(0.5 + 1.6 * self._vigour.sample(ys, xs) + self._parcel_vigour[parcel],
+                                          -0.6, 1.2)
         weights[2] = np.where(urban, texture, 0)
         # water: slightly turbid (a little soil signal) near the shore, where the field nears the level
         turbid = (np.clip(1 - (self._water_level - water_field) / 0.05, 0, 1) * 0.12

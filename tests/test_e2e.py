@@ -153,7 +153,9 @@ def test_ground_station_wrote_what_came_down(flight):
     data = report["data"]
     assert data["downlinked"] == data["products"] > 0 and data["left_on_board"] == 0
     assert 0 < data["reduction"] < 1
-    assert report["value"]["recall_downlinked"] == pytest.approx(1.0)
+    # everything kept came down; what was not kept is the clear ground of frames judged too cloudy
+    value = report["value"]
+    assert value["recall_downlinked"] == value["recall_kept"] > 0.9
     products = sorted(out.glob("ground/pass-*/*/product.json"))
     assert len(products) == data["downlinked"]
     record = json.loads(products[0].read_text())
