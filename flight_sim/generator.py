@@ -9,7 +9,9 @@ How it is built (all fields are value noise: random lattices per octave, bilinea
 interpolated, evaluated at any coordinates, so a window or a shifted copy costs the same):
 
 - water where a large-scale noise field is below the quantile giving `water_fraction`;
-- land: a vegetation/soil mix from a second field, urban patches from a third, a fine texture;
+- land: a vegetation/soil mix from a second field, urban patches from a third, field-sized
+  Voronoi parcels each with its own cover, canopy vigour and brightness, and a fine texture
+  (a model trained on smooth land takes real, textured land for cloud);
 - clouds: opacity from a fourth field against a threshold that follows the along-track
   `cloud_cover` profile (so one scene has clear and overcast frames); cloud (thin included)
   where opacity >= CLOUD_TRUTH_OPACITY, brightness textured at several scales as real clouds are;
