@@ -12,7 +12,7 @@ import pytest
 
 from test_keys_bundle import make_bundle_inputs   # real IR + reference tiles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EOEDGE = REPO / ".venv" / "bin" / "eoedge"
 
 

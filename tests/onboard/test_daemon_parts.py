@@ -17,7 +17,7 @@ from onboard.telemetry import LatencyTracker, rss_mb
 # A hung OpenVINO call or socket wait fails its test instead of stalling the suite.
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ config

@@ -25,7 +25,7 @@ from test_store import BundleFactory, frame
 # A hung OpenVINO call or socket wait fails its test instead of stalling the suite.
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
 REPLY_TIMEOUT_S = 20
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage import morphology
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from onboard_models import (BANDS_6, BANDS_13, CLASSES_2, CLASSES_3, default_scaling,  # noqa: E402
                             expected_outputs, make_test_ir, make_test_manifest, make_test_model_files,
                             synthetic_frame)

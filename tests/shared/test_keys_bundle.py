@@ -20,7 +20,7 @@ from shared.keys import (KeyFileError, generate_keypair, key_id, load_private_ke
                          load_public_key)
 from shared.manifest import ManifestError, make_manifest, manifest_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
 CLASSES = ["clear", "cloud", "shadow"]
 TILE = 64
