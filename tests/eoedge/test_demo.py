@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from flight_sim import demo
+from eoedge import demo
 
 
 def test_training_scenes_cover_clear_to_overcast(tmp_path):
