@@ -24,6 +24,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
@@ -534,8 +535,15 @@ def save_reference(path: str | os.PathLike, tiles: np.ndarray, probabilities: np
         raise ValueError(f"tiles {tiles.shape} and probabilities {probabilities.shape} disagree "
                          "on N or the tile size")
     path = Path(path)
-    with open(path, "wb") as f:
-        np.savez(f, tiles=tiles, probabilities=probabilities)
+    # LZMA-compressed members with fixed timestamps: small (the uplink budget counts every byte)
+    # and the same bytes for the same arrays; numpy.load reads it as any .npz
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as z:
+        for key, a in zip(REFERENCE_KEYS, (tiles, probabilities)):
+            buf = io.BytesIO()
+            np.save(buf, a, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_LZMA
+            z.writestr(info, buf.getvalue())
     return path
 
 
