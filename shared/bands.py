@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from shared.errors import UnknownBandError
+
 # The usual 13-band order (L1C products, sen1floods11, eo-learn): B8A sits after B08.
 S2_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
@@ -35,17 +37,6 @@ _ALIASES: dict[str, str] = {
 
 # "B2", "b02", "B002", "B8A", "b8a", "B08A"
 _CODE = re.compile(r"^b0*(\d{1,2})(a?)$")
-
-
-class UnknownBandError(ValueError):
-    """A name that is not one of the 13 Sentinel-2 bands nor an alias of one."""
-
-    def __init__(self, name: object):
-        self.name = name
-        super().__init__(
-            f"unknown Sentinel-2 band {name!r}: expected one of {' '.join(S2_BANDS)} "
-            f"(or B2, b02, Blue, Green, Red, NIR, SWIR16, SWIR22, RedEdge1..3, Coastal, "
-            f"WaterVapour, Cirrus)")
 
 
 def _key(name: str) -> str:

@@ -10,8 +10,8 @@ A bundle is one plain tar archive, members in this order::
 Reading treats the archive as hostile: every header is checked (safe relative name, regular file,
 no duplicates, member count and sizes within `ReadLimits`) before any content is read; then the
 signature, then the manifest, then each file's sha256 against the signed manifest. Every reason
-to refuse is its own `BundleError` subclass with a `.reason` code (for the daemon's error events
-and the CLI's JSON).
+to refuse is its own `BundleError` subclass (in shared.errors, importable from here) with a
+`code` (alias `.reason`) for the daemon's error events and the CLI's JSON.
 """
 from __future__ import annotations
 
@@ -31,76 +31,22 @@ from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
+# The errors live in shared.errors (one registry); they stay importable from here.
+from shared.errors import (BadSignature, BundleError, BundleManifestError,  # noqa: F401
+                           ChecksumMismatch, ManifestError, MissingFile, MissingSignature,
+                           NotABundle, TooLarge, UnexpectedFile, UnsafePath, VersionTooOld,
+                           WrongKey)
+from shared.hashing import sha256_blocks, sha256_file
 from shared.keys import (PrivateKeyLike, PublicKeyLike, key_id, load_private_key,
                          load_public_key, sign, signature_valid)
-from shared.manifest import (MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, ManifestError,
-                             hash_files, manifest_bytes, parse_manifest, parse_time,
-                             safe_relative_path, validate_manifest)
+from shared.manifest import (MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, hash_files,
+                             manifest_bytes, parse_manifest, parse_time, safe_relative_path,
+                             validate_manifest)
+from shared.units import format_bytes
 
 SIGNATURE_ALGORITHM = "ed25519"
 _CHUNK = 1 << 20
 MIB = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: one class per reason
-# ---------------------------------------------------------------------------------------------
-
-class BundleError(Exception):
-    """A bundle refused; `.reason` is a short code (`bad_signature`), the message says why."""
-    reason = "bundle_error"
-
-
-class NotABundle(BundleError):
-    """Missing file, not a tar archive, corrupt or truncated, or no manifest.json."""
-    reason = "not_a_bundle"
-
-
-class MissingSignature(BundleError):
-    reason = "missing_signature"
-
-
-class BadSignature(BundleError):
-    """The signature does not match the manifest bytes (tampered manifest or signature)."""
-    reason = "bad_signature"
-
-
-class WrongKey(BundleError):
-    """Signed by a key other than the one we trust."""
-    reason = "wrong_key"
-
-
-class ChecksumMismatch(BundleError):
-    reason = "checksum_mismatch"
-
-
-class MissingFile(BundleError):
-    reason = "missing_file"
-
-
-class UnexpectedFile(BundleError):
-    reason = "unexpected_file"
-
-
-class UnsafePath(BundleError):
-    """Absolute path, `..`, a link, a device, a directory, a duplicate name."""
-    reason = "unsafe_path"
-
-
-class TooLarge(BundleError):
-    reason = "too_large"
-
-
-class VersionTooOld(BundleError):
-    reason = "version_too_old"
-
-
-class BundleManifestError(BundleError, ManifestError):
-    """The signed manifest is not a valid manifest (catchable as either parent)."""
-    reason = "invalid_manifest"
-
-    def __init__(self, exc: ManifestError):
-        ManifestError.__init__(self, exc.field, str(exc).split(": ", 1)[1] if exc.field else str(exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +267,9 @@ def verify_bundle(path: str | os.PathLike, public_key: PublicKeyLike,
     with _open_tar(path, limits) as tf:
         manifest, kid, members = _manifest_and_members(tf, path, public_key, limits, min_version)
         for name, expected in sorted(manifest["files"].items()):
-            h = hashlib.sha256()
-            for block in _iter_member(tf, members[name], path):
-                h.update(block)
-            if h.hexdigest() != expected:
-                raise _checksum_error(path, name, expected, h.hexdigest())
+            got = sha256_blocks(_iter_member(tf, members[name], path))
+            if got != expected:
+                raise _checksum_error(path, name, expected, got)
     files = {n: m.size for n, m in members.items() if n not in RESERVED_NAMES}
     return VerifiedBundle(path, manifest, kid, files)
 
@@ -392,12 +336,9 @@ def verify_extracted(root: str | os.PathLike, public_key: PublicKeyLike) -> Veri
         path = root.joinpath(*name.split("/"))
         if not path.is_file() or path.is_symlink():
             raise MissingFile(f"{root}: {name!r} is listed in the manifest but missing (or not a regular file)")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(_CHUNK):
-                h.update(block)
-        if h.hexdigest() != expected:
-            raise _checksum_error(root, name, expected, h.hexdigest())
+        got = sha256_file(path)
+        if got != expected:
+            raise _checksum_error(root, name, expected, got)
         sizes[name] = path.stat().st_size
     return VerifiedBundle(root, manifest, kid, sizes, root=root)
 
@@ -465,10 +406,6 @@ def _add(tf: tarfile.TarFile, name: str, fileobj: IO[bytes], size: int, mtime: i
     tf.addfile(info, fileobj)
 
 
-def _human(n: int) -> str:
-    return f"{n / MIB:.2f} MiB" if n >= MIB else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
-
-
 def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathLike],
                  manifest: Mapping[str, Any], private_key: PrivateKeyLike,
                  max_bytes: int | None = None) -> Path:
@@ -505,10 +442,10 @@ def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathL
                     _add(tf, name, f, os.fstat(f.fileno()).st_size, mtime)
         size = tmp.stat().st_size
         if max_bytes is not None and size > max_bytes:
-            parts = ", ".join(f"{n} {_human(Path(p).stat().st_size)}" for n, p in
+            parts = ", ".join(f"{n} {format_bytes(Path(p).stat().st_size)}" for n, p in
                               sorted(files.items(), key=lambda kv: -Path(kv[1]).stat().st_size))
-            raise TooLarge(f"{out_path}: bundle would be {size} bytes ({_human(size)}), over "
-                           f"max_bytes {max_bytes} ({_human(max_bytes)}); files: {parts}")
+            raise TooLarge(f"{out_path}: bundle would be {size} bytes ({format_bytes(size)}), over "
+                           f"max_bytes {max_bytes} ({format_bytes(max_bytes)}); files: {parts}")
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)

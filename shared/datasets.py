@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from shared.bands import S2_BANDS
+from shared.errors import DataMissing
 from shared.scene import GeoRef, Scene, read_scene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 
 UKIS_DIR, SEN1FLOODS11_DIR, EOLEARN_DIR = "ukis_csmask_s2", "sen1floods11_sample", "eolearn_testeopatch"
 
@@ -41,25 +43,16 @@ EOLEARN_LULC_CLASSES = {0: "no data", 1: "cultivated land", 2: "forest", 3: "gra
 EOLEARN_CLOUDY_SCENES = (0, 1)
 
 
-class DataMissing(FileNotFoundError):
-    """A data file that is not where it should be; `path` is where it was looked for."""
-
-    def __init__(self, path: Path, hint: str = ""):
-        self.path = Path(path)
-        super().__init__(f"data not found: {self.path} (data root: $EOEDGE_DATA or "
-                         f"{REPO_ROOT.parent / 'shared' / 'data'}){': ' + hint if hint else ''}")
-
-
 def data_root() -> Path:
     """The data folder: `$EOEDGE_DATA` if set, else `../shared/data` beside the repo root."""
     env = os.environ.get("EOEDGE_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return Path(env) if env else DEFAULT_DATA_ROOT
 
 
 def _file(root: Path | None, *parts: str) -> Path:
     path = (Path(root) if root is not None else data_root()).joinpath(*parts)
     if not path.exists():
-        raise DataMissing(path)
+        raise DataMissing(path, default_root=DEFAULT_DATA_ROOT)
     return path
 
 

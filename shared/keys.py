@@ -15,15 +15,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.errors import KeyFileError
+
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 
 PrivateKeyLike = Union[Ed25519PrivateKey, str, os.PathLike]
 PublicKeyLike = Union[Ed25519PublicKey, Ed25519PrivateKey, str, os.PathLike]
-
-
-class KeyFileError(ValueError):
-    """A key file that cannot be used; the message names the file and what is wrong with it."""
 
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
@@ -42,7 +40,7 @@ def generate_keypair(out_dir: str | os.PathLike, name: str = "uplink",
     can ever be signed for the satellites that trust it.
     """
     if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"key name {name!r}: must be a plain file name")
+        raise KeyFileError(f"key name {name!r}: must be a plain file name")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     private_path, public_path = out / f"{name}{PRIVATE_SUFFIX}", out / f"{name}{PUBLIC_SUFFIX}"

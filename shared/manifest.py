@@ -23,7 +23,6 @@ field (`input.scaling.std[3]: must be > 0`). `make_manifest` fills defaults and 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,8 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
-from shared.bands import S2_BANDS, UnknownBandError, canonical_band
-from shared.policy import DEFAULT_POLICY, PolicyError, validate_policy
+from shared.bands import S2_BANDS, canonical_band
+from shared.errors import ManifestError, PolicyError, UnknownBandError
+from shared.hashing import sha256_file
+from shared.policy import DEFAULT_POLICY, validate_policy
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -54,14 +55,6 @@ _TOP_FIELDS = {
     "format_version", "model_id", "version", "parent", "created", "input", "output",
     "postprocess", "policy", "metrics", "reference", "lineage", "files",
 }
-
-
-class ManifestError(ValueError):
-    """An invalid manifest; `.field` is the path of the offending field (`input.tile_size`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +263,6 @@ def validate_manifest(manifest: Any) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def hash_files(files: Mapping[str, str | os.PathLike]) -> dict[str, str]:
     """{arcname: sha256} for {arcname: path}; a missing file names both."""

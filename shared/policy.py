@@ -27,17 +27,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from shared.errors import PolicyError
+
 ACTIONS = ("keep", "discard")
 DEFAULT_PRIORITY = 5
 DEFAULT_POLICY: dict = {"rules": [], "default": {"then": "keep", "priority": DEFAULT_PRIORITY}}
-
-
-class PolicyError(ValueError):
-    """A policy (or statistics) that cannot be used; `.field` is the path of the offending field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from typing import Iterable, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
+import tifffile
 
 from shared.bands import S2_BANDS, band_from_filename, canonical_band, is_band, looks_like_band_code
+from shared.errors import MissingBandsError, SceneError, SceneFormatError, SceneReadError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 FORMATS = "a GeoTIFF (.tif/.tiff), a folder of one-file-per-band GeoTIFFs, .npz or .npy"
@@ -30,30 +32,6 @@ KEY_GEOGRAPHIC_CRS, KEY_PROJECTED_CRS = 2048, 3072
 MODEL_PROJECTED, MODEL_GEOGRAPHIC = 1, 2
 RASTER_PIXEL_IS_AREA, RASTER_PIXEL_IS_POINT = 1, 2
 USER_DEFINED = 32767
-
-
-# --------------------------------------------------------------------------------------- errors
-
-class SceneError(ValueError):
-    """A Scene built from inconsistent parts (shape, band names)."""
-
-
-class MissingBandsError(SceneError):
-    """Bands asked for that the scene (or file) does not have; names every one of them."""
-
-    def __init__(self, missing: Sequence[str], available: Sequence[str], where: str = ""):
-        self.missing, self.available, self.where = tuple(missing), tuple(available), where
-        place = f" in {where}" if where else ""
-        super().__init__(f"missing band(s) {', '.join(self.missing)}{place}; "
-                         f"available: {', '.join(self.available) or '(none)'}")
-
-
-class SceneReadError(ValueError):
-    """A file that could not be read as a scene; the message starts with the file's path."""
-
-
-class SceneFormatError(SceneReadError):
-    """A path whose format is not one `read_scene` knows."""
 
 
 # --------------------------------------------------------------------------------------- GeoRef
@@ -353,7 +331,6 @@ def _read_npz(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None]:
 
 def _read_geotiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, GeoRef | None]:
     """(data (bands, rows, cols), band names from GDAL descriptions or None, GeoRef or None)."""
-    import tifffile   # lazily: `shared` is imported by code that never touches a file
 
     def read():
         with tifffile.TiffFile(path) as tif:
@@ -484,7 +461,6 @@ def _read_band_folder(folder: Path, bands: Sequence[str] | None) -> Scene:
 
 def _tiff_plane_shape(path: Path) -> tuple[int, int]:
     """(rows, cols) of a single-band TIFF from its header, without decoding pixels."""
-    import tifffile
 
     def read():
         with tifffile.TiffFile(path) as tif:
@@ -538,7 +514,6 @@ def write_geotiff(path: str | Path, scene: Scene, compress: str | None = None) -
     """Write `scene` as one band-interleaved (planar) GeoTIFF with its band names (GDAL band
     descriptions) and georeference (GeoTIFF tags, EPSG code). `compress`: None, "deflate"/"zlib"
     (always available) or any codec tifffile can encode here. Returns the path."""
-    import tifffile
 
     if not isinstance(scene, Scene):
         raise TypeError(f"write_geotiff needs a Scene, got {type(scene).__name__}")
