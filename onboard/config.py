@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onboard.errors import ConfigError
+
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENDPOINT_NAMES = ("frames", "products", "commands", "telemetry")
-
-
-class ConfigError(ValueError):
-    """A bad configuration file or value; the message names the file and the field."""
 
 
 @dataclass(frozen=True)

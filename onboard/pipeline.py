@@ -29,7 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from onboard import products as products_mod
-from onboard.runtime import INPUT_DTYPES, ModelLoadError, OpenVinoModel
+from onboard.errors import FRAME_ERROR_CODES, FrameError  # noqa: F401  (importable from here, as before)
+from onboard.errors import (BAD_SCALE, BAND_MISMATCH, DUPLICATE_BAND, EMPTY_FRAME, MISSING_BANDS,
+                            NOT_FINITE, UNKNOWN_BAND, WRONG_DTYPE, WRONG_SHAPE, ModelLoadError)
+from onboard.runtime import INPUT_DTYPES, OpenVinoModel
 from onboard.stats import frame_and_cell_stats, summarise_components
 from shared.bands import UnknownBandError, canonical_band
 from shared.bundle import load_reference
@@ -37,20 +40,6 @@ from shared.manifest import MODEL_XML, validate_manifest
 from shared.policy import classes_needing_components, evaluate, validate_policy
 from shared.postprocess import open_classes, threshold, threshold_vector
 from shared.tiling import TileGrid
-
-# FrameError codes (the daemon sends them on in its error event)
-FRAME_ERROR_CODES = ("wrong_dtype", "wrong_shape", "band_mismatch", "empty_frame", "bad_scale",
-                     "unknown_band", "duplicate_band", "missing_bands", "not_finite")
-
-
-class FrameError(ValueError):
-    """A frame the pipeline cannot take; `.code` is one of FRAME_ERROR_CODES."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
 
 @dataclass
 class FrameResult:
@@ -186,33 +175,33 @@ class FramePipeline:
     def _validate(self, data: Any, bands: Sequence[str], scale: float) -> list[int]:
         """Check the frame; return the index in `data` of each band the model takes, in order."""
         if not isinstance(data, np.ndarray):
-            raise FrameError("wrong_dtype", f"data must be a numpy array, got {type(data).__name__}")
+            raise FrameError(WRONG_DTYPE, f"data must be a numpy array, got {type(data).__name__}")
         if data.ndim != 3:
-            raise FrameError("wrong_shape", f"data must be 3-D (bands, rows, cols), got shape {data.shape}")
+            raise FrameError(WRONG_SHAPE, f"data must be 3-D (bands, rows, cols), got shape {data.shape}")
         if data.dtype.name not in INPUT_DTYPES or not data.dtype.isnative:
-            raise FrameError("wrong_dtype", f"data dtype {data.dtype.str} not accepted "
+            raise FrameError(WRONG_DTYPE, f"data dtype {data.dtype.str} not accepted "
                                             f"(native-order {', '.join(INPUT_DTYPES)})")
         if isinstance(bands, (str, bytes)) or not isinstance(bands, Sequence):
-            raise FrameError("band_mismatch", f"bands must be a list of band names, got {type(bands).__name__}")
+            raise FrameError(BAND_MISMATCH, f"bands must be a list of band names, got {type(bands).__name__}")
         if len(bands) != data.shape[0]:
-            raise FrameError("band_mismatch", f"{len(bands)} band names for {data.shape[0]} bands in data")
+            raise FrameError(BAND_MISMATCH, f"{len(bands)} band names for {data.shape[0]} bands in data")
         if 0 in data.shape:
-            raise FrameError("empty_frame", f"data has shape {data.shape}")
+            raise FrameError(EMPTY_FRAME, f"data has shape {data.shape}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) \
                 or not math.isfinite(scale) or scale <= 0:
-            raise FrameError("bad_scale", f"scale must be a finite number > 0, got {scale!r}")
+            raise FrameError(BAD_SCALE, f"scale must be a finite number > 0, got {scale!r}")
         index: dict[str, int] = {}
         for i, name in enumerate(bands):
             try:
                 canon = canonical_band(name)
             except (UnknownBandError, TypeError, AttributeError):
-                raise FrameError("unknown_band", f"bands[{i}] = {name!r} is not a Sentinel-2 band") from None
+                raise FrameError(UNKNOWN_BAND, f"bands[{i}] = {name!r} is not a Sentinel-2 band") from None
             if canon in index:
-                raise FrameError("duplicate_band", f"bands[{i}] = {name!r} repeats bands[{index[canon]}]")
+                raise FrameError(DUPLICATE_BAND, f"bands[{i}] = {name!r} repeats bands[{index[canon]}]")
             index[canon] = i
         missing = [b for b in self.bands if b not in index]
         if missing:
-            raise FrameError("missing_bands", f"model {self.model_id} needs {', '.join(missing)}; "
+            raise FrameError(MISSING_BANDS, f"model {self.model_id} needs {', '.join(missing)}; "
                                               f"frame has {', '.join(bands)}")
         select = [index[b] for b in self.bands]
         if data.dtype.kind == "f":
@@ -226,7 +215,7 @@ class FramePipeline:
             # one cheap reduction per band; a NaN/Inf poisons the sum (a huge finite frame
             # can overflow it to inf, hence the exact check before accusing it)
             if not math.isfinite(float(data[b].sum(dtype=np.float32))) and not np.isfinite(data[b]).all():
-                raise FrameError("not_finite", f"band {bands[b]} holds NaN or Inf values")
+                raise FrameError(NOT_FINITE, f"band {bands[b]} holds NaN or Inf values")
 
     def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float
                            ) -> tuple[np.ndarray, dict[str, float]]:

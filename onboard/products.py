@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from shared.bands import UnknownBandError, canonical_band
@@ -24,8 +25,6 @@ JPEG_QUALITY = 85
 
 
 def mask_png(mask: np.ndarray) -> bytes:
-    import cv2
-
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
               cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
     ok, buf = cv2.imencode(".png", mask, params)
@@ -36,8 +35,6 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 def decode_mask_png(data: bytes) -> np.ndarray:
     """The inverse of `mask_png` (for the ground side and tests)."""
-    import cv2
-
     mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ValueError("not a PNG image")
@@ -56,8 +53,6 @@ def _band_index(bands: Sequence[str]) -> dict[str, int]:
 
 def quicklook_jpg(data: np.ndarray, bands: Sequence[str], scale: float, max_side: int = 512) -> bytes:
     """A small true-colour JPEG of the frame (data (C, H, W), reflectance = value * scale)."""
-    import cv2
-
     index = _band_index(bands)
     picks = [index[b] for b in QUICKLOOK_BANDS] if all(b in index for b in QUICKLOOK_BANDS) else [0]
     h, w = data.shape[1:]

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+from onboard.errors import ModelLoadError
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 INPUT_DTYPES = ("uint16", "int16", "float32")
@@ -33,21 +37,12 @@ INPUT_DTYPES = ("uint16", "int16", "float32")
 DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
 
 
-class ModelLoadError(RuntimeError):
-    """The IR cannot be read or does not look like a segmentation model we can run."""
-
-
-def _core():
-    import openvino as ov
-    return ov.Core()
-
-
 def read_model(xml_path: str | Path, core=None):
     """Read an IR and check it has one 4-D input (N, C, H, W) with a fixed C, and one output."""
     xml_path = Path(xml_path)
     if not xml_path.is_file():
         raise ModelLoadError(f"{xml_path}: model file not found")
-    core = core or _core()
+    core = core or ov.Core()
     try:
         model = core.read_model(str(xml_path))
     except RuntimeError as exc:
@@ -64,9 +59,6 @@ def read_model(xml_path: str | Path, core=None):
 def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
     """Fix the input shape to (batch, C, tile, tile), put `x * gain + offset` in front of the
     network (raw values of `input_dtype` in) and the activation behind it."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
     model = model.clone()
     channels = model.inputs[0].get_partial_shape()[1].get_length()
     try:
@@ -101,7 +93,6 @@ class _Buffers:
 
     @classmethod
     def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple) -> "_Buffers":
-        import openvino as ov
         inputs = [np.zeros(shape_in, dtype) for _ in range(n)]
         outputs = [np.zeros(shape_out, np.float32) for _ in range(n)]
         return cls(inputs, outputs, [ov.Tensor(a, shared_memory=True) for a in inputs],
@@ -127,7 +118,7 @@ class OpenVinoModel:
         self.device = device
         self.activation = activation
         self.batch_size = int(batch_size)
-        self._core = _core()
+        self._core = ov.Core()
         self._model = read_model(self.xml_path, self._core)
         shape = self._model.inputs[0].get_partial_shape()
         self.channels = shape[1].get_length()
@@ -150,7 +141,6 @@ class OpenVinoModel:
         if dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
         if dtype not in self._variants:
-            import openvino as ov
             model = _prepare(self._model, self.tile, self.batch_size, dtype, self.activation)
             try:
                 compiled = self._core.compile_model(model, self.device, self._config)

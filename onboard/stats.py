@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 CONNECTIVITY = 8
@@ -16,8 +17,6 @@ CONNECTIVITY = 8
 
 def component_sizes(mask: np.ndarray, class_index: int) -> list[int]:
     """Pixel counts of the connected components of one class, largest first."""
-    import cv2
-
     binary = (mask == class_index).view(np.uint8)
     if not binary.any():
         return []

@@ -25,7 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -34,6 +33,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from onboard.errors import (ACTIVATION_FAILED, BAD_STATE, BUSY, EXTRACT_FAILED, INSTALLED,
+                            LOAD_FAILED, NO_MODEL, NO_PREVIOUS, NOT_FOUND, ROLLED_BACK,
+                            SELF_TEST_FAILED, SLOT_CORRUPT, SLOT_UNREADABLE, STORE_IN_USE, StoreError)
+from onboard.pipeline import FramePipeline
+from shared.bundle import BundleError, extract_bundle, verify_extracted
+from shared.keys import load_public_key
+
 log = logging.getLogger("onboard.store")
 
 STATE_FILE = "state.json"
@@ -41,14 +47,6 @@ LOCK_FILE = "store.lock"
 SLOTS_DIR = "slots"
 STATE_SCHEMA = 1
 HISTORY_LENGTH = 20
-
-
-class StoreError(RuntimeError):
-    """The store cannot do what was asked (no previous model, store busy, broken state)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -87,15 +85,6 @@ class InstallResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pipeline"}
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def rejection_code(exc: BaseException) -> str:
-    """`VersionTooOld` -> `version_too_old`: the bundle check's class names the reason."""
-    return _snake(type(exc).__name__)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write-temp, fsync, rename, fsync the folder: after a crash the file is old or new, whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -114,7 +103,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def default_pipeline_factory(device: str = "CPU", num_requests: int | None = None
                              ) -> Callable[[dict, Path], Any]:
     def factory(manifest: dict, model_dir: Path) -> Any:
-        from onboard.pipeline import FramePipeline   # OpenVINO loads only when a model does
         return FramePipeline(manifest, model_dir, device=device, num_requests=num_requests)
     return factory
 
@@ -133,7 +121,6 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike, public_key: Any, device: str = "CPU",
                  pipeline_factory: Callable[[dict, Path], Any] | None = None,
                  num_requests: int | None = None, exclusive: bool = False):
-        from shared.keys import load_public_key
         self.root = Path(root)
         self.public_key = load_public_key(public_key)
         self.device = device
@@ -159,7 +146,7 @@ class ModelStore:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise StoreError("store_in_use", f"{self.root}: the store is in use by process {holder} "
+            raise StoreError(STORE_IN_USE, f"{self.root}: the store is in use by process {holder} "
                                              "(a running daemon? send it the install command instead)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -196,9 +183,9 @@ class ModelStore:
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError("bad_state", f"{self.state_path}: unreadable store state ({exc})") from None
+            raise StoreError(BAD_STATE, f"{self.state_path}: unreadable store state ({exc})") from None
         if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
-            raise StoreError("bad_state", f"{self.state_path}: not a schema-{STATE_SCHEMA} store state")
+            raise StoreError(BAD_STATE, f"{self.state_path}: not a schema-{STATE_SCHEMA} store state")
         return {**empty, **state}
 
     def _update_state(self, change: Callable[[dict], None], event: dict) -> dict:
@@ -231,7 +218,7 @@ class ModelStore:
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError("slot_unreadable", f"{path}: cannot read the slot's manifest ({exc})") from None
+            raise StoreError(SLOT_UNREADABLE, f"{path}: cannot read the slot's manifest ({exc})") from None
         return SlotInfo(slot, manifest.get("model_id", "?"), manifest.get("version", 0), path, manifest)
 
     def active(self) -> SlotInfo | None:
@@ -259,11 +246,11 @@ class ModelStore:
         with self._state_lock:
             slot = self._state.get("active")
         if not slot:
-            raise StoreError("no_model", "no active model to set a policy for")
+            raise StoreError(NO_MODEL, "no active model to set a policy for")
 
         def change(state: dict) -> None:
             if state.get("active") != slot:
-                raise StoreError("busy", "the active model changed while setting its policy")
+                raise StoreError(BUSY, "the active model changed while setting its policy")
             state.setdefault("policy", {}).pop(slot, None)
             if policy is not None:
                 state["policy"][slot] = policy
@@ -286,28 +273,27 @@ class ModelStore:
     def check_slot_files(self, info: SlotInfo) -> None:
         """Re-check a slot as its bundle was checked (signature over the manifest, every file's
         sha256): a bit flip on disk since the install must not fly."""
-        from shared.bundle import BundleError, verify_extracted
         try:
             verify_extracted(info.path, self.public_key)
         except BundleError as exc:
-            raise StoreError("slot_corrupt", f"slot {info.slot} failed its check: {exc}") from None
+            raise StoreError(SLOT_CORRUPT, f"slot {info.slot} failed its check: {exc}") from None
 
     def _load_and_test(self, info: SlotInfo) -> tuple[Any, dict]:
         """Build the pipeline for a slot and self-test it; raise StoreError saying why not."""
         try:
             pipeline = self.pipeline_factory(info.manifest, info.path)
         except Exception as exc:       # OpenVINO raises plain RuntimeError for a bad IR or device
-            raise StoreError("load_failed", f"model {info.model_id} v{info.version} did not load "
+            raise StoreError(LOAD_FAILED, f"model {info.model_id} v{info.version} did not load "
                                             f"on {self.device}: {exc}") from None
         reference = (info.manifest.get("reference") or {}).get("file", "reference.npz")
         try:
             result = pipeline.self_test(info.path / reference)
         except Exception as exc:
-            raise StoreError("self_test_failed", f"self-test could not run: {exc}") from None
+            raise StoreError(SELF_TEST_FAILED, f"self-test could not run: {exc}") from None
         report = {"ok": bool(result.ok), "max_abs_diff": float(result.max_abs_diff),
                   "mask_agreement": float(result.mask_agreement), "message": result.message}
         if not result.ok:
-            error = StoreError("self_test_failed", f"self-test on the reference tiles failed: {result.message}")
+            error = StoreError(SELF_TEST_FAILED, f"self-test on the reference tiles failed: {result.message}")
             error.self_test = report
             raise error
         return pipeline, report
@@ -318,7 +304,7 @@ class ModelStore:
         result says why it was refused, and the active model is untouched."""
         started = time.monotonic()
         if not self._install_lock.acquire(blocking=False):
-            return self._refused("busy", "another install or rollback is running", started)
+            return self._refused(BUSY, "another install or rollback is running", started)
         try:
             return self._install(Path(bundle_path), started)
         finally:
@@ -326,19 +312,18 @@ class ModelStore:
             self._install_lock.release()
 
     def _install(self, bundle_path: Path, started: float) -> InstallResult:
-        from shared.bundle import BundleError, extract_bundle
         active = self.active()
         min_version = active.version if active else None
         if not bundle_path.is_file():
-            return self._refused("not_found", f"{bundle_path}: no such bundle file", started)
+            return self._refused(NOT_FOUND, f"{bundle_path}: no such bundle file", started)
         slot_path = self.root / SLOTS_DIR / f"staging-{uuid.uuid4().hex[:8]}"
         try:
             try:
                 extract_bundle(bundle_path, slot_path, self.public_key, min_version=min_version)
             except BundleError as exc:
-                return self._refused(getattr(exc, "reason", None) or rejection_code(exc), str(exc), started)
+                return self._refused(exc.code, str(exc), started)   # version_too_old, bad_signature, ...
             except OSError as exc:      # disk full, permissions: the bundle may be fine
-                return self._refused("extract_failed", f"{bundle_path}: could not extract into "
+                return self._refused(EXTRACT_FAILED, f"{bundle_path}: could not extract into "
                                                        f"{slot_path}: {exc}", started)
             info = self._slot_info(slot_path.name)
             final = self.root / SLOTS_DIR / f"{info.model_id}-v{info.version}-{uuid.uuid4().hex[:8]}"
@@ -360,13 +345,13 @@ class ModelStore:
                 state = self._update_state(activate, {"event": "install", "slot": final.name,
                                                       "model_id": info.model_id, "version": info.version})
             except OSError as exc:      # state.json untouched (os.replace never ran): old model stays
-                return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
+                return self._refused(ACTIVATION_FAILED, f"could not write {self.state_path}: {exc}",
                                      started, info, report)
             slot_path = None            # activated: keep it
             if retired[0] and retired[0] not in (state["active"], state["previous"]):
                 shutil.rmtree(self.root / SLOTS_DIR / retired[0], ignore_errors=True)
             log.info("installed %s v%d in %s", info.model_id, info.version, final.name)
-            return InstallResult(True, "installed", f"{info.model_id} v{info.version} active",
+            return InstallResult(True, INSTALLED, f"{info.model_id} v{info.version} active",
                                  info.model_id, info.version, final.name, info.as_dict(),
                                  self._describe(self.previous), report,
                                  time.monotonic() - started, pipeline)
@@ -379,11 +364,11 @@ class ModelStore:
         model it replaces becomes `previous`, so a second rollback undoes the first."""
         started = time.monotonic()
         if not self._install_lock.acquire(blocking=False):
-            return self._refused("busy", "another install or rollback is running", started)
+            return self._refused(BUSY, "another install or rollback is running", started)
         try:
             previous = self.previous()
             if previous is None:
-                return self._refused("no_previous", "no previous model to roll back to", started)
+                return self._refused(NO_PREVIOUS, "no previous model to roll back to", started)
             try:
                 self.check_slot_files(previous)
                 pipeline, report = self._load_and_test(previous)
@@ -396,9 +381,9 @@ class ModelStore:
                 self._update_state(swap, {"event": "rollback", "slot": previous.slot,
                                           "model_id": previous.model_id, "version": previous.version})
             except OSError as exc:
-                return self._refused("activation_failed", f"could not write {self.state_path}: {exc}",
+                return self._refused(ACTIVATION_FAILED, f"could not write {self.state_path}: {exc}",
                                      started)
-            return InstallResult(True, "rolled_back", f"{previous.model_id} v{previous.version} active again",
+            return InstallResult(True, ROLLED_BACK, f"{previous.model_id} v{previous.version} active again",
                                  previous.model_id, previous.version, previous.slot, previous.as_dict(),
                                  self._describe(self.previous), report,
                                  time.monotonic() - started, pipeline)

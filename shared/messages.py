@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from shared.errors import EoedgeError
+
 SCHEMA_VERSION = 1
 
 # Only plain little-endian numeric dtypes travel: no objects, strings, structured or complex types
@@ -36,8 +38,9 @@ ALLOWED_DTYPES: frozenset[str] = frozenset({
 })
 
 
-class MessageError(ValueError):
+class MessageError(EoedgeError, ValueError):
     """A message that cannot be encoded or decoded; `.field` names the part that was wrong."""
+    code = "bad_message"
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -141,6 +144,16 @@ def DICT(value: Any, path: str) -> None:
             raise MessageError(path, f"map keys must be strings, got {type(key).__name__}")
 
 
+MAX_CODE_CHARS = 64
+
+
+def CODE(value: Any, path: str) -> None:
+    """An error code: a non-empty string of at most MAX_CODE_CHARS characters (`queue_full`)."""
+    NONEMPTY_STR(value, path)
+    if len(value) > MAX_CODE_CHARS:
+        raise MessageError(path, f"longer than {MAX_CODE_CHARS} characters")
+
+
 def LIST(value: Any, path: str) -> None:
     if not isinstance(value, list):
         _fail(path, "a list", value)
@@ -184,11 +197,21 @@ class BodySchema:
     check: Callable[[dict], None] | None = None
 
 
+ACK_OK = "ok"     # the `code` of an ACK that accepts a frame or reports a command done
+
+
 def _ack_check(body: dict) -> None:
     if "ok" not in body and "accepted" not in body:
         raise MessageError("body.ok", "an ack carries 'ok' (command) or 'accepted' (frame)")
     if body.get("ok") is False and "error" not in body:
         raise MessageError("body.error", "a failed ack must say why")
+    if "code" in body:
+        success = body.get("ok", body.get("accepted"))
+        if success and body["code"] != ACK_OK:
+            raise MessageError("body.code", f"an ack that succeeds carries code {ACK_OK!r}, "
+                                            f"got {body['code']!r}")
+        if not success and body["code"] == ACK_OK:
+            raise MessageError("body.code", "a failed ack carries the error's code, not 'ok'")
 
 
 BODY_SCHEMAS: dict[str, BodySchema] = {
@@ -215,7 +238,7 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
     ),
     # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).
     "error": BodySchema(
-        required={"code": NONEMPTY_STR, "message": STR},
+        required={"code": CODE, "message": STR},
         optional={"frame_id": optional(STR), "field": optional(STR), "details": DICT},
     ),
     # Operator -> daemon: {name, args}; upload_chunk carries its bytes as one array.
@@ -224,11 +247,12 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
         optional={"args": DICT},
         other_arrays=True,
     ),
-    # Daemon -> sender: a frame ack {accepted, queue_depth} or a command ack {ok, result | error}.
+    # Daemon -> sender: a frame ack {accepted, code, queue_depth} or a command ack
+    # {ok, code, result | error}; code is "ok", or the error's code as in an ERROR.
     "ack": BodySchema(
         required={},
-        optional={"ok": BOOL, "accepted": BOOL, "queue_depth": NONNEG_INT, "result": DICT,
-                  "error": STR},
+        optional={"ok": BOOL, "accepted": BOOL, "code": CODE, "queue_depth": NONNEG_INT,
+                  "result": DICT, "error": STR},
         check=_ack_check,
     ),
     # Daemon -> anyone subscribed: the heartbeat.

@@ -1,0 +1,78 @@
+"""A frame's one outcome, as the messages that carry it.
+
+    decision    DECISION {frame_id, keep, priority, reason, stats, tile_decisions, timings_ms, model}
+                to the payload (ref = the FRAME's id)
+    product     a kept frame's PRODUCT {frame_id, priority, reason, stats, classes, tiles, model,
+                scene, index, acquired} + its arrays (mask, quicklook, tiles) to the downlink
+    error       ERROR {code, message, frame_id} to the payload, when the pipeline refused the
+                frame's values, failed, or the drain ran out of time
+
+`timings_ms` holds the pipeline's stages, its own total renamed `process`, and the daemon's
+`queue` (accepted -> started) and `total` (accepted -> outcome), in milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from onboard.admission import FrameJob
+from onboard.store import SlotInfo
+from shared.jsonable import jsonable
+from shared.messages import Message
+
+PRODUCT_KEYS_FROM_FRAME = ("scene", "index", "acquired")   # copied from the FRAME when present
+
+
+@dataclass
+class FrameOutcome:
+    """What the frame worker hands back: a decision (slot + result) or an error (code + message)."""
+
+    job: FrameJob
+    slot: SlotInfo | None = None
+    result: Any = None                 # onboard.pipeline.FrameResult, for a decision
+    code: str | None = None            # for an error
+    message: str = ""
+
+    @property
+    def is_error(self) -> bool:
+        return self.code is not None
+
+
+def model_ref(slot: SlotInfo) -> dict:
+    return {"id": slot.model_id, "version": slot.version}
+
+
+def timings_ms(job: FrameJob, result: Any, now: float) -> dict:
+    timings = jsonable(result.timings_ms)
+    timings["process"] = timings.pop("total", None)
+    waited_ms = ((job.started_at or now) - job.accepted_at) * 1000
+    timings.update(queue=waited_ms, total=(now - job.accepted_at) * 1000)
+    return timings
+
+
+def decision(outcome: FrameOutcome, timings: dict, source: str) -> Message:
+    job, result = outcome.job, outcome.result
+    body = {"frame_id": job.frame_id, "keep": bool(result.keep), "priority": int(result.priority),
+            "reason": str(result.reason), "stats": jsonable(result.stats),
+            "tile_decisions": jsonable(result.tile_decisions), "timings_ms": timings,
+            "model": model_ref(outcome.slot)}
+    return job.msg.reply("decision", body, source=source)
+
+
+def product(outcome: FrameOutcome, source: str) -> Message:
+    job, result = outcome.job, outcome.result
+    body = {"frame_id": job.frame_id, "priority": int(result.priority), "reason": str(result.reason),
+            "stats": jsonable(result.stats),
+            "classes": list(outcome.slot.manifest["output"]["classes"]),
+            "tiles": [t for t in jsonable(result.tile_decisions) if t.get("keep", True)],
+            "model": model_ref(outcome.slot)}
+    for key in PRODUCT_KEYS_FROM_FRAME:
+        if key in job.msg.body:
+            body[key] = job.msg.body[key]
+    return Message("product", body, dict(result.products or {}), ref=job.msg.id, source=source)
+
+
+def error(outcome: FrameOutcome, source: str) -> Message:
+    job = outcome.job
+    return job.msg.reply("error", {"code": outcome.code, "message": outcome.message,
+                                   "frame_id": job.frame_id}, source=source)

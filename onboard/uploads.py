@@ -1,0 +1,164 @@
+"""Resumable chunked uploads: how a bundle reaches the daemon over the commands socket.
+
+`upload_begin` / `upload_chunk` / `upload_status` / `upload_end` (onboard.telecommands) assemble
+a file in `[store].uploads`, checking each chunk's sha256 as it lands and the whole file's at the
+end. The upload id is derived from (sha256, size, chunk_size), and each received chunk is
+recorded on disk, so after a lost link or a daemon restart `upload_begin` with the same file
+answers with the same id and the chunks already held: only the missing ones need sending again.
+Every refusal is a CommandFailed whose code and message say what was wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from onboard.errors import (BAD_ARGS, BAD_CHUNK, CHECKSUM_MISMATCH, UNKNOWN_UPLOAD, UPLOAD_COMPLETE,
+                            UPLOAD_INCOMPLETE, CommandFailed)
+from onboard.store import write_json_atomic
+from shared.hashing import sha256_file
+
+
+class Uploads:
+    """Resumable chunked uploads on disk, each checked per chunk and as a whole."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int, max_chunk_bytes: int):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()   # upload_end/install may read what the poller writes
+
+    @staticmethod
+    def make_id(sha256: str, size: int, chunk_size: int) -> str:
+        return hashlib.sha256(f"{sha256}:{size}:{chunk_size}".encode()).hexdigest()[:16]
+
+    def _dir(self, upload_id: Any) -> Path:
+        if not isinstance(upload_id, str) or not re.fullmatch(r"[0-9a-f]{16}", upload_id):
+            raise CommandFailed(f"args.upload_id: not an upload id: {str(upload_id)[:40]!r}",
+                                code=BAD_ARGS)
+        path = self.root / upload_id
+        if not (path / "meta.json").is_file():
+            raise CommandFailed(f"args.upload_id: unknown upload {upload_id!r} (upload_begin first)",
+                                code=UNKNOWN_UPLOAD)
+        return path
+
+    def _meta(self, upload_id: str) -> dict:
+        return json.loads((self._dir(upload_id) / "meta.json").read_text())
+
+    @staticmethod
+    def _summary(meta: dict) -> dict:
+        return {"upload_id": meta["upload_id"], "name": meta["name"], "size": meta["size"],
+                "chunk_size": meta["chunk_size"], "chunks": meta["chunks"],
+                "received": sorted(meta["received"]), "complete": meta["complete"]}
+
+    def begin(self, name: str, size: int, sha256: str, chunk_size: int) -> dict:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", name) or name.startswith("."):
+            raise CommandFailed(f"args.name: {name[:80]!r} is not a plain file name", code=BAD_ARGS)
+        if not 1 <= size <= self.max_bytes:
+            raise CommandFailed(f"args.size: {size} bytes, must be 1..{self.max_bytes} "
+                                "(store.max_upload_bytes)", code=BAD_ARGS)
+        if not 1 <= chunk_size <= self.max_chunk_bytes:
+            raise CommandFailed(f"args.chunk_size: {chunk_size}, must be 1..{self.max_chunk_bytes} "
+                                "(store.max_chunk_bytes)", code=BAD_ARGS)
+        upload_id = self.make_id(sha256, size, chunk_size)
+        path = self.root / upload_id
+        with self._lock:
+            if (path / "meta.json").is_file():          # a resume: keep what arrived
+                return self._summary(json.loads((path / "meta.json").read_text()))
+            path.mkdir(parents=True, exist_ok=True)
+            with open(path / "data.part", "wb") as fh:
+                fh.truncate(size)
+            meta = {"upload_id": upload_id, "name": name, "size": size, "sha256": sha256,
+                    "chunk_size": chunk_size, "chunks": -(-size // chunk_size), "received": [],
+                    "complete": False, "started": time.time()}
+            write_json_atomic(path / "meta.json", meta)
+        return self._summary(meta)
+
+    def chunk(self, upload_id: str, index: int, sha256: str, data: memoryview) -> dict:
+        path = self._dir(upload_id)
+        with self._lock:
+            meta = self._meta(upload_id)
+            self._check_chunk(upload_id, meta, index, sha256, data)
+            fd = os.open(path / "data.part", os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, index * meta["chunk_size"])
+                os.fsync(fd)                       # the record below must not claim lost bytes
+            finally:
+                os.close(fd)
+            if index not in meta["received"]:
+                meta["received"].append(index)
+                write_json_atomic(path / "meta.json", meta)
+        return {"upload_id": upload_id, "index": index, "received_count": len(meta["received"]),
+                "chunks": meta["chunks"]}
+
+    @staticmethod
+    def _check_chunk(upload_id: str, meta: dict, index: int, sha256: str, data: memoryview) -> None:
+        if meta["complete"]:
+            raise CommandFailed(f"upload {upload_id} is already complete", code=UPLOAD_COMPLETE)
+        if not 0 <= index < meta["chunks"]:
+            raise CommandFailed(f"args.index: {index} out of range 0..{meta['chunks'] - 1}",
+                                code=BAD_ARGS)
+        expected = min(meta["chunk_size"], meta["size"] - index * meta["chunk_size"])
+        if data.nbytes != expected:
+            raise CommandFailed(f"chunk {index}: {data.nbytes} bytes, expected {expected}",
+                                code=BAD_CHUNK)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise CommandFailed(f"chunk {index}: sha256 mismatch (got {actual[:16]}..., "
+                                f"args.sha256 says {sha256[:16]}...); send it again",
+                                code=CHECKSUM_MISMATCH)
+
+    def status(self, upload_id: str) -> dict:
+        with self._lock:
+            meta = self._meta(upload_id)
+        summary = self._summary(meta)
+        summary["missing"] = sorted(set(range(meta["chunks"])) - set(meta["received"]))
+        return summary
+
+    def end(self, upload_id: str) -> dict:
+        path = self._dir(upload_id)
+        with self._lock:
+            meta = self._meta(upload_id)
+            missing = sorted(set(range(meta["chunks"])) - set(meta["received"]))
+            if missing:
+                raise CommandFailed(f"upload {upload_id}: {len(missing)} chunks missing, first "
+                                    f"{missing[:10]}", code=UPLOAD_INCOMPLETE)
+            actual = sha256_file(path / "data.part")
+            if actual != meta["sha256"]:
+                # Every chunk matched its own hash, so the announced hash or the chunking was wrong:
+                # start over rather than keep bytes nobody vouches for.
+                meta["received"] = []
+                write_json_atomic(path / "meta.json", meta)
+                raise CommandFailed(f"upload {upload_id}: whole-file sha256 is {actual}, "
+                                    f"upload_begin announced {meta['sha256']}; upload reset",
+                                    code=CHECKSUM_MISMATCH)
+            final = path / meta["name"]
+            os.replace(path / "data.part", final)
+            meta["complete"] = True
+            meta["path"] = str(final)
+            write_json_atomic(path / "meta.json", meta)
+        return {**self._summary(meta), "path": str(final), "sha256": actual}
+
+    def path_of(self, upload_id: str) -> Path:
+        meta = self._meta(upload_id)
+        if not meta["complete"]:
+            raise CommandFailed(f"upload {upload_id} is not complete (upload_end first)",
+                                code=UPLOAD_INCOMPLETE)
+        return Path(meta["path"])
+
+    def list(self) -> list[dict]:
+        out = []
+        for meta_path in sorted(self.root.glob("*/meta.json")):
+            try:
+                out.append(self._summary(json.loads(meta_path.read_text())))
+            except (OSError, ValueError, KeyError):
+                continue
+        for item in out:
+            item["received"] = len(item["received"])   # counts only: status stays small
+        return out
