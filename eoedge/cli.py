@@ -2,12 +2,16 @@
 
 A group's module is imported only when that group is asked for, so an install with only
 the `onboard` extra runs `eoedge onboard ...` without torch, and a command whose extra is
-missing says which one instead of printing a traceback.
+missing says which one instead of printing a traceback. Errors follow shared.cliutil's policy
+(one line, or a JSON object under --json; exit 2 for an unknown group, 3 for a missing extra).
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from shared.cliutil import report_error
+from shared.errors import EXIT_USAGE, MissingExtra, UsageError
 
 # group -> (module with `main(argv) -> int`, one-line summary)
 GROUPS = {
@@ -39,34 +43,35 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+def missing_extra(exc: ModuleNotFoundError) -> MissingExtra | None:
+    """The missing module as the extra that brings it, or None when no extra does (a bug)."""
     top = (exc.name or "").split(".")[0]
     extra = EXTRA_FOR_MODULE.get(top)
     if extra is None:
         return None
-    return (f"eoedge: this command needs the '{extra}' extra ({top!r} is not installed): "
-            f"pip install 'eoedge[{extra}]'")
+    return MissingExtra(f"this command needs the '{extra}' extra ({top!r} is not installed): "
+                        f"pip install 'eoedge[{extra}]'")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if argv else 2
+        return 0 if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     target = GROUPS.get(name) or SHORTCUTS.get(name)
     if target is None:
-        print(f"eoedge: unknown group {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        known = ", ".join([*GROUPS, *SHORTCUTS])
+        return report_error(UsageError(f"eoedge: unknown group {name!r} (one of {known}; "
+                                       f"eoedge --help)"), "--json" in rest)
     try:
         module = importlib.import_module(target[0])
         return int(module.main(rest) or 0)
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(exc)
-        if message is None:
+        error = missing_extra(exc)
+        if error is None:
             raise
-        print(message, file=sys.stderr)
-        return 3
+        return report_error(error, "--json" in rest)
     except KeyboardInterrupt:
         return 130
 

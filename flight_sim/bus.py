@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zmq
 
+from flight_sim.errors import ScenarioError
 from shared.messages import Message, MessageError, decode, encode
 
 SOCKETS = ("frames", "products", "commands", "telemetry")
@@ -49,7 +50,7 @@ def plan_endpoints(run_dir: Path, transport: str = "ipc") -> Endpoints:
             bus.mkdir(parents=True, exist_ok=True)
             return Endpoints(**{name: f"ipc://{bus / name}.sock" for name in SOCKETS})
     elif transport != "tcp":
-        raise ValueError(f"bus.transport: 'ipc' or 'tcp' expected, got {transport!r}")
+        raise ScenarioError(f"bus.transport: 'ipc' or 'tcp' expected, got {transport!r}")
     return Endpoints(**{name: f"tcp://127.0.0.1:{_free_port()}" for name in SOCKETS})
 
 

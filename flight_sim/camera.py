@@ -18,7 +18,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from flight_sim.errors import ScenarioError
 from flight_sim.scenes import SceneSource
+from shared.scene import Scene
 
 DN_SCALE = 1e-4                   # L1C: reflectance = DN / 10000
 GROUND_SPEED_M_S = 7500.0         # ground-track speed of a ~500-800 km LEO orbit
@@ -37,15 +39,15 @@ class CameraConfig:
 
     def __post_init__(self):
         if not isinstance(self.frame_lines, int) or self.frame_lines < 1:
-            raise ValueError(f"camera.frame_lines: an integer >= 1 expected, got {self.frame_lines!r}")
+            raise ScenarioError(f"camera.frame_lines: an integer >= 1 expected, got {self.frame_lines!r}")
         for name in ("gsd_m", "ground_speed_m_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"camera.{name}: a number > 0 expected, got {v!r}")
+                raise ScenarioError(f"camera.{name}: a number > 0 expected, got {v!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"camera.dtype: one of {', '.join(DTYPES)} expected, got {self.dtype!r}")
+            raise ScenarioError(f"camera.dtype: one of {', '.join(DTYPES)} expected, got {self.dtype!r}")
         if self.gap_s < 0:
-            raise ValueError(f"camera.gap_s: must be >= 0, got {self.gap_s!r}")
+            raise ScenarioError(f"camera.gap_s: must be >= 0, got {self.gap_s!r}")
 
     @property
     def line_period_s(self) -> float:
@@ -123,7 +125,7 @@ class PushbroomCamera:
 
     def __init__(self, sources: Sequence[SceneSource], config: CameraConfig = CameraConfig()):
         if not sources:
-            raise ValueError("camera: at least one scene is needed")
+            raise ScenarioError("camera: at least one scene is needed")
         self.sources = list(sources)
         self.config = config
         self._starts = []                    # mission time of each scene's first line
@@ -157,7 +159,6 @@ class PushbroomCamera:
         strip = src.read(r0, r1)
         data, bands = strip.reflectance, src.bands
         if self.config.bands:
-            from shared.scene import Scene
             selected = Scene(data, bands, None, src.name).select(self.config.bands)
             data, bands = selected.data, selected.bands
         values, scale = quantise(data, self.config.dtype)

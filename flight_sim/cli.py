@@ -4,7 +4,8 @@
     generate --rows R --cols C ...    write a procedural scene with its truth (.npz or .tif)
     scene PATH | --dataset NAME       what a scene source holds (bands, size, truth)
 
-Every command has --json. Heavy imports (zmq, rasterio, matplotlib) happen inside commands.
+Every command has --json; errors follow shared.cliutil's policy (one line, exit code per
+docs/cli.md). Heavy imports (zmq, rasterio, matplotlib) happen inside commands.
 """
 from __future__ import annotations
 
@@ -12,27 +13,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cliutil import CommandError, add_json_flag, emit, run_command
+from shared.cliutil import Command, CommandError, build_parser, emit, in_context, run_cli
+from shared.errors import EoedgeError
 
 
 # ------------------------------------------------------------------------------------ run
 def cmd_run(args) -> int:
     from flight_sim.report import build_report, headline, write_report
-    from flight_sim.runner import ScenarioFailed, run_scenario
-    from flight_sim.scenario import ScenarioError, load_scenario
-    from flight_sim.scenes import SceneSpecError
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        raise CommandError(str(exc)) from None
+    from flight_sim.runner import run_scenario
+    from flight_sim.scenario import load_scenario
+    scenario = load_scenario(args.scenario)
     out = Path(args.out) if args.out else Path("runs") / "sim" / scenario.name
-    from flight_sim.bus import CommandRejected
-    from flight_sim.daemon_proc import DaemonStartError
     try:
         record = run_scenario(scenario, out, progress=not args.no_progress)
-    except (ScenarioFailed, SceneSpecError, ValueError, DaemonStartError, CommandRejected,
-            TimeoutError) as exc:
-        raise CommandError(f"{args.scenario}: {exc}") from None
+    except EoedgeError as exc:      # a scene, the daemon, the uplink: say which scenario
+        raise in_context(exc, args.scenario) from None
     report = build_report(record)
     paths = write_report(report, record)
     result = {k: v for k, v in report.items() if not k.startswith("_")}
@@ -54,10 +49,11 @@ def cmd_generate(args) -> int:
         raise CommandError(f"--out: {out} must end in .npz or .tif")
     try:
         cover = [float(x) for x in args.cloud_cover.split(",")]
-        gen = SceneGenerator(args.rows, args.cols, args.seed, cloud_cover=cover if len(cover) > 1 else cover[0],
-                             water_fraction=args.water, ships=args.ships)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
+    except ValueError:
+        raise CommandError(f"--cloud-cover: {args.cloud_cover!r} is not a fraction or a "
+                           "comma-separated profile like 0,1,0.2") from None
+    gen = SceneGenerator(args.rows, args.cols, args.seed, cloud_cover=cover if len(cover) > 1 else cover[0],
+                         water_fraction=args.water, ships=args.ships)
     import time
     from tqdm import tqdm
     from flight_sim.camera import quantise
@@ -99,18 +95,13 @@ def cmd_generate(args) -> int:
 
 # ------------------------------------------------------------------------------------ scene
 def cmd_scene(args) -> int:
-    from flight_sim.scenes import SceneSpecError, open_source
+    from flight_sim.scenes import open_source
     if bool(args.path) == bool(args.dataset):
         raise CommandError("give a PATH or --dataset NAME")
     spec = {"kind": "dataset", "name": args.dataset} if args.dataset else {"kind": "file", "path": args.path}
     if args.bands:
         spec["bands"] = args.bands.split(",")
-    try:
-        src = open_source(spec, Path.cwd(), "scene")
-    except SceneSpecError as exc:
-        raise CommandError(str(exc)) from None
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
+    src = open_source(spec, Path.cwd(), "scene")
     info = src.describe()
     strip = src.read(0, min(src.rows, 64))
     info["first_rows_reflectance_mean"] = [round(float(v), 4) for v in strip.reflectance.mean(axis=(1, 2))]
@@ -119,27 +110,14 @@ def cmd_scene(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eoedge sim", description="the flight simulator")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="fly a scenario and write its report",
-                       description="Start the on-board daemon as a separate process, uplink the "
-                                   "scenario's bundle, replay its scenes through the push-broom "
-                                   "camera, inject its faults, play the ground-station passes and "
-                                   "write report.md, report.json, timeline.png and masks.png. "
-                                   "Exit 0 when every check passes, 1 otherwise.")
+# ------------------------------------------------------------------------------------ the table
+def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", help="scenario TOML (see scenarios/)")
     p.add_argument("--out", help="run folder (default runs/sim/<scenario name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("generate", help="write a procedural scene with truth",
-                       description="A procedural 13-band L1C scene (land, water, clouds, shadows, "
-                                   "ships) as uint16 DN: .npz (data, bands, truth, ships, classes) "
-                                   "or a GeoTIFF plus <name>_truth.npy.")
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--cols", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -148,19 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--water", type=float, default=0.35, help="water fraction (default 0.35)")
     p.add_argument("--ships", type=int, default=10, help="ships on open water (default 10)")
     p.add_argument("--out", required=True, help="output .npz or .tif")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("scene", help="describe a scene source (file, SAFE, dataset chip)",
-                       description="Open a scene as a scenario would and say what it holds.")
+
+def add_scene_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", help="GeoTIFF, band folder, .npz, .npy, SAFE folder or .zip")
     p.add_argument("--dataset", help="ukis, sen1floods11 or eolearn:N (../shared/data)")
     p.add_argument("--bands", help="comma-separated bands to read")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_scene)
-    return parser
+
+
+COMMANDS = {
+    "run": Command(cmd_run, "fly a scenario and write its report", add_run_args,
+                   "Start the on-board daemon as a separate process, uplink the scenario's bundle, "
+                   "replay its scenes through the push-broom camera, inject its faults, play the "
+                   "ground-station passes and write report.md, report.json, timeline.png and "
+                   "masks.png. Exit 0 when every check passes, 1 otherwise."),
+    "generate": Command(cmd_generate, "write a procedural scene with truth", add_generate_args,
+                        "A procedural 13-band L1C scene (land, water, clouds, shadows, ships) as "
+                        "uint16 DN: .npz (data, bands, truth, ships, classes) or a GeoTIFF plus "
+                        "<name>_truth.npy."),
+    "scene": Command(cmd_scene, "describe a scene source (file, SAFE, dataset chip)", add_scene_args,
+                     "Open a scene as a scenario would and say what it holds."),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run_command(args.func, args)
+    return run_cli(build_parser("eoedge sim", "the flight simulator", COMMANDS), argv)

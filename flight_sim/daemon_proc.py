@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flight_sim.bus import Endpoints
+from flight_sim.errors import DaemonStartError
+
+__all__ = ["DaemonEvent", "DaemonProcess", "DaemonStartError", "write_daemon_config"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +35,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-class DaemonStartError(RuntimeError):
-    """The daemon process exited or stayed silent instead of reporting its endpoints."""
 
 
 def _toml_value(v) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flight_sim.errors import ScenarioError
 from shared.messages import Limits, MessageError, decode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,17 +51,20 @@ def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
             return int(p["budget_bytes"])
         if "rate_mbps" in p:
             return int(float(p["rate_mbps"]) * 1e6 / 8 * float(p["duration_s"]))
-        raise ValueError(f"{where}: give rate_mbps or budget_bytes")
+        raise ScenarioError(f"{where}: give rate_mbps or budget_bytes")
 
     out = []
     if "passes" in spec:
         if not isinstance(spec["passes"], list):
-            raise ValueError("downlink.passes: a list of {start_s, duration_s, rate_mbps} expected")
+            raise ScenarioError("downlink.passes: a list of {start_s, duration_s, rate_mbps} expected")
         for i, p in enumerate(spec["passes"]):
             where = f"downlink.passes[{i}]"
+            if not isinstance(p, dict):
+                raise ScenarioError(f"{where}: a table {{start_s, duration_s, rate_mbps}} expected, "
+                                    f"got {p!r}")
             for key in ("start_s", "duration_s"):
                 if not isinstance(p.get(key), (int, float)) or p[key] < 0:
-                    raise ValueError(f"{where}.{key}: a number >= 0 expected, got {p.get(key)!r}")
+                    raise ScenarioError(f"{where}.{key}: a number >= 0 expected, got {p.get(key)!r}")
             out.append(Pass(float(p["start_s"]), float(p["duration_s"]), budget(p, where),
                             str(p.get("station", "ground"))))
     else:
@@ -69,7 +73,7 @@ def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
         first = float(spec.get("first_pass_s", every))
         after = int(spec.get("passes_after_end", 3))
         if every <= 0 or duration <= 0 or duration > every:
-            raise ValueError("downlink: need 0 < pass_duration_s <= pass_every_s")
+            raise ScenarioError("downlink: need 0 < pass_duration_s <= pass_every_s")
         template = {"duration_s": duration, **{k: spec[k] for k in ("rate_mbps", "budget_bytes")
                                                  if k in spec}}
         if "rate_mbps" not in template and "budget_bytes" not in template:

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from flight_sim.errors import SceneSpecError
 from shared.bands import S2_BANDS
 from shared.scene import Scene
 
@@ -243,18 +244,18 @@ class SceneGenerator:
         for attr in ("rows", "cols"):
             v = getattr(self, attr)
             if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"generator.{attr}: must be an integer >= 1, got {v!r}")
+                raise SceneSpecError(f"generator.{attr}: must be an integer >= 1, got {v!r}")
         profile = np.atleast_1d(np.asarray(self.cloud_cover, np.float64))
         if profile.size == 0 or not np.all((profile >= 0) & (profile <= 1)):
-            raise ValueError(f"generator.cloud_cover: fractions in 0..1 expected, got {self.cloud_cover!r}")
+            raise SceneSpecError(f"generator.cloud_cover: fractions in 0..1 expected, got {self.cloud_cover!r}")
         for attr in ("water_fraction", "urban_fraction"):
             v = getattr(self, attr)
             if not 0 <= v <= 1:
-                raise ValueError(f"generator.{attr}: must be in 0..1, got {v!r}")
+                raise SceneSpecError(f"generator.{attr}: must be in 0..1, got {v!r}")
         if self.ships < 0:
-            raise ValueError(f"generator.ships: must be >= 0, got {self.ships!r}")
+            raise SceneSpecError(f"generator.ships: must be >= 0, got {self.ships!r}")
         if not 0 < self.sun_elevation_deg <= 90:
-            raise ValueError(f"generator.sun_elevation_deg: must be in (0, 90], got {self.sun_elevation_deg!r}")
+            raise SceneSpecError(f"generator.sun_elevation_deg: must be in (0, 90], got {self.sun_elevation_deg!r}")
         self._profile = profile
         self.name = self.name or f"generated-{self.rows}x{self.cols}-s{self.seed}"
         rng = np.random.default_rng(self.seed)
@@ -342,13 +343,32 @@ class SceneGenerator:
 
     # ---------------------------------------------------------------- rendering
     def window(self, r0: int = 0, r1: int | None = None) -> GeneratedWindow:
-        """Render rows r0:r1 (all columns)."""
+        """Render rows r0:r1 (all columns): per-pixel weights of the ENDMEMBERS (surface, ships,
+        then shadow and cloud folded in), one matrix product for all 13 bands, sensor noise."""
         r1 = self.rows if r1 is None else r1
         if not 0 <= r0 < r1 <= self.rows:
             raise ValueError(f"window rows {r0}:{r1} outside the scene's 0:{self.rows}")
         ys = np.arange(r0, r1, dtype=np.float64) + 0.5
         xs = np.arange(self.cols, dtype=np.float64) + 0.5
 
+        weights, water = self._surface_weights(ys, xs)
+        truth = np.where(water, WATER, LAND).astype(np.uint8)
+        ship_ids = self._paint_ships(weights, truth, r0, r1)
+        shadow, opacity = self._shade_and_cloud(weights, ys, xs)
+        toa = np.tensordot(_ENDMEMBER_MATRIX, weights, axes=1)  # (13, rows, cols)
+        del weights
+        self._add_sensor_noise(toa, r0)
+
+        # a shadow on open water changes its reflectance by < 0.01 (water is already near the
+        # path reflectance): the truth is what can be seen, so only shadows on land count
+        truth[(shadow >= 0.5) & (opacity < CLOUD_TRUTH_OPACITY) & ~water] = SHADOW
+        truth[opacity >= CLOUD_TRUTH_OPACITY] = CLOUD
+        ship_ids[opacity >= CLOUD_TRUTH_OPACITY] = 0            # hidden under cloud: not a target
+        return GeneratedWindow(toa, truth, ship_ids, opacity, r0)
+
+    def _surface_weights(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights of the ENDMEMBERS (8, rows, cols), water mask) of the bare surface: land
+        (vegetation, soil, vigour by parcel and texture), urban patches, slightly turbid water."""
         water_field = self._water.sample(ys, xs)
         water = water_field < self._water_level
         parcel = self._parcels.ids(ys, xs) % PARCEL_LEVELS
@@ -357,8 +377,7 @@ class SceneGenerator:
         texture = (1 + 0.2 * fine) * self._parcel_bright[parcel]
         urban = (self._urban.sample(ys, xs) > self._urban_level) & ~water
         land = ~water & ~urban
-        # Per-pixel weights of the endmembers ENDMEMBERS; one matrix product gives all 13 bands.
-        weights = np.zeros((len(ENDMEMBERS), r1 - r0, self.cols), np.float32)
+        weights = np.zeros((len(ENDMEMBERS), len(ys), len(xs)), np.float32)
         weights[0] = np.where(land, veg * texture, 0)
         weights[1] = np.where(land, (1 - veg) * texture * (1 + 0.6 * self._soil_bright.sample(ys, xs)), 0)
         weights[7] = weights[0] * np.clip(0.5 + 1.6 * self._vigour.sample(ys, xs) + self._parcel_vigour[parcel],
@@ -369,8 +388,11 @@ class SceneGenerator:
                   if np.isfinite(self._water_level) else np.zeros_like(veg))
         weights[3] = np.where(water, 1 + 0.03 * fine - turbid, 0)
         weights[1] += np.where(water, turbid, 0)
+        return weights, water
 
-        truth = np.where(water, WATER, LAND).astype(np.uint8)
+    def _paint_ships(self, weights: np.ndarray, truth: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Ship hulls within rows r0:r1 replace the surface in `weights` and `truth`; returns
+        their instance ids."""
         ship_ids = np.zeros((r1 - r0, self.cols), np.uint16)
         for ship in self._ships:
             a0, a1, b0, b1 = ship.bbox()
@@ -386,10 +408,14 @@ class SceneGenerator:
             w = weights[:, sub[0], sub[1]]
             w[:, hull] = 0
             w[4][hull] = 1.0 + 0.4 * ((ship.id * 0.618) % 1)       # hulls differ a little
+        return ship_ids
 
-        # Shadow and cloud are linear mixes too, so they fold into the weights: in shadow the
-        # surface keeps `lit` of its signal and the rest tends to the path reflectance; a cloud of
-        # opacity a covers (1 - a) of what is below. One matrix product then gives all 13 bands.
+    def _shade_and_cloud(self, weights: np.ndarray, ys: np.ndarray,
+                         xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fold shadow and cloud into `weights`; returns (shadow, cloud opacity).
+
+        Both are linear mixes: in shadow the surface keeps `lit` of its signal and the rest
+        tends to the path reflectance; a cloud of opacity a covers (1 - a) of what is below."""
         dr, dc = self.shadow_shift
         shadow = self._opacity(ys - dr, xs - dc, np.clip(ys - dr, 0, self.rows - 1))
         opacity = self._opacity(ys, xs, ys)
@@ -400,24 +426,18 @@ class SceneGenerator:
         weights[5] = (1 - lit) * below
         amp = CLOUD_TEXTURE[3]
         weights[6] = opacity * np.clip(1 + amp * self._cloud_texture.sample(ys, xs), 0.3, None)
-        toa = np.tensordot(_ENDMEMBER_MATRIX, weights, axes=1)  # (13, rows, cols)
-        del weights
+        return shadow, opacity
 
+    def _add_sensor_noise(self, toa: np.ndarray, r0: int) -> None:
+        """Sensor noise in place: uniform with the requested standard deviation (6x cheaper than
+        normal), seeded by the window's first row so a window renders the same on its own."""
         rng = np.random.default_rng([self._sensor_seed, r0])
-        # sensor noise: uniform with the requested standard deviation (6x cheaper than normal)
         noise = rng.random(toa.shape, dtype=np.float32)
         noise -= np.float32(0.5)
         noise *= np.float32(self.noise_sigma * math.sqrt(12))
         toa += noise
         del noise
         np.clip(toa, 0, None, out=toa)
-
-        # a shadow on open water changes its reflectance by < 0.01 (water is already near the
-        # path reflectance): the truth is what can be seen, so only shadows on land count
-        truth[(shadow >= 0.5) & (opacity < CLOUD_TRUTH_OPACITY) & ~water] = SHADOW
-        truth[opacity >= CLOUD_TRUTH_OPACITY] = CLOUD
-        ship_ids[opacity >= CLOUD_TRUTH_OPACITY] = 0            # hidden under cloud: not a target
-        return GeneratedWindow(toa, truth, ship_ids, opacity, r0)
 
     def scene(self) -> tuple[Scene, GeneratedWindow]:
         """The whole scene as a `Scene` (reflectance) and its truth."""

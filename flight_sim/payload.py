@@ -31,6 +31,7 @@ import numpy as np
 import zmq
 
 from flight_sim.camera import CapturedFrame
+from flight_sim.errors import ScenarioError
 from shared.messages import SCHEMA_VERSION, Message, MessageError, decode, encode, new_id
 
 RETRYABLE = frozenset({"queue_full", "shutdown", "no_model"})
@@ -82,7 +83,7 @@ def malformed_parts(frame: CapturedFrame, kind: str) -> list[bytes]:
         arrays = [{"name": "data", "dtype": "float64", "shape": list(data.shape)}]
         payload = [data.astype(np.float64).tobytes()]
     else:
-        raise ValueError(f"faults.malformed: unknown kind {kind!r}; known: {', '.join(MALFORMED_KINDS)}")
+        raise ScenarioError(f"faults.malformed: unknown kind {kind!r}; known: {', '.join(MALFORMED_KINDS)}")
     header = {"type": "frame", "schema": SCHEMA_VERSION, "id": new_id(), "ref": None,
               "ts": time.time(), "source": "payload", "body": body, "arrays": arrays}
     return [msgpack.packb(header, use_bin_type=True), *payload]

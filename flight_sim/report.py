@@ -29,11 +29,13 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flight_sim.camera import preview_rgb
 from flight_sim.runner import RunRecord
 from flight_sim.truth import IGNORE, default_targets, expected_decision, to_model_classes
 from shared.metrics import SegmentationScores, confusion_matrix
@@ -82,21 +84,49 @@ def _region(frame_shape: tuple[int, int], arrays: dict) -> np.ndarray:
 
 
 def build_report(rec: RunRecord) -> dict:
+    """The report (figures as in the module docstring), its checks and `ok` when all pass."""
     man = rec.manifest
     classes = list(man["output"]["classes"])
-    policy = man.get("policy")
     targets = rec.scenario.sections["report"].get("targets") or default_targets(classes)
-    target_idx = [classes.index(t) for t in targets if t in classes]
-    payload, downlink = rec.payload, rec.downlink
-    acc = payload.accounting() if payload else {}
-    states = list(payload.states.values()) if payload else []
+    states = list(rec.payload.states.values()) if rec.payload else []
+    normal = [s for s in states if s.frame.kind == "frame"]
+    value, decisions, masks, examples = _score_against_truth(rec, normal, classes, targets)
+    report = {
+        "scenario": rec.scenario.name, "description": rec.scenario.description,
+        "out_dir": str(rec.out_dir),
+        "model": {"id": man["model_id"], "version": man["version"], "classes": classes,
+                  "bands": man["input"]["bands"], "tile": man["input"].get("tile_size")},
+        "scenes": rec.scenes, "camera": rec.camera,
+        "accounting": rec.payload.accounting() if rec.payload else {},
+        "malformed": _malformed(states),
+        "data": _data(rec),
+        "value": value, "decisions": decisions, "masks": masks,
+        "latency_ms": _latency(states),
+        "realtime": _realtime(rec, normal),
+        "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
+        "daemon": _daemon(rec),
+        "timed_out": rec.timed_out,
+        "wall_s": round(rec.t_end - rec.t0, 3),
+    }
+    report["checks"] = _checks(report)
+    report["ok"] = all(c["ok"] for c in report["checks"])
+    report["_examples"] = examples          # not written to JSON; for masks.png
+    return report
 
-    # -------------------------------------------------------------- latency and real time
+
+# ------------------------------------------------------------------------------- latency, time
+
+def _latency(states: list) -> dict:
+    """Daemon-side total per decided frame and the payload's round trip, in ms."""
     daemon_ms = [s.body["timings_ms"]["total"] for s in states
                  if s.outcome == "decision" and "total" in (s.body.get("timings_ms") or {})]
     round_trip_ms = [(s.outcome_at - s.last_sent) * 1000 for s in states
                      if s.outcome in ("decision", "error") and s.last_sent]
-    normal = [s for s in states if s.frame.kind == "frame"]
+    return {"daemon_total": _pct(daemon_ms), "round_trip": _pct(round_trip_ms)}
+
+
+def _realtime(rec: RunRecord, normal: list) -> dict:
+    """Acquisition time over the daemon's processing time (and over the wall time)."""
     line = rec.camera.get("line_period_s", 0.0)
     acquisition_s = sum((s.frame.row1 - s.frame.row0) * line for s in normal)
     # the daemon's own time per frame (from acceptance, less the wait in its queue): its capacity
@@ -112,119 +142,187 @@ def build_report(rec: RunRecord) -> dict:
           "frame_period_s": rec.camera.get("frame_period_s"),
           "mode": rec.camera.get("mode"), "speedup": rec.camera.get("speedup")}
     rt["keeps_up"] = bool(rt["factor"] and rt["factor"] >= 1.0)
+    return rt
 
-    # -------------------------------------------------------------- truth: decisions, value, masks
-    decisions = {"with_truth": 0, "agree": 0, "disagree": [], "by_truth": []}
-    value = {"targets": targets, "target_pixels": 0, "kept_pixels": 0, "downlinked_pixels": 0,
-             "objects": 0, "objects_kept": 0, "objects_downlinked": 0, "object_class": None}
-    cm = np.zeros((len(classes), len(classes)), np.int64)
-    mask_frames = 0
-    examples = []
+
+# ------------------------------------------------------------------------------- truth
+
+@dataclass
+class _Seen:
+    """One frame with truth, as the report scores it."""
+
+    frame: Any                   # flight_sim.camera.CapturedFrame
+    mapped: np.ndarray           # its truth in model classes
+    decision: dict | None        # the daemon's decision body, None if it did not decide
+    product: Any                 # flight_sim.downlink.Stored, None if none arrived
+    down: bool                   # its product came down in a pass
+    region: np.ndarray           # the pixels its product carries (none without a product)
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.decision and self.decision.get("keep"))
+
+
+def _frames_with_truth(rec: RunRecord, normal: list, classes: list[str]):
+    """A `_Seen` for each frame whose scene has truth, one at a time (frames can be large)."""
+    downlink = rec.downlink
     for s in normal:
         f = s.frame
         if f.truth is None or f.truth_classes is None:
             continue
         mapped = to_model_classes(f.truth, f.truth_classes, classes)
-        got = s.body if s.outcome == "decision" else None
         product = downlink.products.get(f.frame_id) if downlink else None
-        down = bool(downlink and f.frame_id in downlink.downlinked)
         region = _region(mapped.shape, product.arrays) if product else np.zeros(mapped.shape, bool)
-        # value kept: target pixels and objects in kept / downlinked regions
-        if target_idx:
-            tmask = np.isin(mapped, target_idx)
-            n_t = int(tmask.sum())
-            value["target_pixels"] += n_t
-            if got and got.get("keep"):
-                value["kept_pixels"] += int((tmask & region).sum())
-                if down:
-                    value["downlinked_pixels"] += int((tmask & region).sum())
-        if f.objects is not None:
-            value["object_class"] = f.object_class
-            for oid in np.unique(f.objects[f.objects > 0]):
-                pix = f.objects == oid
-                value["objects"] += 1
-                if got and got.get("keep") and region[pix].mean() >= 0.5:
-                    value["objects_kept"] += 1
-                    value["objects_downlinked"] += int(down)
-        # decisions against the policy on the truth
-        if policy and got is not None:
-            exp = expected_decision(mapped, classes, policy)
-            decisions["with_truth"] += 1
-            entry = {"frame_id": f.frame_id, "keep": bool(got["keep"]), "expected_keep": exp["keep"],
-                     "truth_fractions": exp["fractions"], "reason": got.get("reason", ""),
-                     "expected_reason": exp["reason"]}
-            decisions["by_truth"].append(entry)
-            if bool(got["keep"]) == exp["keep"]:
-                decisions["agree"] += 1
-            else:
-                decisions["disagree"].append(entry)
-        # masks that came down against the truth
-        if down and product is not None and "mask_png" in product.arrays:
-            try:
-                pred = decode_png(product.arrays["mask_png"])
-            except Exception:
-                pred = None
-            if pred is not None and pred.shape == mapped.shape:
-                valid = mapped != IGNORE
-                cm += confusion_matrix(mapped[valid], pred[valid], len(classes))
-                mask_frames += 1
-                if len(examples) < rec.scenario.sections["report"]["mask_examples"]:
-                    examples.append((f, mapped, pred))
-    for key in ("kept", "downlinked"):
-        value[f"recall_{key}"] = (round(value[f"{key}_pixels"] / value["target_pixels"], 4)
-                                  if value["target_pixels"] else None)
-        value[f"object_recall_{key}"] = (round(value[f"objects_{key}"] / value["objects"], 4)
-                                         if value["objects"] else None)
-    decisions["agreement"] = (round(decisions["agree"] / decisions["with_truth"], 4)
-                              if decisions["with_truth"] else None)
-    # frames whose truth leaves no doubt: overcast, or clear of cloud with value in them
-    decisions["clear_cut"] = [e for e in decisions["by_truth"]
-                              if e["truth_fractions"].get("cloud", 0.5) >= CLEAR_CUT_CLOUD
-                              or (e["truth_fractions"].get("cloud", 0.5) <= 1 - CLEAR_CUT_CLOUD
-                                  and sum(e["truth_fractions"].get(t, 0) for t in targets) >= 0.05)]
-    masks = {"frames": mask_frames}
-    if mask_frames:
-        scores = SegmentationScores.from_confusion(cm, classes)
-        masks.update(scores.as_dict())
-        masks["confusion"] = cm.tolist()
+        yield _Seen(f, mapped, s.body if s.outcome == "decision" else None, product,
+                    bool(downlink and f.frame_id in downlink.downlinked), region)
 
-    # -------------------------------------------------------------- data
-    dl = downlink.summary() if downlink else {}
+
+def _score_against_truth(rec: RunRecord, normal: list, classes: list[str],
+                         targets: list[str]) -> tuple[dict, dict, dict, list]:
+    """(value, decisions, masks, mask examples): every frame with truth scored once."""
+    value = _ValueTally(targets, [classes.index(t) for t in targets if t in classes])
+    decisions = _DecisionTally(classes, rec.manifest.get("policy"))
+    masks = _MaskTally(classes, rec.scenario.sections["report"]["mask_examples"])
+    for seen in _frames_with_truth(rec, normal, classes):
+        value.add(seen)
+        decisions.add(seen)
+        masks.add(seen)
+    return value.result(), decisions.result(targets), masks.result(), masks.examples
+
+
+class _ValueTally:
+    """Target pixels and objects in what was kept on board and in what came down."""
+
+    def __init__(self, targets: list[str], target_idx: list[int]):
+        self.target_idx = target_idx
+        self.value = {"targets": targets, "target_pixels": 0, "kept_pixels": 0,
+                      "downlinked_pixels": 0, "objects": 0, "objects_kept": 0,
+                      "objects_downlinked": 0, "object_class": None}
+
+    def add(self, seen: _Seen) -> None:
+        v, f = self.value, seen.frame
+        if self.target_idx:
+            tmask = np.isin(seen.mapped, self.target_idx)
+            v["target_pixels"] += int(tmask.sum())
+            if seen.kept:
+                v["kept_pixels"] += int((tmask & seen.region).sum())
+                if seen.down:
+                    v["downlinked_pixels"] += int((tmask & seen.region).sum())
+        if f.objects is not None:
+            v["object_class"] = f.object_class
+            for oid in np.unique(f.objects[f.objects > 0]):
+                v["objects"] += 1
+                # an object counts as kept when most of it lies in the product's region
+                if seen.kept and seen.region[f.objects == oid].mean() >= 0.5:
+                    v["objects_kept"] += 1
+                    v["objects_downlinked"] += int(seen.down)
+
+    def result(self) -> dict:
+        v = self.value
+        for key in ("kept", "downlinked"):
+            v[f"recall_{key}"] = (round(v[f"{key}_pixels"] / v["target_pixels"], 4)
+                                  if v["target_pixels"] else None)
+            v[f"object_recall_{key}"] = (round(v[f"objects_{key}"] / v["objects"], 4)
+                                         if v["objects"] else None)
+        return v
+
+
+class _DecisionTally:
+    """Each decision against the bundle's own policy applied to the truth."""
+
+    def __init__(self, classes: list[str], policy: dict | None):
+        self.classes, self.policy = classes, policy
+        self.decisions = {"with_truth": 0, "agree": 0, "disagree": [], "by_truth": []}
+
+    def add(self, seen: _Seen) -> None:
+        got, d = seen.decision, self.decisions
+        if not self.policy or got is None:
+            return
+        exp = expected_decision(seen.mapped, self.classes, self.policy)
+        d["with_truth"] += 1
+        entry = {"frame_id": seen.frame.frame_id, "keep": bool(got["keep"]),
+                 "expected_keep": exp["keep"], "truth_fractions": exp["fractions"],
+                 "reason": got.get("reason", ""), "expected_reason": exp["reason"]}
+        d["by_truth"].append(entry)
+        if bool(got["keep"]) == exp["keep"]:
+            d["agree"] += 1
+        else:
+            d["disagree"].append(entry)
+
+    def result(self, targets: list[str]) -> dict:
+        d = self.decisions
+        d["agreement"] = round(d["agree"] / d["with_truth"], 4) if d["with_truth"] else None
+        d["clear_cut"] = [e for e in d["by_truth"] if _clear_cut(e["truth_fractions"], targets)]
+        return d
+
+
+def _clear_cut(fractions: dict, targets: list[str]) -> bool:
+    """Truth that leaves no doubt: overcast, or clear of cloud with value in it."""
+    cloud = fractions.get("cloud", 0.5)
+    return cloud >= CLEAR_CUT_CLOUD or (cloud <= 1 - CLEAR_CUT_CLOUD
+                                        and sum(fractions.get(t, 0) for t in targets) >= 0.05)
+
+
+class _MaskTally:
+    """Class masks that came down against the truth: a confusion matrix, a few examples."""
+
+    def __init__(self, classes: list[str], n_examples: int):
+        self.classes, self.n_examples = classes, n_examples
+        self.cm = np.zeros((len(classes), len(classes)), np.int64)
+        self.frames = 0
+        self.examples: list[tuple] = []      # (frame, truth, mask) for masks.png
+
+    def add(self, seen: _Seen) -> None:
+        if not (seen.down and seen.product is not None and "mask_png" in seen.product.arrays):
+            return
+        try:
+            pred = decode_png(seen.product.arrays["mask_png"])
+        except Exception:                    # a mask that does not decode is not scored
+            return
+        if pred.shape != seen.mapped.shape:
+            return
+        valid = seen.mapped != IGNORE
+        self.cm += confusion_matrix(seen.mapped[valid], pred[valid], len(self.classes))
+        self.frames += 1
+        if len(self.examples) < self.n_examples:
+            self.examples.append((seen.frame, seen.mapped, pred))
+
+    def result(self) -> dict:
+        masks = {"frames": self.frames}
+        if self.frames:
+            masks.update(SegmentationScores.from_confusion(self.cm, self.classes).as_dict())
+            masks["confusion"] = self.cm.tolist()
+        return masks
+
+
+# ------------------------------------------------------------------------------- the rest
+
+def _data(rec: RunRecord) -> dict:
+    """Bytes acquired, made into products and downlinked; the passes."""
+    dl = rec.downlink.summary() if rec.downlink else {}
     acquired = rec.acquired_bytes
-    data = {"bytes_acquired": acquired, "bytes_products": dl.get("bytes_produced", 0),
+    return {"bytes_acquired": acquired, "bytes_products": dl.get("bytes_produced", 0),
             "bytes_downlinked": dl.get("bytes_downlinked", 0),
             "reduction": round(dl.get("bytes_downlinked", 0) / acquired, 5) if acquired else None,
             "products": dl.get("products", 0), "downlinked": dl.get("downlinked", 0),
             "left_on_board": dl.get("left_on_board", 0), "products_missing": rec.products_missing,
             "duplicates_ignored": dl.get("duplicates_ignored", 0), "passes": dl.get("passes", [])}
 
-    # -------------------------------------------------------------- malformed frames
-    malformed = [{"frame_id": s.frame.frame_id, "kind": s.frame.kind, "outcome": s.outcome,
-                  "code": (s.body or {}).get("code"), "message": (s.body or {}).get("message", "")[:200]}
-                 for s in states if s.frame.kind != "frame"]
 
+def _malformed(states: list) -> list[dict]:
+    """The frames broken on purpose and what became of each."""
+    return [{"frame_id": s.frame.frame_id, "kind": s.frame.kind, "outcome": s.outcome,
+             "code": (s.body or {}).get("code"), "message": (s.body or {}).get("message", "")[:200]}
+            for s in states if s.frame.kind != "frame"]
+
+
+def _daemon(rec: RunRecord) -> dict:
+    """The daemon's starts, kills and stops (seconds since the run began), exit, last status."""
     rss = [t["rss_mb"] for t in rec.telemetry if isinstance(t.get("rss_mb"), (int, float))]
-    report = {
-        "scenario": rec.scenario.name, "description": rec.scenario.description,
-        "out_dir": str(rec.out_dir),
-        "model": {"id": man["model_id"], "version": man["version"], "classes": classes,
-                  "bands": man["input"]["bands"], "tile": man["input"].get("tile_size")},
-        "scenes": rec.scenes, "camera": rec.camera,
-        "accounting": acc, "malformed": malformed,
-        "data": data, "value": value, "decisions": decisions, "masks": masks,
-        "latency_ms": {"daemon_total": _pct(daemon_ms), "round_trip": _pct(round_trip_ms)},
-        "realtime": rt, "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
-        "daemon": {"events": [{k: v for k, v in e.items() if k != "t"} | {"t": round(e["t"] - rec.t0, 3)}
-                              for e in rec.daemon_events],
-                   "exit_code": rec.exit_code, "final_status": _slim_status(rec.final_status),
-                   "heartbeats": len(rec.telemetry), "rss_mb_max": max(rss) if rss else None},
-        "timed_out": rec.timed_out,
-        "wall_s": round(rec.t_end - rec.t0, 3),
-    }
-    report["checks"] = _checks(report)
-    report["ok"] = all(c["ok"] for c in report["checks"])
-    report["_examples"] = examples          # not written to JSON; for masks.png
-    return report
+    return {"events": [{k: v for k, v in e.items() if k != "t"} | {"t": round(e["t"] - rec.t0, 3)}
+                       for e in rec.daemon_events],
+            "exit_code": rec.exit_code, "final_status": _slim_status(rec.final_status),
+            "heartbeats": len(rec.telemetry), "rss_mb_max": max(rss) if rss else None}
 
 
 def _slim_status(status: dict) -> dict:
@@ -313,38 +411,59 @@ def _size(n: int | None) -> str:
 
 
 def markdown(r: dict) -> str:
-    a, d, v, rt = r["accounting"], r["data"], r["value"], r["realtime"]
+    """report.md: the headline, then checks, frames, data and value, decisions, timing, uplink."""
     L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
-         "```", headline(r), "```", "", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
+         "```", headline(r), "```", ""]
+    L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_decisions(r) + _md_timing(r)
+    L += _md_uplink_and_daemon(r)
+    return "\n".join(L)
+
+
+def _md_checks(r: dict) -> list[str]:
+    L = ["## Checks", "", "| check | result | detail |", "|---|---|---|"]
     L += [f"| {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |" for c in r["checks"]]
-    L += ["", "## Frames", "",
-          "| sent | decided | errored | given up | pending | attempts | refusals | resent | duplicates ignored | max payload buffer |",
-          "|---|---|---|---|---|---|---|---|---|---|",
-          f"| {a.get('sent')} | {a.get('decided')} | {a.get('errored')} | {a.get('gave_up')} | "
-          f"{a.get('pending')} | {a.get('attempts')} | {a.get('refusals')} | {a.get('resent')} | "
-          f"{a.get('duplicates_ignored')} | {a.get('max_buffer')} |", ""]
+    return L
+
+
+def _md_frames(r: dict) -> list[str]:
+    a = r["accounting"]
+    L = ["", "## Frames", "",
+         "| sent | decided | errored | given up | pending | attempts | refusals | resent | duplicates ignored | max payload buffer |",
+         "|---|---|---|---|---|---|---|---|---|---|",
+         f"| {a.get('sent')} | {a.get('decided')} | {a.get('errored')} | {a.get('gave_up')} | "
+         f"{a.get('pending')} | {a.get('attempts')} | {a.get('refusals')} | {a.get('resent')} | "
+         f"{a.get('duplicates_ignored')} | {a.get('max_buffer')} |", ""]
     if a.get("error_codes"):
         L += [f"Error outcomes by code: {a['error_codes']}", ""]
     if r["malformed"]:
         L += ["| malformed frame | outcome | code |", "|---|---|---|"]
         L += [f"| {m['kind']} | {m['outcome']} | {m['code']} |" for m in r["malformed"]]
         L += [""]
-    L += ["## Data and value", "",
-          f"- acquired {_size(d['bytes_acquired'])}; products {d['products']} "
-          f"({_size(d['bytes_products'])}); downlinked {d['downlinked']} ({_size(d['bytes_downlinked'])}); "
-          f"left on board {d['left_on_board']}; reduction {_fmt_pct(d['reduction'])}",
-          f"- value ({', '.join(v['targets'])} pixels): kept {_fmt_pct(v['recall_kept'])}, "
-          f"downlinked {_fmt_pct(v['recall_downlinked'])} of {v['target_pixels']} true pixels"]
+    return L
+
+
+def _md_data(r: dict) -> list[str]:
+    d, v = r["data"], r["value"]
+    L = ["## Data and value", "",
+         f"- acquired {_size(d['bytes_acquired'])}; products {d['products']} "
+         f"({_size(d['bytes_products'])}); downlinked {d['downlinked']} ({_size(d['bytes_downlinked'])}); "
+         f"left on board {d['left_on_board']}; reduction {_fmt_pct(d['reduction'])}",
+         f"- value ({', '.join(v['targets'])} pixels): kept {_fmt_pct(v['recall_kept'])}, "
+         f"downlinked {_fmt_pct(v['recall_downlinked'])} of {v['target_pixels']} true pixels"]
     if v["objects"]:
         L.append(f"- {v['object_class']}s: {v['objects']} visible; kept {_fmt_pct(v['object_recall_kept'])}, "
                  f"downlinked {_fmt_pct(v['object_recall_downlinked'])}")
     L += ["", "| pass | start s | end s | budget | used | products | left on board |", "|---|---|---|---|---|---|---|"]
     L += [f"| {p['pass']} | {p['start_s']:.2f} | {p['end_s']:.2f} | {_size(p['budget_bytes'])} | "
           f"{_size(p['used_bytes'])} | {p['products']} | {p['left_on_board']} |" for p in d["passes"]]
+    return L
+
+
+def _md_decisions(r: dict) -> list[str]:
     dec = r["decisions"]
-    L += ["", "## Decisions against the truth", "",
-          f"{dec['agree']}/{dec['with_truth']} decisions agree with the bundle's policy applied to the "
-          f"truth (agreement {_fmt_pct(dec['agreement'])}).", ""]
+    L = ["", "## Decisions against the truth", "",
+         f"{dec['agree']}/{dec['with_truth']} decisions agree with the bundle's policy applied to the "
+         f"truth (agreement {_fmt_pct(dec['agreement'])}).", ""]
     if dec["by_truth"]:
         L += ["| frame | keep | expected | truth fractions | reason |", "|---|---|---|---|---|"]
         L += [f"| {e['frame_id']} | {e['keep']} | {e['expected_keep']} | "
@@ -356,14 +475,22 @@ def markdown(r: dict) -> str:
               f"{m.get('miou', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}; IoU "
               + ", ".join(f"{c} {v['iou']:.3f}" for c, v in m.get("per_class", {}).items()
                           if v.get("iou") is not None)]
-    lat = r["latency_ms"]
-    L += ["", "## Timing", "",
-          f"- daemon latency per frame (ms): {lat['daemon_total']}",
-          f"- payload round trip (ms): {lat['round_trip']}",
-          f"- real time: {rt['acquisition_s']} s of acquisition took the daemon {rt['service_s']} s "
-          f"of processing: factor {rt['factor']} ({'keeps up' if rt['keeps_up'] else 'falls behind'}); "
-          f"first frame sent to last outcome {rt['wall_s']} s (factor {rt['wall_factor']}, mode "
-          f"{rt['mode']}, frame period {rt['frame_period_s']:.3f} s)", "", "## Uplink and daemon", ""]
+    return L
+
+
+def _md_timing(r: dict) -> list[str]:
+    lat, rt = r["latency_ms"], r["realtime"]
+    return ["", "## Timing", "",
+            f"- daemon latency per frame (ms): {lat['daemon_total']}",
+            f"- payload round trip (ms): {lat['round_trip']}",
+            f"- real time: {rt['acquisition_s']} s of acquisition took the daemon {rt['service_s']} s "
+            f"of processing: factor {rt['factor']} ({'keeps up' if rt['keeps_up'] else 'falls behind'}); "
+            f"first frame sent to last outcome {rt['wall_s']} s (factor {rt['wall_factor']}, mode "
+            f"{rt['mode']}, frame period {rt['frame_period_s']:.3f} s)"]
+
+
+def _md_uplink_and_daemon(r: dict) -> list[str]:
+    L = ["", "## Uplink and daemon", ""]
     for att in r["uplink"].get("attempts", []):
         up = att["upload"]
         L.append(f"- {att['kind']} bundle: {up['chunks']} chunks of {up['chunk_size']} B, "
@@ -380,7 +507,7 @@ def markdown(r: dict) -> str:
           f"{dm['rss_mb_max']} MB", "", "![timeline](timeline.png)", ""]
     if r["masks"].get("frames"):
         L += ["![masks](masks.png)", ""]
-    return "\n".join(L)
+    return L
 
 
 def write_report(r: dict, rec: RunRecord, out_dir: Path | None = None) -> dict[str, Path]:
@@ -415,6 +542,8 @@ def _palette(classes: list[str]) -> np.ndarray:
 
 
 def plot_timeline(rec: RunRecord, path: Path) -> None:
+    """timeline.png: frames from release to outcome with kills and restarts, the buffers (both on
+    wall time), and the passes with what came down (on mission time)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -422,33 +551,53 @@ def plot_timeline(rec: RunRecord, path: Path) -> None:
     t0 = rec.t_fly or rec.t0
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
     axes[1].sharex(axes[0])                  # both on wall time; the passes are on mission time
-    ax = axes[0]
+    _plot_frames(axes[0], rec, t0)
+    _plot_events(axes[:2], rec, t0)
+    _plot_buffers(axes[1], rec, t0)
+    _plot_passes(axes[2], rec)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _frame_colour(state) -> str:
+    if state.outcome == "decision":
+        return "tab:green" if state.body.get("keep") else "tab:gray"
+    return "tab:red" if state.outcome == "error" else "tab:orange"
+
+
+def _plot_frames(ax, rec: RunRecord, t0: float) -> None:
     states = list(rec.payload.states.values()) if rec.payload else []
     for y, s in enumerate(states):
         if not s.first_sent:
             continue
         end = s.outcome_at or rec.t_end
-        if s.outcome == "decision":
-            colour = "tab:green" if s.body.get("keep") else "tab:gray"
-        elif s.outcome == "error":
-            colour = "tab:red"
-        else:
-            colour = "tab:orange"
         start = rec.release.get(s.frame.frame_id, s.first_sent)
         ax.plot([start - t0, s.first_sent - t0], [y, y], color="0.8", lw=1)
-        ax.plot([s.first_sent - t0, end - t0], [y, y], color=colour, lw=3, solid_capstyle="butt")
-    for e in rec.events:
-        if e["kind"] in ("daemon_killed", "daemon_restarted", "burst"):
-            style = {"daemon_killed": ("tab:red", "kill -9"), "daemon_restarted": ("tab:blue", "restart"),
-                     "burst": ("tab:purple", "burst")}[e["kind"]]
-            for a in axes[:2]:
-                a.axvline(e["t"] - t0, color=style[0], ls="--", lw=1)
-            ax.text(e["t"] - t0, len(states), style[1], color=style[0], fontsize=8, va="bottom")
+        ax.plot([s.first_sent - t0, end - t0], [y, y], color=_frame_colour(s), lw=3,
+                solid_capstyle="butt")
     ax.set_ylabel("frame (send order)")
     ax.set_title(f"{rec.scenario.name}: frames from release (grey) and send to outcome "
                  f"(green kept, grey discarded, red error)")
     ax.invert_yaxis()
-    ax = axes[1]
+
+
+EVENT_STYLES = {"daemon_killed": ("tab:red", "kill -9"), "daemon_restarted": ("tab:blue", "restart"),
+                "burst": ("tab:purple", "burst")}
+
+
+def _plot_events(axes, rec: RunRecord, t0: float) -> None:
+    """Kills, restarts and bursts as dashed lines across the wall-time panels."""
+    n_frames = len(rec.payload.states) if rec.payload else 0
+    for e in rec.events:
+        if e["kind"] in EVENT_STYLES:
+            colour, label = EVENT_STYLES[e["kind"]]
+            for a in axes:
+                a.axvline(e["t"] - t0, color=colour, ls="--", lw=1)
+            axes[0].text(e["t"] - t0, n_frames, label, color=colour, fontsize=8, va="bottom")
+
+
+def _plot_buffers(ax, rec: RunRecord, t0: float) -> None:
     if rec.samples:
         ts = np.array([s[0] for s in rec.samples]) - t0
         ax.step(ts, [s[1] for s in rec.samples], where="post", label="payload buffer")
@@ -459,7 +608,9 @@ def plot_timeline(rec: RunRecord, path: Path) -> None:
     ax.set_ylabel("frames")
     ax.set_xlabel("wall time since first frame (s)")
     ax.legend(fontsize=8, loc="upper right")
-    ax = axes[2]
+
+
+def _plot_passes(ax, rec: RunRecord) -> None:
     dl = rec.downlink
     if dl:
         for p in dl.passes:
@@ -468,6 +619,7 @@ def plot_timeline(rec: RunRecord, path: Path) -> None:
             down = sorted(t for _, t in dl.downlinked.values())
             sizes = [dl.products[f].nbytes for f, _ in sorted(dl.downlinked.items(), key=lambda kv: kv[1][1])]
             ax.step(down, np.cumsum(sizes) / 1e6, where="post", color="tab:blue", label="downlinked MB")
+        states = rec.payload.states.values() if rec.payload else []
         acq = sorted((s.frame.acquired, s.frame.nbytes) for s in states if s.frame.kind == "frame")
         if acq:
             ax.step([a for a, _ in acq], np.cumsum([b for _, b in acq]) / 1e6, where="post",
@@ -475,13 +627,9 @@ def plot_timeline(rec: RunRecord, path: Path) -> None:
     ax.set_xlabel("mission time (s); shaded: ground-station passes")
     ax.set_ylabel("MB")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _rgb(frame) -> np.ndarray:
-    from flight_sim.camera import preview_rgb
     rgb = frame.extra.get("preview")
     if rgb is None and frame.data is not None:
         rgb = preview_rgb(frame.data, frame.bands, frame.scale)

@@ -31,23 +31,24 @@ from pathlib import Path
 
 import zmq
 
-from flight_sim.bus import CommandLink, plan_endpoints
+from flight_sim.bus import CommandLink, Endpoints, plan_endpoints
 from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
+from flight_sim.errors import ScenarioFailed
 from flight_sim.payload import Payload
 from flight_sim.scenario import Scenario
 from flight_sim.scenes import open_source
 from flight_sim.uplink import Uplink, corrupt_copy, newer_version_copy, unsigned_copy
+from shared.bundle import BundleError, verify_bundle
 from shared.messages import MessageError, decode
+
+__all__ = ["RunRecord", "ScenarioFailed", "run_scenario"]
 
 log = logging.getLogger("flight_sim")
 
 POLL_MS = 20
-
-
-class ScenarioFailed(RuntimeError):
-    """The scenario could not go on (no model could be installed, the daemon would not start)."""
+PRODUCT_WAIT_S = 10.0       # how long the flight waits for a kept frame's late product
 
 
 @dataclass
@@ -101,106 +102,144 @@ def _model_key(model: dict | None) -> tuple | None:
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> RunRecord:
-    from shared.bundle import BundleError, verify_bundle
-
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists():
-        shutil.rmtree(out_dir / "daemon", ignore_errors=True)
-        shutil.rmtree(out_dir / "ground", ignore_errors=True)
-        shutil.rmtree(out_dir / "bus", ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Fly `scenario` (prepare, start, uplink, fly, land: the module docstring); what was seen
+    goes into the RunRecord, whatever happens the daemon is stopped and the sockets closed."""
+    out_dir = _fresh_run_folder(out_dir)
     rec = RunRecord(scenario, out_dir, t0=time.monotonic())
     S = scenario.sections
 
     # ---------------------------------------------------------------- prepare
-    sources = [open_source(spec, scenario.base_dir, f"scenes[{i}]") for i, spec in enumerate(scenario.scenes)]
-    cam_cfg = CameraConfig(frame_lines=S["camera"]["frame_lines"], gsd_m=float(S["camera"]["gsd_m"]),
-                           ground_speed_m_s=float(S["camera"]["ground_speed_m_s"]),
-                           dtype=S["camera"]["dtype"],
-                           bands=tuple(S["camera"]["bands"]) if S["camera"].get("bands") else None,
-                           gap_s=float(S["camera"]["gap_s"]))
-    camera = PushbroomCamera(sources, cam_cfg)
-    schedule = camera.schedule()
-    rec.scenes = [s.describe() for s in sources]
-    rec.camera = {**{k: v for k, v in cam_cfg.__dict__.items()}, "mode": S["camera"]["mode"],
-                  "speedup": S["camera"]["speedup"], "line_period_s": cam_cfg.line_period_s,
-                  "frame_period_s": cam_cfg.frame_period_s, "frames": len(schedule),
-                  "duration_s": camera.duration_s}
-    bundle = scenario.path("bundle", "path")
-    public_key = scenario.path("bundle", "public_key")
-    try:
-        verified = verify_bundle(bundle, public_key)
-    except (BundleError, FileNotFoundError, ValueError) as exc:
-        raise ScenarioFailed(f"bundle.path: {bundle} does not verify with bundle.public_key "
-                             f"{public_key}: {exc}") from None
-    rec.manifest = verified.manifest
+    camera = _camera(scenario, rec)
+    bundle = _verified_bundle(scenario, rec)
     endpoints = plan_endpoints(out_dir, S["daemon"]["transport"])
     rec.endpoints = endpoints.as_dict()
-    daemon_dir = out_dir / "daemon"
-    biggest = max(camera.bytes_per_frame(s) for s in sources)
-    config_path = write_daemon_config(
-        daemon_dir / "daemon.toml", endpoints, daemon_dir / "store", daemon_dir / "uploads",
-        public_key, max_frames=S["daemon"]["max_frames"],
-        max_pending_products=S["daemon"]["max_pending_products"],
-        telemetry_interval_s=float(S["daemon"]["telemetry_interval_s"]), device=S["daemon"]["device"],
-        num_requests=S["daemon"]["num_requests"], log_level=S["daemon"]["log_level"],
-        max_message_bytes=max(256 << 20, 2 * biggest))
-    daemon = DaemonProcess(config_path, daemon_dir / "daemon.log")
-    passes = passes_from_spec(S["downlink"], camera.duration_s)
-    downlink = Downlink(passes, GroundStation(out_dir / "ground"))
-    rec.downlink = downlink
+    daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon"),
+                           out_dir / "daemon" / "daemon.log")
+    rec.downlink = Downlink(passes_from_spec(S["downlink"], camera.duration_s),
+                            GroundStation(out_dir / "ground"))
 
     ctx = zmq.Context()
-    sockets = []
+    sockets: list = []
     try:
         # ------------------------------------------------------------ start
         ready = daemon.start(S["daemon"]["start_timeout_s"])
         rec.event("daemon_started", pid=ready.get("pid"), model=ready.get("model"))
         link = CommandLink(ctx, endpoints.commands, timeout_s=15.0)
         sockets.append(link)
-        telemetry = ctx.socket(zmq.SUB)
-        telemetry.setsockopt(zmq.SUBSCRIBE, b"")
-        telemetry.setsockopt(zmq.LINGER, 0)
-        telemetry.connect(endpoints.telemetry)
-        products = ctx.socket(zmq.PULL)
-        products.setsockopt(zmq.LINGER, 0)
-        products.connect(endpoints.products)
+        telemetry, products = _listen(ctx, endpoints)
         sockets += [telemetry, products]
 
         # ------------------------------------------------------------ uplink
         rec.uplink = _uplink(scenario, link, bundle, out_dir, rec)
 
         # ------------------------------------------------------------ fly
-        payload = Payload(ctx, endpoints.frames, window=S["payload"]["window"],
-                          retry_s=float(S["payload"]["retry_s"]),
-                          ack_timeout_s=float(S["payload"]["ack_timeout_s"]),
-                          outcome_timeout_s=float(S["payload"]["outcome_timeout_s"]),
-                          on_event=lambda kind, st, info: rec.event(
-                              kind, frame_id=st.frame.frame_id, **info))
+        payload = _payload(ctx, scenario, endpoints.frames, rec)
         rec.payload = payload
         sockets.append(payload)
-        _fly(scenario, rec, camera, schedule, daemon, link, payload, products, telemetry, downlink,
-             progress)
+        _Flight(scenario, rec, camera, daemon, link, payload, products, telemetry).fly(progress)
 
         # ------------------------------------------------------------ land
-        downlink.finish()
-        rec.event("passes_done")
-        try:
-            rec.final_status = link.call("status")
-            link.call("shutdown")
-            rec.exit_code = daemon.wait_exit(30.0)
-        except Exception as exc:          # report what we can even if the daemon is unwell
-            rec.final_status = rec.final_status or {"error": str(exc)}
-            rec.exit_code = daemon.stop()
+        _land(rec, daemon, link)
     finally:
-        if daemon.alive():
-            daemon.stop()
-        for s in sockets:
-            s.close() if not isinstance(s, zmq.Socket) else s.close(linger=0)
-        ctx.term()
-        rec.daemon_events = [{"t": e.t, "kind": e.kind, **e.detail} for e in daemon.events]
-        rec.t_end = time.monotonic()
+        _tear_down(rec, daemon, sockets, ctx)
     return rec
+
+
+def _fresh_run_folder(out_dir: str | Path) -> Path:
+    """The run folder, rid of what an earlier run in it left (daemon, ground station, bus)."""
+    out_dir = Path(out_dir).resolve()
+    for leftover in ("daemon", "ground", "bus"):
+        shutil.rmtree(out_dir / leftover, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _camera(scenario: Scenario, rec: RunRecord) -> PushbroomCamera:
+    """The push-broom camera over the scenario's scenes; the scenes and the camera go on record."""
+    cam = scenario.sections["camera"]
+    sources = [open_source(spec, scenario.base_dir, f"scenes[{i}]")
+               for i, spec in enumerate(scenario.scenes)]
+    config = CameraConfig(frame_lines=cam["frame_lines"], gsd_m=float(cam["gsd_m"]),
+                          ground_speed_m_s=float(cam["ground_speed_m_s"]), dtype=cam["dtype"],
+                          bands=tuple(cam["bands"]) if cam.get("bands") else None,
+                          gap_s=float(cam["gap_s"]))
+    camera = PushbroomCamera(sources, config)
+    rec.scenes = [s.describe() for s in sources]
+    rec.camera = {**config.__dict__, "mode": cam["mode"], "speedup": cam["speedup"],
+                  "line_period_s": config.line_period_s, "frame_period_s": config.frame_period_s,
+                  "frames": len(camera.schedule()), "duration_s": camera.duration_s}
+    return camera
+
+
+def _verified_bundle(scenario: Scenario, rec: RunRecord) -> Path:
+    """The scenario's bundle, checked with its public key before any daemon starts."""
+    bundle = scenario.path("bundle", "path")
+    public_key = scenario.path("bundle", "public_key")
+    try:
+        rec.manifest = verify_bundle(bundle, public_key).manifest
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        raise ScenarioFailed(f"bundle.path: {bundle} does not verify with bundle.public_key "
+                             f"{public_key}: {exc}") from None
+    return bundle
+
+
+def _daemon_config(scenario: Scenario, camera: PushbroomCamera, endpoints: Endpoints,
+                   daemon_dir: Path) -> Path:
+    """The daemon's TOML in the run folder, from the scenario's [daemon] section."""
+    D = scenario.sections["daemon"]
+    biggest = max(camera.bytes_per_frame(s) for s in camera.sources)
+    return write_daemon_config(
+        daemon_dir / "daemon.toml", endpoints, daemon_dir / "store", daemon_dir / "uploads",
+        scenario.path("bundle", "public_key"), max_frames=D["max_frames"],
+        max_pending_products=D["max_pending_products"],
+        telemetry_interval_s=float(D["telemetry_interval_s"]), device=D["device"],
+        num_requests=D["num_requests"], log_level=D["log_level"],
+        max_message_bytes=max(256 << 20, 2 * biggest))     # room for the largest frame, twice
+
+
+def _listen(ctx: zmq.Context, endpoints: Endpoints) -> tuple[zmq.Socket, zmq.Socket]:
+    """The daemon's telemetry (SUB, everything) and products (PULL) sockets, connected."""
+    telemetry = ctx.socket(zmq.SUB)
+    telemetry.setsockopt(zmq.SUBSCRIBE, b"")
+    telemetry.setsockopt(zmq.LINGER, 0)
+    telemetry.connect(endpoints.telemetry)
+    products = ctx.socket(zmq.PULL)
+    products.setsockopt(zmq.LINGER, 0)
+    products.connect(endpoints.products)
+    return telemetry, products
+
+
+def _payload(ctx: zmq.Context, scenario: Scenario, endpoint: str, rec: RunRecord) -> Payload:
+    """The payload's link from the scenario's [payload] section; its events go on record."""
+    P = scenario.sections["payload"]
+    return Payload(ctx, endpoint, window=P["window"], retry_s=float(P["retry_s"]),
+                   ack_timeout_s=float(P["ack_timeout_s"]),
+                   outcome_timeout_s=float(P["outcome_timeout_s"]),
+                   on_event=lambda kind, st, info: rec.event(kind, frame_id=st.frame.frame_id, **info))
+
+
+def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandLink) -> None:
+    """Play the remaining passes, ask the daemon's status, shut it down (it drains, exits 0)."""
+    rec.downlink.finish()
+    rec.event("passes_done")
+    try:
+        rec.final_status = link.call("status")
+        link.call("shutdown")
+        rec.exit_code = daemon.wait_exit(30.0)
+    except Exception as exc:          # report what we can even if the daemon is unwell
+        rec.final_status = rec.final_status or {"error": str(exc)}
+        rec.exit_code = daemon.stop()
+
+
+def _tear_down(rec: RunRecord, daemon: DaemonProcess, sockets: list, ctx: zmq.Context) -> None:
+    """However the run ended: no daemon left running, every socket closed, its events recorded."""
+    if daemon.alive():
+        daemon.stop()
+    for s in sockets:
+        s.close() if not isinstance(s, zmq.Socket) else s.close(linger=0)
+    ctx.term()
+    rec.daemon_events = [{"t": e.t, "kind": e.kind, **e.detail} for e in daemon.events]
+    rec.t_end = time.monotonic()
 
 
 def _uplink(scenario: Scenario, link: CommandLink, bundle: Path, out_dir: Path, rec: RunRecord) -> dict:
@@ -254,115 +293,177 @@ def _malformed_copy(frame: CapturedFrame, kind: str) -> CapturedFrame:
     return bad
 
 
-def _fly(scenario: Scenario, rec: RunRecord, camera: PushbroomCamera, schedule: list,
-         daemon: DaemonProcess, link: CommandLink, payload: Payload, products: zmq.Socket,
-         telemetry: zmq.Socket, downlink: Downlink, progress: bool) -> None:
-    S = scenario.sections
-    F = S["faults"]
-    realtime = S["camera"]["mode"] == "realtime"
-    speedup = float(S["camera"]["speedup"])
-    base_window = payload.window
-    kills = sorted(F["kill_daemon_after_frames"])
-    malformed = list(F["malformed"])
-    burst = F.get("burst")
-    burst_range = range(burst["after_frames"], burst["after_frames"] + burst["frames"]) if burst else range(0)
-    deadline = rec.t0 + float(S["run"]["timeout_s"])
-    poller = zmq.Poller()
-    for sock in (payload.sock, products, telemetry):
-        poller.register(sock, zmq.POLLIN)
-    bar = _progress(len(schedule) + len(malformed), progress)
-    resolved_shown = 0
-    next_i = 0
-    mission_now = 0.0
-    rec.t_fly = time.monotonic()
-    product_wait_until = None
+class _Flight:
+    """The fly step: one loop in one thread (ZeroMQ sockets are not thread-safe), each turn the
+    steps of `fly`. It ends when every frame has its outcome and every kept frame's product is
+    in (or missing after PRODUCT_WAIT_S), or at the scenario's run.timeout_s."""
 
-    def take_products() -> None:           # what reached us before the daemon died
-        _drain(products, lambda parts: _on_product(rec, payload, downlink, parts, realtime, speedup))
+    def __init__(self, scenario: Scenario, rec: RunRecord, camera: PushbroomCamera,
+                 daemon: DaemonProcess, link: CommandLink, payload: Payload, products: zmq.Socket,
+                 telemetry: zmq.Socket):
+        S = scenario.sections
+        self.faults, self.start_timeout_s = S["faults"], S["daemon"]["start_timeout_s"]
+        self.rec, self.camera, self.daemon, self.link = rec, camera, daemon, link
+        self.payload, self.products, self.telemetry = payload, products, telemetry
+        self.downlink = rec.downlink
+        self.realtime = S["camera"]["mode"] == "realtime"
+        self.speedup = float(S["camera"]["speedup"])
+        self.deadline = rec.t0 + float(S["run"]["timeout_s"])
+        self.schedule = camera.schedule()
+        self.next_i = 0                      # the next frame of the schedule to release
+        self.mission_now = 0.0               # acquisition time of the latest frame released
+        self.base_window = payload.window
+        self.kills = sorted(self.faults["kill_daemon_after_frames"])
+        self.malformed = list(self.faults["malformed"])
+        burst = self.faults.get("burst")
+        self.burst = (range(burst["after_frames"], burst["after_frames"] + burst["frames"])
+                      if burst else range(0))
+        self.product_wait_until: float | None = None
+        self.bar = None
+        self.shown = 0                       # outcomes the progress bar shows
+        self.poller = zmq.Poller()
+        for sock in (payload.sock, products, telemetry):
+            self.poller.register(sock, zmq.POLLIN)
 
-    def sent_frames() -> int:
-        return sum(1 for s in payload.states.values() if s.attempts > 0)
+    def fly(self, progress: bool) -> None:
+        self.bar = _progress(len(self.schedule) + len(self.malformed), progress)
+        self.rec.t_fly = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now > self.deadline:
+                self.rec.timed_out = True
+                self.rec.event("timeout")
+                break
+            self._release_frames(now)
+            self._end_burst()
+            self._watch_daemon()
+            self._exchange()
+            self._advance_clock()
+            self._record_buffers()
+            if self._done():
+                break
+        if self.bar is not None:
+            self.bar.close()
+        self.rec.event("flight_done")
 
-    while True:
-        now = time.monotonic()
-        if now > deadline:
-            rec.timed_out = True
-            rec.event("timeout")
-            break
-        # ---- the camera releases frames
-        while next_i < len(schedule):
-            acquired = schedule[next_i][4]
-            in_burst = next_i in burst_range
+    # ------------------------------------------------------------------ the camera
+    def _release_frames(self, now: float) -> None:
+        """The camera releases what is due: in real time, each frame once its last line is
+        recorded (on the wall clock scaled by speedup); as fast as possible, while the payload
+        buffer has room. A burst goes at once and overruns the window."""
+        while self.next_i < len(self.schedule):
+            in_burst = self.next_i in self.burst
             if in_burst:
-                payload.window = base_window + len(burst_range)    # the burst overruns the window
-            elif realtime and now < rec.t_fly + acquired / speedup:
+                self.payload.window = self.base_window + len(self.burst)
+            elif self.realtime and now < self.rec.t_fly + self.schedule[self.next_i][4] / self.speedup:
                 break
-            elif not realtime and len(payload.buffer) >= base_window:
+            elif not self.realtime and len(self.payload.buffer) >= self.base_window:
                 break                                   # asap: capture lazily, memory stays flat
-            frame = camera.capture(*schedule[next_i])
-            payload.add(frame)
-            rec.release[frame.frame_id] = time.monotonic()
-            rec.acquired_bytes += frame.nbytes
-            rec.normal_frames += 1
-            mission_now = max(mission_now, frame.acquired)
-            next_i += 1
-            # one malformed frame after every `malformed_every` good ones; any left at the last frame
-            due = 1 if rec.normal_frames % F["malformed_every"] == 0 else 0
-            for kind in [malformed.pop(0) for _ in range(len(malformed) if next_i == len(schedule)
-                                                         else min(due, len(malformed)))]:
-                bad = _malformed_copy(frame, kind)
-                payload.add(bad, malformed=kind)
-                rec.release[bad.frame_id] = time.monotonic()
-                rec.malformed_frames += 1
-            if in_burst and next_i == burst_range.stop:
-                rec.event("burst", frames=len(burst_range))
-        if burst and payload.window != base_window and next_i >= burst_range.stop and \
-                payload.in_flight <= base_window:
-            payload.window = base_window             # the burst has drained into the daemon
-        # ---- a daemon that died on its own is restarted, as a watchdog would
-        if not daemon.alive():
-            _restart_after_crash(rec, daemon, payload, S["daemon"]["start_timeout_s"], take_products)
-        # ---- kill -9 and restart
-        if kills and sent_frames() >= kills[0]:
-            kills.pop(0)
-            _kill_and_restart(rec, daemon, link, payload, float(F["restart_after_s"]),
-                              S["daemon"]["start_timeout_s"], take_products)
-        # ---- send, receive
-        payload.pump()
-        events = dict(poller.poll(POLL_MS))
-        if payload.sock in events:
-            _drain(payload.sock, payload.handle)
-        if products in events:
-            _drain(products, lambda parts: _on_product(rec, payload, downlink, parts, realtime, speedup))
-        if telemetry in events:
-            _drain(telemetry, lambda parts: _on_telemetry(rec, parts))
-        # the mission clock: the latest acquisition or product so far (and the wall clock in
-        # real time); passes that have ended by then are played
-        # (as fast as possible, mission time is notional: every pass is played at the end, from
-        # the products' ready times, so late arrivals cannot miss a pass they were ready for)
-        rec.mission_s = max(rec.mission_s, mission_now)
-        if realtime:
-            rec.mission_s = max(rec.mission_s, (time.monotonic() - rec.t_fly) * speedup)
-            downlink.advance(rec.mission_s)
-        rec.samples.append((time.monotonic(), len(payload.buffer), payload.in_flight))
-        resolved = len(payload.states) - payload.unresolved
-        if bar is not None and resolved > resolved_shown:
-            bar.update(resolved - resolved_shown)
-            resolved_shown = resolved
-        # ---- done?
-        if next_i == len(schedule) and not malformed and payload.unresolved == 0:
-            kept = [f for f, s in payload.states.items()
-                    if s.outcome == "decision" and s.body.get("keep")]
-            missing = [f for f in kept if f not in downlink.products]
-            if not missing:
-                break
-            product_wait_until = product_wait_until or time.monotonic() + 10.0
-            if time.monotonic() > product_wait_until:
-                rec.products_missing = missing
-                break
-    if bar is not None:
-        bar.close()
-    rec.event("flight_done")
+            frame = self._capture()
+            self._add_malformed(frame)
+            if in_burst and self.next_i == self.burst.stop:
+                self.rec.event("burst", frames=len(self.burst))
+
+    def _capture(self) -> CapturedFrame:
+        frame = self.camera.capture(*self.schedule[self.next_i])
+        self.payload.add(frame)
+        self.rec.release[frame.frame_id] = time.monotonic()
+        self.rec.acquired_bytes += frame.nbytes
+        self.rec.normal_frames += 1
+        self.mission_now = max(self.mission_now, frame.acquired)
+        self.next_i += 1
+        return frame
+
+    def _add_malformed(self, frame: CapturedFrame) -> None:
+        """One malformed copy after every `malformed_every` good frames; any left after the last."""
+        if self.next_i == len(self.schedule):
+            due = len(self.malformed)
+        else:
+            due = min(len(self.malformed),
+                      1 if self.rec.normal_frames % self.faults["malformed_every"] == 0 else 0)
+        for _ in range(due):
+            kind = self.malformed.pop(0)
+            bad = _malformed_copy(frame, kind)
+            self.payload.add(bad, malformed=kind)
+            self.rec.release[bad.frame_id] = time.monotonic()
+            self.rec.malformed_frames += 1
+
+    def _end_burst(self) -> None:
+        """The window goes back to normal once the burst has drained into the daemon."""
+        if self.burst and self.payload.window != self.base_window and \
+                self.next_i >= self.burst.stop and self.payload.in_flight <= self.base_window:
+            self.payload.window = self.base_window
+
+    # ------------------------------------------------------------------ the daemon
+    def _watch_daemon(self) -> None:
+        """A daemon that died on its own is restarted, as a watchdog would; the scenario's
+        kill -9 comes once that many frames have been sent."""
+        if not self.daemon.alive():
+            _restart_after_crash(self.rec, self.daemon, self.payload, self.start_timeout_s,
+                                 self._take_products)
+        if self.kills and self._sent_frames() >= self.kills[0]:
+            self.kills.pop(0)
+            _kill_and_restart(self.rec, self.daemon, self.link, self.payload,
+                              float(self.faults["restart_after_s"]), self.start_timeout_s,
+                              self._take_products)
+
+    def _sent_frames(self) -> int:
+        return sum(1 for s in self.payload.states.values() if s.attempts > 0)
+
+    # ------------------------------------------------------------------ the sockets
+    def _exchange(self) -> None:
+        """Send what the window allows, then take what came: acks and outcomes, products,
+        telemetry."""
+        self.payload.pump()
+        events = dict(self.poller.poll(POLL_MS))
+        if self.payload.sock in events:
+            _drain(self.payload.sock, self.payload.handle)
+        if self.products in events:
+            self._take_products()
+        if self.telemetry in events:
+            _drain(self.telemetry, lambda parts: _on_telemetry(self.rec, parts))
+
+    def _take_products(self) -> None:
+        """Products waiting on the socket (also called before a restart: what reached us before
+        the daemon died)."""
+        _drain(self.products, lambda parts: _on_product(self.rec, self.payload, self.downlink, parts,
+                                                         self.realtime, self.speedup))
+
+    # ------------------------------------------------------------------ clock and record
+    def _advance_clock(self) -> None:
+        """The mission clock: the latest acquisition or product so far (and the wall clock in
+        real time); passes that have ended by then are played. As fast as possible, mission time
+        is notional: every pass is played at the end, from the products' ready times, so late
+        arrivals cannot miss a pass they were ready for."""
+        rec = self.rec
+        rec.mission_s = max(rec.mission_s, self.mission_now)
+        if self.realtime:
+            rec.mission_s = max(rec.mission_s, (time.monotonic() - rec.t_fly) * self.speedup)
+            self.downlink.advance(rec.mission_s)
+
+    def _record_buffers(self) -> None:
+        """A sample of the payload's buffer and window for the timeline; the progress bar."""
+        self.rec.samples.append((time.monotonic(), len(self.payload.buffer), self.payload.in_flight))
+        resolved = len(self.payload.states) - self.payload.unresolved
+        if self.bar is not None and resolved > self.shown:
+            self.bar.update(resolved - self.shown)
+            self.shown = resolved
+
+    def _done(self) -> bool:
+        """Every frame released and resolved, and every kept frame's product in; late products
+        are waited for PRODUCT_WAIT_S, then named missing."""
+        if self.next_i < len(self.schedule) or self.malformed or self.payload.unresolved:
+            return False
+        kept = [f for f, s in self.payload.states.items()
+                if s.outcome == "decision" and s.body.get("keep")]
+        missing = [f for f in kept if f not in self.downlink.products]
+        if not missing:
+            return True
+        self.product_wait_until = self.product_wait_until or time.monotonic() + PRODUCT_WAIT_S
+        if time.monotonic() > self.product_wait_until:
+            self.rec.products_missing = missing
+            return True
+        return False
 
 
 def _drain(sock: zmq.Socket, handle) -> None:

@@ -8,7 +8,8 @@
     [camera]    frame_lines, gsd_m, ground_speed_m_s, dtype ("uint16" | "float32"), bands,
                 mode ("realtime" | "asap"), speedup, gap_s
     [payload]   window, retry_s, ack_timeout_s, outcome_timeout_s
-    [[scenes]]  one table per scene (flight_sim.scenes.open_source)
+    [[scenes]]  one table per scene (flight_sim.scenes.open_source; its keys are checked here,
+                its values when the scene opens)
     [downlink]  passes = [{start_s, duration_s, rate_mbps | budget_bytes}] or periodic:
                 first_pass_s, pass_every_s, pass_duration_s, rate_mbps | budget_bytes,
                 passes_after_end
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from flight_sim.camera import DTYPES, MODES
+from flight_sim.downlink import passes_from_spec
+from flight_sim.errors import ScenarioError, SceneSpecError
 from flight_sim.payload import MALFORMED_KINDS
+from flight_sim.scenes import check_scene_spec
 
-
-class ScenarioError(ValueError):
-    """A scenario file or value that cannot be used; names the file and the field."""
+__all__ = ["SCHEMA", "Scenario", "ScenarioError", "load_scenario", "scenario_from_dict"]
 
 
 def _num(lo: float | None = None, integer: bool = False, lo_open: bool = False):
@@ -172,6 +174,15 @@ def scenario_from_dict(doc: dict, base_dir: Path, where: str = "<scenario>") -> 
     scenes = doc.get("scenes")
     if not isinstance(scenes, list) or not scenes or not all(isinstance(s, dict) for s in scenes):
         raise ScenarioError(f"{where}: scenes: at least one [[scenes]] table expected")
+    for i, spec in enumerate(scenes):
+        try:
+            check_scene_spec(spec, f"scenes[{i}]")
+        except SceneSpecError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+    try:
+        passes_from_spec(sections["downlink"], 0.0)     # the pass timeline's fields, checked now
+    except ScenarioError as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
     name = doc.get("name", Path(where).stem)
     if not isinstance(name, str) or not name:
         raise ScenarioError(f"{where}: name: a non-empty string expected")

@@ -26,15 +26,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flight_sim.errors import SceneSpecError
+from flight_sim.generator import CLASSES, SceneGenerator
+from flight_sim.truth import IGNORE
+from shared import datasets
 from shared.bands import RESOLUTION_M, S2_BANDS, band_from_filename
 from shared.scene import MissingBandsError, Scene, SceneReadError, normalise_band_name, read_scene
 
-IGNORE = 255                      # truth value for "unknown" pixels (no data)
 DEFAULT_QUANTIFICATION = 10000.0  # L1C digital number per unit reflectance
-
-
-class SceneSpecError(ValueError):
-    """A `[[scenes]]` entry that cannot be used; the message names the field."""
 
 
 @dataclass
@@ -72,8 +71,7 @@ class SceneSource:
 # ------------------------------------------------------------------------------- generated
 
 class GeneratedSource(SceneSource):
-    def __init__(self, generator):
-        from flight_sim.generator import CLASSES
+    def __init__(self, generator: SceneGenerator):
         self.generator = generator
         self.name = generator.name
         self.rows, self.cols = generator.rows, generator.cols
@@ -283,19 +281,18 @@ DATASETS = ("ukis", "sen1floods11", "eolearn")
 def dataset_source(name: str, root: Path | None = None) -> ArraySource:
     """A chip of ../shared/data: `ukis` (truth clear/cloud/shadow), `sen1floods11` (truth water),
     `eolearn:N` (date N of 5, no cloud truth: the patch's cloud masks are model output)."""
-    from shared import datasets as ds
     base, _, arg = name.partition(":")
     if base == "ukis":
-        scene, labels = ds.load_ukis_chip(root)
-        return ArraySource(scene, labels, ds.UKIS_CLASSES, name="ukis_csmask_s2")
+        scene, labels = datasets.load_ukis_chip(root)
+        return ArraySource(scene, labels, datasets.UKIS_CLASSES, name="ukis_csmask_s2")
     if base == "sen1floods11":
-        scene, labels = ds.load_sen1floods11(root)
+        scene, labels = datasets.load_sen1floods11(root)
         truth = np.full(labels.shape, IGNORE, np.uint8)
         truth[labels == 0] = 0
         truth[labels == 1] = 1
         return ArraySource(scene, truth, ("land", "water"), name=scene.name)
     if base == "eolearn":
-        scenes, _ = ds.load_eolearn(root)
+        scenes, _ = datasets.load_eolearn(root)
         index = int(arg or 0)
         if not 0 <= index < len(scenes):
             raise SceneSpecError(f"dataset: eolearn has dates 0..{len(scenes) - 1}, got {index}")
@@ -309,6 +306,8 @@ GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ship
                   "cloud_height_m", "sun_elevation_deg", "sun_azimuth_deg", "noise_sigma",
                   "feature_scale", "name"}
 COMMON_KEYS = {"kind", "crop_rows", "repeat"}
+FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
+SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"}}   # by kind
 
 
 def _crop(source: SceneSource, rows: Any, where: str) -> SceneSource:
@@ -335,6 +334,28 @@ class CroppedSource(SceneSource):
         return self.inner.read(self.r0 + r0, self.r0 + r1)
 
 
+def check_scene_spec(spec: Any, where: str = "scenes[0]") -> None:
+    """The keys of one `[[scenes]]` table (see `open_source`), checked without opening anything,
+    so that a scenario names a typo when it is loaded. Values are checked when the scene opens."""
+    if not isinstance(spec, dict):
+        raise SceneSpecError(f"{where}: expected a table, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in SCENE_KEYS:
+        raise SceneSpecError(f"{where}.kind: one of generated, file, dataset expected, got {kind!r}")
+    unknown = set(spec) - SCENE_KEYS[kind] - COMMON_KEYS
+    if unknown:
+        raise SceneSpecError(f"{where}.{sorted(unknown)[0]}: unknown key for a {kind} scene "
+                             f"(known: {', '.join(sorted(SCENE_KEYS[kind]))})")
+    if kind == "generated":
+        for key in ("rows", "cols"):
+            if key not in spec:
+                raise SceneSpecError(f"{where}.{key}: missing (a generated scene needs rows and cols)")
+    elif kind == "dataset" and not isinstance(spec.get("name"), str):
+        raise SceneSpecError(f"{where}.name: a dataset name expected (ukis, sen1floods11, eolearn:N)")
+    elif kind == "file" and not isinstance(spec.get("path"), str):
+        raise SceneSpecError(f"{where}.path: a file or folder path expected")
+
+
 def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0]") -> SceneSource:
     """A source from one `[[scenes]]` table:
 
@@ -344,44 +365,26 @@ def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0
         {kind = "dataset", name = "ukis" | "sen1floods11" | "eolearn:N"}
     any of them with crop_rows = [first, end).
     """
-    if not isinstance(spec, dict):
-        raise SceneSpecError(f"{where}: expected a table, got {type(spec).__name__}")
-    kind = spec.get("kind")
+    check_scene_spec(spec, where)
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
-    if kind == "generated":
-        from flight_sim.generator import SceneGenerator
-        unknown = set(spec) - GENERATOR_KEYS - COMMON_KEYS
-        if unknown:
-            raise SceneSpecError(f"{where}.{sorted(unknown)[0]}: unknown key for a generated scene "
-                                 f"(known: {', '.join(sorted(GENERATOR_KEYS))})")
-        args = {k: v for k, v in spec.items() if k in GENERATOR_KEYS}
-        for key in ("rows", "cols"):
-            if key not in args:
-                raise SceneSpecError(f"{where}.{key}: missing (a generated scene needs rows and cols)")
-        try:
-            source: SceneSource = GeneratedSource(SceneGenerator(**args))
-        except (TypeError, ValueError) as exc:
-            raise SceneSpecError(f"{where}: {exc}") from None
-    elif kind == "dataset":
-        name = spec.get("name")
-        if not isinstance(name, str):
-            raise SceneSpecError(f"{where}.name: a dataset name expected (ukis, sen1floods11, eolearn:N)")
-        source = dataset_source(name)
-    elif kind == "file":
-        source = _file_source(spec, base_dir, where)
+    if spec["kind"] == "generated":
+        source = _generated_source(spec, where)
+    elif spec["kind"] == "dataset":
+        source = dataset_source(spec["name"])
     else:
-        raise SceneSpecError(f"{where}.kind: one of generated, file, dataset expected, got {kind!r}")
+        source = _file_source(spec, base_dir, where)
     return _crop(source, spec.get("crop_rows"), where)
 
 
+def _generated_source(spec: dict, where: str) -> GeneratedSource:
+    args = {k: v for k, v in spec.items() if k in GENERATOR_KEYS}
+    try:
+        return GeneratedSource(SceneGenerator(**args))
+    except (TypeError, ValueError) as exc:
+        raise SceneSpecError(f"{where}: {exc}") from None
+
+
 def _file_source(spec: dict, base_dir: Path, where: str) -> SceneSource:
-    known = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"} | COMMON_KEYS
-    unknown = set(spec) - known
-    if unknown:
-        raise SceneSpecError(f"{where}.{sorted(unknown)[0]}: unknown key for a file scene "
-                             f"(known: {', '.join(sorted(known - COMMON_KEYS))})")
-    if not isinstance(spec.get("path"), str):
-        raise SceneSpecError(f"{where}.path: a file or folder path expected")
     path = (base_dir / spec["path"]).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{where}.path: {path} not found")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,17 +24,14 @@ from typing import Callable
 import numpy as np
 
 from flight_sim.bus import CommandLink, CommandRejected
-from shared.manifest import sha256_file
+from flight_sim.errors import ScenarioError, UplinkInterrupted
+from shared.bundle import build_bundle
+from shared.manifest import MANIFEST_NAME, sha256_file, utc_now
+
+__all__ = ["Uplink", "UplinkInterrupted", "UploadReport", "corrupt_copy", "newer_version_copy",
+           "unsigned_copy"]
 
 MAX_CHUNK_TRIES = 5
-
-
-class UplinkInterrupted(RuntimeError):
-    """The link was lost mid-upload (a scenario fault); `status` says what the daemon holds."""
-
-    def __init__(self, upload_id: str, sent: int):
-        super().__init__(f"uplink of {upload_id} interrupted after {sent} chunks")
-        self.upload_id, self.sent = upload_id, sent
 
 
 @dataclass
@@ -57,7 +56,7 @@ class UploadReport:
 class Uplink:
     def __init__(self, link: CommandLink, chunk_size: int = 256 * 1024):
         if chunk_size < 1:
-            raise ValueError(f"uplink.chunk_size: must be >= 1, got {chunk_size}")
+            raise ScenarioError(f"uplink.chunk_size: must be >= 1, got {chunk_size}")
         self.link, self.chunk_size = link, chunk_size
 
     def upload(self, path: str | Path, *, interrupt_after: int | None = None,
@@ -154,11 +153,6 @@ def unsigned_copy(bundle: str | Path, out: str | Path) -> Path:
 def newer_version_copy(bundle: str | Path, out: str | Path, private_key) -> Path:
     """The same model re-signed as the next version (parent = the original): a bundle the
     daemon would install, so a corruption of it is refused for its checksum, not its age."""
-    import json
-    import tempfile
-    from shared.bundle import build_bundle
-    from shared.manifest import MANIFEST_NAME
-
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(bundle, "r:") as tf:
         manifest = json.loads(tf.extractfile(MANIFEST_NAME).read())
         files = {}
@@ -170,7 +164,6 @@ def newer_version_copy(bundle: str | Path, out: str | Path, private_key) -> Path
                 files[m.name] = path
         manifest["parent"] = {"model_id": manifest["model_id"], "version": manifest["version"]}
         manifest["version"] += 1
-        from shared.manifest import utc_now
         manifest["created"] = utc_now()
         return build_bundle(out, files, manifest, private_key)
 

@@ -7,6 +7,10 @@
     rollback (--config FILE | --store DIR --key PUB)
     command NAME [--args JSON] --config FILE   any command, raw ACK printed
 
+A running daemon is asked through shared.client.CommandClient: `--timeout` per try and, for the
+commands that are safe to send twice (status, upload), `--retries` fresh tries after a
+timeout. Errors follow shared.cliutil's policy: one line `error: <message> [<code>]` (or a JSON
+object under --json); exit 1 when refused, 4 when the daemon does not answer.
 Heavy imports (zmq, OpenVINO) happen inside the command functions.
 """
 from __future__ import annotations
@@ -17,55 +21,42 @@ import os
 import sys
 from pathlib import Path
 
-from shared.cliutil import CommandError, add_json_flag, emit, run_command
+from shared.cliutil import Command, CommandError, build_parser, emit, run_cli
 
 
-def _client(args):
-    from onboard.commands import CommandClient
+def _client(args, retries: int | None = None):
     from onboard.config import connect_address, load_config
+    from shared.client import CommandClient
     if args.endpoint:
         endpoint = args.endpoint
     elif args.config:
         endpoint = connect_address(load_config(args.config).endpoints["commands"])
     else:
         raise CommandError("give --config FILE (the daemon's config) or --endpoint ENDPOINT")
-    return CommandClient(endpoint, timeout_s=args.timeout)
+    return CommandClient(endpoint, timeout_s=args.timeout,
+                         retries=args.retries if retries is None else retries)
 
 
-def _ask(args, name: str, cmd_args: dict | None = None) -> dict:
-    """One command to the running daemon; its error becomes a CommandError (exit 1)."""
-    from onboard.commands import CommandFailed
-    with _client(args) as client:
-        try:
-            return client.call(name, cmd_args)
-        except CommandFailed as exc:
-            raise CommandError(f"{name}: {exc}") from None
-        except TimeoutError as exc:
-            raise CommandError(str(exc)) from None
+def _once_timeout(args, at_least: float = 0.0) -> float:
+    """The wait for a command sent only once: as long as every try of a repeatable one."""
+    return max(args.timeout * (args.retries + 1), at_least)
 
 
 # ------------------------------------------------------------------------------------ run
 def cmd_run(args) -> int:
     import logging
-    from onboard.config import ConfigError, load_config
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise CommandError(str(exc)) from None
+    from onboard.config import load_config
+    from onboard.daemon import Daemon
+    config = load_config(args.config)
     logging.basicConfig(stream=sys.stderr, level=args.log_level or config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from onboard.daemon import Daemon
-    from onboard.store import StoreError
-    try:
-        daemon = Daemon(config)
-    except (StoreError, ValueError) as exc:   # a bad key file or store state: say which
-        raise CommandError(str(exc)) from None
+    daemon = Daemon(config)
     daemon.install_signal_handlers()
     daemon.load_model()
     try:
         endpoints = daemon.bind()
-    except OSError as exc:
-        raise CommandError(str(exc)) from None
+    except OSError as exc:          # an endpoint in use or not bindable: name it
+        raise CommandError(str(exc), code="bind_failed") from None
     ready = {"pid": os.getpid(), "endpoints": endpoints, "model": daemon.model_info(),
              "device": config.device, "config": str(config.source_file)}
     if args.json:
@@ -86,60 +77,58 @@ def cmd_run(args) -> int:
     return code
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML config (see onboard/default.toml)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="override [daemon].log_level")
+
+
 # ------------------------------------------------------------------------------------ install
 def _human_install(r: dict) -> str:
-    if r["ok"]:
-        st = r.get("self_test") or {}
-        return (f"{r['reason']} (slot {r['slot']}); self-test max |diff| "
-                f"{st.get('max_abs_diff', float('nan')):.2e}, mask agreement "
-                f"{st.get('mask_agreement', float('nan')):.4f}; previous: "
-                f"{(r.get('previous') or {}).get('model_id', '-')} v{(r.get('previous') or {}).get('version', '-')}")
-    return f"refused ({r['code']}): {r['reason']}"
+    st = r.get("self_test") or {}
+    previous = r.get("previous") or {}
+    return (f"{r['reason']} (slot {r['slot']}); self-test max |diff| "
+            f"{st.get('max_abs_diff', float('nan')):.2e}, mask agreement "
+            f"{st.get('mask_agreement', float('nan')):.4f}; previous: "
+            f"{previous.get('model_id', '-')} v{previous.get('version', '-')}")
 
 
 def _offline_store(args):
-    from onboard.store import ModelStore, StoreError
+    from onboard.store import ModelStore
     if not args.store or not args.key:
         raise CommandError("offline use needs --store DIR and --key PUB (or --config FILE for a running daemon)")
-    try:
-        return ModelStore(args.store, args.key, device=args.device, exclusive=True)
-    except (StoreError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
+    return ModelStore(args.store, args.key, device=args.device, exclusive=True)
+
+
+def _refused(what: str, result: dict) -> CommandError:
+    """A store's refusal (install, rollback) as an error carrying the store's code."""
+    return CommandError(f"{what} refused: {result['reason']}", code=result["code"])
 
 
 def cmd_install(args) -> int:
-    store = _offline_store(args)
-    result = store.install(args.bundle).as_dict()
-    emit(result, args.json, _human_install)
+    result = _offline_store(args).install(args.bundle).as_dict()
     if not result["ok"]:
-        print(f"error: install refused ({result['code']}): {result['reason']}", file=sys.stderr)
-        return 1
+        raise _refused("install", result)
+    emit(result, args.json, _human_install)
     return 0
 
 
 def cmd_upload(args) -> int:
     from tqdm import tqdm
-    from onboard.commands import CommandFailed
     bundle = Path(args.bundle)
     if not bundle.is_file():
-        raise CommandError(f"{bundle}: no such bundle file")
+        raise FileNotFoundError(f"{bundle}: no such bundle file")
     with _client(args) as client:
-        try:
-            with tqdm(total=bundle.stat().st_size, unit="B", unit_scale=True, desc="upload",
-                      file=sys.stderr, disable=None) as bar:
-                done = client.upload(bundle, chunk_size=args.chunk_size, progress=bar.update)
-            result = {"upload": done}
-            if args.install:
-                result["install"] = client.call("install", {"upload_id": done["upload_id"]},
-                                                timeout_s=max(args.timeout, 120))
-        except CommandFailed as exc:
-            raise CommandError(str(exc)) from None
-        except TimeoutError as exc:
-            raise CommandError(str(exc)) from None
+        with tqdm(total=bundle.stat().st_size, unit="B", unit_scale=True, desc="upload",
+                  file=sys.stderr, disable=None) as bar:
+            done = client.upload(bundle, chunk_size=args.chunk_size, progress=bar.update)
+        result = {"upload": done}
+        if args.install:            # not safe to send twice: one try, waited for long enough
+            result["install"] = client.call("install", {"upload_id": done["upload_id"]},
+                                            timeout_s=_once_timeout(args, 120), retries=0)
     emit(result, args.json, lambda r: f"uploaded {r['upload']['path']} ({r['upload']['size']} bytes, "
                                       f"id {r['upload']['upload_id']})"
-                                      + (f"; {_human_install({'ok': True, **r['install']})}"
-                                         if "install" in r else ""))
+                                      + (f"; {_human_install(r['install'])}" if "install" in r else ""))
     return 0
 
 
@@ -159,7 +148,8 @@ def _human_status(s: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    emit(_ask(args, "status"), args.json, _human_status)
+    with _client(args) as client:
+        emit(client.call("status"), args.json, _human_status)
     return 0
 
 
@@ -167,10 +157,10 @@ def cmd_rollback(args) -> int:
     if args.store:
         result = _offline_store(args).rollback().as_dict()
         if not result["ok"]:
-            print(f"error: rollback refused ({result['code']}): {result['reason']}", file=sys.stderr)
-            return 1
+            raise _refused("rollback", result)
     else:
-        result = _ask(args, "rollback")
+        with _client(args, retries=0) as client:      # a rollback sent twice rolls back twice
+            result = client.call("rollback", timeout_s=_once_timeout(args))
     emit(result, args.json, lambda r: r["reason"])
     return 0
 
@@ -182,74 +172,63 @@ def cmd_command(args) -> int:
         raise CommandError(f"--args: not valid JSON ({exc})") from None
     if not isinstance(cmd_args, dict):
         raise CommandError("--args: must be a JSON object")
-    with _client(args) as client:
-        try:
-            body = client.request(args.name, cmd_args)
-        except TimeoutError as exc:
-            raise CommandError(str(exc)) from None
-    emit(body, True)
+    with _client(args, retries=0) as client:          # any command: maybe not safe to repeat
+        body = client.request(args.name, cmd_args, timeout_s=_once_timeout(args))
+    emit(body, True)                                  # the raw ACK is this command's output
     return 0 if body.get("ok") else 1
 
 
-# ------------------------------------------------------------------------------------ parser
-def _add_daemon_target(p: argparse.ArgumentParser, required: bool = True) -> None:
+# ------------------------------------------------------------------------------------ arguments
+def add_daemon_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the daemon's TOML config (its commands endpoint is used)")
     p.add_argument("--endpoint", help="the commands endpoint, instead of --config")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for an answer, per try (default 10)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="tries again with a fresh connection after a timeout, for commands safe "
+                        "to repeat (status, upload; default 2)")
 
 
-def _add_offline_store(p: argparse.ArgumentParser) -> None:
+def add_offline_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="model store folder (offline, no daemon running on it)")
     p.add_argument("--key", help="uplink Ed25519 public key (PEM)")
     p.add_argument("--device", default="CPU", help="OpenVINO device for the self-test (default CPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eoedge onboard", description="the on-board daemon")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="run the daemon in the foreground (SIGTERM drains and exits 0)")
-    p.add_argument("--config", required=True, help="TOML config (see onboard/default.toml)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="override [daemon].log_level")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("install", help="install a bundle into a store offline: verify, self-test, activate")
+def add_install_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the signed bundle (.tar)")
-    _add_offline_store(p)
-    add_json_flag(p)
-    p.set_defaults(func=cmd_install)
+    add_offline_store(p)
 
-    p = sub.add_parser("upload", help="upload a bundle to a running daemon in checked chunks")
+
+def add_upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the signed bundle (.tar)")
-    _add_daemon_target(p)
+    add_daemon_target(p)
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per chunk (default 1 MiB)")
     p.add_argument("--install", action="store_true", help="install it once uploaded")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser("status", help="ask a running daemon for its status")
-    _add_daemon_target(p)
-    add_json_flag(p)
-    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("rollback", help="make the previous model active again "
-                                        "(running daemon via --config, or offline via --store/--key)")
-    _add_daemon_target(p)
-    _add_offline_store(p)
-    add_json_flag(p)
-    p.set_defaults(func=cmd_rollback)
+def add_rollback_args(p: argparse.ArgumentParser) -> None:
+    add_daemon_target(p)
+    add_offline_store(p)
 
-    p = sub.add_parser("command", help="send any command; prints the daemon's ACK as JSON")
+
+def add_command_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="command name (`help` lists them)")
     p.add_argument("--args", help="command arguments as a JSON object")
-    _add_daemon_target(p)
-    add_json_flag(p)
-    p.set_defaults(func=cmd_command)
-    return parser
+    add_daemon_target(p)
+
+
+COMMANDS = {
+    "run": Command(cmd_run, "run the daemon in the foreground (SIGTERM drains and exits 0)", add_run_args),
+    "install": Command(cmd_install, "install a bundle into a store offline: verify, self-test, activate",
+                       add_install_args),
+    "upload": Command(cmd_upload, "upload a bundle to a running daemon in checked chunks", add_upload_args),
+    "status": Command(cmd_status, "ask a running daemon for its status", add_daemon_target),
+    "rollback": Command(cmd_rollback, "make the previous model active again (running daemon via "
+                                      "--config, or offline via --store/--key)", add_rollback_args),
+    "command": Command(cmd_command, "send any command; prints the daemon's ACK as JSON", add_command_args),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
+    return run_cli(build_parser("eoedge onboard", "the on-board daemon", COMMANDS), argv)

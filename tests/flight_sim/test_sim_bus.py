@@ -1,5 +1,6 @@
 """The simulator's bus plumbing: endpoints, the daemon config it writes (read back by the
-daemon's own loader), the command link's Lazy-Pirate retry, the chunked uplink's faults."""
+daemon's own loader), the shared command client's Lazy-Pirate retry as the simulator uses it,
+the chunked uplink's faults."""
 import hashlib
 import threading
 
@@ -8,9 +9,11 @@ import pytest
 
 zmq = pytest.importorskip("zmq")
 
-from flight_sim.bus import CommandLink, CommandRejected, plan_endpoints  # noqa: E402
+from flight_sim.bus import plan_endpoints  # noqa: E402
 from flight_sim.daemon_proc import write_daemon_config  # noqa: E402
 from flight_sim.uplink import Uplink  # noqa: E402
+from shared.client import CommandClient  # noqa: E402
+from shared.errors import CommandRejected, PeerUnreachable  # noqa: E402
 from shared.messages import decode, encode  # noqa: E402
 
 
@@ -73,7 +76,7 @@ def ctx():
     c.destroy(linger=0)
 
 
-def test_command_link_retries_with_a_fresh_socket(ctx):
+def test_command_client_retries_with_a_fresh_socket(ctx):
     calls = {"n": 0}
 
     def script(name, args, arrays):
@@ -88,15 +91,17 @@ def test_command_link_retries_with_a_fresh_socket(ctx):
 
 
 def _link_checks(ctx, d):
-    link = CommandLink(ctx, "inproc://cmd-1", timeout_s=0.2, retries=2)
+    link = CommandClient("inproc://cmd-1", timeout_s=0.2, retries=2, source="ground", ctx=ctx)
     assert link.call("status") == {"state": "serving"}
     assert link.retried == 1 and d.seen == ["status", "status"]
-    with pytest.raises(CommandRejected, match="nope"):
-        d.script = lambda *a: {"ok": False, "error": "nope"}
+    with pytest.raises(CommandRejected, match="nope") as refused:
+        d.script = lambda *a: {"ok": False, "error": "nope", "code": "busy"}
         link.call("install")
+    assert refused.value.code == "busy"
     d.script = lambda *a: None
-    with pytest.raises(TimeoutError, match="after 2 tries"):
+    with pytest.raises(PeerUnreachable, match="after 2 tries") as lost:
         link.call("status", timeout_s=0.05, retries=1)
+    assert isinstance(lost.value, TimeoutError) and "inproc://cmd-1" in str(lost.value)
     link.close()
 
 
@@ -131,7 +136,7 @@ def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
 
     d = ScriptedDaemon(ctx, "inproc://cmd-2", script)
     try:
-        up = Uplink(CommandLink(ctx, "inproc://cmd-2", timeout_s=2), chunk_size=4096)
+        up = Uplink(CommandClient("inproc://cmd-2", timeout_s=2, ctx=ctx), chunk_size=4096)
         rep = up.upload(path, interrupt_after=1, corrupt_chunks=(1,))
     finally:
         d.close()

@@ -155,3 +155,42 @@ def test_run_with_a_bad_scenario_names_the_field(tmp_path):
     assert out.returncode == 1 and "camera.dtype" in out.stderr and "Traceback" not in out.stderr
     out = sim("generate", "--out", str(tmp_path / "x.png"))
     assert out.returncode == 1 and "--out" in out.stderr
+
+
+GENERATED = 'kind = "generated"\nrows = 64\ncols = 64'
+
+
+@pytest.mark.parametrize("scenes, field", [
+    (GENERATED + '\ncolour = "blue"', "scenes[0].colour: unknown key for a generated scene"),
+    ('kind = "painted"', "scenes[0].kind: one of generated, file, dataset"),
+    (GENERATED + '\n[[scenes]]\nkind = "generated"\nrows = 64', "scenes[1].cols: missing"),
+    ('kind = "dataset"\nname = "ukis"\ncrop = [0, 256]', "scenes[0].crop: unknown key for a dataset scene"),
+    ('kind = "file"', "scenes[0].path: a file or folder path expected"),
+])
+def test_bad_scene_keys_are_named_when_the_scenario_loads(tmp_path, scenes, field):
+    """A typo in a [[scenes]] table is found by load_scenario, before any scene is opened."""
+    path = write(tmp_path, MINIMAL.replace(GENERATED, scenes))
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(path)
+    assert field in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("downlink, field", [
+    ("passes = [{start_s = -1, duration_s = 5, rate_mbps = 10}]", "downlink.passes[0].start_s"),
+    ("passes = [{start_s = 1, duration_s = 5}]", "downlink.passes[0]: give rate_mbps or budget_bytes"),
+    ("passes = [3]", "downlink.passes[0]: a table"),
+    ("pass_every_s = 5\npass_duration_s = 10", "need 0 < pass_duration_s <= pass_every_s"),
+])
+def test_bad_passes_are_named_when_the_scenario_loads(tmp_path, downlink, field):
+    path = write(tmp_path, MINIMAL + "\n[downlink]\n" + downlink)
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(path)
+    assert field in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_run_with_a_bad_scene_says_file_and_field_in_one_line(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("cols = 64", "cols = 64\ncloud_cover = 2.0"))
+    out = sim("run", str(path), "--out", str(tmp_path / "run"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert str(path) in lines[0] and "scenes[0]" in lines[0] and "cloud_cover" in lines[0]

@@ -188,12 +188,12 @@ def assert_one_outcome(msgs: list[Message]) -> Message:
     assert len(outcomes) == 1, [(m.type, m.body) for m in msgs]
     assert len(acks) <= 1
     if outcomes[0].type == "decision":
-        assert len(acks) == 1 and acks[0].body["accepted"] is True
+        assert len(acks) == 1 and acks[0].body["accepted"] is True and acks[0].body["code"] == "ok"
     return outcomes[0]
 
 
 def command(endpoint: str, name: str, args: dict | None = None, timeout: float = 60) -> dict:
-    from onboard.commands import CommandClient
+    from shared.client import CommandClient
     with CommandClient(endpoint, timeout_s=timeout) as client:
         return client.request(name, args)
 
@@ -339,15 +339,16 @@ def test_commands_answer_with_acks_and_errors(served):
     daemon, payload, downlink = served
     ep = daemon.endpoints["commands"]
     status = command(ep, "status")
-    assert status["ok"] and status["result"]["model"]["version"] == 1
+    assert status["ok"] and status["code"] == "ok" and status["result"]["model"]["version"] == 1
     assert status["result"]["store"]["active"]["model_id"] == "cloud-test"
     unknown = command(ep, "self_destruct")
     assert unknown["ok"] is False and "self_destruct" in unknown["error"] and "status" in unknown["error"]
+    assert unknown["code"] == "unknown_command"
     missing = command(ep, "upload_begin", {"name": "b.tar"})
-    assert missing["ok"] is False and "args.size" in missing["error"]
+    assert missing["ok"] is False and "args.size" in missing["error"] and missing["code"] == "bad_args"
     wrong = command(ep, "upload_begin", {"name": "b.tar", "size": "big", "sha256": "0" * 64,
                                          "chunk_size": 10})
-    assert wrong["ok"] is False and "args.size" in wrong["error"]
+    assert wrong["ok"] is False and "args.size" in wrong["error"] and wrong["code"] == "bad_args"
     # Garbage on the commands socket: an ACK {ok: false} naming it, and service goes on.
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -357,6 +358,7 @@ def test_commands_answer_with_acks_and_errors(served):
         assert sock.poll(REPLY_TIMEOUT_S * 1000)
         reply = decode(sock.recv_multipart())
         assert reply.type == "ack" and reply.body["ok"] is False and "bad_message" in reply.body["error"]
+        assert reply.body["code"] == "bad_message"
     finally:
         sock.close()
     assert command(ep, "status")["ok"]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
+from shared.messages import Message, decode, encode
 from test_daemon import (Payload, bundles, cli, command, make_daemon,  # noqa: F401 (fixtures)
                          frame)
 
@@ -18,9 +20,30 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _upload(ep: str, path: Path, chunk_size: int) -> dict:
-    from onboard.commands import CommandClient
+    from shared.client import CommandClient
     with CommandClient(ep, timeout_s=60) as client:
         return client.upload(path, chunk_size=chunk_size)
+
+
+def _at_once(ep: str, *names: str, timeout_s: float = 60) -> list[dict]:
+    """Send commands back to back on one socket, then wait for every ACK; bodies in send order."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    try:
+        ids = []
+        for name in names:
+            msg = Message("command", {"name": name})
+            sock.send_multipart(encode(msg))
+            ids.append(msg.id)
+        replies = {}
+        while len(replies) < len(ids):
+            assert sock.poll(int(timeout_s * 1000)), f"no ACK within {timeout_s} s"
+            reply = decode(sock.recv_multipart())
+            replies[reply.ref] = reply.body
+        return [replies[i] for i in ids]
+    finally:
+        sock.close()
 
 
 def test_no_model_then_chunked_resumable_upload_and_install(make_daemon, bundles):
@@ -44,7 +67,7 @@ def test_no_model_then_chunked_resumable_upload_and_install(make_daemon, bundles
 
         def send_chunk(i: int, payload_bytes: bytes | None = None, digest: str | None = None) -> dict:
             piece = data[i * chunk:(i + 1) * chunk]
-            from onboard.commands import CommandClient
+            from shared.client import CommandClient
             with CommandClient(ep, timeout_s=30) as client:
                 return client.request("upload_chunk", {
                     "upload_id": upload_id, "index": i,
@@ -96,14 +119,16 @@ def test_install_refusals_keep_old_model_serving_then_rollback(make_daemon, bund
             up = _upload(ep, bad, chunk_size=8192)
             refused = command(ep, "install", {"upload_id": up["upload_id"]})
             assert refused["ok"] is False and refused["error"].startswith(code), refused
+            assert refused["code"] == code
             # The old model keeps serving, frames in between included.
             decision = payload.outcome(payload.send(f"during-{code}", frame("cloudy", 64)[0]))
             assert decision.type == "decision" and decision.body["model"]["version"] == 2
         status = command(ep, "status")["result"]
         assert status["model"]["version"] == 2 and status["store"]["staged"] is None
 
-        back = command(ep, "rollback")
-        assert back["ok"] and back["result"]["version"] == 1
+        back, busy = _at_once(ep, "rollback", "rollback")       # one install or rollback at a time
+        assert busy["ok"] is False and busy["code"] == "busy" and busy["error"].startswith("busy")
+        assert back["ok"] and back["code"] == "ok" and back["result"]["version"] == 1
         decision = payload.outcome(payload.send("after-rollback", frame("clear", 64)[0]))
         assert decision.body["model"]["version"] == 1
         rollback_cli = cli("rollback", "--config", str(daemon.config_path), "--json")

@@ -177,7 +177,8 @@ def test_run_with_missing_key_file_names_it(tmp_path):
 
 def test_status_without_daemon_times_out_clearly(tmp_path):
     result = _run("status", "--endpoint", f"ipc://{tmp_path}/nobody", "--timeout", "0.5")
-    assert result.returncode == 1 and "no answer" in result.stderr and "is the daemon running" in result.stderr
+    assert result.returncode == 4 and "no answer" in result.stderr and "is the daemon running" in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.rstrip().endswith("[unreachable]")
 
 
 def test_onboard_never_imports_torch_or_ground():

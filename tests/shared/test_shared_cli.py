@@ -36,6 +36,12 @@ def setup(tmp_path_factory):
             "priv": Path(keygen["private_key"]), "pub": Path(keygen["public_key"])}
 
 
+def one_error_line(r: subprocess.CompletedProcess, code: str) -> bool:
+    """The error policy: one line `error: <message> [<code>]` on stderr, no traceback."""
+    return (r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+            and r.stderr.rstrip().endswith(f"[{code}]"))
+
+
 def build(setup, out, *extra, manifest=None):
     return eoedge("bundle", "build", "--manifest", manifest or setup["work"] / "manifest.json",
                   *setup["file_args"], "--key", setup["priv"], "--out", out, *extra)
@@ -93,29 +99,39 @@ def test_verify_rejections_exit_1_with_the_reason(setup, tmp_path):
     bad.write_bytes(bytes(data))
     r = eoedge("bundle", "verify", bad, "--key", setup["pub"])
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("rejected (checksum_mismatch):") and "'reference.npz'" in r.stderr
+    assert one_error_line(r, "checksum_mismatch") and "'reference.npz'" in r.stderr
 
     j = eoedge("bundle", "verify", bad, "--key", setup["pub"], "--json")
-    assert j.returncode == 1 and json.loads(j.stdout)["reason"] == "checksum_mismatch"
+    doc = json.loads(j.stdout)
+    assert j.returncode == 1 and doc["ok"] is False and doc["error"]["code"] == "checksum_mismatch"
+    assert "'reference.npz'" in doc["error"]["message"] and j.stderr == ""
 
     old = eoedge("bundle", "verify", out, "--key", setup["pub"], "--min-version", 5)
     assert old.returncode == 1
-    assert "rejected (version_too_old)" in old.stderr and "version 3" in old.stderr and "version 5" in old.stderr
+    assert one_error_line(old, "version_too_old") and "version 3" in old.stderr and "version 5" in old.stderr
 
     other = eoedge("keygen", "--out", tmp_path, "--name", "other", "--json")
     wrong = eoedge("bundle", "verify", out, "--key", json.loads(other.stdout)["public_key"])
-    assert wrong.returncode == 1 and "rejected (wrong_key)" in wrong.stderr
+    assert wrong.returncode == 1 and one_error_line(wrong, "wrong_key")
 
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"hello" * 100)
     r = eoedge("bundle", "verify", junk, "--key", setup["pub"])
-    assert r.returncode == 1 and "rejected (not_a_bundle)" in r.stderr
+    assert r.returncode == 1 and one_error_line(r, "not_a_bundle")
 
 
 def test_build_refusals(setup, tmp_path):
-    big = build(setup, tmp_path / "big.tar", "--max-bytes", "10k")
-    assert big.returncode == 1 and "error (too_large)" in big.stderr
+    big = build(setup, tmp_path / "big.tar", "--max-bytes", "10KiB")
+    assert big.returncode == 1 and one_error_line(big, "too_large")
     assert "over max_bytes 10240" in big.stderr and "reference.npz" in big.stderr
+    assert not (tmp_path / "big.tar").exists()
+    si = build(setup, tmp_path / "big.tar", "--max-bytes", "10kB")       # powers of 1000
+    assert si.returncode == 1 and "over max_bytes 10000" in si.stderr
+
+    # "10k" means 10,000 to some and 10,240 to others: refused as a usage error, naming both
+    vague = build(setup, tmp_path / "big.tar", "--max-bytes", "10k")
+    assert vague.returncode == 2 and one_error_line(vague, "usage")
+    assert "--max-bytes" in vague.stderr and "10KB" in vague.stderr and "10KiB" in vague.stderr
     assert not (tmp_path / "big.tar").exists()
 
     manifest = json.loads((setup["work"] / "manifest.json").read_text())
