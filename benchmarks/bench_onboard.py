@@ -89,7 +89,7 @@ def build_bundle_dir(out: Path, seed: int) -> tuple[dict, Path, int]:
     import openvino as ov
     import torch
 
-    from ground.students import TinyUNet
+    from ground.models.tiny_unet import TinyUNet
     from shared.bands import S2_BANDS
     from shared.bundle import save_reference
     from shared.manifest import make_manifest
@@ -218,7 +218,7 @@ def torch_pipeline(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     import torch
     from tqdm import tqdm
 
-    from ground.students import TinyUNet
+    from ground.models.tiny_unet import TinyUNet
     from onboard import products
     from onboard.pipeline import _owned_regions
     from onboard.stats import frame_and_cell_stats
