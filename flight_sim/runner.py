@@ -31,7 +31,7 @@ from pathlib import Path
 
 import zmq
 
-from flight_sim.bus import CommandLink, Endpoints, plan_endpoints
+from flight_sim.bus import Endpoints, plan_endpoints
 from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
@@ -41,6 +41,7 @@ from flight_sim.scenario import Scenario
 from flight_sim.scenes import open_source
 from flight_sim.uplink import Uplink, corrupt_copy, newer_version_copy, unsigned_copy
 from shared.bundle import BundleError, verify_bundle
+from shared.client import CommandClient
 from shared.messages import MessageError, decode
 
 __all__ = ["RunRecord", "ScenarioFailed", "run_scenario"]
@@ -124,7 +125,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         # ------------------------------------------------------------ start
         ready = daemon.start(S["daemon"]["start_timeout_s"])
         rec.event("daemon_started", pid=ready.get("pid"), model=ready.get("model"))
-        link = CommandLink(ctx, endpoints.commands, timeout_s=15.0)
+        link = CommandClient(endpoints.commands, timeout_s=15.0, retries=3, source="ground", ctx=ctx)
         sockets.append(link)
         telemetry, products = _listen(ctx, endpoints)
         sockets += [telemetry, products]
@@ -218,7 +219,7 @@ def _payload(ctx: zmq.Context, scenario: Scenario, endpoint: str, rec: RunRecord
                    on_event=lambda kind, st, info: rec.event(kind, frame_id=st.frame.frame_id, **info))
 
 
-def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandLink) -> None:
+def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandClient) -> None:
     """Play the remaining passes, ask the daemon's status, shut it down (it drains, exits 0)."""
     rec.downlink.finish()
     rec.event("passes_done")
@@ -242,7 +243,7 @@ def _tear_down(rec: RunRecord, daemon: DaemonProcess, sockets: list, ctx: zmq.Co
     rec.t_end = time.monotonic()
 
 
-def _uplink(scenario: Scenario, link: CommandLink, bundle: Path, out_dir: Path, rec: RunRecord) -> dict:
+def _uplink(scenario: Scenario, link: CommandClient, bundle: Path, out_dir: Path, rec: RunRecord) -> dict:
     S = scenario.sections
     F = S["faults"]
     up = Uplink(link, S["bundle"]["chunk_size"])
@@ -299,7 +300,7 @@ class _Flight:
     in (or missing after PRODUCT_WAIT_S), or at the scenario's run.timeout_s."""
 
     def __init__(self, scenario: Scenario, rec: RunRecord, camera: PushbroomCamera,
-                 daemon: DaemonProcess, link: CommandLink, payload: Payload, products: zmq.Socket,
+                 daemon: DaemonProcess, link: CommandClient, payload: Payload, products: zmq.Socket,
                  telemetry: zmq.Socket):
         S = scenario.sections
         self.faults, self.start_timeout_s = S["faults"], S["daemon"]["start_timeout_s"]
@@ -518,7 +519,7 @@ def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload
                         "frames_resent": resent, "products_lost_reprocessed": reprocessed})
 
 
-def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandLink, payload: Payload,
+def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient, payload: Payload,
                       restart_after_s: float, start_timeout_s: float, take_products) -> None:
     try:
         before = link.call("status", timeout_s=5.0, retries=0)["model"]

@@ -23,10 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from flight_sim.bus import CommandLink, CommandRejected
 from flight_sim.errors import ScenarioError, UplinkInterrupted
 from shared.bundle import build_bundle
-from shared.manifest import MANIFEST_NAME, sha256_file, utc_now
+from shared.client import CommandClient
+from shared.errors import CommandRejected
+from shared.hashing import sha256_file
+from shared.manifest import MANIFEST_NAME, utc_now
 
 __all__ = ["Uplink", "UplinkInterrupted", "UploadReport", "corrupt_copy", "newer_version_copy",
            "unsigned_copy"]
@@ -54,7 +56,7 @@ class UploadReport:
 
 
 class Uplink:
-    def __init__(self, link: CommandLink, chunk_size: int = 256 * 1024):
+    def __init__(self, link: CommandClient, chunk_size: int = 256 * 1024):
         if chunk_size < 1:
             raise ScenarioError(f"uplink.chunk_size: must be >= 1, got {chunk_size}")
         self.link, self.chunk_size = link, chunk_size
@@ -120,7 +122,7 @@ class Uplink:
             if "sha256 mismatch" in body.get("error", ""):
                 report.corrupted_in_transit += 1
                 continue
-            raise CommandRejected(body.get("error", "upload_chunk failed"))
+            raise CommandRejected(body.get("error", "upload_chunk failed"), code=body.get("code"))
         raise CommandRejected(f"chunk {index} refused {MAX_CHUNK_TRIES} times")
 
     def install(self, upload_id: str, timeout_s: float = 180.0) -> dict:
