@@ -19,9 +19,7 @@ never change; add new ones here.
 from __future__ import annotations
 
 from shared.errors import EoedgeError
-from shared.messages import ACK_OK
-
-OK = ACK_OK                          # the `code` of an ACK that accepts a frame or reports success
+from shared.messages import ACK_OK as OK   # the `code` of an ACK that accepts or reports success
 
 # A frame's ERROR: refused at the door (its only outcome), or failed after its ACK.
 BAD_MESSAGE = "bad_message"          # not a decodable envelope, or the wrong message type

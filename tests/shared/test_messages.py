@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from shared import messages as m
+from shared.errors import EoedgeError
 from shared.messages import MESSAGE_TYPES, Limits, Message, MessageError, decode, encode
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -27,6 +28,7 @@ scalars = st.none() | st.booleans() | int64 | finite | text | st.binary(max_size
 plain = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3)
                      | st.dictionaries(text, kids, max_size=3), max_leaves=8)
 plain_map = st.dictionaries(text, plain, max_size=4)
+error_code = ident.filter(lambda c: c != "ok")
 
 
 def body(required: dict, optional: dict | None = None):
@@ -52,9 +54,10 @@ BODIES = {
                   {"frame_id": st.none() | text, "field": st.none() | text, "details": plain_map}),
     "command": body({"name": ident}, {"args": plain_map}),
     "ack": st.one_of(
-        body({"ok": st.just(True)}, {"result": plain_map}),
-        body({"ok": st.just(False), "error": text}),
-        body({"accepted": st.booleans()}, {"queue_depth": st.integers(0, 2**31)})),
+        body({"ok": st.just(True)}, {"result": plain_map, "code": st.just("ok")}),
+        body({"ok": st.just(False), "error": text}, {"code": error_code}),
+        body({"accepted": st.just(True)}, {"queue_depth": st.integers(0, 2**31), "code": st.just("ok")}),
+        body({"accepted": st.just(False)}, {"queue_depth": st.integers(0, 2**31), "code": error_code})),
     "telemetry": body({"seq": st.integers(0, 2**40), "uptime": finite, "queue_depth": st.integers(0, 999)},
                       {"model": st.none() | plain_map, "frames": plain_map, "latency_ms": plain_map,
                        "rss_mb": finite}),
@@ -324,7 +327,8 @@ def _minimal_body(type_: str) -> dict:
     ("frame", "index", 1.5), ("frame", "acquired", float("nan")),
     ("decision", "keep", 1), ("decision", "priority", "high"), ("decision", "stats", [1]),
     ("decision", "tile_decisions", [1]), ("error", "code", None), ("command", "args", []),
-("ack", "ok", "yes"), ("ack", "queue_depth", -1),
+    ("ack", "ok", "yes"), ("ack", "queue_depth", -1), ("ack", "code", 5), ("ack", "code", ""),
+    ("ack", "code", "x" * 65), ("error", "code", "x" * 65),
     ("telemetry", "seq", -3), ("telemetry", "uptime", float("inf")),
 ])
 def test_wrong_body_field_types(type_, field, value):
@@ -351,6 +355,30 @@ def test_ack_needs_ok_or_accepted_and_a_reason_to_fail():
     for b in ({}, {"ok": False}, {"result": {}}):
         with pytest.raises(MessageError, match="body"):
             encode(Message("ack", b))
+
+
+@pytest.mark.parametrize("ack", [{"ok": True, "code": "busy"}, {"ok": False, "error": "x", "code": "ok"},
+                                 {"accepted": True, "code": "queue_full"}, {"accepted": False, "code": "ok"}])
+def test_ack_code_is_ok_exactly_when_it_succeeds(ack):
+    with pytest.raises(MessageError) as info:
+        encode(Message("ack", ack))
+    assert info.value.field == "body.code"
+    h = header_of(Message("ack", {"ok": True}))
+    h["body"] = ack
+    raises_field([msgpack.packb(h)], "body.code")
+
+
+def test_ack_code_round_trips():
+    for ack in ({"ok": True, "code": "ok", "result": {}}, {"ok": False, "code": "busy", "error": "busy: x"},
+                {"accepted": True, "code": "ok", "queue_depth": 1}, {"ok": True}):
+        assert decode(encode(Message("ack", ack))).body == ack
+
+
+def test_message_error_is_an_eoedge_error_and_still_a_value_error():
+    with pytest.raises(MessageError) as info:
+        decode([b"\x00"])
+    assert isinstance(info.value, EoedgeError) and isinstance(info.value, ValueError)
+    assert info.value.code == "bad_message" and info.value.as_dict()["message"].startswith("header")
 
 
 @pytest.mark.parametrize("field,value", [("id", ""), ("id", None), ("ref", 5), ("ts", None),
