@@ -1,20 +1,18 @@
 """The simulator's bus plumbing: endpoints, the daemon config it writes (read back by the
-daemon's own loader), the shared command client's Lazy-Pirate retry as the simulator uses it,
-the chunked uplink's faults."""
+daemon's own loader), the chunked uplink's faults over the shared command client (whose
+retries tests/shared/test_client.py checks)."""
 import hashlib
-import threading
 
 import numpy as np
 import pytest
 
 zmq = pytest.importorskip("zmq")
 
+from fake_daemon import FakeDaemon  # noqa: E402
 from flight_sim.bus import plan_endpoints  # noqa: E402
 from flight_sim.daemon_proc import write_daemon_config  # noqa: E402
 from flight_sim.uplink import Uplink  # noqa: E402
 from shared.client import CommandClient  # noqa: E402
-from shared.errors import CommandRejected, PeerUnreachable  # noqa: E402
-from shared.messages import decode, encode  # noqa: E402
 
 
 def test_endpoints_ipc_in_the_run_folder_or_tcp(tmp_path):
@@ -41,68 +39,11 @@ def test_daemon_config_is_what_the_daemon_reads(tmp_path):
     assert cfg.store_root == (tmp_path / "store").resolve() and cfg.max_message_bytes == 300 << 20
 
 
-class ScriptedDaemon:
-    """A commands ROUTER in a thread: `script(name, args, arrays) -> body`, or None to stay silent."""
-
-    def __init__(self, ctx, endpoint, script):
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.script, self.seen, self.stop = script, [], threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def loop(self):
-        while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            route, *parts = self.sock.recv_multipart()
-            msg = decode(parts)
-            self.seen.append(msg.body["name"])
-            body = self.script(msg.body["name"], msg.body.get("args", {}), msg.arrays)
-            if body is not None:
-                self.sock.send_multipart([route, *encode(msg.reply("ack", body))])
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close(linger=0)
-
-
 @pytest.fixture
 def ctx():
     c = zmq.Context()
     yield c
     c.destroy(linger=0)
-
-
-def test_command_client_retries_with_a_fresh_socket(ctx):
-    calls = {"n": 0}
-
-    def script(name, args, arrays):
-        calls["n"] += 1
-        return None if calls["n"] == 1 else {"ok": True, "result": {"state": "serving"}}
-
-    d = ScriptedDaemon(ctx, "inproc://cmd-1", script)
-    try:
-        _link_checks(ctx, d)
-    finally:
-        d.close()
-
-
-def _link_checks(ctx, d):
-    link = CommandClient("inproc://cmd-1", timeout_s=0.2, retries=2, source="ground", ctx=ctx)
-    assert link.call("status") == {"state": "serving"}
-    assert link.retried == 1 and d.seen == ["status", "status"]
-    with pytest.raises(CommandRejected, match="nope") as refused:
-        d.script = lambda *a: {"ok": False, "error": "nope", "code": "busy"}
-        link.call("install")
-    assert refused.value.code == "busy"
-    d.script = lambda *a: None
-    with pytest.raises(PeerUnreachable, match="after 2 tries") as lost:
-        link.call("status", timeout_s=0.05, retries=1)
-    assert isinstance(lost.value, TimeoutError) and "inproc://cmd-1" in str(lost.value)
-    link.close()
 
 
 def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
@@ -113,7 +54,8 @@ def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
     path.write_bytes(blob)
     store = {}
 
-    def script(name, args, arrays):
+    def script(n, msg):
+        name, args, arrays = msg.body["name"], msg.body["args"], msg.arrays
         if name == "upload_begin":
             n = -(-args["size"] // args["chunk_size"])
             store.setdefault("chunks", {})
@@ -134,7 +76,7 @@ def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
             return {"ok": ok, "result": {"path": "/up/b.tar"}} if ok else {"ok": False, "error": "whole"}
         return {"ok": False, "error": f"unknown command {name!r}"}
 
-    d = ScriptedDaemon(ctx, "inproc://cmd-2", script)
+    d = FakeDaemon(ctx, script, "inproc://cmd-2")
     try:
         up = Uplink(CommandClient("inproc://cmd-2", timeout_s=2, ctx=ctx), chunk_size=4096)
         rep = up.upload(path, interrupt_after=1, corrupt_chunks=(1,))
@@ -143,7 +85,7 @@ def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
     assert rep.chunks == 3 and rep.interrupted_after == 1 and rep.resumed_missing == [1, 2]
     assert rep.corrupted_in_transit == 1 and rep.chunks_sent == 4       # 0, 1 (bad), 1, 2
     assert rep.path_on_board == "/up/b.tar" and rep.already_held == 1
-    assert d.seen.count("upload_begin") == 2 and "upload_status" in d.seen
+    assert d.names().count("upload_begin") == 2 and "upload_status" in d.names()
     with pytest.raises(ValueError, match="uplink.chunk_size"):
         Uplink(up.link, chunk_size=0)
     with pytest.raises(FileNotFoundError, match="nothere"):

@@ -2,7 +2,6 @@
 with a fresh socket, late replies skipped by `ref`, the daemon's refusal and silence as shared
 errors, resumable uploads."""
 import hashlib
-import threading
 import time
 
 import numpy as np
@@ -10,41 +9,9 @@ import pytest
 
 zmq = pytest.importorskip("zmq")
 
+from fake_daemon import FakeDaemon  # noqa: E402
 from shared.client import CommandClient  # noqa: E402
 from shared.errors import EXIT_ERROR, EXIT_UNREACHABLE, CommandRejected, PeerUnreachable  # noqa: E402
-from shared.messages import decode, encode  # noqa: E402
-
-
-class Router:
-    """A commands ROUTER in a thread; `answer(n, msg) -> (delay_s, body) | None` for the n-th
-    request (None: stay silent). Records every request it saw."""
-
-    def __init__(self, ctx, answer):
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
-        self.answer, self.seen, self.routes, self.stop = answer, [], [], threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def loop(self):
-        while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            route, *frames = self.sock.recv_multipart()
-            msg = decode(frames)
-            self.seen.append(msg)
-            self.routes.append(route)           # a fresh DEALER has a new identity
-            reply = self.answer(len(self.seen), msg)
-            if reply is not None:
-                delay, body = reply
-                time.sleep(delay)
-                self.sock.send_multipart([route, *encode(msg.reply("ack", body))])
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close(linger=0)
 
 
 @pytest.fixture
@@ -54,12 +21,8 @@ def ctx():
     c.destroy(linger=0)
 
 
-def serve(ctx, answer):
-    return Router(ctx, answer)
-
-
 def test_the_first_request_ignored_then_answered_on_a_fresh_socket(ctx):
-    router = serve(ctx, lambda n, msg: None if n == 1 else (0, {"ok": True, "result": {"n": n}}))
+    router = FakeDaemon(ctx, lambda n, msg: None if n == 1 else {"ok": True, "result": {"n": n}})
     try:
         with CommandClient(router.endpoint, timeout_s=0.3, retries=2, ctx=ctx) as client:
             assert client.call("status") == {"n": 2}
@@ -74,8 +37,12 @@ def test_the_first_request_ignored_then_answered_on_a_fresh_socket(ctx):
 
 
 def test_a_late_reply_to_an_earlier_request_is_skipped(ctx):
-    late = {1: (0.5, {"ok": True, "result": {"n": 1}})}
-    router = serve(ctx, lambda n, msg: late.get(n, (0, {"ok": True, "result": {"n": n}})))
+    def script(n, msg):
+        if n == 1:
+            time.sleep(0.5)                 # answers the first request after the client gave up
+        return {"ok": True, "result": {"n": n}}
+
+    router = FakeDaemon(ctx, script)
     try:
         with CommandClient(router.endpoint, timeout_s=0.2, ctx=ctx) as client:   # retries=0
             with pytest.raises(PeerUnreachable, match="after 1 try of 0.2 s"):
@@ -90,7 +57,7 @@ def test_a_late_reply_to_an_earlier_request_is_skipped(ctx):
 def test_the_daemons_refusal_carries_its_error_and_code(ctx):
     bodies = {1: {"ok": False, "error": "busy: an install is running", "code": "busy"},
               2: {"ok": False, "error": "no"}}
-    router = serve(ctx, lambda n, msg: (0, bodies[n]))
+    router = FakeDaemon(ctx, lambda n, msg: bodies[n])
     try:
         with CommandClient(router.endpoint, timeout_s=2, ctx=ctx) as client:
             with pytest.raises(CommandRejected, match="busy: an install is running") as exc:
@@ -127,21 +94,21 @@ def test_upload_resumes_skipping_chunks_the_daemon_holds(ctx, tmp_path):
     path.write_bytes(blob)
     held = {0: blob[:4096]}                        # from an earlier, interrupted upload
 
-    def answer(n, msg):
+    def script(n, msg):
         name, args = msg.body["name"], msg.body["args"]
         if name == "upload_begin":
             assert args["sha256"] == hashlib.sha256(blob).hexdigest() and args["size"] == len(blob)
-            return 0, {"ok": True, "result": {"upload_id": "u1", "chunks": 3, "received": sorted(held)}}
+            return {"ok": True, "result": {"upload_id": "u1", "chunks": 3, "received": sorted(held)}}
         if name == "upload_chunk":
             data = bytes(msg.arrays["data"])
             assert hashlib.sha256(data).hexdigest() == args["sha256"]
             held[args["index"]] = data
-            return 0, {"ok": True, "result": {}}
+            return {"ok": True, "result": {}}
         whole = b"".join(held[i] for i in sorted(held))
-        return 0, {"ok": whole == blob, "result": {"upload_id": "u1", "path": "/up/b.tar"},
+        return {"ok": whole == blob, "result": {"upload_id": "u1", "path": "/up/b.tar"},
                    "error": "whole file differs"}
 
-    router = serve(ctx, answer)
+    router = FakeDaemon(ctx, script)
     sent = []
     try:
         with CommandClient(router.endpoint, timeout_s=2, ctx=ctx) as client:
@@ -149,6 +116,6 @@ def test_upload_resumes_skipping_chunks_the_daemon_holds(ctx, tmp_path):
     finally:
         router.close()
     assert done == {"upload_id": "u1", "path": "/up/b.tar"}
-    assert [m.body["name"] for m in router.seen] == ["upload_begin", "upload_chunk", "upload_chunk",
+    assert router.names() == ["upload_begin", "upload_chunk", "upload_chunk",
                                                      "upload_end"]
     assert [m.body["args"]["index"] for m in router.seen[1:3]] == [1, 2] and sent == [4096, 1808]
