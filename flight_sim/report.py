@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 from flight_sim.camera import preview_rgb
 from flight_sim.runner import RunRecord
 from flight_sim.truth import IGNORE, default_targets, expected_decision, to_model_classes
+from shared.jsonable import jsonable
 from shared.metrics import SegmentationScores, confusion_matrix
 
 
@@ -50,20 +50,6 @@ def _pct(values: list[float]) -> dict:
     p = np.percentile(values, [50, 90, 99])
     return {"n": len(values), "p50": round(float(p[0]), 2), "p90": round(float(p[1]), 2),
             "p99": round(float(p[2]), 2), "max": round(float(max(values)), 2)}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 def decode_png(blob: bytes | np.ndarray) -> np.ndarray:
@@ -514,7 +500,7 @@ def write_report(r: dict, rec: RunRecord, out_dir: Path | None = None) -> dict[s
     out_dir = Path(out_dir or rec.out_dir)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md",
              "timeline": out_dir / "timeline.png"}
-    doc = _plain({k: v for k, v in r.items() if not k.startswith("_")})
+    doc = jsonable({k: v for k, v in r.items() if not k.startswith("_")})
     paths["json"].write_text(json.dumps(doc, indent=1))
     plot_timeline(rec, paths["timeline"])
     if r.get("_examples"):
