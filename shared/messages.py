@@ -10,7 +10,9 @@ A message travels as a ZeroMQ multipart message:
 `copy=False`); `decode(frames, limits)` checks the header, the body schema of its type, every
 array's dtype (allowlist), shape and byte count against the frame it came in, all before it
 builds anything, and returns arrays that are read-only views of the received frames.
-Everything wrong raises `MessageError`, whose `.field` names what was wrong.
+Everything wrong raises `MessageError` (an EoedgeError, code `bad_message`), whose `.field`
+names what was wrong. An ERROR carries a `code`, and so does an ACK: "ok" (ACK_OK) when it
+accepts or reports success, else the error's code.
 
 To add a message type, add one entry to `BODY_SCHEMAS` (fields and, if any, array rules).
 """
