@@ -96,7 +96,7 @@ BAD_INPUTS = [
     (["shared", "bundle", "inspect", "/no/such/bundle.tar"], 1, "not_a_bundle"),
     (["shared", "bundle", "build", "--manifest", "m.json", "--file", "a=b", "--key", "k",
       "--out", "o.tar", "--max-bytes", "5M"], 2, "usage"),
-    (["ground", "size", "--params", "lots"], 1, "invalid_input"),
+    (["ground", "size", "--params", "lots"], 1, "ground_error"),
     (["onboard", "status", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.2", "--retries", "0"],
      4, "unreachable"),
     (["onboard", "command", "status", "--args", "[1]", "--endpoint", "tcp://127.0.0.1:9"], 1,
