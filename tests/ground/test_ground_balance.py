@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from ground.data import Sample
-from ground.losses import build_objective, kl_divergence
-from ground.pipeline import teacher_class_weights
-from ground.train import BatchSampler, TrainConfig
+from ground.data.augment import dihedral
+from ground.data.normalization import class_weights
+from ground.data.sample import Sample
+from ground.training.batches import BatchSampler
+from ground.training.config import TrainConfig
+from ground.training.losses import build_objective, kl_divergence
+from ground.training.sources import teacher_class_weights
 
 
 def _rare_sample(h=96, w=96):
@@ -25,7 +28,6 @@ class FakeCache:
         self.mask, self.k = mask, k
 
     def probs(self, sample, k=0):
-        from ground.augment import dihedral
         m = dihedral(self.mask, k)
         return np.eye(self.k, dtype=np.float16)[m].transpose(2, 0, 1)
 
@@ -94,6 +96,5 @@ def test_teacher_class_weights_are_counted_on_teacher_masks():
     unlabelled = Sample(s.image, None, "u")
     w = teacher_class_weights([unlabelled], FakeCache(s.labels), 3, "log")
     assert w[2] > 5 * max(w[0], w[1])      # rarest on the teacher's mask weighs most
-    from ground.data import class_weights
     np.testing.assert_allclose(w, class_weights([s], 3, "log"))    # as if the mask were labels
     assert teacher_class_weights([unlabelled], FakeCache(s.labels), 3, "none").tolist() == [1, 1, 1]

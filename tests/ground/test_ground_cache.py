@@ -2,11 +2,12 @@
 import numpy as np
 import torch
 
-from ground.augment import dihedral
-from ground.cache import TeacherCache
-from ground.data import Normalization, Sample
-from ground.students import TinyUNet
-from ground.teachers import TorchTeacher
+from ground.data.augment import dihedral
+from ground.data.normalization import Normalization
+from ground.data.sample import Sample
+from ground.models.tiny_unet import TinyUNet
+from ground.teachers.cache import TeacherCache
+from ground.teachers.torch_teacher import TorchTeacher
 
 
 class Counting(TorchTeacher):

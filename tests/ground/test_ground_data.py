@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from ground.augment import D4, dihedral, random_crop, transforms_for
-from ground.data import (IGNORE, MARIDA_BANDS, Normalization, Sample, class_weights, load_source, mados_band,
-                         map_labels)
+from ground.data.augment import D4, dihedral, random_crop, transforms_for
+from ground.data.layouts import MARIDA_BANDS, mados_band, map_labels
+from ground.data.normalization import Normalization, class_weights
+from ground.data.sample import IGNORE, Sample
+from ground.data.sources import load_source
 
 RNG = np.random.default_rng(0)
 
@@ -149,3 +151,56 @@ def test_real_chips_and_the_held_out_guard(data_root):
     assert len(eo) == 5 and eo[0].image.shape == (6, 101, 100)
     with pytest.raises(ValueError, match="unknown"):
         load_source({"source": "landsat"}, bands)
+
+
+UKIS_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
+
+
+def _scene_file(path, value, shape=(24, 40)):
+    """A small .npz scene (6 named bands, constant per band: band i holds value + i / 100)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.stack([np.full(shape, value + i / 100, np.float32) for i in range(len(UKIS_BANDS))])
+    np.savez(path, data=data, bands=np.array(UKIS_BANDS))
+    return path
+
+
+def test_scene_source_takes_an_absolute_glob(tmp_path):
+    """`path = "/data/s2/*.npz"` once crashed in Path.glob (absolute patterns unsupported)."""
+    _scene_file(tmp_path / "a.npz", 0.1)
+    _scene_file(tmp_path / "b.npz", 0.2)
+    (tmp_path / "notes.txt").write_text("not a scene")
+    pattern = str(tmp_path / "*.npz")
+    assert pattern.startswith("/")
+    samples = load_source({"source": "scene", "path": pattern}, ["B04", "B02"])
+    assert [s.name for s in samples] == ["a.npz", "b.npz"]
+    assert samples[1].files == [str(tmp_path / "b.npz")] and samples[1].labels is None
+    # bands chosen by name, in the run's order: B04 is the file's third band
+    np.testing.assert_allclose(samples[1].image[:, 3, 3], [0.22, 0.20], atol=1e-6)
+    one = load_source({"source": "scene", "path": str(tmp_path / "a.npz"), "scale": 2.0}, ["B02"])
+    np.testing.assert_allclose(one[0].image, 0.2, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"nothing matches .*\*\.tif"):
+        load_source({"source": "scene", "path": str(tmp_path / "*.tif")}, ["B02"])
+
+
+def test_relative_data_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    from ground.config import load_config
+    folder = tmp_path / "sub"
+    _scene_file(folder / "scenes" / "s0.npz", 0.1, (64, 64))
+    (folder / "run.toml").write_text(
+        '[run]\nname = "rel"\nout = "runs"\n'
+        f'[data]\nbands = {list(UKIS_BANDS)!r}\nclasses = ["clear", "cloud", "shadow"]\n'
+        'unlabelled = [{ source = "scene", path = "scenes/*.npz" }]\n'
+        '[eval]\ndata = { source = "scene", path = "scenes/s0.npz" }\n'
+        '[teacher]\nname = "checkpoint:models/teacher.pt"\n[student]\nparams = "20k"\n'
+        '[[experiment]]\nname = "d"\n'.replace("'", '"'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../sub/run.toml")
+    [spec] = cfg.unlabelled
+    assert spec["path"] == str(folder.resolve() / "scenes" / "*.npz")
+    assert cfg.eval_data["path"] == str(folder.resolve() / "scenes" / "s0.npz")
+    assert cfg.teacher["name"] == f"checkpoint:{folder.resolve() / 'models' / 'teacher.pt'}"
+    assert cfg.out == type(cfg.out)("runs")                  # outputs stay relative to the working directory
+    [s] = load_source(spec, cfg.bands)                       # and the glob finds the scene from here
+    assert s.name == "s0.npz" and s.image.shape == (6, 64, 64)

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from ground.data import IGNORE
-from ground.evaluate import OperatingPoint, evaluate_probs, scores, summary, sweep_thresholds
+from ground.data.sample import IGNORE
+from ground.evaluation.operating_point import OperatingPoint, sweep_thresholds
+from ground.evaluation.scores import evaluate_probs, scores, summary
 
 
 def _scene(seed=0):
@@ -56,7 +57,7 @@ def test_evaluate_reports_labels_teacher_and_ignores_unlabelled():
 
 
 def test_report_table_has_the_published_columns(tmp_path):
-    from ground.report import add_gains, markdown, write_report
+    from ground.evaluation.report import add_gains, markdown, write_report
     rows = [{"name": "teacher", "mode": "teacher", "params": None, "macs": None, "miou": 0.78},
             {"name": "scratch", "mode": "labels", "params": 100_000, "macs": 5e8, "miou": 0.60, "f1": 0.7},
             {"name": "distilled", "mode": "distill", "loss": "kl", "params": 100_000, "macs": 5e8, "miou": 0.75,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ground.features import FeatureAdapters, FeatureHooks
-from ground.students import TinyUNet
+from ground.models.tiny_unet import TinyUNet
+from ground.training.features import FeatureAdapters, FeatureHooks
 
 
 def test_hooks_record_named_layers_and_detach():

@@ -1,4 +1,4 @@
-"""ground.fp16: FP16 emulation rounds and overflows where float16 does and FP32 does not; BN
+"""ground.compression.fp16: FP16 emulation rounds and overflows where float16 does and FP32 does not; BN
 folding is exact in FP32; FP16-aware training sees FP16 numbers and updates FP32 masters."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ground.fp16 import (FP16_MAX, emulate_fp16, fp16_aware, fp16_overflows, fuse_batchnorm, round_fp16,
+from ground.compression.fp16 import (FP16_MAX, emulate_fp16, fp16_aware, fp16_overflows, fuse_batchnorm, round_fp16,
                          round_fp16_ste)
-from ground.students import TinyUNet
+from ground.models.tiny_unet import TinyUNet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,10 +140,13 @@ def test_fp16_aware_training_updates_fp32_masters_and_restores_the_model():
 
 
 def test_fp16_aware_with_the_ground_training_loop():
-    """D's training loop (ground.train.fit) runs unchanged inside the FP16-aware block."""
-    from ground.data import Normalization, Sample
-    from ground.losses import build_objective
-    from ground.train import BatchSampler, TrainConfig, fit
+    """D's training loop (ground.training.loop.fit) runs unchanged inside the FP16-aware block."""
+    from ground.data.normalization import Normalization
+    from ground.data.sample import Sample
+    from ground.training.batches import BatchSampler
+    from ground.training.config import TrainConfig
+    from ground.training.loop import fit
+    from ground.training.losses import build_objective
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 0.5, (6, 32, 32)).astype(np.float32)
     labels = (image[0] > 0.25).astype(np.uint8)

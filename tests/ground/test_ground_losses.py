@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ground.data import IGNORE
-from ground.losses import LOSSES, build_objective, cross_entropy, kl_divergence, weighted_mse
+from ground.data.sample import IGNORE
+from ground.training.losses import LOSSES, build_objective, cross_entropy, kl_divergence, weighted_mse
 
 
 def _teacher(n=2, k=3, h=8, w=8, seed=0):

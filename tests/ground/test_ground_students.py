@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from ground.students import TinyUNet, build_student, count_params, count_tiny_unet_params, parse_count
+from ground.models.registry import build_student
+from ground.models.size import count_params
+from ground.models.tiny_unet import TinyUNet, count_tiny_unet_params, parse_count
 
 
 @pytest.mark.parametrize("budget", ["50k", "100k", "120k", 300_000])
@@ -70,3 +72,41 @@ def test_torch_pruning_follows_the_concatenated_skips():
     pruner.step()
     assert count_params(m) < 0.75 * before
     assert m(x).shape == (1, 3, 64, 64)
+
+
+def _conv_macs_by_hand(model, x) -> int:
+    """Multiply-accumulates of every convolution on `x`, counted from the layers' shapes."""
+    total = []
+
+    def hook(m, inputs, out):
+        if isinstance(m, torch.nn.ConvTranspose2d):     # every input pixel meets the whole kernel
+            n, cin = inputs[0].shape[0], inputs[0].shape[1]
+            total.append(n * cin * inputs[0].shape[2] * inputs[0].shape[3] * m.out_channels // m.groups
+                         * m.kernel_size[0] * m.kernel_size[1])
+        else:
+            total.append(out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    was = model.training
+    with torch.no_grad():
+        model.eval()(x)
+    model.train(was)
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+@pytest.mark.parametrize("upsample,separable", [("bilinear", False), ("transpose", False), ("bilinear", True)])
+def test_one_counter_for_params_and_macs(upsample, separable):
+    """measure() (what pruning and export record) and count_params/count_macs (what the size
+    command and the report show) are one counter: they agree, and the MACs are the convolutions'."""
+    from ground.models.size import ModelSize, count_macs, describe, measure
+    m = TinyUNet(6, 3, widths=(8, 16, 32, 64), upsample=upsample, separable=separable)
+    size = measure(m, torch.zeros(1, 6, 64, 64))
+    assert size == ModelSize(count_params(m), count_macs(m, 6, 64))
+    assert size.params == count_tiny_unet_params(6, 3, (8, 16, 32, 64), separable, upsample)
+    assert size.macs == _conv_macs_by_hand(m, torch.zeros(1, 6, 64, 64))
+    assert describe(m, 6, 64) == {"params": size.params, "macs": size.macs, "tile": 64}
+    # MACs per tile scale with the tile's area (no per-tile constant hides in the count)
+    assert count_macs(m, 6, 128) == 4 * size.macs
+    assert m.training                                   # counting leaves the mode as it was
