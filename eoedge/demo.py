@@ -5,32 +5,45 @@ The embedded default (`RECIPE`), every step a call into the package that owns it
 
     1. keys       an Ed25519 pair in OUT/keys (kept between runs)              shared.keys
     2. imagery    generated 13-band L1C scenes, clear to overcast, land and sea  flight_sim.generator
-    3. distil     the ukis-csmask teacher (PyPI, 6 bands, clear/cloud/shadow,   ground.pipeline
+    3. distil     the ukis-csmask teacher (PyPI, 6 bands, clear/cloud/shadow,   ground.stages.distill
                   run by OpenVINO) labels them; a ~100k-parameter TinyUNet
                   learns its outputs (KL, T = 2); no human label anywhere
-    4. export     FP16 OpenVINO IR, parity against torch, operating point,     ground.export
+    4. export     FP16 OpenVINO IR, parity against torch, operating point,     ground.stages.export
                   latency
-    5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.package
+    5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.stages.bundle
                   lineage), reference tiles, Ed25519 signature, 5 MB budget
     6. fly        scenarios/demo.toml with that bundle: daemon as a process,    flight_sim.runner
                   uplink, faults, passes, report                                 flight_sim.report
 
 Steps 2-5 are skipped when OUT/bundle.tar exists and verifies with OUT/keys (`--rebuild` forces
-them). The ground stages read "real tiles" (parity, the bundle's reference) from the ukis chip of
-../shared/data; on a machine without it the demo writes a stand-in chip from generated imagery in
-OUT/standin-data and points $EOEDGE_DATA there for those stages, and says so.
+them). Parity and the bundle's reference tiles come from the run's own imagery (the generated
+scenes), and the bundle's lineage says so; nothing here needs ../shared/data.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from shared.cliutil import CommandError, add_json_flag, emit, run_command
+import numpy as np
+
+from shared.bands import S2_BANDS
+from shared.bundle import BundleError, verify_bundle
+from shared.cliutil import CommandError, add_json_flag, emit, run_cli
+from shared.keys import generate_keypair
+from flight_sim.camera import quantise
+from flight_sim.generator import CLASSES as TRUTH_CLASSES, SceneGenerator
+from flight_sim.report import build_report, headline, write_report
+from flight_sim.runner import run_scenario
+from flight_sim.scenario import load_scenario
+from ground.config import parse_config
+from ground.stages.bundle import bundle
+from ground.stages.distill import distill
+from ground.stages.export import export
+from ground.stages.run import Run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SCENARIO = REPO_ROOT / "scenarios" / "demo.toml"
@@ -57,7 +70,6 @@ def log(msg: str, quiet: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------ steps
 def ensure_keys(out: Path) -> tuple[Path, Path]:
-    from shared.keys import generate_keypair
     sk, pk = out / "keys" / "uplink.key", out / "keys" / "uplink.pub"
     if sk.is_file() and pk.is_file():
         return sk, pk
@@ -66,10 +78,6 @@ def ensure_keys(out: Path) -> tuple[Path, Path]:
 
 def write_training_scenes(folder: Path, size: int) -> list[Path]:
     """The generated imagery the teacher labels, as .npz (uint16 DN, 13 bands, with truth)."""
-    import numpy as np
-    from flight_sim.camera import quantise
-    from flight_sim.generator import CLASSES as TRUTH_CLASSES, SceneGenerator
-    from shared.bands import S2_BANDS
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, cover, water, ships in TRAINING_SCENES:
@@ -80,26 +88,6 @@ def write_training_scenes(folder: Path, size: int) -> list[Path]:
                      truth=win.truth, ships=win.ships, classes=np.array(TRUTH_CLASSES))
         paths.append(path)
     return paths
-
-
-def write_standin_chip(root: Path, size: int = 512) -> Path:
-    """A chip in the ukis_csmask_s2 layout made of generated imagery, for the ground stages that
-    take their parity/reference tiles from that chip when ../shared/data is absent."""
-    import numpy as np
-    from flight_sim.generator import CLOUD, SHADOW, SceneGenerator
-    from shared.bands import S2_BANDS
-    folder = root / "ukis_csmask_s2"
-    folder.mkdir(parents=True, exist_ok=True)
-    win = SceneGenerator(size, size, seed=990, cloud_cover=[0.1, 0.5], water_fraction=0.3, ships=4).window()
-    idx = [S2_BANDS.index(b) for b in TEACHER_BANDS]
-    img = np.moveaxis(win.reflectance[idx], 0, -1).astype(np.float32)
-    msk = np.full(win.truth.shape, 1, np.uint8)              # ukis codes: 1 clear, 4 cloud, 0 shadow
-    msk[win.truth == CLOUD] = 4
-    msk[win.truth == SHADOW] = 0
-    np.savez(folder / "sentinel2.npz", img=img, msk=msk)
-    (folder / "SOURCE.md").write_text("GENERATED stand-in (flight_sim.generator), written by `eoedge demo` on "
-                                      "a machine without ../shared/data. Not real imagery.\n")
-    return root
 
 
 def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
@@ -118,61 +106,40 @@ def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
 
 def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
     """Steps 2-5: imagery -> distilled student -> FP16 IR -> signed bundle (OUT/bundle.tar)."""
-    from shared.datasets import data_root
     t0 = time.perf_counter()
     sk, _ = ensure_keys(out)
     scenes = write_training_scenes(out / "scenes", RECIPE["scene_size"])
     log(f"imagery: {len(scenes)} generated scenes of {RECIPE['scene_size']}^2 in {out / 'scenes'}", quiet)
-    standin = None
-    if not (data_root() / "ukis_csmask_s2" / "sentinel2.npz").is_file():
-        standin = write_standin_chip(out / "standin-data")
-        log(f"no ../shared/data here: parity and reference tiles come from a GENERATED stand-in chip "
-            f"in {standin} ($EOEDGE_DATA for the ground stages)", quiet)
-    saved = os.environ.get("EOEDGE_DATA")
-    if standin is not None:
-        os.environ["EOEDGE_DATA"] = str(standin)
-    try:
-        from ground.config import parse_config
-        from ground.export import export_stage
-        from ground.package import bundle_stage
-        from ground.pipeline import run as distil
-        run_dir = out / "ground" / "distil"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log(f"distil: {RECIPE['teacher']} -> {RECIPE['student']} {RECIPE['params']}, {steps} steps", quiet)
-        t = time.perf_counter()
-        distilled = distil(parse_config(ground_config(out, scenes, steps)), progress=not quiet)
-        distil_s = time.perf_counter() - t
-        log("export: FP16 OpenVINO IR", quiet)
-        t = time.perf_counter()
-        exported = export_stage(run_dir, "student.pt", name="student", progress=not quiet)
-        export_s = time.perf_counter() - t
-        policy_path = out / "policy.json"
-        policy_path.write_text(json.dumps(POLICY, indent=1))
-        log("bundle: manifest, reference tiles, signature", quiet)
-        t = time.perf_counter()
-        bundled = bundle_stage(run_dir, "export/student", sk, RECIPE["model_id"], 1, policy=policy_path,
-                               progress=not quiet)
-        # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
-        shutil.copyfile(bundled["bundle"], out / "bundle.tar")
-        bundle_s = time.perf_counter() - t
-    finally:
-        if standin is not None:
-            if saved is None:
-                os.environ.pop("EOEDGE_DATA", None)
-            else:
-                os.environ["EOEDGE_DATA"] = saved
+    run_dir = out / "ground" / "distil"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"distil: {RECIPE['teacher']} -> {RECIPE['student']} {RECIPE['params']}, {steps} steps", quiet)
+    t = time.perf_counter()
+    distilled = distill(parse_config(ground_config(out, scenes, steps)), progress=not quiet)
+    distil_s = time.perf_counter() - t
+    run = Run.open(run_dir, progress=not quiet)
+    log("export: FP16 OpenVINO IR", quiet)
+    t = time.perf_counter()
+    exported = export(run, "student.pt", name="student")
+    export_s = time.perf_counter() - t
+    policy_path = out / "policy.json"
+    policy_path.write_text(json.dumps(POLICY, indent=1))
+    log("bundle: manifest, reference tiles, signature", quiet)
+    t = time.perf_counter()
+    bundled = bundle(run, "export/student", sk, RECIPE["model_id"], 1, policy=policy_path)
+    # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
+    shutil.copyfile(bundled["bundle"], out / "bundle.tar")
+    bundle_s = time.perf_counter() - t
     row = (distilled.get("rows") or [{}])[-1]
     return {"bundle": str(out / "bundle.tar"), "built": bundled["bundle"], "bytes": bundled["bytes"],
             "model_id": bundled["model_id"],
             "version": bundled["version"], "params": row.get("params"), "macs_per_tile": row.get("macs"),
             "parity": exported.get("parity"), "latency": exported.get("latency"),
-            "standin_reference_data": bool(standin), "run_dir": str(run_dir),
+            "run_dir": str(run_dir),
             "seconds": {"distil": round(distil_s, 1), "export": round(export_s, 1),
                         "bundle": round(bundle_s, 1), "total": round(time.perf_counter() - t0, 1)}}
 
 
 def existing_bundle(out: Path) -> dict | None:
-    from shared.bundle import BundleError, verify_bundle
     bundle, pk = out / "bundle.tar", out / "keys" / "uplink.pub"
     if not (bundle.is_file() and pk.is_file()):
         return None
@@ -185,9 +152,6 @@ def existing_bundle(out: Path) -> dict | None:
 
 
 def fly(out: Path, scenario_path: Path, quiet: bool):
-    from flight_sim.report import build_report, write_report
-    from flight_sim.runner import run_scenario
-    from flight_sim.scenario import load_scenario
     scenario = load_scenario(scenario_path)
     # the scenario flies the bundle built here, whatever its file says
     scenario.sections["bundle"].update(path=str(out / "bundle.tar"), public_key=str(out / "keys" / "uplink.pub"),
@@ -201,7 +165,6 @@ def fly(out: Path, scenario_path: Path, quiet: bool):
 
 # ------------------------------------------------------------------------------------ main
 def cmd_demo(args) -> int:
-    from flight_sim.report import headline
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -210,11 +173,7 @@ def cmd_demo(args) -> int:
     if built:
         log(f"bundle: reusing {built['bundle']} ({built['model_id']} v{built['version']}; --rebuild to redo)", quiet)
     else:
-        try:
-            built = build_bundle(out, args.steps, quiet)
-        except ModuleNotFoundError as exc:
-            raise CommandError(f"building the bundle needs the ground extra ({exc.name} is missing): "
-                               "pip install 'eoedge[ground]'") from None
+        built = build_bundle(out, args.steps, quiet)
         log(f"bundle: {built['bundle']} ({built['bytes']:,} bytes) in {built['seconds']['total']} s", quiet)
     scenario = Path(args.scenario) if args.scenario else DEMO_SCENARIO
     if not scenario.is_file():
@@ -249,5 +208,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run_command(args.func, args)
+    return run_cli(build_parser(), argv)

@@ -1,7 +1,9 @@
 """One TOML file drives a factory run. Every table is checked before any work starts, and an
 unknown or malformed key is reported by its dotted name (e.g. `experiment[2].loss`).
 
-See configs/ukis_label_free.toml for a complete, commented example.
+Paths to inputs (data sources' `path`, `openvino:PATH` and `checkpoint:PATH` models) are resolved
+against the config file's folder when relative; outputs (`run.out`, `run.cache`) against the
+working directory. See configs/ukis_distill.toml for a complete, commented example.
 """
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ground.train import TrainConfig
+from shared.bands import canonical_band
+from ground.errors import ConfigError
+from ground.training.config import TrainConfig
+from ground.training.losses import LOSSES
 
 MODES = ("labels", "distill", "feature")
-
-
-class ConfigError(ValueError):
-    pass
+MODEL_PREFIXES = ("openvino:", "checkpoint:")     # teacher names that carry a path
 
 
 def _take(table: dict, where: str, allowed: dict) -> dict:
@@ -94,7 +96,6 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     for key in ("unlabelled", "labelled"):
         if not isinstance(data[key], list) or not all(isinstance(v, dict) and "source" in v for v in data[key]):
             raise ConfigError(f"data.{key}: a list of tables, each with a 'source'")
-    from shared.bands import canonical_band
     try:       # one spelling everywhere downstream (manifest, cache keys): B02, not Blue
         data["bands"] = [canonical_band(b) for b in data["bands"]]
     except ValueError as exc:
@@ -103,12 +104,9 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         raise ConfigError(f"eval.calibrate: one of auto, labels, teacher, none; got {ev['calibrate']!r}")
     if ev["data"] is not None and (not isinstance(ev["data"], dict) or "source" not in ev["data"]):
         raise ConfigError("eval.data: a table with a 'source'")
-    try:
-        train = TrainConfig(**{**_take(top["train"], "train", {k: getattr(TrainConfig(), k) for k in
-                                                                 TrainConfig.__dataclass_fields__}),
-                               "seed": int(run["seed"])})
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    train = TrainConfig(**{**_take(top["train"], "train", {k: getattr(TrainConfig(), k) for k in
+                                                             TrainConfig.__dataclass_fields__}),
+                           "seed": int(run["seed"])})
 
     exps = top["experiment"]
     if not isinstance(exps, list) or not exps:
@@ -121,7 +119,6 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         if e["mode"] not in MODES:
             raise ConfigError(f"{where}.mode: one of {MODES}, got {e['mode']!r}")
         loss = e["loss"] or ("ce" if e["mode"] == "labels" else "kl")
-        from ground.losses import LOSSES
         if loss not in LOSSES:
             raise ConfigError(f"{where}.loss: unknown {loss!r}; known: {sorted(LOSSES)}")
         opts = {k: e[k] for k in ("temperature", "ce_weight") if e[k] is not None}
@@ -169,6 +166,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    resolve_inputs(raw, path.resolve().parent)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -179,3 +177,27 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         return parse_config(raw, path)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _resolved(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def resolve_inputs(raw: dict, base: Path) -> None:
+    """Make the config's input paths absolute, relative ones taken from `base` (the config file's
+    folder), in place: the run folder then records where its inputs really were."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    specs = [s for key in ("unlabelled", "labelled") for s in (data.get(key) or []) if isinstance(s, dict)]
+    ev = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    if isinstance(ev.get("data"), dict):
+        specs.append(ev["data"])
+    for spec in specs:
+        if isinstance(spec.get("path"), str):
+            spec["path"] = _resolved(spec["path"], base)
+    for key in ("teacher", "feature_teacher"):
+        table = raw.get(key)
+        name = table.get("name") if isinstance(table, dict) else None
+        if isinstance(name, str) and name.startswith(MODEL_PREFIXES):
+            prefix, _, path = name.partition(":")
+            table["name"] = f"{prefix}:{_resolved(path, base)}"

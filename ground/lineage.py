@@ -6,30 +6,44 @@
       ...                each stage's artifacts
 
 A later stage (pruning, FP16, export, bundle) opens the same folder with `RunFolder(path)` and
-appends its own stage record; earlier records are never rewritten.
+appends its own `StageRecord` (what went in, what came out with its sha256, the parameters, the
+metrics, and whether any human label was used); earlier records are never rewritten.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
+import importlib.metadata as md
 import json
+import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.hashing import sha256_file
+from ground.errors import RunFolderError
 
 FORMAT = "eoedge-lineage/1"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass
+class StageRecord:
+    """One stage's entry in lineage.json.
+
+    `inputs`: what it read (name -> a run-relative path, e.g. {"checkpoint": "student.pt"}, or a
+    description such as where reference tiles came from); `outputs`: the files it wrote (their
+    sha256 are recorded); `params`: how it was asked to run; `metrics`: what it measured;
+    `label_free`: True when no human label was used on the way to its outputs (None: not a model).
+    """
+    stage: str
+    outputs: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    label_free: bool | None = None
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
     out = {"python": platform.python_version()}
     for pkg in ("torch", "segmentation-models-pytorch", "openvino", "numpy", "ukis-csmask", "torch-pruning"):
         try:
@@ -65,7 +79,7 @@ class RunFolder:
             try:
                 self.record = json.loads(self.lineage_path.read_text())
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{self.lineage_path}: not valid JSON ({exc})") from None
+                raise RunFolderError(f"{self.lineage_path}: not valid JSON ({exc})") from None
         else:
             self.record = {"format": FORMAT, "created": _now(), "git_commit": _git_commit(),
                            "machine": {"platform": platform.platform(), "cpus": _cpus()},
@@ -85,19 +99,30 @@ class RunFolder:
         self.record["inputs"].update(inputs)
         self.save()
 
-    def add_stage(self, stage: str, outputs: list[str | Path], metrics: dict | None = None, **info) -> None:
+    def add(self, record: StageRecord) -> dict:
+        """Append a stage record (outputs hashed); returns the entry as written."""
         outs = {}
-        for o in outputs:
+        for o in record.outputs:
             p = Path(o)
             full = p if p.is_absolute() else self.path / p      # relative to the run folder ...
             if not full.exists() and p.exists():
                 full = p                                          # ... or to the working directory
             name = full.resolve().relative_to(self.path.resolve())
-            outs[str(name)] = file_sha256(full) if full.is_file() else None
-        self.record["stages"].append({"stage": stage, "finished": _now(), "outputs": outs, **info})
-        if metrics:
-            self.record["metrics"][stage] = metrics
+            outs[str(name)] = sha256_file(full) if full.is_file() else None
+        entry = {"stage": record.stage, "finished": _now(), "inputs": record.inputs, "outputs": outs,
+                 "params": record.params, "label_free": record.label_free}
+        self.record["stages"].append(entry)
+        if record.metrics:
+            self.record["metrics"][record.stage] = record.metrics
         self.save()
+        return entry
+
+    def stages(self) -> list[dict]:
+        return list(self.record.get("stages") or [])
+
+    def producer(self, output: str) -> dict | None:
+        """The latest stage that wrote `output` (a run-relative path)."""
+        return next((s for s in reversed(self.stages()) if output in (s.get("outputs") or {})), None)
 
     def save(self) -> None:
         tmp = self.lineage_path.with_suffix(".json.tmp")
@@ -110,7 +135,6 @@ def _now() -> str:
 
 
 def _cpus() -> int | None:
-    import os
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

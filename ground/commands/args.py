@@ -1,0 +1,129 @@
+"""Every ground command's arguments, torch-free: `eoedge ground --help` builds them all without
+loading the factory."""
+from __future__ import annotations
+
+import argparse
+
+from shared.cliutil import byte_size
+from ground.training.config import FINETUNE_SOURCES
+
+DEFAULT_MAX_BYTES = "5MB"                                      # CloudScout's uplink budget
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML run config (see configs/); relative input paths resolve against its folder")
+    p.add_argument("--out", help="parent folder of the run folder (run.out)")
+    p.add_argument("--name", help="run name (run.name)")
+
+
+def add_list(p) -> None:
+    pass
+
+
+def add_size(p) -> None:
+    p.add_argument("--params", required=True, help="budget, e.g. 120000, 100k, 1.5M")
+    p.add_argument("--in-channels", type=int, default=6)
+    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--depth", type=int, default=4, help="levels (poolings + 1)")
+    p.add_argument("--separable", action="store_true", help="depthwise-separable convolutions")
+    p.add_argument("--multiple-of", type=int, default=1, help="round widths to a multiple (e.g. 4)")
+    p.add_argument("--tile", type=int, default=256, help="tile size the MACs are counted on")
+
+
+def add_run(p) -> None:
+    add_config(p)
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--params", help="override student.params (e.g. 100k)")
+    p.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these experiments")
+
+
+def add_train_teacher(p) -> None:
+    add_config(p)
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's teacher.pt")
+
+
+def add_eval_teacher(p) -> None:
+    add_config(p)
+    p.add_argument("--teacher", help="another teacher name than the config's")
+
+
+def _run_arg(p) -> None:
+    p.add_argument("run", help="run folder (from `eoedge ground run`)")
+
+
+def _finetune_args(p, default_steps: int) -> None:
+    p.add_argument("--finetune-steps", type=int, default=default_steps, help="fine-tuning steps (0: none)")
+    p.add_argument("--finetune-with", choices=FINETUNE_SOURCES, default="teacher",
+                   help="teacher: the run's teacher (pruning-aware distillation); self: the unpruned model "
+                        "teaches; labels: the run's labelled data; none")
+
+
+def _prune_common(p) -> None:
+    p.add_argument("--by", choices=("params", "macs"), default="params", help="what the target counts")
+    p.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (SIMD); 0: any")
+    p.add_argument("--scope", choices=("local", "global"), default="local",
+                   help="rank channels within each layer, or across all layers")
+    p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
+
+
+def add_prune(p) -> None:
+    _run_arg(p)
+    p.add_argument("--criterion", default="lamp",
+                   help="importance criterion: random, magnitude-l1, magnitude-l2, bn-scale, fpgm, taylor, lamp")
+    p.add_argument("--target", type=float, default=0.4, help="share of parameters (or MACs) to remove, 0..1")
+    p.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning between them)")
+    p.add_argument("--name", help="output name (pruned/NAME.pt)")
+    _prune_common(p)
+    _finetune_args(p, 200)
+
+
+def add_sweep(p) -> None:
+    _run_arg(p)
+    p.add_argument("--criteria", nargs="+", metavar="NAME",
+                   help="criteria by name (default: the six of the study: random magnitude-l1 bn-scale "
+                        "fpgm taylor lamp; also magnitude-l2)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="targets, 0..1")
+    _prune_common(p)
+    _finetune_args(p, 100)
+    p.add_argument("--threads", type=int, default=1, help="OpenVINO inference threads for the latency")
+    p.add_argument("--out", default="sweep", help="folder in the run folder for the table and plot")
+
+
+def add_fp16(p) -> None:
+    _run_arg(p)
+    p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder (e.g. pruned/lamp-40.pt)")
+    p.add_argument("--steps", type=int, default=200, help="FP16-aware fine-tuning steps")
+    p.add_argument("--finetune-with", choices=FINETUNE_SOURCES[:-1], default="teacher")
+    p.add_argument("--mode", choices=("round", "half"), default="round",
+                   help="FP16 emulation for the scores: round (fast) or half (torch float16 kernels)")
+    p.add_argument("--lr", type=float, help="learning rate (default: a fifth of the run's)")
+    p.add_argument("--name", help="output name (fp16/NAME.pt)")
+
+
+def add_export(p) -> None:
+    _run_arg(p)
+    p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
+    p.add_argument("--name", help="export/NAME/ (default: the checkpoint's name)")
+    p.add_argument("--fp32", action="store_true", help="keep FP32 weights (default: FP16, what flies)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring on the held-out image")
+    p.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency figure")
+
+
+def add_bundle(p) -> None:
+    _run_arg(p)
+    p.add_argument("--export", required=True, help="the export folder in the run (e.g. export/student)")
+    p.add_argument("--key", required=True, help="Ed25519 private key (eoedge shared keygen)")
+    p.add_argument("--model-id", required=True, help="model id ([a-z0-9._-])")
+    p.add_argument("--version", type=int, required=True, help="bundle version (grows with every bundle)")
+    p.add_argument("--parent", help="MODEL_ID:VERSION of the bundle this one replaces")
+    p.add_argument("--out", help="bundle path (default: RUN/bundles/MODEL_ID-vVERSION.tar)")
+    p.add_argument("--max-bytes", type=byte_size, default=byte_size(DEFAULT_MAX_BYTES),
+                   help="uplink budget: 5MB = 5,000,000 bytes, 5MiB = 5,242,880 (docs/cli.md)")
+    p.add_argument("--policy", help="decision policy JSON file (default: keep everything)")
+    p.add_argument("--reference-tiles", type=int, default=2, help="tiles of the run's imagery for the daemon's self-test")
+    p.add_argument("--reference-window", type=int,
+                   help="keep only a real WxW patch of each reference tile (the rest the mean): a smaller bundle")
+    p.add_argument("--tile-size", type=int, help="the daemon's tile (default: the evaluation tile)")
+    p.add_argument("--overlap", type=int, help="the daemon's tile overlap")

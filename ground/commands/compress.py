@@ -1,0 +1,41 @@
+"""`eoedge ground prune | sweep | fp16-finetune`: the compression stages on a run folder."""
+from __future__ import annotations
+
+from shared.cliutil import emit
+from ground.stages.fp16_finetune import fp16_finetune, gap_markdown
+from ground.stages.prune import prune
+from ground.stages.run import Run
+from ground.stages.sweep import sweep, sweep_markdown
+
+
+def _prune_text(r: dict) -> str:
+    lines = [f"{r['criterion']} ({r['scope']}, round_to={r['round_to']}): {r['before']['params']:,} -> "
+             f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
+    lines += [f"  mIoU {k}: {v['miou']:.4f}" for k, v in r["metrics"].items()]
+    lines.append(f"checkpoint: {r['run_dir']}/{r['checkpoint']}")
+    return "\n".join(lines)
+
+
+def cmd_prune(args) -> int:
+    run = Run.open(args.run, progress=not args.json)
+    res = prune(run, args.criterion, args.target, by=args.by, round_to=args.round_to or None, steps=args.steps,
+                scope=args.scope, checkpoint=args.checkpoint, finetune_steps=args.finetune_steps,
+                finetune_with=args.finetune_with, name=args.name)
+    emit(res, args.json, _prune_text)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    run = Run.open(args.run, progress=not args.json)
+    res = sweep(run, args.checkpoint, args.criteria, args.ratios, by=args.by, round_to=args.round_to or None,
+                scope=args.scope, finetune_steps=args.finetune_steps, finetune_with=args.finetune_with,
+                threads=args.threads, out=args.out)
+    emit(res, args.json, lambda r: sweep_markdown(r) + f"\nwritten: {r['out_dir']}/sweep.{{json,md,png}}")
+    return 0
+
+
+def cmd_fp16_finetune(args) -> int:
+    run = Run.open(args.run, progress=not args.json)
+    res = fp16_finetune(run, args.checkpoint, args.steps, args.finetune_with, args.mode, args.name, args.lr)
+    emit(res, args.json, lambda r: gap_markdown(r) + f"\ncheckpoint: {r['out']}")
+    return 0

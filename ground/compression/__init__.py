@@ -1,0 +1,2 @@
+"""Compression: structured pruning (ground.compression.pruning) and precision alignment
+(ground.compression.fp16)."""

@@ -1,0 +1,122 @@
+"""Data sources, one registry by name: a config table such as `{source = "ukis", rows = [0, 256]}`,
+`{source = "patches", layout = "marida", path = "...", split = "train"}` or
+`{source = "scene", path = "scenes/*.tif"}` becomes a list of `Sample`. Relative paths are
+resolved against the config file's folder (ground.config does that before they get here)."""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from shared.datasets import UKIS_HELD_OUT_ROWS, load_eolearn, load_sen1floods11, load_ukis_chip
+from shared.scene import Scene, read_scene
+from ground.data.layouts import LAYOUT_DEFAULTS, PATCH_LAYOUTS, map_labels
+from ground.data.sample import Sample
+from ground.errors import DataError
+
+
+def _select(data: np.ndarray, have: tuple[str, ...], want: tuple[str, ...], where: str) -> np.ndarray:
+    """Reorder bands by name through shared.scene (MissingBandsError names every missing band)."""
+    try:
+        return np.ascontiguousarray(Scene(data=data, bands=tuple(have), name=where).select(tuple(want)).data,
+                                    dtype=np.float32)
+    except Exception as exc:
+        raise DataError(f"{where}: {exc}") from exc
+
+
+def _rows(spec: dict, height: int) -> slice:
+    rows = spec.get("rows")
+    if rows is None:
+        return slice(0, height)
+    if (not isinstance(rows, (list, tuple)) or len(rows) != 2
+            or not all(isinstance(v, int) for v in rows) or not 0 <= rows[0] < rows[1] <= height):
+        raise DataError(f"data source {spec.get('source')!r}: rows must be [start, stop] within 0..{height}, got {rows!r}")
+    return slice(*rows)
+
+
+def _check_held_out(spec: dict, rows: slice, role: str) -> None:
+    if role != "eval" and rows.start < UKIS_HELD_OUT_ROWS.stop and rows.stop > UKIS_HELD_OUT_ROWS.start:
+        raise DataError(f"data source ukis: rows {[rows.start, rows.stop]} overlap the held-out evaluation rows "
+                         f"{[UKIS_HELD_OUT_ROWS.start, UKIS_HELD_OUT_ROWS.stop]}; they may only be used with role 'eval'")
+
+
+def _ukis(spec: dict, bands, role: str) -> list[Sample]:
+    scene, labels = load_ukis_chip()
+    rows = _rows(spec, scene.data.shape[1])
+    _check_held_out(spec, rows, role)
+    image = _select(scene.data[:, rows], scene.bands, bands, "ukis chip")
+    return [Sample(image, np.asarray(labels[rows], np.uint8), f"ukis[{rows.start}:{rows.stop}]", ["ukis_csmask_s2"])]
+
+
+def _sen1floods11(spec: dict, bands, role: str) -> list[Sample]:
+    scene, _water = load_sen1floods11()   # its labels are water, not our classes
+    rows = _rows(spec, scene.data.shape[1])
+    return [Sample(_select(scene.data[:, rows], scene.bands, bands, "sen1floods11 chip"), None,
+                   "sen1floods11", ["sen1floods11_sample"])]
+
+
+def _eolearn(spec: dict, bands, role: str) -> list[Sample]:
+    scenes, _lulc = load_eolearn()
+    return [Sample(_select(s.data, s.bands, bands, f"eolearn scene {i}"), None, f"eolearn[{i}]",
+                   ["eolearn_testeopatch"]) for i, s in enumerate(scenes)]
+
+
+def _scene(spec: dict, bands, role: str) -> list[Sample]:
+    if "path" not in spec:
+        raise DataError("data source 'scene' needs a path")
+    scale = float(spec.get("scale", 1.0))
+    pattern = str(spec["path"])
+    # glob.glob takes absolute and relative patterns alike (Path.glob refuses absolute ones)
+    paths = sorted(Path(p) for p in glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [Path(pattern)]
+    if not paths:
+        raise FileNotFoundError(f"data source 'scene': nothing matches {spec['path']!r}")
+    out = []
+    for p in paths:
+        s = read_scene(p)
+        out.append(Sample(_select(s.data.astype(np.float32) * scale, s.bands, bands, str(p)), None, p.name, [str(p)]))
+    return out
+
+
+def _patches(spec: dict, bands, role: str, num_classes: int | None = None) -> list[Sample]:
+    layout = spec.get("layout", "pairs")
+    if layout not in PATCH_LAYOUTS:
+        raise DataError(f"data source 'patches': unknown layout {layout!r}; known: {sorted(PATCH_LAYOUTS)}")
+    if "path" not in spec:
+        raise DataError("data source 'patches' needs a path")
+    root = Path(spec["path"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"patch dataset folder {root} not found")
+    defaults = LAYOUT_DEFAULTS[layout]
+    scale = float(spec.get("scale", 1.0))
+    out = []
+    for data, names, raw, files in PATCH_LAYOUTS[layout](root, spec):
+        image = _select(np.nan_to_num(data.astype(np.float32) * scale, nan=0.0), names, bands, files[0])
+        labels = map_labels(raw.squeeze(), spec.get("label_map"), int(spec.get("label_offset", defaults["offset"])),
+                            spec.get("ignore_values", defaults["ignore_values"]), files[-1], num_classes)
+        if labels.shape != image.shape[1:]:
+            raise DataError(f"{files[-1]}: mask {labels.shape} does not match image {image.shape[1:]}")
+        out.append(Sample(image, labels, Path(files[0]).stem, files))
+    if not out:
+        raise FileNotFoundError(f"patch dataset {root} ({layout}): no patches found")
+    return out
+
+
+SOURCES: dict[str, Callable] = {"ukis": _ukis, "sen1floods11": _sen1floods11, "eolearn": _eolearn,
+                                "scene": _scene, "patches": _patches}
+
+
+def load_source(spec: dict, bands, role: str = "train", num_classes: int | None = None,
+                labelled: bool = True) -> list[Sample]:
+    """Load one data-source table. role 'eval' is the only one allowed on the held-out rows.
+    labelled=False drops any labels (imagery the teacher labels)."""
+    name = spec.get("source")
+    if name not in SOURCES:
+        raise DataError(f"data source {name!r} unknown; known: {sorted(SOURCES)}")
+    fn = SOURCES[name]
+    samples = fn(spec, tuple(bands), role, num_classes) if name == "patches" else fn(spec, tuple(bands), role)
+    if not labelled:
+        for s in samples:
+            s.labels = None
+    return samples

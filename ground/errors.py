@@ -1,0 +1,36 @@
+"""Every error the factory raises on a user's input, one registry (NNCF keeps its errors in one
+module too). Each is a shared.errors.EoedgeError with a stable `code`, so every CLI prints it in one
+line (or as JSON) with the documented exit code; the builtin bases keep `except ValueError` working."""
+from __future__ import annotations
+
+from shared.errors import EoedgeError
+
+
+class GroundError(EoedgeError, ValueError):
+    """A factory input refused: the message names the file, field or value."""
+    code = "ground_error"
+
+
+class ConfigError(GroundError):
+    """A run config (TOML) or a recorded one: the message names the dotted key."""
+    code = "config_error"
+
+
+class DataError(GroundError):
+    """A data source: missing files, wrong shapes or bands, the held-out rows asked for training."""
+    code = "data_error"
+
+
+class CheckpointError(GroundError):
+    """A checkpoint that is not one of ours, or whose architecture cannot be rebuilt."""
+    code = "checkpoint_error"
+
+
+class RunFolderError(GroundError):
+    """A run folder without lineage, or an artifact missing from it."""
+    code = "run_folder_error"
+
+
+class StageError(GroundError):
+    """A stage asked for something it cannot do (a size target out of reach, no evaluation data...)."""
+    code = "stage_error"

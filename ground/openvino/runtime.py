@@ -1,0 +1,96 @@
+"""OpenVINO as the ground runs it: compile an IR on the CPU in f32 (the CPU plugin would pick bf16
+on CPUs with AVX512-BF16/AMX; parity and latency ask for f32, as the daemon does), the one softmax,
+parity of an IR against its torch model, and latency per tile."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+
+from ground.compression.fp16 import emulate_fp16
+from ground.errors import GroundError
+
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def compile_ir(model_path: str | Path, threads: int | None = None, shape: tuple | None = None,
+               latency: bool = False):
+    """An OpenVINO CPU compiled model in f32 (optionally reshaped to a static `shape`)."""
+    core = ov.Core()
+    model = core.read_model(str(model_path))
+    if shape is not None:
+        model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
+    config = dict(F32)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if latency:
+        config["PERFORMANCE_HINT"] = "LATENCY"
+    return core.compile_model(model, "CPU", config)
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def parity(model_path: str | Path, model: torch.nn.Module, tiles: np.ndarray, with_fp16: bool = True,
+           batch: int = 4) -> dict:
+    """How far the exported model (IR or ONNX, run by OpenVINO in f32) is from torch FP32 on
+    `tiles` (N, C, t, t, normalised): max |difference| of the class probabilities and the share
+    of pixels whose arg-max class agrees. With `with_fp16`, the same two numbers for torch's
+    emulated FP16 (what a VPU would compute) against the IR."""
+    tiles = np.ascontiguousarray(tiles, dtype=np.float32)
+    if tiles.ndim != 4:
+        raise GroundError(f"parity tiles must be (N, C, t, t), got shape {tiles.shape}")
+    compiled = compile_ir(model_path)
+    model = model.eval()
+    fp16 = emulate_fp16(model) if with_fp16 else None
+    ir, ref, emu = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(tiles), batch):
+            x = tiles[i:i + batch]
+            ir.append(softmax(np.asarray(compiled(x)[0])))
+            ref.append(torch.softmax(model(torch.from_numpy(x)), 1).numpy())
+            if fp16 is not None:
+                emu.append(torch.softmax(fp16(torch.from_numpy(x)), 1).numpy())
+    ir, ref = np.concatenate(ir), np.concatenate(ref)
+    out = {"tiles": int(len(tiles)), "tile": int(tiles.shape[-1]),
+           "max_abs_diff": float(np.abs(ir - ref).max()),
+           "mask_agreement": float(np.mean(ir.argmax(1) == ref.argmax(1)))}
+    if fp16 is not None:
+        emu = np.concatenate(emu)
+        out["fp16_emulated_vs_ir"] = {"max_abs_diff": float(np.abs(emu - ir).max()),
+                                      "mask_agreement": float(np.mean(emu.argmax(1) == ir.argmax(1)))}
+    return out
+
+
+def openvino_latency(model_path: str | Path, tile: int = 256, batch: int = 1, threads: int | None = 1,
+                     repeats: int = 30, warmup: int = 5) -> dict:
+    """Milliseconds per tile of the IR on this CPU (static shape (batch, C, tile, tile), f32,
+    LATENCY hint, `threads` inference threads): median and 10/90th percentiles over `repeats`
+    synchronous calls after `warmup`. The load average is recorded beside it: the CPU is shared."""
+    core = ov.Core()
+    channels = core.read_model(str(model_path)).inputs[0].get_partial_shape()[1].get_length()
+    compiled = compile_ir(model_path, threads=threads, shape=(batch, channels, tile, tile), latency=True)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((batch, channels, tile, tile)).astype(np.float32)
+    load_before = os.getloadavg()[0]
+    for _ in range(warmup):
+        request.infer({0: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        request.infer({0: x})
+        times.append((time.perf_counter() - t0) * 1000.0 / batch)
+    times.sort()
+    return {"ms_per_tile": statistics.median(times), "p10_ms": times[len(times) // 10],
+            "p90_ms": times[min(len(times) - 1, (len(times) * 9) // 10)], "tile": tile, "batch": batch,
+            "threads": threads, "repeats": repeats, "load_avg_1min": [load_before, os.getloadavg()[0]],
+            "device": "CPU", "ov_version": ov.__version__}

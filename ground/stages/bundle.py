@@ -1,0 +1,216 @@
+"""Bundle stage: the uplink bundle of an export, signed, verified and sized against the budget.
+
+What goes in (shared.manifest / shared.bundle contracts):
+- `model.xml` + `model.bin`: the IR that the export stage wrote (FP16 weights);
+- `reference.npz`: a few tiles of the run's training imagery (reflectance, the manifest's band
+  order, never the held-out rows) and the probabilities the IR gives for them, for the daemon's
+  self-test before it activates the model;
+- the manifest: bands and normalisation, tile size and overlap, classes, the operating point
+  calibrated on the ground, the decision policy, the ground metrics, and the lineage (run folder,
+  checkpoint, hashes, where the reference tiles came from), signed with Ed25519.
+
+Budget: a bundle over `max_bytes` (default 5 MB, the CloudScout uplink figure) is refused, naming
+the sizes. The reference is the part that can be made small without losing anything: its tiles
+are stored at float16 precision (the expectations are computed *from* the rounded tiles), its
+probabilities on a 2^-10 grid (error at most 2^-11, well inside the self-test tolerance), in an
+LZMA-compressed .npz. For a tight budget, `reference_window` keeps a real patch of each tile and
+fills the rest with the band means.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.bundle import TooLarge, build_bundle, load_reference, save_reference, verify_bundle
+from shared.hashing import sha256_file
+from shared.keys import load_private_key
+from shared.manifest import MODEL_BIN, MODEL_XML, REFERENCE_NAME, make_manifest
+from shared.policy import DEFAULT_POLICY
+from shared.units import parse_bytes
+from ground.compression.fp16 import emulate_fp16
+from ground.data.normalization import Normalization
+from ground.errors import ConfigError, RunFolderError
+from ground.evaluation.operating_point import OperatingPoint
+from ground.lineage import StageRecord
+from ground.openvino.runtime import compile_ir, softmax
+from ground.stages.run import Run
+
+DEFAULT_MAX_BYTES = 5_000_000          # CloudScout's uplink budget for a model update
+MIN_TOLERANCE = 1e-2                   # self-test: max |p_onboard - p_ground| at least this
+PROB_STEP = 2.0 ** -10                 # expected probabilities are stored on this grid (exact in fp16/fp32)
+METRIC_KEYS = ("miou", "f1", "accuracy", "agreement", "argmax_miou", "iou")
+
+
+def compact(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to float16 precision (the low mantissa bits zero: they compress)."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def read_export(run: Run, export: str) -> tuple[dict, Path, Path]:
+    """(export.json record, model.xml, model.bin) of an export folder of the run."""
+    export_dir = run.path(export)
+    record_path = export_dir / "export.json"
+    if not record_path.is_file():
+        raise RunFolderError(f"{record_path} not found: run `eoedge ground export` first")
+    xml, binf = export_dir / "model.xml", export_dir / "model.bin"
+    for f in (xml, binf):
+        if not f.is_file():
+            raise RunFolderError(f"{f} not found (the export in {export_dir} is incomplete)")
+    return json.loads(record_path.read_text()), xml, binf
+
+
+def read_policy(policy: dict | str | Path | None) -> dict:
+    if policy is None:
+        return json.loads(json.dumps(DEFAULT_POLICY))
+    if isinstance(policy, dict):
+        return policy
+    path = Path(policy)
+    if not path.is_file():
+        raise FileNotFoundError(f"policy file {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _numbers(d) -> dict:
+    """The numeric part of a nested dict (the manifest's metrics take numbers only)."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            sub = _numbers(v)
+            if sub:
+                out[k] = sub
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+            out[k] = v
+    return out
+
+
+def ground_metrics(record: dict) -> dict:
+    """Ground metrics for the manifest: held-out scores as OpenVINO runs the model and in emulated
+    FP16, parity, size and latency."""
+    m = record.get("metrics") or {}
+    return _numbers({
+        "openvino": {k: m.get("openvino", {}).get(k) for k in METRIC_KEYS},
+        "fp16_emulated": {k: m.get("fp16_emulated", {}).get(k) for k in METRIC_KEYS},
+        "parity": {"max_abs_diff": record["parity"].get("max_abs_diff"),
+                   "mask_agreement": record["parity"].get("mask_agreement")},
+        "params": record.get("params"), "macs_per_tile": record.get("macs"),
+        "ms_per_tile_ground_cpu": (record.get("latency") or {}).get("ms_per_tile"),
+    })
+
+
+def retiled_metrics(run: Run, xml: Path, record: dict, point: dict, tile: int, overlap: int) -> dict:
+    """The held-out scores with the daemon's tiling, when it differs from the evaluation's."""
+    run.cfg = replace(run.cfg, tile=tile, overlap=overlap)
+    op = OperatingPoint(list(point["thresholds"]), int(point["opening_radius"]))
+    row = run.evaluate(run.ir_predict(xml, Normalization.from_dict(record["normalization"])), op)
+    return _numbers({k: row.get(k) for k in ("miou", "f1", "accuracy", "agreement", "iou")})
+
+
+def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: int | None = None) -> dict:
+    """`n` tiles of the run's training imagery at float16 precision and the IR's probabilities.
+
+    `window` < tile keeps only a real `window` x `window` patch in each tile and fills the rest
+    with the normalisation mean (a zero input after normalisation): every weight is still
+    exercised, and the constant part costs almost nothing compressed (a real 256x256 6-band tile
+    is ~0.5 MB however it is compressed)."""
+    if n < 1:
+        raise ConfigError(f"reference_tiles must be >= 1, got {n}")
+    tiles, where = run.tiles(n, None, tile)
+    m = np.asarray(norm["mean"], np.float32)[None, :, None, None]
+    s = np.asarray(norm["std"], np.float32)[None, :, None, None]
+    if window is not None:
+        if not 8 <= window <= tile:
+            raise ConfigError(f"reference window must be within 8..{tile} (the tile), got {window}")
+        filled = np.broadcast_to(m, tiles.shape).copy()
+        filled[:, :, :window, :window] = tiles[:, :, :window, :window]
+        tiles = filled
+    tiles = compact(tiles)
+    normalised = ((tiles - m) / s).astype(np.float32)
+    probs = softmax(np.asarray(compile_ir(xml)(normalised)[0]))
+    # on a 2^-10 grid (error <= 2^-11, a twentieth of the least tolerance): a third of the bytes
+    return {"tiles": tiles, "normalised": normalised, "where": where,
+            "probabilities": (np.round(probs / PROB_STEP) * PROB_STEP).astype(np.float32)}
+
+
+def self_test_tolerance(model, ref: dict) -> tuple[dict, float, float]:
+    """Tolerances an FP16 device (emulated here) passes with margin and a wrong model fails:
+    (manifest reference section without the file, max |p| spread, mask agreement)."""
+    with torch.no_grad():
+        p = torch.softmax(emulate_fp16(model)(torch.from_numpy(ref["normalised"])), 1).numpy()
+    spread = float(np.abs(p - ref["probabilities"]).max())
+    agree = float(np.mean(p.argmax(1) == ref["probabilities"].argmax(1)))
+    tolerance = {"max_abs_diff": round(max(MIN_TOLERANCE, 2 * spread + PROB_STEP / 2), 4),
+                 "min_mask_agreement": round(min(0.99, agree - 0.005), 4)}
+    return tolerance, spread, agree
+
+
+def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | None = None,
+           max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
+           parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
+           tile_size: int | None = None, overlap: int | None = None) -> dict:
+    """Build, sign and verify the bundle of `export` (a folder the export stage wrote in the run).
+
+    `tile_size`/`overlap` default to the tiling the model was scored with; another tiling is
+    scored again on the held-out image so the manifest's metrics are the ones the daemon's tiling
+    gives. Raises shared.bundle.TooLarge (sizes named) when over `max_bytes`."""
+    record, xml, binf = read_export(run, export)
+    budget = parse_bytes(max_bytes)
+    sk = load_private_key(key)
+    policy = read_policy(policy)
+    norm = record["normalization"]
+    tile = int(tile_size or record["tile"])
+    ov = int(overlap if overlap is not None else min(record["overlap"], tile // 2))
+    point = record.get("operating_point") or {"thresholds": [None] * len(record["classes"]),
+                                               "opening_radius": run.cfg.opening_radius}
+    metrics = ground_metrics(record)
+    if (tile, ov) != (record["tile"], record["overlap"]) and run.evals:
+        metrics["openvino"] = retiled_metrics(run, xml, record, point, tile, ov)
+        metrics.pop("fp16_emulated", None)
+        metrics["tiling"] = {"tile": tile, "overlap": ov}
+    staging = run.run_dir / "bundles" / f".{model_id}-v{version}"
+    staging.mkdir(parents=True, exist_ok=True)
+    ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window)
+    ref_path = save_reference(staging / REFERENCE_NAME, ref["tiles"], ref["probabilities"])
+    model, _, _ = run.load(record["checkpoint"])
+    tolerance, spread, agree = self_test_tolerance(model, ref)
+    classes = record["classes"]
+    files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
+    lineage = {"run": run.run_dir.name, "checkpoint": record["checkpoint"], "export": str(export),
+               "label_free": bool(record.get("label_free")),
+               "lineage_sha256": sha256_file(run.folder.lineage_path),
+               "git_commit": run.folder.record.get("git_commit"), "inputs": run.folder.record.get("inputs", {}),
+               "fp16_weights": bool(record.get("fp16")),
+               "reference_tiles": {"count": int(reference_tiles), "window": reference_window,
+                                   "from": "the run's training imagery (never the held-out evaluation data)",
+                                   "tiles": ref["where"],
+                                   "fp16_emulated": {"max_abs_diff": spread, "mask_agreement": agree}}}
+    manifest = make_manifest(model_id=model_id, version=int(version), bands=record["bands"], mean=norm["mean"],
+                             std=norm["std"], classes=classes, tile_size=tile, overlap=ov, activation="softmax",
+                             threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},
+                             opening_radius=int(point["opening_radius"]), policy=policy, metrics=metrics,
+                             reference={"file": REFERENCE_NAME, **tolerance}, lineage=lineage, parent=parent,
+                             files=files)
+    load_reference(ref_path, manifest)          # the daemon will read it this way
+    out_path = Path(out) if out else run.run_dir / "bundles" / f"{model_id}-v{version}.tar"
+    try:
+        build_bundle(out_path, files, manifest, sk, max_bytes=budget)
+    except TooLarge as exc:
+        hint = "" if reference_window else " (the reference can shrink: --reference-tiles 1 --reference-window 48)"
+        raise TooLarge(f"{exc}{hint}") from None
+    verified = verify_bundle(out_path, sk.public_key())
+    size = out_path.stat().st_size
+    run.folder.add(StageRecord(f"bundle:{model_id}-v{version}", [out_path],
+                               inputs={"export": str(export), "checkpoint": record["checkpoint"],
+                                       "reference_tiles": ref["where"]},
+                               params={"key_id": verified.key_id, "max_bytes": budget, "files": verified.files},
+                               metrics={"bytes": size}, label_free=lineage["label_free"]))
+    return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files,
+            "key_id": verified.key_id, "model_id": model_id, "version": int(version), "tile_size": tile,
+            "overlap": ov, "reference": {"file": REFERENCE_NAME, **tolerance}, "metrics": metrics,
+            "label_free": lineage["label_free"]}
