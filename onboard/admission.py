@@ -114,36 +114,37 @@ class Admission:
     # ------------------------------------------------------------------ the checks
     def _read(self, parts: list) -> Message:
         size = sum(len(p) for p in parts)
-        if size > self.config.max_message_bytes:
-            raise FrameRefused(TOO_LARGE, f"message is {size} bytes, over the limit of "
-                                     f"{self.config.max_message_bytes} (limits.max_message_bytes)",
-                          "message")
+        limit = self.config.max_message_bytes
+        if size > limit:
+            raise FrameRefused(TOO_LARGE, f"message is {size} bytes, over the limit of {limit} "
+                                          "(limits.max_message_bytes)", "message")
         try:
-            msg = decode(parts, self.limits)
+            return decode(parts, self.limits)
         except MessageError as exc:
             code = INVALID_FRAME if exc.field.startswith("arrays") else BAD_MESSAGE
             raise FrameRefused(code, str(exc), exc.field) from None
-        return msg
 
     def _check(self, msg: Message, pending_products: int) -> None:
         if msg.type != "frame":
-            raise FrameRefused(BAD_MESSAGE, f"the frames socket takes frame messages, got a {msg.type!r} "
-                                       "message", "type")
+            raise FrameRefused(BAD_MESSAGE, "the frames socket takes frame messages, got a "
+                                            f"{msg.type!r} message", "type")
         if self.closed:
-            raise FrameRefused(SHUTDOWN, f"the daemon is shutting down ({self.closed}); send it again later")
+            raise FrameRefused(SHUTDOWN, f"the daemon is shutting down ({self.closed}); "
+                                         "send it again later")
         model = self.serving.current()
         if model is None:
-            raise FrameRefused(NO_MODEL, f"no active model: {self.serving.error or 'install a bundle first'}")
+            raise FrameRefused(NO_MODEL, "no active model: "
+                                         f"{self.serving.error or 'install a bundle first'}")
         check_frame(msg, model[0].manifest)
         depth = len(self.pending)
         if depth >= self.config.max_frames:
-            raise FrameRefused(QUEUE_FULL, f"{depth} frames pending, the limit is {self.config.max_frames} "
-                                      "(queue.max_frames); send it again after an outcome",
-                          details={"queue_depth": depth})
+            raise FrameRefused(QUEUE_FULL, f"{depth} frames pending, the limit is "
+                                           f"{self.config.max_frames} (queue.max_frames); send it "
+                                           "again after an outcome", details={"queue_depth": depth})
         if pending_products >= self.config.max_pending_products:
             raise FrameRefused(QUEUE_FULL, f"{pending_products} products wait for the downlink "
-                                      "(queue.max_pending_products); send it again later",
-                          details={"queue_depth": depth})
+                                           "(queue.max_pending_products); send it again later",
+                               details={"queue_depth": depth})
 
     def _refuse(self, refused: FrameRefused, ref: str | None, frame_id: str | None) -> Message:
         self.counters.rejected += 1
