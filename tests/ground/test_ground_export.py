@@ -1,5 +1,6 @@
-"""ground.export: the IR has FP16 (or FP32) weights as asked, a dynamic tile and batch, OpenVINO
-computes what torch computes on real tiles, and the parity check can tell a wrong model."""
+"""ground.openvino: the IR has FP16 (or FP32) weights as asked, a dynamic tile and batch, OpenVINO
+computes what torch computes on real tiles, and the parity check can tell a wrong model. The tiles
+come from the imagery given (ground.data.reference), one image after another."""
 from __future__ import annotations
 
 import warnings
@@ -8,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ground.export import export_openvino, openvino_latency, parity, parity_tiles
-from ground.students import TinyUNet
+from ground.data.normalization import Normalization
+from ground.data.reference import reference_tiles
+from ground.data.sample import Sample
+from ground.data.sources import load_source
+from ground.errors import DataError
+from ground.models.tiny_unet import TinyUNet
+from ground.openvino.export import export_openvino
+from ground.openvino.runtime import openvino_latency, parity
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 UKIS = ("B02", "B03", "B04", "B08", "B11", "B12")
@@ -45,7 +52,9 @@ def test_fp16_and_fp32_irs_are_what_was_asked(model, tmp_path):
 
 
 def test_parity_on_real_tiles(model, tmp_path, data_root):
-    tiles = parity_tiles(UKIS, n=2, tile=64)
+    [chip] = load_source({"source": "ukis", "rows": [0, 256]}, UKIS)
+    tiles, where = reference_tiles([chip], n=2, tile=64)
+    assert [(w["sample"], w["row"], w["col"]) for w in where] == [("ukis[0:256]", 0, 0), ("ukis[0:256]", 0, 64)]
     assert tiles.shape == (2, 6, 64, 64) and 0 < tiles.mean() < 1          # reflectance
     norm_tiles = (tiles - tiles.mean(axis=(0, 2, 3), keepdims=True)) / tiles.std(axis=(0, 2, 3), keepdims=True)
     res = export_openvino(model, tmp_path, tiles=norm_tiles, tile=64, onnx=True)
@@ -79,3 +88,26 @@ def test_latency_reports_figures(model, tmp_path):
 def test_a_model_without_convolution_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no convolution"):
         export_openvino(torch.nn.Sequential(torch.nn.Identity()), tmp_path)
+
+
+def test_reference_tiles_come_from_every_image_given_and_say_where():
+    rng = np.random.default_rng(0)
+    a = Sample(rng.uniform(0, 0.5, (6, 64, 96)).astype(np.float32), name="a.npz", files=["/x/a.npz"])
+    b = Sample(rng.uniform(0, 0.5, (6, 32, 40)).astype(np.float32), name="b.npz", files=["/x/b.npz"])
+    tiles, where = reference_tiles([a, b], n=4, tile=32)
+    # one image after another: a's first tile, b's only tile, then a's next ones
+    assert [(w["sample"], w["row"], w["col"]) for w in where] == [("a.npz", 0, 0), ("b.npz", 0, 0),
+                                                                   ("a.npz", 0, 32), ("a.npz", 0, 64)]
+    assert where[1]["files"] == ["/x/b.npz"]
+    assert tiles.shape == (4, 6, 32, 32) and tiles.dtype == np.float32
+    np.testing.assert_array_equal(tiles[1], b.image[:, :32, :32])
+    np.testing.assert_array_equal(tiles[3], a.image[:, :32, 64:96])
+    # never more than the images hold (a: 2 x 3 tiles, b: 1)
+    assert len(reference_tiles([a, b], n=50, tile=32)[1]) == 7
+    norm = Normalization(UKIS, (0.25,) * 6, (0.1,) * 6)
+    normalised, _ = reference_tiles([a, b], n=2, tile=32, norm=norm)
+    np.testing.assert_allclose(normalised, (tiles[:2] - 0.25) / 0.1, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match=r"no training image holds a 128x128 tile .*\(32, 40\)"):
+        reference_tiles([a, b], n=1, tile=128)
+    with pytest.raises(DataError, match="n must be >= 1"):
+        reference_tiles([a], n=0, tile=32)

@@ -1,4 +1,4 @@
-"""ground.prune: every criterion reaches its size target, the result runs and exports, the head
+"""ground.compression.pruning: every criterion reaches its size target, the result runs and exports, the head
 and the input stay as they were, round_to holds, iterative schedules and reloading work."""
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from ground.prune import (CRITERIA, SWEEP_CRITERIA, conv_widths, fit_to_state_dict, get_criterion,
-                          measure, protected_layers, prune_to_target, self_distillation_loss)
-from ground.students import TinyUNet
+from ground.compression.pruning.criteria import CRITERIA, SWEEP_CRITERIA, get_criterion
+from ground.compression.pruning.plan import conv_widths, prune_to_target, self_distillation_loss
+from ground.compression.pruning.protection import protected_layers
+from ground.data.normalization import Normalization
+from ground.models.checkpoints import fit_to_state_dict, load_model, save_checkpoint
+from ground.models.size import measure
+from ground.models.tiny_unet import TinyUNet
+from ground.openvino.export import export_openvino
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
@@ -50,7 +55,6 @@ def test_head_is_found_without_being_named(student, example):
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
 def test_each_criterion_reaches_the_target_runs_and_exports(name, student, example, tmp_path):
-    from ground.export import export_openvino
     before_state = {k: v.clone() for k, v in student.state_dict().items()}
     res = prune_to_target(student, example, name, 0.4, by="params", round_to=8,
                           loss_fn=self_distillation_loss(example))
@@ -149,9 +153,6 @@ def test_unreachable_target_and_bad_arguments_are_named(student, example):
 
 
 def test_pruned_weights_reload_into_a_fresh_architecture(student, example, tmp_path):
-    from ground.checkpoints import save_checkpoint
-    from ground.data import Normalization
-    from ground.prune import load_model
     res = prune_to_target(student, example, "fpgm", 0.4)
     rebuilt = fit_to_state_dict(TinyUNet(6, 3, WIDTHS), res.model.state_dict()).eval()
     assert conv_widths(rebuilt) == res.widths_after
