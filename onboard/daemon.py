@@ -57,6 +57,11 @@ WORKER_JOIN_S = 1.0           # at exit, how long each worker gets to finish
 
 
 class Daemon:
+    """The parts wired together (the bus, serving, admission, the workers) and the loop over them.
+
+    Commands reach it through a small surface: status, uploads, install, rollback, set_policy,
+    request_shutdown (onboard.telecommands)."""
+
     def __init__(self, config: DaemonConfig, store: ModelStore | None = None):
         self.config = config
         self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
