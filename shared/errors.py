@@ -223,3 +223,13 @@ class BundleManifestError(BundleError, ManifestError):
 
     def __init__(self, exc: ManifestError):
         ManifestError.__init__(self, exc.field, str(exc).split(": ", 1)[1] if exc.field else str(exc))
+
+
+class MessageError(EoedgeError, ValueError):
+    """A message that cannot be encoded or decoded; `.field` names the part that was wrong."""
+    code = "bad_message"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message

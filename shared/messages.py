@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from shared.errors import EoedgeError
+from shared.errors import MessageError
 
 SCHEMA_VERSION = 1
 
@@ -38,16 +38,6 @@ ALLOWED_DTYPES: frozenset[str] = frozenset({
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
     "float16", "float32", "float64",
 })
-
-
-class MessageError(EoedgeError, ValueError):
-    """A message that cannot be encoded or decoded; `.field` names the part that was wrong."""
-    code = "bad_message"
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.reason = message
 
 
 @dataclass(frozen=True)
