@@ -7,7 +7,9 @@ import textwrap
 import pytest
 
 from conftest import REPO
+from shared.cliutil import build_parser
 from ground.cli import COMMANDS, main
+from ground.models.checkpoints import load_model
 
 
 def _eoedge(*args, cwd=REPO):
@@ -43,8 +45,26 @@ def test_bad_config_is_named_in_one_line(tmp_path):
     out = _eoedge("run", str(bad))
     assert out.returncode == 1
     assert "experiment[1].loss: unknown 'l1'" in out.stderr and "Traceback" not in out.stderr
+    # one line, by the policy of every CLI: error: <message naming the file and key> [<code>]
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and str(bad) in line and line.endswith("[config_error]")
     missing = _eoedge("run", str(tmp_path / "nope.toml"))
     assert missing.returncode == 1 and "nope.toml not found" in missing.stderr
+
+
+def test_ambiguous_bundle_budget_is_a_usage_error(tmp_path, capsys):
+    """One byte-size grammar (shared.units) for every command: 5M could be 5,000,000 or
+    5,242,880, so it is refused before anything runs; 2MB is 2,000,000 and 2MiB 2,097,152."""
+    args = ["bundle", str(tmp_path), "--export", "export/x", "--key", "k.pem", "--model-id", "m", "--version", "1"]
+    assert main(args + ["--max-bytes", "5M"]) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.strip().splitlines()
+    assert "--max-bytes" in line and "'5M'" in line and "ambiguous" in line and line.endswith("[usage]")
+    assert captured.out == ""
+    parser = build_parser("eoedge ground", "", COMMANDS)
+    assert parser.parse_args(args + ["--max-bytes", "2MB"]).max_bytes == 2_000_000
+    assert parser.parse_args(args + ["--max-bytes", "2MiB"]).max_bytes == 2 * 1024 * 1024
+    assert parser.parse_args(args).max_bytes == 5_000_000          # the default budget, 5MB
 
 
 CONFIG = """
@@ -111,7 +131,6 @@ def test_tiny_config_runs_end_to_end(data_root, tmp_path):
     assert stage["stage"] == "distill" and len(stage["outputs"]["student.pt"]) == 64
     assert "distilled" in lineage["metrics"]["distill"]
     # the next stage rebuilds the student from the file alone, normalisation included
-    from ground.checkpoints import load_model
     model, norm, meta = load_model(run / "student.pt")
     assert norm.bands == ("B02", "B03", "B04", "B08", "B11", "B12") and meta["step"] == 3
     assert json.loads((run / "normalization.json").read_text())["mean"] == list(norm.mean)

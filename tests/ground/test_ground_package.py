@@ -1,17 +1,39 @@
-"""The stages on a run folder, end to end on a small one (a tiny torch teacher, real imagery):
+"""The stages on a run folder, end to end on a small one (a tiny torch teacher, two generated
+scenes as its imagery, a generated labelled patch as its held-out image; no ../shared/data):
 prune -> FP16-aware fine-tune -> export -> bundle; the bundle verifies, fits its budget, a
-too-small budget is refused naming the sizes, and a tampered copy is rejected. Plus the sweep
-and the CLI rows."""
+too-small budget is refused naming the sizes, and a tampered copy is rejected; parity and
+reference tiles come from the run's own scenes and the lineage says so. Plus the sweep and the
+CLI rows."""
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import tarfile
 import warnings
 
 import numpy as np
 import pytest
+import tifffile
 import torch
+
+from shared.bundle import (BadSignature, ChecksumMismatch, TooLarge, extract_bundle, load_reference,
+                           verify_bundle)
+from shared.cli import main as shared_main
+from shared.keys import generate_keypair
+from shared.units import parse_bytes
+from ground.cli import COMMANDS, main
+from ground.data.normalization import Normalization
+from ground.errors import RunFolderError
+from ground.lineage import RunFolder, StageRecord
+from ground.models.checkpoints import load_model, save_checkpoint
+from ground.models.tiny_unet import TinyUNet
+from ground.openvino.runtime import compile_ir, softmax
+from ground.stages.bundle import bundle
+from ground.stages.export import export
+from ground.stages.fp16_finetune import fp16_finetune
+from ground.stages.prune import prune
+from ground.stages.run import Run
+from ground.stages.sweep import sweep
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
@@ -21,12 +43,36 @@ BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+SCENES = ("s0.npz", "s1.npz")
+
+
+def _imagery(root) -> dict:
+    """Two generated 6-band scenes (128 x 256: two 128-tiles each) and a labelled held-out patch
+    (images/ + masks/), reflectance 0..0.5 with some structure for the classes to follow."""
+    rng = np.random.default_rng(0)
+    scenes = {}
+    for name in SCENES:
+        data = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
+        data[:, 40:90, 60:200] += 0.3                       # a bright "cloud"
+        (root / "scenes").mkdir(parents=True, exist_ok=True)
+        np.savez(root / "scenes" / name, data=data, bands=np.array(BANDS))
+        scenes[name] = data
+    image = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
+    mask = np.zeros((128, 256), np.uint8)
+    mask[30:80, 50:150] = 1
+    mask[90:110, 160:220] = 2
+    image[:, mask == 1] += 0.3
+    image[:, mask == 2] *= 0.5
+    for folder, array in (("images", image), ("masks", mask)):
+        (root / "eval" / folder).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / "eval" / folder / "e0.tif", array, photometric="minisblack")
+    return scenes
+
+
 def _make_run(root):
-    """A run folder as `eoedge ground run` leaves it: lineage.json with the config, student.pt."""
-    from ground.checkpoints import save_checkpoint
-    from ground.data import Normalization
-    from ground.lineage import RunFolder
-    from ground.students import TinyUNet
+    """A run folder as `eoedge ground run` leaves it: lineage.json with the config, student.pt.
+    Its imagery is generated: `scene` sources found by an absolute glob, a labelled patch to score on."""
+    _imagery(root)
     norm = Normalization(tuple(BANDS), (0.2,) * 6, (0.15,) * 6)
     torch.manual_seed(0)
     teacher = save_checkpoint(root / "teacher.pt", TinyUNet(6, 3, (8, 16)),
@@ -34,9 +80,10 @@ def _make_run(root):
                               norm)
     raw = {"run": {"name": "mini", "out": str(root), "seed": 0, "deliver": "distilled"},
            "data": {"bands": BANDS, "classes": ["clear", "cloud", "shadow"],
-                    "unlabelled": [{"source": "ukis", "rows": [0, 128]}]},
-           # small images keep the test fast: the held-out rows' first half, one tile row of imagery
-           "eval": {"data": {"source": "ukis", "rows": [256, 384]}, "tile": 128, "overlap": 32},
+                    "unlabelled": [{"source": "scene", "path": str(root / "scenes" / "*.npz")}]},
+           # small images keep the test fast: one tile row of imagery
+           "eval": {"data": {"source": "patches", "path": str(root / "eval"), "band_names": BANDS},
+                    "tile": 128, "overlap": 32},
            "teacher": {"name": f"checkpoint:{teacher}"},
            "student": {"name": "tiny-unet", "widths": [8, 16, 32]},
            "train": {"steps": 2, "batch": 2, "crop": 64, "augment": ["crop"]},
@@ -47,32 +94,41 @@ def _make_run(root):
     torch.manual_seed(1)
     arch = {"name": "tiny-unet", "in_channels": 6, "num_classes": 3, "options": {"widths": [8, 16, 32]}}
     save_checkpoint(run / "student.pt", TinyUNet(6, 3, (8, 16, 32)), arch, norm)
-    folder.add_stage("distill", ["student.pt"], deliver="distilled")
+    folder.add(StageRecord("distill", ["student.pt"], params={"deliver": "distilled"}, label_free=True))
     return run
 
 
+def _open(run) -> Run:
+    return Run.open(run, progress=False)
+
+
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, data_root):
-    """prune -> fp16-finetune -> export, once for the module."""
-    from ground.export import export_stage
-    from ground.fp16 import fp16_finetune_stage
-    from ground.prune import prune_stage
+def chain(tmp_path_factory):
+    """prune -> fp16-finetune -> export, once for the module, each stage on the run opened afresh
+    (as each command opens it)."""
     root = tmp_path_factory.mktemp("runs")
     run = _make_run(root)
-    pruned = prune_stage(run, "taylor", 0.4, finetune_steps=2, progress=False)
-    fp16 = fp16_finetune_stage(run, pruned["checkpoint"], steps=2, progress=False)
-    exported = export_stage(run, fp16["out"], name="small", progress=False)
+    pruned = prune(_open(run), "taylor", 0.4, finetune_steps=2)
+    fp16 = fp16_finetune(_open(run), pruned["checkpoint"], steps=2)
+    exported = export(_open(run), fp16["out"], name="small")
     return {"run": run, "root": root, "pruned": pruned, "fp16": fp16, "export": exported}
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    from shared.keys import generate_keypair
     return generate_keypair(tmp_path_factory.mktemp("keys"))
 
 
+def _from_the_runs_scenes(where: list[dict], root) -> None:
+    """Every tile came from one of the run's generated scenes (named, with its file), none from
+    the held-out patch or from ../shared/data."""
+    assert where
+    for w in where:
+        assert w["sample"] in SCENES and w["files"] == [str(root / "scenes" / w["sample"])], w
+    assert "e0" not in json.dumps(where) and "shared/data" not in json.dumps(where)
+
+
 def test_prune_stage_writes_a_smaller_checkpoint_with_lineage(chain):
-    from ground.prune import load_model
     run, res = chain["run"], chain["pruned"]
     assert res["params_reduction"] >= 0.4 and res["criterion"] == "taylor"
     model, norm, meta = load_model(run / res["checkpoint"])
@@ -83,6 +139,7 @@ def test_prune_stage_writes_a_smaller_checkpoint_with_lineage(chain):
     stages = json.loads((run / "lineage.json").read_text())["stages"]
     rec = next(s for s in stages if s["stage"] == "prune:taylor-40")
     assert rec["label_free"] is True and res["checkpoint"] in rec["outputs"]
+    assert rec["inputs"] == {"checkpoint": "student.pt"} and rec["params"]["criterion"] == "taylor"
 
 
 def test_fp16_stage_reports_the_deployment_gap(chain):
@@ -102,16 +159,30 @@ def test_export_stage_records_parity_scores_and_latency(chain):
     assert rec["fp16"] and rec["files"]["model.bin"] < 2.5 * rec["params"]
     assert 0 <= rec["metrics"]["openvino"]["miou"] <= 1 and rec["latency"]["ms_per_tile"] > 0
     assert rec["label_free"] is True
-    stages = json.loads((chain["run"] / "lineage.json").read_text())["stages"]
-    assert any(s["stage"] == "export:small" and s["parity"] == rec["parity"] for s in stages)
+    lineage = json.loads((chain["run"] / "lineage.json").read_text())
+    stage = next(s for s in lineage["stages"] if s["stage"] == "export:small")
+    assert stage["inputs"] == {"checkpoint": chain["fp16"]["out"], "parity_tiles": rec["parity"]["tiles_from"]}
+    assert lineage["metrics"]["export:small"]["parity_max_abs_diff"] == rec["parity"]["max_abs_diff"]
+    assert lineage["metrics"]["export:small"]["parity_mask_agreement"] == rec["parity"]["mask_agreement"]
+
+
+def test_parity_tiles_are_the_runs_own_imagery(chain):
+    """The export checks the IR on tiles of the run's scenes, one scene after another, and says so."""
+    rec = chain["export"]
+    where = rec["parity"]["tiles_from"]
+    assert rec["parity"]["tiles"] == len(where) == 4
+    _from_the_runs_scenes(where, chain["root"])
+    assert [w["sample"] for w in where] == ["s0.npz", "s1.npz", "s0.npz", "s1.npz"]
+    assert [(w["row"], w["col"]) for w in where] == [(0, 0), (0, 0), (0, 128), (0, 128)]
+    # the run's tiles never include the held-out image, however many are asked for
+    tiles, every = _open(chain["run"]).tiles(50)
+    assert tiles.shape == (4, 6, 128, 128) and {w["sample"] for w in every} == set(SCENES)
 
 
 def test_bundle_verifies_is_under_budget_and_a_tampered_copy_is_rejected(chain, keys, tmp_path):
-    from shared.bundle import BadSignature, ChecksumMismatch, load_reference, verify_bundle
-    from ground.package import bundle_stage
     sk, pk = keys
-    res = bundle_stage(chain["run"], "export/small", sk, "cloudmask-mini", 1, max_bytes="2MB",
-                       reference_tiles=1, progress=False)
+    res = bundle(_open(chain["run"]), "export/small", sk, "cloudmask-mini", 1, max_bytes="2MB",
+                 reference_tiles=1)
     path = res["bundle"]
     assert res["bytes"] <= 2_000_000
     v = verify_bundle(path, pk)
@@ -120,14 +191,21 @@ def test_bundle_verifies_is_under_budget_and_a_tampered_copy_is_rejected(chain, 
     assert m["output"]["classes"] == ["clear", "cloud", "shadow"] and m["postprocess"]["opening_radius"] == 2
     assert m["metrics"]["openvino"]["miou"] == pytest.approx(chain["export"]["metrics"]["openvino"]["miou"])
     assert m["lineage"]["checkpoint"] == chain["fp16"]["out"] and m["lineage"]["label_free"] is True
+    # the reference tiles are the run's own imagery (the first tile of its first scene), and say so
+    [where] = m["lineage"]["reference_tiles"]["tiles"]
+    _from_the_runs_scenes([where], chain["root"])
+    assert (where["sample"], where["row"], where["col"]) == ("s0.npz", 0, 0)
+    stage = next(s for s in json.loads((chain["run"] / "lineage.json").read_text())["stages"]
+                 if s["stage"] == "bundle:cloudmask-mini-v1")
+    assert stage["inputs"]["reference_tiles"] == [where] and stage["inputs"]["export"] == "export/small"
     # the reference the daemon self-tests with: the IR reproduces it within the tolerance
-    from shared.bundle import extract_bundle
     root = extract_bundle(path, tmp_path / "slot", pk).root
     tiles, probs = load_reference(root / "reference.npz", m)
-    from ground.export import _softmax, compile_ir
+    scene = np.load(chain["root"] / "scenes" / "s0.npz")["data"]
+    np.testing.assert_array_equal(tiles[0], scene[:, :128, :128].astype(np.float16).astype(np.float32))
     mean = np.array(m["input"]["scaling"]["mean"], np.float32)[None, :, None, None]
     std = np.array(m["input"]["scaling"]["std"], np.float32)[None, :, None, None]
-    got = _softmax(np.asarray(compile_ir(root / "model.xml")((tiles - mean) / std)[0]))
+    got = softmax(np.asarray(compile_ir(root / "model.xml")((tiles - mean) / std)[0]))
     assert np.abs(got - probs).max() <= m["reference"]["max_abs_diff"]
     # tamper: one byte of the weights
     bad = tmp_path / "tampered.tar"
@@ -137,7 +215,6 @@ def test_bundle_verifies_is_under_budget_and_a_tampered_copy_is_rejected(chain, 
             if member.name == "model.bin":
                 data = bytes([data[0] ^ 1]) + data[1:]
             member.size = len(data)
-            import io
             dst.addfile(member, io.BytesIO(data))
     with pytest.raises(ChecksumMismatch, match="model.bin"):
         verify_bundle(bad, pk)
@@ -149,48 +226,43 @@ def test_bundle_verifies_is_under_budget_and_a_tampered_copy_is_rejected(chain, 
             if member.name == "manifest.json":
                 data = data.replace(b'"version": 1', b'"version": 9')
             member.size = len(data)
-            import io
             dst.addfile(member, io.BytesIO(data))
     with pytest.raises(BadSignature):
         verify_bundle(bad2, pk)
 
 
 def test_a_too_small_budget_is_refused_naming_the_sizes(chain, keys):
-    from shared.bundle import TooLarge
-    from ground.package import bundle_stage
     sk, _ = keys
     with pytest.raises(TooLarge, match=r"over max_bytes 40000.*model\.bin.*reference-window") as info:
-        bundle_stage(chain["run"], "export/small", sk, "cloudmask-mini", 2, max_bytes="40KB", progress=False)
+        bundle(_open(chain["run"]), "export/small", sk, "cloudmask-mini", 2, max_bytes="40KB")
     assert "reference.npz" in str(info.value) and "model.xml" in str(info.value)
     assert not (chain["run"] / "bundles" / "cloudmask-mini-v2.tar").exists()
 
 
 def test_a_reference_window_makes_the_bundle_smaller(chain, keys):
-    from ground.package import bundle_stage
     sk, _ = keys
-    full = bundle_stage(chain["run"], "export/small", sk, "cloudmask-mini", 3, reference_tiles=1, progress=False)
-    small = bundle_stage(chain["run"], "export/small", sk, "cloudmask-mini", 4, reference_tiles=1,
-                         reference_window=32, progress=False)
+    full = bundle(_open(chain["run"]), "export/small", sk, "cloudmask-mini", 3, reference_tiles=1)
+    small = bundle(_open(chain["run"]), "export/small", sk, "cloudmask-mini", 4, reference_tiles=1,
+                   reference_window=32)
     assert small["files"]["reference.npz"] < full["files"]["reference.npz"] / 4
 
 
 def test_missing_export_and_run_are_named(chain, keys, tmp_path):
-    from ground.package import bundle_stage, parse_bytes
-    from ground.sweep import RunContext
     sk, _ = keys
-    with pytest.raises(FileNotFoundError, match="export/nothing"):
-        bundle_stage(chain["run"], "export/nothing", sk, "x", 1, progress=False)
-    with pytest.raises(FileNotFoundError, match="no lineage.json"):
-        RunContext.open(tmp_path)
+    with pytest.raises(RunFolderError, match="export/nothing") as missing:
+        bundle(_open(chain["run"]), "export/nothing", sk, "x", 1)
+    assert missing.value.code == "run_folder_error"
+    with pytest.raises(RunFolderError, match="no lineage.json"):
+        Run.open(tmp_path)
     assert parse_bytes("5MB") == 5_000_000 and parse_bytes("300KiB") == 307200 and parse_bytes(1234) == 1234
     with pytest.raises(ValueError, match="not a size"):
         parse_bytes("lots")
+    with pytest.raises(ValueError, match="ambiguous"):      # 5,000,000 or 5,242,880? say which
+        parse_bytes("5M")
 
 
 def test_sweep_writes_table_json_and_plot(chain):
-    from ground.sweep import RunContext, sweep
-    ctx = RunContext.open(chain["run"], progress=False)
-    rep = sweep(ctx, criteria=["magnitude-l1", "fpgm"], ratios=[0.5], finetune_steps=0, out="sweep-test",
+    rep = sweep(_open(chain["run"]), criteria=["magnitude-l1", "fpgm"], ratios=[0.5], finetune_steps=0, out="sweep-test",
                 latency_repeats=3, latency_rounds=1)
     rows = rep["rows"]
     assert [r["criterion"] for r in rows] == ["none", "magnitude-l1", "fpgm"]
@@ -203,40 +275,38 @@ def test_sweep_writes_table_json_and_plot(chain):
 
 
 def test_cli_rows_help_json_and_errors(chain, keys, capsys):
-    from ground.cli import main
-    for cmd in ("prune", "sweep", "fp16-finetune", "export", "bundle", "inspect", "verify"):
+    """`eoedge ground` builds and signs; verifying and inspecting is `eoedge shared bundle`'s job."""
+    for cmd in ("prune", "sweep", "fp16-finetune", "export", "bundle"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "--json" in capsys.readouterr().out
+    assert not {"inspect", "verify"} & set(COMMANDS)          # ground keeps no copy of them
     sk, pk = keys
     assert main(["bundle", str(chain["run"]), "--export", "export/small", "--key", str(sk), "--model-id",
                  "cli-mini", "--version", "1", "--reference-tiles", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert main(["verify", res["bundle"], "--key", str(pk), "--json"]) == 0
+    assert shared_main(["bundle", "verify", res["bundle"], "--key", str(pk), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verified"] is True
-    assert main(["inspect", res["bundle"], "--json"]) == 0
+    assert shared_main(["bundle", "inspect", res["bundle"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["manifest"]["model_id"] == "cli-mini"
     assert main(["bundle", str(chain["run"]), "--export", "export/small", "--key", str(sk), "--model-id",
                  "cli-mini", "--version", "2", "--max-bytes", "10KB"]) == 1
     assert "too_large" in capsys.readouterr().err
-    from shared.keys import generate_keypair
     _, other = generate_keypair(chain["root"] / "other-keys")
-    assert main(["verify", res["bundle"], "--key", str(other)]) == 1
+    assert shared_main(["bundle", "verify", res["bundle"], "--key", str(other)]) == 1
     assert "wrong_key" in capsys.readouterr().err
     assert main(["prune", str(chain["run"]), "--criterion", "l7", "--finetune-steps", "0"]) == 1
     assert "unknown pruning criterion 'l7'" in capsys.readouterr().err
 
 
-def test_fine_tuning_reuses_the_runs_distillation_objective(tmp_path, data_root):
+def test_fine_tuning_reuses_the_runs_distillation_objective(tmp_path):
     """A run that weighted its distillation classes on the teacher's masks fine-tunes the same way."""
-    from ground.lineage import RunFolder
-    from ground.sweep import RunContext
     run = _make_run(tmp_path)
     folder = RunFolder(run)
     folder.record["config"]["train"]["distill_class_weights"] = "log"
     folder.save()
-    ctx = RunContext.open(run, progress=False)
+    ctx = _open(run)
     _, objective = ctx.batches("teacher", ctx.cfg.train)
     assert type(objective).__name__ == "KL" and objective.temperature == 2.0
     weights = getattr(objective, "distill_weights", None)
