@@ -78,6 +78,40 @@ class RunConfig:
         return self.out / self.name
 
 
+def _experiments(exps, has_feature_teacher: bool) -> list[Experiment]:
+    """The [[experiment]] tables, each checked by its index (`experiment[2].loss`)."""
+    if not isinstance(exps, list) or not exps:
+        raise ConfigError("experiment: at least one [[experiment]] table")
+    experiments = []
+    for i, e in enumerate(exps):
+        where = f"experiment[{i}]"
+        e = _take(e, where, {"name": ..., "mode": "distill", "loss": None, "temperature": None,
+                             "ce_weight": None, "feature_weight": 1.0})
+        if e["mode"] not in MODES:
+            raise ConfigError(f"{where}.mode: one of {MODES}, got {e['mode']!r}")
+        loss = e["loss"] or ("ce" if e["mode"] == "labels" else "kl")
+        if loss not in LOSSES:
+            raise ConfigError(f"{where}.loss: unknown {loss!r}; known: {sorted(LOSSES)}")
+        opts = {k: e[k] for k in ("temperature", "ce_weight") if e[k] is not None}
+        if "temperature" in opts and loss != "kl":
+            raise ConfigError(f"{where}.temperature: only the 'kl' loss has a temperature")
+        if e["mode"] == "feature" and not has_feature_teacher:
+            raise ConfigError(f"{where}: mode 'feature' needs a [feature_teacher] table (a torch teacher and "
+                              "the layers to match; name = \"teacher\" reuses an smp [teacher])")
+        experiments.append(Experiment(e["name"], e["mode"], loss, opts, float(e["feature_weight"])))
+    return experiments
+
+
+def _feature_teacher(table) -> dict | None:
+    if table is None:
+        return None
+    ft = _take(table, "feature_teacher", {"name": ..., "options": {}, "train": {}, "layers": ...,
+                                          "student_layers": ...})
+    if len(ft["layers"]) != len(ft["student_layers"]):
+        raise ConfigError("feature_teacher: layers and student_layers pair one to one")
+    return ft
+
+
 def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     top = _take(raw, "config", {"run": ..., "data": ..., "eval": {}, "teacher": ..., "feature_teacher": None,
                                 "student": ..., "train": {}, "experiment": ...})
@@ -108,26 +142,7 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
                                                              TrainConfig.__dataclass_fields__}),
                            "seed": int(run["seed"])})
 
-    exps = top["experiment"]
-    if not isinstance(exps, list) or not exps:
-        raise ConfigError("experiment: at least one [[experiment]] table")
-    experiments = []
-    for i, e in enumerate(exps):
-        where = f"experiment[{i}]"
-        e = _take(e, where, {"name": ..., "mode": "distill", "loss": None, "temperature": None,
-                             "ce_weight": None, "feature_weight": 1.0})
-        if e["mode"] not in MODES:
-            raise ConfigError(f"{where}.mode: one of {MODES}, got {e['mode']!r}")
-        loss = e["loss"] or ("ce" if e["mode"] == "labels" else "kl")
-        if loss not in LOSSES:
-            raise ConfigError(f"{where}.loss: unknown {loss!r}; known: {sorted(LOSSES)}")
-        opts = {k: e[k] for k in ("temperature", "ce_weight") if e[k] is not None}
-        if "temperature" in opts and loss != "kl":
-            raise ConfigError(f"{where}.temperature: only the 'kl' loss has a temperature")
-        if e["mode"] == "feature" and top["feature_teacher"] is None:
-            raise ConfigError(f"{where}: mode 'feature' needs a [feature_teacher] table (a torch teacher and "
-                              "the layers to match; name = \"teacher\" reuses an smp [teacher])")
-        experiments.append(Experiment(e["name"], e["mode"], loss, opts, float(e["feature_weight"])))
+    experiments = _experiments(top["experiment"], has_feature_teacher=top["feature_teacher"] is not None)
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment names must be unique: {names}")
@@ -138,12 +153,7 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     if any(e.mode != "labels" for e in experiments) and not (data["unlabelled"] or data["labelled"]):
         raise ConfigError("data.unlabelled: distillation needs imagery")
 
-    ft = None
-    if top["feature_teacher"] is not None:
-        ft = _take(top["feature_teacher"], "feature_teacher", {"name": ..., "options": {}, "train": {},
-                                                               "layers": ..., "student_layers": ...})
-        if len(ft["layers"]) != len(ft["student_layers"]):
-            raise ConfigError("feature_teacher: layers and student_layers pair one to one")
+    ft = _feature_teacher(top["feature_teacher"])
 
     out = Path(run["out"])
     return RunConfig(

@@ -150,6 +150,18 @@ def self_test_tolerance(model, ref: dict) -> tuple[dict, float, float]:
     return tolerance, spread, agree
 
 
+def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, window: int | None,
+                     fp16_spread: dict) -> dict:
+    """What the bundle says it came from: run, checkpoint, export, hashes, the reference tiles."""
+    return {"run": run.run_dir.name, "checkpoint": record["checkpoint"], "export": str(export),
+            "label_free": bool(record.get("label_free")), "lineage_sha256": sha256_file(run.folder.lineage_path),
+            "git_commit": run.folder.record.get("git_commit"), "inputs": run.folder.record.get("inputs", {}),
+            "fp16_weights": bool(record.get("fp16")),
+            "reference_tiles": {"count": len(tiles_from), "window": window, "tiles": tiles_from,
+                                "from": "the run's training imagery (never the held-out evaluation data)",
+                                "fp16_emulated": fp16_spread}}
+
+
 def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | None = None,
            max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
            parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
@@ -181,15 +193,8 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     tolerance, spread, agree = self_test_tolerance(model, ref)
     classes = record["classes"]
     files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
-    lineage = {"run": run.run_dir.name, "checkpoint": record["checkpoint"], "export": str(export),
-               "label_free": bool(record.get("label_free")),
-               "lineage_sha256": sha256_file(run.folder.lineage_path),
-               "git_commit": run.folder.record.get("git_commit"), "inputs": run.folder.record.get("inputs", {}),
-               "fp16_weights": bool(record.get("fp16")),
-               "reference_tiles": {"count": int(reference_tiles), "window": reference_window,
-                                   "from": "the run's training imagery (never the held-out evaluation data)",
-                                   "tiles": ref["where"],
-                                   "fp16_emulated": {"max_abs_diff": spread, "mask_agreement": agree}}}
+    lineage = manifest_lineage(run, record, export, ref["where"], reference_window,
+                               {"max_abs_diff": spread, "mask_agreement": agree})
     manifest = make_manifest(model_id=model_id, version=int(version), bands=record["bands"], mean=norm["mean"],
                              std=norm["std"], classes=classes, tile_size=tile, overlap=ov, activation="softmax",
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},

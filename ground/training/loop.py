@@ -36,18 +36,7 @@ def fit(model: torch.nn.Module, sampler: BatchSampler, objective, norm: Normaliz
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
     step, history = 0, []
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = read_checkpoint(checkpoint)
-        model.load_state_dict(state["state_dict"])
-        if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
-        if state["scheduler"] is not None:
-            sched.load_state_dict(state["scheduler"])
-        step, history = int(state["step"]), list(state["history"])
-        torch.set_rng_state(state["rng"])
-        if "sampler_rng" in state["meta"]:
-            sampler.rng.bit_generator.state = state["meta"]["sampler_rng"]
-        if feature and "adapters" in state["meta"]:
-            feature.adapters.load_state_dict(state["meta"]["adapters"])
+        step, history = _resume(checkpoint, model, opt, sched, sampler, feature)
 
     def save():
         if checkpoint is None:
@@ -95,6 +84,22 @@ def fit(model: torch.nn.Module, sampler: BatchSampler, objective, norm: Normaliz
     save()
     model.eval()
     return history
+
+
+def _resume(checkpoint, model, opt, sched, sampler: BatchSampler, feature: FeatureTerm | None) -> tuple[int, list]:
+    """Every state a checkpoint saved (weights, optimiser, schedule, RNGs, adapters): (step, history)."""
+    state = read_checkpoint(checkpoint)
+    model.load_state_dict(state["state_dict"])
+    if state["optimizer"] is not None:
+        opt.load_state_dict(state["optimizer"])
+    if state["scheduler"] is not None:
+        sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "sampler_rng" in state["meta"]:
+        sampler.rng.bit_generator.state = state["meta"]["sampler_rng"]
+    if feature and "adapters" in state["meta"]:
+        feature.adapters.load_state_dict(state["meta"]["adapters"])
+    return int(state["step"]), list(state["history"])
 
 
 def warmup_cosine(steps: int, warmup: float = 0.1):

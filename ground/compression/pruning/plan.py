@@ -190,6 +190,19 @@ def _apply(model: nn.Module, example: torch.Tensor, groups: list[_GroupScore], k
     return m
 
 
+def _check(by: str, target: float, scope: str, steps: int, round_to) -> None:
+    if by not in TARGET_KINDS:
+        raise ConfigError(f"by must be one of {TARGET_KINDS}, got {by!r}")
+    if not 0.0 < float(target) < 1.0:
+        raise ConfigError(f"target reduction must be between 0 and 1 (exclusive), got {target}")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to must be a positive integer or None, got {round_to!r}")
+
+
 def prune_to_target(model: nn.Module, example: torch.Tensor, criterion_name: str, target: float,
                     by: str = "params", round_to: int | None = DEFAULT_ROUND_TO, steps: int = 1,
                     loss_fn: LossFn | None = None, between_steps: Callable[[nn.Module, int], None] | None = None,
@@ -205,16 +218,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, criterion_name: str
     The head (`protected_layers`) is never pruned. The input model is not modified.
     """
     crit = get_criterion(criterion_name)
-    if by not in TARGET_KINDS:
-        raise ConfigError(f"by must be one of {TARGET_KINDS}, got {by!r}")
-    if not 0.0 < float(target) < 1.0:
-        raise ConfigError(f"target reduction must be between 0 and 1 (exclusive), got {target}")
-    if scope not in SCOPES:
-        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to must be a positive integer or None, got {round_to!r}")
+    _check(by, target, scope, steps, round_to)
     example = example.detach()
     protected = protected_layers(model, example)
     before = measure(model, example)
