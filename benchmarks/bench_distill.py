@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ground.config import load_config, parse_config
-    from ground.pipeline import run
+    from ground.evaluation.report import markdown_table
+    from ground.stages.distill import distill
     overrides = {"run.out": args.out, "run.name": "bench-distill" + ("-feature" if args.feature else "")}
     if args.steps:
         overrides["train.steps"] = args.steps
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
 
     load_before = load_line()
     t0 = time.perf_counter()
-    report = run(cfg, progress=not args.json, only=args.only)
+    report = distill(cfg, progress=not args.json, only=args.only)
     wall = time.perf_counter() - t0
     rows = {r["name"]: r for r in report["rows"]}
     free = rows.get("output-distilled", {})
@@ -93,7 +94,6 @@ def main(argv=None) -> int:
                                  "<=20min": label_free_s is not None and label_free_s <= 1200}},
         "rows": report["rows"], "wall_seconds": round(wall, 1), "run_dir": report["run_dir"],
     }
-    from ground.report import markdown_table
     md = ["# bench_distill", "", f"`{' '.join(['benchmarks/bench_distill.py'] + (argv or sys.argv[1:]))}` "
           f"({bench['machine']['load_before']} before, {bench['machine']['load_after']} after)", "",
           markdown_table(report), "",

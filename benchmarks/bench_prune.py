@@ -58,17 +58,17 @@ def ensure_run(run_dir: Path, config: Path, steps: int | None) -> Path:
     if (run_dir / "student.pt").exists():
         return run_dir
     from ground.config import load_config
-    from ground.pipeline import run
+    from ground.stages.distill import distill
     overrides = {"run.out": str(run_dir.parent), "run.name": run_dir.name}
     if steps:
         overrides["train.steps"] = steps
     log(f"no student in {run_dir}: distilling one (label-free) with {config.name}")
-    run(load_config(config, overrides), progress=True, only=["output-distilled"])
+    distill(load_config(config, overrides), progress=True, only=["output-distilled"])
     return run_dir
 
 
-def teacher_row(ctx) -> dict:
-    rep = ctx.run_dir / "report.json"
+def teacher_row(run) -> dict:
+    rep = run.run_dir / "report.json"
     rows = json.loads(rep.read_text())["rows"] if rep.exists() else []
     return next((r for r in rows if r.get("mode") == "teacher"), {})
 
@@ -81,30 +81,31 @@ def _nearest(x: float, step: int, odd: bool = False) -> int:
     return max(step, int(round(x / step)) * step)
 
 
-def phase_roundto(ctx, args) -> dict:
+def phase_roundto(run, args) -> dict:
     """Which channel multiple OpenVINO rewards on this CPU. The student's widths scaled by 0.8
     (what a 36% parameter pruning leaves) and rounded four ways: to odd counts (no rounding can
     give those), and to multiples of 4, 8, 16. Latency does not depend on the weight values, so
     the TinyUNets are built at those widths directly. All IRs are timed in turn over rounds; each
     keeps the lowest of its per-round medians (the least disturbed by other jobs)."""
-    from ground.export import export_openvino, openvino_latency
-    from ground.prune import measure
-    from ground.students import TinyUNet
-    base, norm, _ = ctx.load(args.checkpoint)
+    from ground.models.size import measure
+    from ground.models.tiny_unet import TinyUNet
+    from ground.openvino.export import export_openvino
+    from ground.openvino.runtime import openvino_latency
+    base, norm, _ = run.load(args.checkpoint)
     cfg = base.config
-    example = torch_zeros(cfg["in_channels"], ctx.cfg.tile)
-    out = ctx.run_dir / "bench-prune" / "roundto"
+    example = torch_zeros(cfg["in_channels"], run.cfg.tile)
+    out = run.run_dir / "bench-prune" / "roundto"
     scaled = [0.8 * w for w in cfg["widths"]]
     widths = {"unpruned": list(cfg["widths"]), "odd": [_nearest(w, 1, odd=True) for w in scaled]}
     widths.update({f"round_to={k}": [_nearest(w, k) for w in scaled] for k in (4, 8, 16)})
     variants = {}
     for name, w in widths.items():
         m = TinyUNet(cfg["in_channels"], cfg["num_classes"], w, upsample=cfg["upsample"]).eval()
-        variants[name] = (export_openvino(m, out / name.replace("=", "-"), tile=ctx.cfg.tile).xml, measure(m, example), w)
+        variants[name] = (export_openvino(m, out / name.replace("=", "-"), tile=run.cfg.tile).xml, measure(m, example), w)
     runs = {k: [] for k in variants}
     for _ in range(args.latency_rounds):
         for k, (xml, _, _) in variants.items():
-            runs[k].append(openvino_latency(xml, tile=ctx.cfg.tile, threads=1, repeats=20)["ms_per_tile"])
+            runs[k].append(openvino_latency(xml, tile=run.cfg.tile, threads=1, repeats=20)["ms_per_tile"])
     rows = []
     import statistics
     base_macs = variants["unpruned"][1].macs
@@ -124,23 +125,23 @@ def torch_zeros(channels: int, tile: int):
     return torch.zeros(1, channels, tile, tile)
 
 
-def phase_sweep(ctx, args) -> dict:
+def phase_sweep(run, args) -> dict:
     """The sweep with a light fine-tune (args.sweep_steps of args.sweep_batch crops) per point."""
     from dataclasses import replace
-    from ground.sweep import sweep
-    cfg = ctx.cfg
-    ctx.cfg = replace(cfg, train=replace(cfg.train, batch=args.sweep_batch))
+    from ground.stages.sweep import sweep
+    cfg = run.cfg
+    run.cfg = replace(cfg, train=replace(cfg.train, batch=args.sweep_batch))
     try:
-        return sweep(ctx, args.checkpoint, None, args.ratios, by="params", round_to=8, scope="local",
+        return sweep(run, args.checkpoint, None, args.ratios, by="params", round_to=8, scope="local",
                      finetune_steps=args.sweep_steps, finetune_with="teacher", threads=1, out="bench-prune/sweep",
                      latency_repeats=20, latency_rounds=args.latency_rounds)
     finally:
-        ctx.cfg = cfg
+        run.cfg = cfg
 
 
-def score_ir(ctx, checkpoint: str, name: str) -> dict:
-    from ground.export import export_stage
-    rec = export_stage(ctx.run_dir, checkpoint, name=name, progress=False)
+def score_ir(run, checkpoint: str, name: str) -> dict:
+    from ground.stages.export import export
+    rec = export(run, checkpoint, name=name)
     return {"checkpoint": checkpoint, "export": f"export/{name}", "params": rec["params"], "macs": rec["macs"],
             "miou_openvino": rec["metrics"]["openvino"]["miou"],
             "agreement_openvino": rec["metrics"]["openvino"].get("agreement"),
@@ -149,13 +150,12 @@ def score_ir(ctx, checkpoint: str, name: str) -> dict:
             "parity": rec["parity"], "label_free": rec["label_free"]}
 
 
-def phase_target(ctx, args, criterion: str) -> dict:
-    from ground.prune import prune_stage
-    base = score_ir(ctx, args.checkpoint, "bench-unpruned")
-    res = prune_stage(ctx.run_dir, criterion, args.target, checkpoint=args.checkpoint,
-                      finetune_steps=args.finetune_steps, name=f"bench-{criterion}-{round(100 * args.target)}",
-                      progress=not args.json)
-    pruned = score_ir(ctx, res["checkpoint"], f"bench-{criterion}-{round(100 * args.target)}")
+def phase_target(run, args, criterion: str) -> dict:
+    from ground.stages.prune import prune
+    base = score_ir(run, args.checkpoint, "bench-unpruned")
+    res = prune(run, criterion, args.target, checkpoint=args.checkpoint, finetune_steps=args.finetune_steps,
+                name=f"bench-{criterion}-{round(100 * args.target)}")
+    pruned = score_ir(run, res["checkpoint"], f"bench-{criterion}-{round(100 * args.target)}")
     loss = base["miou_openvino"] - pruned["miou_openvino"]
     return {"criterion": criterion, "target": args.target, "params_reduction": res["params_reduction"],
             "macs_reduction": res["macs_reduction"], "unpruned": base, "pruned": pruned,
@@ -164,20 +164,18 @@ def phase_target(ctx, args, criterion: str) -> dict:
                                          "miou_loss<=0.02": loss <= 0.02}}
 
 
-def phase_smallest(ctx, args, criterion: str, teacher_params: int | None) -> dict:
+def phase_smallest(run, args, criterion: str, teacher_params: int | None) -> dict:
     """Grow the ratio; each candidate pruned from the student, fine-tuned FP16-aware with the
     teacher, exported (FP16 IR) and scored as OpenVINO runs it. Stop at the first miss."""
-    from ground.fp16 import fp16_finetune_stage
-    from ground.prune import prune_stage
+    from ground.stages.fp16_finetune import fp16_finetune
+    from ground.stages.prune import prune
     tried, best = [], None
     for ratio in args.smallest_ratios:
         tag = f"bench-smallest-{round(100 * ratio)}"
-        res = prune_stage(ctx.run_dir, criterion, ratio, checkpoint=args.checkpoint, steps=args.smallest_prune_steps,
-                          round_to=args.smallest_round_to, finetune_steps=args.finetune_steps, name=tag,
-                          evaluate=False, progress=not args.json)
-        fp = fp16_finetune_stage(ctx.run_dir, res["checkpoint"], steps=args.fp16_steps, name=f"{tag}-fp16",
-                                 progress=not args.json)
-        row = {"ratio": ratio, "params_reduction": res["params_reduction"], **score_ir(ctx, fp["out"], tag),
+        res = prune(run, criterion, ratio, checkpoint=args.checkpoint, steps=args.smallest_prune_steps,
+                    round_to=args.smallest_round_to, finetune_steps=args.finetune_steps, name=tag, evaluate=False)
+        fp = fp16_finetune(run, res["checkpoint"], steps=args.fp16_steps, name=f"{tag}-fp16")
+        row = {"ratio": ratio, "params_reduction": res["params_reduction"], **score_ir(run, fp["out"], tag),
                "fp16_gap_rows": {k: v["miou"] for k, v in fp["rows"].items()}}
         tried.append(row)
         log(f"ratio {ratio}: {row['params']} params, OpenVINO mIoU {row['miou_openvino']:.4f}")
@@ -192,35 +190,32 @@ def phase_smallest(ctx, args, criterion: str, teacher_params: int | None) -> dic
     return out
 
 
-def phase_gap(ctx, args, checkpoint: str) -> dict:
-    from ground.fp16 import fp16_finetune_stage
-    return fp16_finetune_stage(ctx.run_dir, checkpoint, steps=args.fp16_steps, name="bench-gap",
-                               progress=not args.json)
+def phase_gap(run, args, checkpoint: str) -> dict:
+    from ground.stages.fp16_finetune import fp16_finetune
+    return fp16_finetune(run, checkpoint, steps=args.fp16_steps, name="bench-gap")
 
 
-def phase_bundle(ctx, args, checkpoint: str | None) -> dict:
+def phase_bundle(run, args, checkpoint: str | None) -> dict:
     """A ~100k-parameter student (the student pruned by `--bundle-target` of its parameters,
     fine-tuned with the teacher, then FP16-aware), as a signed FP16 bundle within 300 KB; then a
     copy with one weight byte flipped is verified."""
     from shared.bundle import BundleError, verify_bundle
     from shared.keys import generate_keypair
-    from ground.export import export_stage
-    from ground.fp16 import fp16_finetune_stage
-    from ground.package import bundle_stage
-    from ground.prune import prune_stage
+    from ground.stages.bundle import bundle
+    from ground.stages.export import export
+    from ground.stages.fp16_finetune import fp16_finetune
+    from ground.stages.prune import prune
     if checkpoint is None:
-        res = prune_stage(ctx.run_dir, args.criterion, args.bundle_target, checkpoint=args.checkpoint,
-                          round_to=4, finetune_steps=args.finetune_steps, name="bench-bundle", evaluate=False,
-                          progress=not args.json)
-        checkpoint = fp16_finetune_stage(ctx.run_dir, res["checkpoint"], steps=args.fp16_steps,
-                                         name="bench-bundle-fp16", progress=not args.json)["out"]
-    keys = ctx.run_dir / "bench-prune" / "keys"
+        res = prune(run, args.criterion, args.bundle_target, checkpoint=args.checkpoint, round_to=4,
+                    finetune_steps=args.finetune_steps, name="bench-bundle", evaluate=False)
+        checkpoint = fp16_finetune(run, res["checkpoint"], steps=args.fp16_steps, name="bench-bundle-fp16")["out"]
+    keys = run.run_dir / "bench-prune" / "keys"
     shutil.rmtree(keys, ignore_errors=True)
     sk, pk = generate_keypair(keys)
-    rec = export_stage(ctx.run_dir, checkpoint, name="bench-bundle", progress=False)
+    rec = export(run, checkpoint, name="bench-bundle")
     version = int(time.time())            # monotonic across re-runs
-    res = bundle_stage(ctx.run_dir, "export/bench-bundle", sk, "cloudmask-ukis", version, max_bytes="300KB",
-                       reference_tiles=args.reference_tiles, reference_window=args.reference_window, progress=False)
+    res = bundle(run, "export/bench-bundle", sk, "cloudmask-ukis", version, max_bytes="300KB",
+                 reference_tiles=args.reference_tiles, reference_window=args.reference_window)
     ok = verify_bundle(res["bundle"], pk)
     bad = Path(res["bundle"]).with_name("tampered.tar")
     with tarfile.open(res["bundle"]) as src, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as dst:
@@ -243,7 +238,7 @@ def phase_bundle(ctx, args, checkpoint: str | None) -> dict:
 # ---- report ------------------------------------------------------------------------------------------
 
 def markdown(b: dict) -> str:
-    from ground.sweep import sweep_markdown
+    from ground.stages.sweep import sweep_markdown
     out = ["# bench_prune", "", f"`{b['command']}` on {b['machine']} ({b['load_before']} before, "
            f"{b['load_after']} after); run folder `{b['run_dir']}`.", ""]
     if "roundto" in b:
@@ -280,7 +275,7 @@ def markdown(b: dict) -> str:
             out += ["", f"No pruned student reached {s['teacher_miou']:.4f}."]
         out += [""]
     if "gap" in b:
-        from ground.fp16 import gap_markdown
+        from ground.stages.fp16_finetune import gap_markdown
         out += ["## Deployment gap", "", gap_markdown(b["gap"])]
     if "bundle" in b:
         u = b["bundle"]
@@ -329,22 +324,22 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(args.torch_threads)
-    from ground.sweep import RunContext
+    from ground.stages.run import Run
     t0 = time.perf_counter()
     bench = {"command": " ".join(["benchmarks/bench_prune.py"] + (argv if argv is not None else sys.argv[1:])),
              "machine": f"{os.cpu_count()} CPUs, torch {args.torch_threads} thread(s), OpenVINO 1 thread",
              "load_before": load_line()}
     run_dir = ensure_run(Path(args.run), Path(args.config), args.distill_steps)
-    ctx = RunContext.open(run_dir, progress=not args.json)
-    if not ctx.label_free:
+    run = Run.open(run_dir, progress=not args.json)
+    if not run.label_free:
         raise SystemExit(f"{run_dir}: the delivered student used human labels; bench_prune needs a label-free one")
     bench["run_dir"] = str(run_dir)
     out_dir = run_dir / "bench-prune"
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out_dir / "bench-prune.json").read_text()) if (out_dir / "bench-prune.json").exists() else {}
-    trow = teacher_row(ctx)
+    trow = teacher_row(run)
     if not trow.get("params"):
-        trow["params"] = getattr(ctx.teacher, "params", None)     # counted from the teacher's graph
+        trow["params"] = getattr(run.teacher, "params", None)     # counted from the teacher's graph
     bench["teacher"] = {k: trow.get(k) for k in ("model", "params", "miou", "accuracy")}
     if trow.get("miou"):
         args.teacher_miou = max(args.teacher_miou, float(trow["miou"]))
@@ -356,19 +351,19 @@ def main(argv=None) -> int:
         log(f"phase {phase} ({load_line()})")
         t = time.perf_counter()
         if phase == "roundto":
-            bench[phase] = phase_roundto(ctx, args)
+            bench[phase] = phase_roundto(run, args)
         elif phase == "sweep":
-            bench[phase] = phase_sweep(ctx, args)
+            bench[phase] = phase_sweep(run, args)
         elif phase == "target":
-            bench[phase] = phase_target(ctx, args, args.criterion)
+            bench[phase] = phase_target(run, args, args.criterion)
         elif phase == "smallest":
-            bench[phase] = phase_smallest(ctx, args, args.criterion, trow.get("params"))
+            bench[phase] = phase_smallest(run, args, args.criterion, trow.get("params"))
         elif phase == "gap":
             s = (bench.get("smallest") or {}).get("smallest")
             src = s["checkpoint"].replace("-fp16.pt", ".pt").replace("fp16/", "pruned/") if s else args.checkpoint
-            bench[phase] = phase_gap(ctx, args, src)
+            bench[phase] = phase_gap(run, args, src)
         elif phase == "bundle":
-            bench[phase] = phase_bundle(ctx, args, args.bundle_checkpoint)
+            bench[phase] = phase_bundle(run, args, args.bundle_checkpoint)
         bench[phase]["seconds"] = round(time.perf_counter() - t, 1)
         (out_dir / "bench-prune.json").write_text(json.dumps(bench, indent=2, default=str))
     bench["load_after"] = load_line()

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 
 from ground.data.augment import D4, dihedral, random_crop, transforms_for
-from ground.data.layouts import MARIDA_BANDS, mados_band, map_labels
+from ground.data.layouts import mados_band, map_labels
 from ground.data.normalization import Normalization, class_weights
 from ground.data.sample import IGNORE, Sample
 from ground.data.sources import load_source

@@ -46,17 +46,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SCENES = ("s0.npz", "s1.npz")
 
 
-def _imagery(root) -> dict:
+def _imagery(root) -> None:
     """Two generated 6-band scenes (128 x 256: two 128-tiles each) and a labelled held-out patch
     (images/ + masks/), reflectance 0..0.5 with some structure for the classes to follow."""
     rng = np.random.default_rng(0)
-    scenes = {}
+    (root / "scenes").mkdir(parents=True, exist_ok=True)
     for name in SCENES:
         data = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
         data[:, 40:90, 60:200] += 0.3                       # a bright "cloud"
-        (root / "scenes").mkdir(parents=True, exist_ok=True)
         np.savez(root / "scenes" / name, data=data, bands=np.array(BANDS))
-        scenes[name] = data
     image = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
     mask = np.zeros((128, 256), np.uint8)
     mask[30:80, 50:150] = 1
@@ -66,7 +64,6 @@ def _imagery(root) -> dict:
     for folder, array in (("images", image), ("masks", mask)):
         (root / "eval" / folder).mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(root / "eval" / folder / "e0.tif", array, photometric="minisblack")
-    return scenes
 
 
 def _make_run(root):
