@@ -106,9 +106,10 @@ def ground_metrics(record: dict) -> dict:
 
 def retiled_metrics(run: Run, xml: Path, record: dict, point: dict, tile: int, overlap: int) -> dict:
     """The held-out scores with the daemon's tiling, when it differs from the evaluation's."""
-    run.cfg = replace(run.cfg, tile=tile, overlap=overlap)
+    retiled = Run(replace(run.cfg, tile=tile, overlap=overlap), run.folder, run.progress)
+    retiled.share_inputs(run)                 # the same data and teacher, another tiling; `run` is unchanged
     op = OperatingPoint(list(point["thresholds"]), int(point["opening_radius"]))
-    row = run.evaluate(run.ir_predict(xml, Normalization.from_dict(record["normalization"])), op)
+    row = retiled.evaluate(retiled.ir_predict(xml, Normalization.from_dict(record["normalization"])), op)
     return _numbers({k: row.get(k) for k in ("miou", "f1", "accuracy", "agreement", "iou")})
 
 

@@ -137,7 +137,9 @@ def _student_row(run: Run, exp: Experiment, feature, teacher_masks) -> tuple[dic
         res.update(evaluate_on(probs, point, cfg.classes, run.evals, teacher_masks))
         mask = point.apply(probs[0])
         row.update(summary(res))
-    run.folder.add(StageRecord(f"student:{exp.name}", [path], params={"experiment": asdict(exp)},
+    run.folder.add(StageRecord(f"student:{exp.name}", [path],
+                               params={"experiment": asdict(exp), "operating_point": point.as_dict(cfg.classes),
+                                       "train_seconds": info["train_seconds"]},
                                metrics=summary(res) if run.evals else {}, label_free=not labels))
     return row, res, history, mask
 
@@ -165,8 +167,12 @@ def distill(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         masks["teacher"] = teacher_masks[0]
         run.log(f"teacher {run.teacher.name}: mIoU {row.get('miou')}")
     feature = feature_teacher(run) if any(e.mode == "feature" for e in wanted) else None
+    setup_seconds = time.perf_counter() - t_start          # data + teacher + its evaluation, shared by all
     for exp in wanted:
+        t_exp = time.perf_counter()
         row, results[exp.name], histories[exp.name], masks[exp.name] = _student_row(run, exp, feature, teacher_masks)
+        # what this student alone costs end to end: data, teacher set-up, labelling, training, evaluation
+        results[exp.name]["train"]["run_seconds"] = round(setup_seconds + time.perf_counter() - t_exp, 1)
         rows.append(row)
         run.log(f"{exp.name}: mIoU {row.get('miou')} agreement {row.get('agreement')} ({row['seconds']} s)")
     deliver = cfg.deliver or wanted[-1].name

@@ -84,6 +84,10 @@ class Run:
                       cache=cfg.cache if raw.get("run", {}).get("cache") else run_dir.parent / ".teacher-cache")
         return cls(cfg, folder, progress)
 
+    def share_inputs(self, other: "Run") -> None:
+        """Reuse `other`'s loaded data, teacher and teacher masks (a view of the same run)."""
+        self._data, self._teacher, self._teacher_masks = other._data, other._teacher, other._teacher_masks
+
     def log(self, msg: str) -> None:
         if self.progress:
             print(msg, file=sys.stderr)

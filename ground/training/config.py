@@ -22,7 +22,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    # label-free distillation of a rare class (ground.pipeline.train_student): the share of crops
+    # label-free distillation of a rare class (ground.stages.distill.train_student): the share of crops
     # centred on a pixel of a class drawn uniformly (teacher's argmax, or labels), and per-class
     # weights of the distillation term counted on the teacher's masks ("none", "inverse", "log", list)
     balance: float = 0.0
