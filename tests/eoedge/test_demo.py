@@ -1,5 +1,5 @@
-"""`eoedge demo`'s parts that are cheap to check: its imagery, its stand-in chip, its ground
-config and policy, and its command line. (The whole demo takes minutes: `eoedge demo`.)"""
+"""`eoedge demo`'s parts that are cheap to check: its imagery, its ground config and policy, and
+its command line. (The whole demo takes minutes: `eoedge demo`.)"""
 import subprocess
 import sys
 
@@ -25,13 +25,14 @@ def test_training_scenes_cover_clear_to_overcast(tmp_path):
     assert scene.data.shape == (6, 64, 64)
 
 
-def test_standin_chip_reads_as_the_ukis_layout(tmp_path):
-    from shared.datasets import UKIS_BANDS, load_ukis_chip
-    root = demo.write_standin_chip(tmp_path, size=64)
-    scene, labels = load_ukis_chip(root)
-    assert scene.bands == UKIS_BANDS == tuple(demo.TEACHER_BANDS)
-    assert scene.data.shape == (6, 64, 64) and set(np.unique(labels)) <= {0, 1, 2}
-    assert "GENERATED" in (root / "ukis_csmask_s2" / "SOURCE.md").read_text()
+def test_ground_run_reads_only_its_generated_scenes(tmp_path, monkeypatch):
+    """Nothing of ../shared/data is needed: the demo's run takes its imagery (and so its parity and
+    reference tiles) from the generated scenes alone."""
+    scenes = demo.write_training_scenes(tmp_path / "scenes", 64)
+    cfg = demo.ground_config(tmp_path, scenes, steps=5)
+    assert [s["source"] for s in cfg["data"]["unlabelled"]] == ["scene"] * len(scenes)
+    assert [s["path"] for s in cfg["data"]["unlabelled"]] == [str(p) for p in scenes]
+    assert not cfg["data"].get("labelled") and "data" not in cfg["eval"]
 
 
 def test_ground_config_and_policy_are_valid(tmp_path):
