@@ -25,7 +25,7 @@ def test_training_scenes_cover_clear_to_overcast(tmp_path):
     assert scene.data.shape == (6, 64, 64)
 
 
-def test_ground_run_reads_only_its_generated_scenes(tmp_path, monkeypatch):
+def test_ground_run_reads_only_its_generated_scenes(tmp_path):
     """Nothing of ../shared/data is needed: the demo's run takes its imagery (and so its parity and
     reference tiles) from the generated scenes alone."""
     scenes = demo.write_training_scenes(tmp_path / "scenes", 64)
