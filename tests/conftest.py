@@ -23,3 +23,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context of the test's own, destroyed after it (no socket outlives a test)."""
+    zmq = pytest.importorskip("zmq")
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)

@@ -39,13 +39,6 @@ def test_daemon_config_is_what_the_daemon_reads(tmp_path):
     assert cfg.store_root == (tmp_path / "store").resolve() and cfg.max_message_bytes == 300 << 20
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def test_uplink_resends_corrupt_chunks_and_resumes(ctx, tmp_path):
     """A daemon-side model of the upload commands (chunk checksums, held chunks) drives the
     client's fault handling: a flipped chunk is refused and resent, a lost link resumes."""

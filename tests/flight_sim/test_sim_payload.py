@@ -12,13 +12,6 @@ from shared.messages import Message, MessageError, decode, encode  # noqa: E402
 from shared.scene import Scene  # noqa: E402
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def frames(n: int, lines: int = 8):
     data = np.random.default_rng(0).random((3, n * lines, 16)).astype(np.float32) * 0.3
     cam = PushbroomCamera([ArraySource(Scene(data, ("B02", "B03", "B04"), name="t"))],

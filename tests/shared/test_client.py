@@ -14,13 +14,6 @@ from shared.client import CommandClient  # noqa: E402
 from shared.errors import EXIT_ERROR, EXIT_UNREACHABLE, CommandRejected, PeerUnreachable  # noqa: E402
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def test_the_first_request_ignored_then_answered_on_a_fresh_socket(ctx):
     router = FakeDaemon(ctx, lambda n, msg: None if n == 1 else {"ok": True, "result": {"n": n}})
     try:
