@@ -14,6 +14,10 @@ A manifest is a JSON object (format_version 1)::
     postprocess     {threshold: {class: 0..1} for thresholded classes, opening_radius: int >= 0}
     policy          the keep/discard policy (shared.policy)
     metrics         free object of numbers measured on the ground (may nest)
+    precision       "fp32" | "fp16" | "bf16" | "int8": the precision the bundle was validated at
+                    on the ground; its `reference` outputs and tolerances were computed at it,
+                    and the daemon compiles and self-tests the model at it. Optional: a
+                    manifest without it (older bundles) means "fp32".
     reference       {file: "reference.npz", max_abs_diff: >= 0, min_mask_agreement: 0..1}
     lineage         free object (config, input hashes, run folder ...)
     files           {relative path: sha256 hex} of every file but manifest.json and manifest.sig
@@ -46,6 +50,8 @@ RESERVED_NAMES = (MANIFEST_NAME, SIGNATURE_NAME)
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 DTYPES = ("float32",)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEFAULT_PRECISION = "fp32"     # what a manifest without `precision` was validated at
 DEFAULT_REFERENCE = {"file": REFERENCE_NAME, "max_abs_diff": 1e-2, "min_mask_agreement": 0.99}
 
 _MODEL_ID = re.compile(r"^[a-z0-9._-]+$")
@@ -53,8 +59,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _TOP_FIELDS = {
     "format_version", "model_id", "version", "parent", "created", "input", "output",
-    "postprocess", "policy", "metrics", "reference", "lineage", "files",
+    "postprocess", "policy", "metrics", "reference", "lineage", "files", "precision",
 }
+_OPTIONAL_FIELDS = {"precision"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def validate_manifest(manifest: Any) -> dict:
 
     Returns the manifest unchanged (so `m = validate_manifest(json.loads(...))` reads well).
     """
-    m = _obj(manifest, "", _TOP_FIELDS, sorted(_TOP_FIELDS))
+    m = _obj(manifest, "", _TOP_FIELDS, sorted(_TOP_FIELDS - _OPTIONAL_FIELDS))
     fv = _int(m["format_version"], "format_version")
     if fv != FORMAT_VERSION:
         raise ManifestError("format_version", f"unsupported format version {fv} (this reads {FORMAT_VERSION})")
@@ -257,7 +264,15 @@ def validate_manifest(manifest: Any) -> dict:
     _obj(m["lineage"], "lineage")
     _check_files(m["files"])
     _check_reference(m["reference"], m["files"])
+    if "precision" in m and m["precision"] not in PRECISIONS:
+        raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
+                                         f"got {m['precision']!r}")
     return m
+
+
+def manifest_precision(manifest: Mapping[str, Any]) -> str:
+    """The precision a (validated) manifest was validated at; "fp32" when it does not say."""
+    return manifest.get("precision", DEFAULT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +296,8 @@ def utc_now() -> str:
 def fill_defaults(partial: Mapping[str, Any],
                   files: Mapping[str, str | os.PathLike] | None = None) -> dict:
     """A complete manifest from a partial one: format_version, created (now, UTC), parent null,
-    empty metrics/lineage, the default policy and reference, and `files` hashed when given.
+    empty metrics/lineage, the default policy and reference, precision "fp32", and `files`
+    hashed when given.
     Fields already present are kept. Does not validate (call `validate_manifest`)."""
     m = json.loads(json.dumps(dict(partial)))   # deep copy; also proves it is JSON
     m.setdefault("format_version", FORMAT_VERSION)
@@ -291,6 +307,7 @@ def fill_defaults(partial: Mapping[str, Any],
     m.setdefault("metrics", {})
     m.setdefault("lineage", {})
     m.setdefault("reference", dict(DEFAULT_REFERENCE))
+    m.setdefault("precision", DEFAULT_PRECISION)
     post = m.setdefault("postprocess", {})
     if isinstance(post, dict):
         post.setdefault("threshold", {})
@@ -315,9 +332,11 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
                   policy: dict | None = None, metrics: dict | None = None,
                   reference: dict | None = None, lineage: dict | None = None,
                   parent: dict | None = None, created: str | None = None,
-                  files: Mapping[str, str | os.PathLike] | None = None) -> dict:
+                  files: Mapping[str, str | os.PathLike] | None = None,
+                  precision: str = DEFAULT_PRECISION) -> dict:
     """A validated manifest from plain arguments; band aliases (`B2`, `NIR`) become canonical,
-    and `files` ({arcname: path}) is hashed. Raises ManifestError naming a bad field."""
+    and `files` ({arcname: path}) is hashed. `precision` is the one the reference outputs and
+    tolerances were computed at (one of PRECISIONS). Raises ManifestError naming a bad field."""
     try:
         canon = [canonical_band(b) for b in bands]
     except UnknownBandError as exc:
@@ -329,6 +348,7 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
                   "tile_size": tile_size, "overlap": overlap},
         "output": {"classes": list(classes), "activation": activation},
         "postprocess": {"threshold": dict(threshold or {}), "opening_radius": opening_radius},
+        "precision": precision,
     }
     for key, value in (("policy", policy), ("metrics", metrics), ("reference", reference),
                        ("lineage", lineage), ("created", created)):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.manifest import (DEFAULT_REFERENCE, ManifestError, fill_defaults, make_manifest,
-                             manifest_bytes, parse_manifest, validate_manifest)
+                             manifest_bytes, manifest_precision, parse_manifest, validate_manifest)
 
 SHA = "ab" * 32
 
@@ -105,6 +105,9 @@ def _set(path: str, value):
     ("reference.min_mask_agreement", 2, "reference.min_mask_agreement: must be 0..1"),
     ("reference.max_abs_diff", -0.1, "reference.max_abs_diff: must be >= 0"),
     ("extra", 1, "extra: unknown field"),
+    ("precision", "fp64", "precision: must be one of fp32, fp16, bf16, int8, got 'fp64'"),
+    ("precision", "INT8", "precision: must be one of fp32, fp16, bf16, int8"),
+    ("precision", None, "precision: must be one of"),
     ("files", ..., "files: missing"),
 ])
 def test_each_bad_field_is_named(path, value, message):
@@ -142,6 +145,23 @@ def test_parse_and_canonical_bytes_round_trip():
         parse_manifest(b"{nope")
     with pytest.raises(ManifestError, match="input.scaling.std\\[0\\]: must be a finite number"):
         parse_manifest(json.dumps(_set("input.scaling.std.0", float("nan"))).encode())
+
+
+def test_precision_is_optional_fp32_and_set_by_make_manifest(tmp_path):
+    older = _set("precision", ...)                     # a bundle made before the field existed
+    assert "precision" not in validate_manifest(older) and manifest_precision(older) == "fp32"
+    assert _good["precision"] == "fp32"                # fill_defaults writes it
+    for name in ("model.xml", "model.bin", "reference.npz"):
+        (tmp_path / name).write_bytes(name.encode())
+    files = {n: tmp_path / n for n in ("model.xml", "model.bin", "reference.npz")}
+    common = dict(model_id="m", version=1, bands=["B02"], mean=[0], std=[1], classes=["a", "b"],
+                  files=files)
+    assert make_manifest(**common)["precision"] == "fp32"
+    m = make_manifest(**common, precision="int8")
+    assert m["precision"] == "int8" and manifest_precision(m) == "int8"
+    with pytest.raises(ManifestError, match="^precision: must be one of") as exc:
+        make_manifest(**common, precision="fp64")
+    assert exc.value.field == "precision"
 
 
 def test_fill_defaults_keeps_given_fields():
