@@ -30,10 +30,14 @@ COMMANDS = {
                      a.add_prune),
     "sweep": Command(_lazy("compress", "cmd_sweep"), "criteria x ratios: metric, size and OpenVINO latency",
                      a.add_sweep),
+    "lowrank": Command(_lazy("compress", "cmd_lowrank"),
+                       "factorise a run's convolutions by truncated SVD, then fine-tune", a.add_lowrank),
     "fp16-finetune": Command(_lazy("compress", "cmd_fp16_finetune"),
                              "FP16-aware fine-tuning and the deployment-gap table", a.add_fp16),
     "export": Command(_lazy("deploy", "cmd_export"), "OpenVINO IR (FP16), parity on the run's imagery, scores, latency",
                       a.add_export),
+    "gap": Command(_lazy("deploy", "cmd_gap"), "one checkpoint at FP32, FP16, BF16 and INT8: mIoU, agreement, "
+                                              "latency, bytes", a.add_gap),
     "bundle": Command(_lazy("deploy", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
                       a.add_bundle),
 }

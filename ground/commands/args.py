@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shared.cliutil import byte_size
+from shared.manifest import PRECISIONS
 from ground.training.config import FINETUNE_SOURCES
 
 DEFAULT_MAX_BYTES = "5MB"                                      # CloudScout's uplink budget
@@ -78,6 +79,18 @@ def add_prune(p) -> None:
     _finetune_args(p, 200)
 
 
+def add_lowrank(p) -> None:
+    _run_arg(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--energy", type=float,
+                     help="rank per layer: the fewest singular values holding this share of the squared ones (0..1]")
+    how.add_argument("--macs-target", type=float,
+                     help="share of the MACs to keep (0..1): one energy for every layer, chosen to meet it")
+    p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
+    p.add_argument("--name", help="output name (lowrank/NAME.pt)")
+    _finetune_args(p, 200)
+
+
 def add_sweep(p) -> None:
     _run_arg(p)
     p.add_argument("--criteria", nargs="+", metavar="NAME",
@@ -106,9 +119,19 @@ def add_export(p) -> None:
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
     p.add_argument("--name", help="export/NAME/ (default: the checkpoint's name)")
     p.add_argument("--fp32", action="store_true", help="keep FP32 weights (default: FP16, what flies)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="what the target computes in: the IR is scored, timed and declared at it (int8: NNCF)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the held-out image")
     p.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency figure")
+    _precision_args(p)
+
+
+def _precision_args(p) -> None:
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="int8: the most agreement with the teacher (training tiles) quantisation may cost")
+    p.add_argument("--qat-steps", type=int, default=0,
+                   help="int8: quantisation-aware fine-tuning steps instead of post-training quantisation")
 
 
 def add_bundle(p) -> None:
@@ -127,3 +150,12 @@ def add_bundle(p) -> None:
                    help="keep only a real WxW patch of each reference tile (the rest the mean): a smaller bundle")
     p.add_argument("--tile-size", type=int, help="the daemon's tile (default: the evaluation tile)")
     p.add_argument("--overlap", type=int, help="the daemon's tile overlap")
+
+
+def add_gap(p) -> None:
+    _run_arg(p)
+    p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
+    p.add_argument("--name", help="gap/NAME/ and export/NAME-PRECISION/ (default: the checkpoint's name)")
+    p.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency figures")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (each IR in turn, lowest median kept)")
+    _precision_args(p)

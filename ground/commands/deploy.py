@@ -5,12 +5,13 @@ from __future__ import annotations
 from shared.cliutil import CommandError, emit
 from ground.stages.bundle import bundle
 from ground.stages.export import export
+from ground.stages.gap import deployment_gap, gap_table
 from ground.stages.run import Run
 
 
 def _export_text(r: dict) -> str:
     p = r["parity"]
-    lines = [f"{r['out_dir']}: " + ", ".join(f"{k} {v:,} B" for k, v in r["files"].items()),
+    lines = [f"{r['out_dir']} ({r['precision']}): " + ", ".join(f"{k} {v:,} B" for k, v in r["files"].items()),
              f"parity on {p['tiles']} tiles of the run's imagery: max |p_IR - p_torch| {p['max_abs_diff']:.2e}, "
              f"mask agreement {p['mask_agreement']:.5f}"]
     if "metrics" in r:
@@ -25,7 +26,7 @@ def _export_text(r: dict) -> str:
 def cmd_export(args) -> int:
     run = Run.open(args.run, progress=not args.json)
     res = export(run, args.checkpoint, args.name, fp16=not args.fp32, onnx=args.onnx, evaluate=not args.no_eval,
-                 threads=args.threads)
+                 threads=args.threads, precision=args.precision, max_drop=args.max_drop, qat_steps=args.qat_steps)
     emit(res, args.json, _export_text)
     return 0
 
@@ -52,4 +53,12 @@ def cmd_bundle(args) -> int:
                  policy=args.policy, parent=parse_parent(args.parent), reference_tiles=args.reference_tiles,
                  reference_window=args.reference_window, tile_size=args.tile_size, overlap=args.overlap)
     emit(res, args.json, _bundle_text)
+    return 0
+
+
+def cmd_gap(args) -> int:
+    run = Run.open(args.run, progress=not args.json)
+    res = deployment_gap(run, args.checkpoint, args.name, threads=args.threads, rounds=args.rounds,
+                         max_drop=args.max_drop, qat_steps=args.qat_steps)
+    emit(res, args.json, lambda r: gap_table(r) + f"\nwritten: {r['out_dir']}/gap.{{json,md}}")
     return 0

@@ -15,7 +15,8 @@ def reference_tiles(samples: list[Sample], n: int, tile: int,
                     norm: Normalization | None = None) -> tuple[np.ndarray, list[dict]]:
     """`n` tiles (N, C, tile, tile) float32 cut on a grid from `samples` (the training imagery),
     one image after another so that the tiles come from as many images as there are; normalised
-    with `norm` when given. Also where each came from: [{"sample", "files", "row", "col"}]."""
+    with `norm` when given. Also where each came from: [{"sample", "index", "files", "row", "col"}]
+    (`index`: the position in `samples`)."""
     if n < 1:
         raise DataError(f"reference tiles: n must be >= 1, got {n}")
     spots = [[(s, r * tile, c * tile) for r in range(s.image.shape[1] // tile)
@@ -29,5 +30,7 @@ def reference_tiles(samples: list[Sample], n: int, tile: int,
     tiles = np.stack([s.image[:, r:r + tile, c:c + tile] for s, r, c in order]).astype(np.float32)
     if norm is not None:
         tiles = np.stack([norm.apply(t) for t in tiles]).astype(np.float32)
-    where = [{"sample": s.name, "files": list(s.files), "row": r, "col": c} for s, r, c in order]
+    index = {id(s): i for i, s in enumerate(samples)}
+    where = [{"sample": s.name, "index": index[id(s)], "files": list(s.files), "row": r, "col": c}
+             for s, r, c in order]
     return tiles, where

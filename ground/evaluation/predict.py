@@ -34,8 +34,10 @@ def torch_predictor(model: torch.nn.Module, norm: Normalization, tile: int, over
     return lambda image: model_proba(m, image, norm, tile, overlap)
 
 
-def ir_predictor(xml: str | Path, norm: Normalization, tile: int, overlap: int) -> Predict:
-    """Probabilities of an OpenVINO IR run by OpenVINO on this CPU (f32, as the daemon runs it)."""
-    compiled = compile_ir(xml)
+def ir_predictor(xml: str | Path, norm: Normalization, tile: int, overlap: int,
+                 precision: str = "fp32") -> Predict:
+    """Probabilities of an OpenVINO IR run by OpenVINO on this CPU at `precision`, as the daemon
+    runs a bundle validated at it."""
+    compiled = compile_ir(xml, precision=precision)
     infer = lambda tiles: softmax(np.asarray(compiled(tiles)[0]))
     return lambda image: tiled_predict(norm.apply(image), infer, tile, overlap)

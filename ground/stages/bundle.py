@@ -113,7 +113,8 @@ def retiled_metrics(run: Run, xml: Path, record: dict, point: dict, tile: int, o
     return _numbers({k: row.get(k) for k in ("miou", "f1", "accuracy", "agreement", "iou")})
 
 
-def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: int | None = None) -> dict:
+def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: int | None = None,
+                  precision: str = "fp32") -> dict:
     """`n` tiles of the run's training imagery at float16 precision and the IR's probabilities.
 
     `window` < tile keeps only a real `window` x `window` patch in each tile and fills the rest
@@ -133,17 +134,20 @@ def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: in
         tiles = filled
     tiles = compact(tiles)
     normalised = ((tiles - m) / s).astype(np.float32)
-    probs = softmax(np.asarray(compile_ir(xml)(normalised)[0]))
+    probs = softmax(np.asarray(compile_ir(xml, precision=precision)(normalised)[0]))   # as the daemon will
     # on a 2^-10 grid (error <= 2^-11, a twentieth of the least tolerance): a third of the bytes
     return {"tiles": tiles, "normalised": normalised, "where": where,
             "probabilities": (np.round(probs / PROB_STEP) * PROB_STEP).astype(np.float32)}
 
 
-def self_test_tolerance(model, ref: dict) -> tuple[dict, float, float]:
-    """Tolerances an FP16 device (emulated here) passes with margin and a wrong model fails:
-    (manifest reference section without the file, max |p| spread, mask agreement)."""
+def self_test_tolerance(model, ref: dict, precision: str = "fp32") -> tuple[dict, float, float]:
+    """Tolerances another implementation of the precision passes with margin and a wrong model
+    fails: (manifest reference section without the file, max |p| spread, mask agreement). The
+    spread is measured against emulated FP16 (a VPU) for fp32/fp16 bundles, and against torch FP32
+    for bf16/int8 ones (another CPU's kernels land between the two)."""
+    other = emulate_fp16(model) if precision in ("fp32", "fp16") else model.eval()
     with torch.no_grad():
-        p = torch.softmax(emulate_fp16(model)(torch.from_numpy(ref["normalised"])), 1).numpy()
+        p = torch.softmax(other(torch.from_numpy(ref["normalised"])), 1).numpy()
     spread = float(np.abs(p - ref["probabilities"]).max())
     agree = float(np.mean(p.argmax(1) == ref["probabilities"].argmax(1)))
     tolerance = {"max_abs_diff": round(max(MIN_TOLERANCE, 2 * spread + PROB_STEP / 2), 4),
@@ -152,7 +156,7 @@ def self_test_tolerance(model, ref: dict) -> tuple[dict, float, float]:
 
 
 def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, window: int | None,
-                     fp16_spread: dict) -> dict:
+                     spread: dict) -> dict:
     """What the bundle says it came from: run, checkpoint, export, hashes, the reference tiles."""
     return {"run": run.run_dir.name, "checkpoint": record["checkpoint"], "export": str(export),
             "label_free": bool(record.get("label_free")), "lineage_sha256": sha256_file(run.folder.lineage_path),
@@ -160,7 +164,7 @@ def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, wind
             "fp16_weights": bool(record.get("fp16")),
             "reference_tiles": {"count": len(tiles_from), "window": window, "tiles": tiles_from,
                                 "from": "the run's training imagery (never the held-out evaluation data)",
-                                "fp16_emulated": fp16_spread}}
+                                "spread_vs_other_implementation": spread}}
 
 
 def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | None = None,
@@ -188,10 +192,11 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
         metrics["tiling"] = {"tile": tile, "overlap": ov}
     staging = run.run_dir / "bundles" / f".{model_id}-v{version}"
     staging.mkdir(parents=True, exist_ok=True)
-    ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window)
+    precision = record.get("precision", "fp32")
+    ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window, precision)
     ref_path = save_reference(staging / REFERENCE_NAME, ref["tiles"], ref["probabilities"])
     model, _, _ = run.load(record["checkpoint"])
-    tolerance, spread, agree = self_test_tolerance(model, ref)
+    tolerance, spread, agree = self_test_tolerance(model, ref, precision)
     classes = record["classes"]
     files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
     lineage = manifest_lineage(run, record, export, ref["where"], reference_window,
@@ -201,7 +206,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},
                              opening_radius=int(point["opening_radius"]), policy=policy, metrics=metrics,
                              reference={"file": REFERENCE_NAME, **tolerance}, lineage=lineage, parent=parent,
-                             files=files)
+                             files=files, precision=precision)
     load_reference(ref_path, manifest)          # the daemon will read it this way
     out_path = Path(out) if out else run.run_dir / "bundles" / f"{model_id}-v{version}.tar"
     try:
@@ -216,7 +221,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
                                        "reference_tiles": ref["where"]},
                                params={"key_id": verified.key_id, "max_bytes": budget, "files": verified.files},
                                metrics={"bytes": size}, label_free=lineage["label_free"]))
-    return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files,
+    return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files, "precision": precision,
             "key_id": verified.key_id, "model_id": model_id, "version": int(version), "tile_size": tile,
             "overlap": ov, "reference": {"file": REFERENCE_NAME, **tolerance}, "metrics": metrics,
             "label_free": lineage["label_free"]}

@@ -181,9 +181,9 @@ class Run:
         """A torch model tiled as the run evaluates, as is or in emulated FP16 ("round", "half")."""
         return torch_predictor(model, norm, self.cfg.tile, self.cfg.overlap, fp16)
 
-    def ir_predict(self, xml: str | Path, norm: Normalization) -> Predict:
-        """An OpenVINO IR run by OpenVINO on this CPU (f32, as the daemon runs it)."""
-        return ir_predictor(xml, norm, self.cfg.tile, self.cfg.overlap)
+    def ir_predict(self, xml: str | Path, norm: Normalization, precision: str = "fp32") -> Predict:
+        """An OpenVINO IR run by OpenVINO on this CPU at `precision`, as the daemon runs it."""
+        return ir_predictor(xml, norm, self.cfg.tile, self.cfg.overlap, precision)
 
     def calibrate(self, predict: Predict, uses_labels: bool | None = None) -> OperatingPoint:
         """The operating point on *training* imagery (ground.evaluation.operating_point.calibrate):

@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 
 from shared.bundle import (BadSignature, ChecksumMismatch, TooLarge, extract_bundle, load_reference,
@@ -22,11 +21,9 @@ from shared.cli import main as shared_main
 from shared.keys import generate_keypair
 from shared.units import parse_bytes
 from ground.cli import COMMANDS, main
-from ground.data.normalization import Normalization
 from ground.errors import RunFolderError
-from ground.lineage import RunFolder, StageRecord
-from ground.models.checkpoints import load_model, save_checkpoint
-from ground.models.tiny_unet import TinyUNet
+from ground.lineage import RunFolder
+from ground.models.checkpoints import load_model
 from ground.openvino.runtime import compile_ir, softmax
 from ground.stages.bundle import bundle
 from ground.stages.export import export
@@ -34,65 +31,11 @@ from ground.stages.fp16_finetune import fp16_finetune
 from ground.stages.prune import prune
 from ground.stages.run import Run
 from ground.stages.sweep import sweep
+from mini_run import BANDS, SCENES, make_run  # noqa: E402  (tests/ground/mini_run.py)
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
-BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-SCENES = ("s0.npz", "s1.npz")
-
-
-def _imagery(root) -> None:
-    """Two generated 6-band scenes (128 x 256: two 128-tiles each) and a labelled held-out patch
-    (images/ + masks/), reflectance 0..0.5 with some structure for the classes to follow."""
-    rng = np.random.default_rng(0)
-    (root / "scenes").mkdir(parents=True, exist_ok=True)
-    for name in SCENES:
-        data = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
-        data[:, 40:90, 60:200] += 0.3                       # a bright "cloud"
-        np.savez(root / "scenes" / name, data=data, bands=np.array(BANDS))
-    image = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
-    mask = np.zeros((128, 256), np.uint8)
-    mask[30:80, 50:150] = 1
-    mask[90:110, 160:220] = 2
-    image[:, mask == 1] += 0.3
-    image[:, mask == 2] *= 0.5
-    for folder, array in (("images", image), ("masks", mask)):
-        (root / "eval" / folder).mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(root / "eval" / folder / "e0.tif", array, photometric="minisblack")
-
-
-def _make_run(root):
-    """A run folder as `eoedge ground run` leaves it: lineage.json with the config, student.pt.
-    Its imagery is generated: `scene` sources found by an absolute glob, a labelled patch to score on."""
-    _imagery(root)
-    norm = Normalization(tuple(BANDS), (0.2,) * 6, (0.15,) * 6)
-    torch.manual_seed(0)
-    teacher = save_checkpoint(root / "teacher.pt", TinyUNet(6, 3, (8, 16)),
-                              {"name": "tiny-unet", "in_channels": 6, "num_classes": 3, "options": {"widths": [8, 16]}},
-                              norm)
-    raw = {"run": {"name": "mini", "out": str(root), "seed": 0, "deliver": "distilled"},
-           "data": {"bands": BANDS, "classes": ["clear", "cloud", "shadow"],
-                    "unlabelled": [{"source": "scene", "path": str(root / "scenes" / "*.npz")}]},
-           # small images keep the test fast: one tile row of imagery
-           "eval": {"data": {"source": "patches", "path": str(root / "eval"), "band_names": BANDS},
-                    "tile": 128, "overlap": 32},
-           "teacher": {"name": f"checkpoint:{teacher}"},
-           "student": {"name": "tiny-unet", "widths": [8, 16, 32]},
-           "train": {"steps": 2, "batch": 2, "crop": 64, "augment": ["crop"]},
-           "experiment": [{"name": "distilled", "mode": "distill", "loss": "kl", "temperature": 2.0}]}
-    run = root / "mini"
-    folder = RunFolder(run)
-    folder.set_config(raw)
-    torch.manual_seed(1)
-    arch = {"name": "tiny-unet", "in_channels": 6, "num_classes": 3, "options": {"widths": [8, 16, 32]}}
-    save_checkpoint(run / "student.pt", TinyUNet(6, 3, (8, 16, 32)), arch, norm)
-    folder.add(StageRecord("distill", ["student.pt"], params={"deliver": "distilled"}, label_free=True))
-    return run
 
 
 def _open(run) -> Run:
@@ -104,7 +47,7 @@ def chain(tmp_path_factory):
     """prune -> fp16-finetune -> export, once for the module, each stage on the run opened afresh
     (as each command opens it)."""
     root = tmp_path_factory.mktemp("runs")
-    run = _make_run(root)
+    run = make_run(root)
     pruned = prune(_open(run), "taylor", 0.4, finetune_steps=2)
     fp16 = fp16_finetune(_open(run), pruned["checkpoint"], steps=2)
     exported = export(_open(run), fp16["out"], name="small")
@@ -163,7 +106,7 @@ def test_export_stage_records_parity_scores_and_latency(chain):
     assert lineage["metrics"]["export:small"]["parity_mask_agreement"] == rec["parity"]["mask_agreement"]
 
 
-def test_parity_tiles_are_the_runs_own_imagery(chain):
+def test_parity_tiles_are_the_runs_ownimagery(chain):
     """The export checks the IR on tiles of the run's scenes, one scene after another, and says so."""
     rec = chain["export"]
     where = rec["parity"]["tiles_from"]
@@ -299,7 +242,7 @@ def test_cli_rows_help_json_and_errors(chain, keys, capsys):
 
 def test_fine_tuning_reuses_the_runs_distillation_objective(tmp_path):
     """A run that weighted its distillation classes on the teacher's masks fine-tunes the same way."""
-    run = _make_run(tmp_path)
+    run = make_run(tmp_path)
     folder = RunFolder(run)
     folder.record["config"]["train"]["distill_class_weights"] = "log"
     folder.save()

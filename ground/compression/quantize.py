@@ -1,0 +1,92 @@
+"""INT8 with NNCF (why NNCF: it is OpenVINO's own quantiser, so the FakeQuantize nodes it places
+are the ones OpenVINO's CPU, GPU and ARM plugins run as int8 kernels).
+
+- `quantize_ir`: post-training quantisation of an IR on calibration tiles of the run's imagery.
+- `quantize_ir_controlled`: the same under accuracy control: layers go back to float, most
+  harmful first, until the validation metric (agreement with the teacher's masks on training
+  tiles, never the held-out rows) is within `max_drop` of the float IR's.
+- `quantize_torch`: a torch model with NNCF's quantisers inserted, for quantisation-aware
+  fine-tuning with the ordinary training loop; `ov.convert_model` turns it into an INT8 IR.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nncf
+import numpy as np
+import openvino as ov
+import torch
+
+from ground.errors import StageError
+
+SUBSET = 300          # calibration tiles NNCF reads at most
+
+
+def _dataset(tiles: np.ndarray) -> nncf.Dataset:
+    return nncf.Dataset([np.ascontiguousarray(tiles[i:i + 1], np.float32) for i in range(len(tiles))])
+
+
+def _save(model, out_xml: str | Path) -> Path:
+    out_xml = Path(out_xml)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    # the int8 weights are int8 already; the rest stays f32 so the IR computes what was validated
+    ov.save_model(model, str(out_xml), compress_to_fp16=False)
+    return out_xml
+
+
+def int8_layers(xml: str | Path) -> int:
+    """FakeQuantize nodes of an IR: how much of it runs in int8 (0: a float IR)."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(xml)).get_ops())
+
+
+def quantize_ir(xml: str | Path, tiles: np.ndarray, out_xml: str | Path) -> Path:
+    """INT8 IR of a float IR, calibrated on `tiles` (N, C, t, t), normalised model inputs."""
+    if len(tiles) == 0:
+        raise StageError("INT8 calibration needs at least one tile of the run's imagery")
+    model = ov.Core().read_model(str(xml))
+    return _save(nncf.quantize(model, _dataset(tiles), subset_size=min(SUBSET, len(tiles))), out_xml)
+
+
+def agreement_fn(masks: list[np.ndarray]):
+    """NNCF validation function: mean pixel agreement of the model's argmax with `masks` (one per
+    validation tile, in order), and the per-tile values NNCF ranks layers by."""
+    def validate(compiled, items) -> tuple[float, list[float]]:
+        values = []
+        for i, x in enumerate(items):
+            pred = np.asarray(compiled(x)[0]).argmax(1)[0]
+            values.append(float(np.mean(pred == masks[i])))
+        return float(np.mean(values)), values
+    return validate
+
+
+def quantize_ir_controlled(xml: str | Path, tiles: np.ndarray, masks: list[np.ndarray], out_xml: str | Path,
+                           max_drop: float = 0.01) -> Path:
+    """INT8 IR whose agreement with `masks` (the teacher's, on training tiles) drops at most
+    `max_drop` (absolute) from the float IR's; NNCF reverts the layers that cost the most."""
+    if not 0.0 < float(max_drop) < 1.0:
+        raise StageError(f"max_drop must be within (0, 1), got {max_drop}")
+    if len(masks) != len(tiles):
+        raise StageError(f"{len(tiles)} validation tiles but {len(masks)} masks")
+    model = ov.Core().read_model(str(xml))
+    data = _dataset(tiles)
+    q = nncf.quantize_with_accuracy_control(model, data, data, agreement_fn(masks), max_drop=float(max_drop),
+                                            subset_size=min(SUBSET, len(tiles)))
+    return _save(q, out_xml)
+
+
+def quantize_torch(model: torch.nn.Module, tiles: np.ndarray) -> torch.nn.Module:
+    """`model` with NNCF's fake quantisers (initialised on `tiles`), trainable by ground.training's
+    loop: quantisation-aware fine-tuning. The caller's model is modified in place and returned."""
+    if len(tiles) == 0:
+        raise StageError("quantisation-aware training needs at least one tile of the run's imagery")
+    data = nncf.Dataset([torch.from_numpy(np.ascontiguousarray(tiles[i:i + 1], np.float32))
+                         for i in range(len(tiles))])
+    return nncf.quantize(model.eval(), data, subset_size=min(SUBSET, len(tiles)))
+
+
+def torch_to_ir(model: torch.nn.Module, channels: int, out_xml: str | Path, tile: int = 256) -> Path:
+    """An IR of a (quantisation-aware) torch model, FakeQuantize nodes kept, dynamic batch and tile."""
+    with torch.no_grad():
+        ovm = ov.convert_model(model.eval(), example_input=torch.zeros(1, channels, tile, tile),
+                               input=[ov.PartialShape([-1, channels, -1, -1])])
+    return _save(ovm, out_xml)

@@ -1,0 +1,121 @@
+"""The deployment-gap stage: one checkpoint at every precision a target may compute, in one table:
+torch FP32, emulated FP16 (a Myriad X), and OpenVINO IRs at FP32, FP16, BF16 and INT8 (each
+exported, scored and timed by the export stage at its precision): held-out mIoU, agreement of the
+post-processed masks with torch FP32's, ms per tile on this CPU (interleaved rounds, speed-up over
+the FP32 IR in the same round), the kernels OpenVINO ran (the ISA), and the model's bytes."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from ground.errors import GroundError
+from ground.lineage import StageRecord
+from ground.openvino.runtime import capabilities, check_precision, conv_kernels, openvino_latency
+from ground.stages.export import export
+from ground.stages.run import Run, point_of
+
+IRS = (("FP32 IR", "fp32", False), ("FP16 IR", "fp16", True), ("BF16 IR", "bf16", True), ("INT8 IR", "int8", False))
+
+
+def _masks(run: Run, predict, point) -> list[np.ndarray]:
+    return [point.apply(predict(s.image)) for s in run.evals]
+
+
+def _agreement(masks: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    same = sum(int((m == r).sum()) for m, r in zip(masks, reference))
+    return same / sum(r.size for r in reference)
+
+
+def _time(irs: dict[str, tuple[Path, str]], tile: int, threads: int, rounds: int) -> dict[str, dict]:
+    """Each IR at its precision, `rounds` times in turn: the lowest median and the speed-up over
+    the FP32 IR timed in the same round (the ratio cancels the load of the moment)."""
+    medians: dict[str, list[float]] = {k: [] for k in irs}
+    for _ in range(rounds):
+        for key, (xml, precision) in irs.items():
+            medians[key].append(openvino_latency(xml, tile=tile, threads=threads, precision=precision)["ms_per_tile"])
+    base = medians["fp32"]
+    return {k: {"ms_per_tile": min(v), "speedup_vs_fp32_ir": statistics.median(b / m for b, m in zip(base, v))}
+            for k, v in medians.items()}
+
+
+def deployment_gap(run: Run, checkpoint: str = "student.pt", name: str | None = None, threads: int = 1,
+                   rounds: int = 3, max_drop: float = 0.01, qat_steps: int = 0) -> dict:
+    if not run.evals:
+        raise GroundError("the deployment gap is scored on the held-out data: the run's config has no eval.data")
+    name = name or Path(checkpoint).stem
+    model, norm, _meta = run.load(checkpoint)
+    fp32_row = run.evaluate(run.torch_predict(model, norm))
+    reference = _masks(run, run.torch_predict(model, norm), point_of(fp32_row))
+    emulated = run.evaluate(run.torch_predict(model, norm, fp16="round"), point_of(fp32_row))
+    rows = [{"precision": "torch FP32", "miou": fp32_row["miou"], "agreement_fp32": 1.0},
+            {"precision": "torch, emulated FP16", "miou": emulated["miou"],
+             "agreement_fp32": _agreement(_masks(run, run.torch_predict(model, norm, fp16="round"),
+                                                 point_of(fp32_row)), reference)}]
+    have, irs = capabilities(), {}
+    for label, precision, fp16 in IRS:
+        try:
+            check_precision(precision)
+        except GroundError as exc:
+            rows.append({"precision": label, "skipped": str(exc)})
+            continue
+        rec = export(run, checkpoint, f"{name}-{precision}", fp16=fp16, threads=threads, precision=precision,
+                     max_drop=max_drop, qat_steps=qat_steps)
+        xml = Path(rec["out_dir"]) / "model.xml"
+        irs[precision] = (xml, precision)
+        point = point_of(rec["metrics"]["openvino"])
+        rows.append({"precision": label, "key": precision, "miou": rec["metrics"]["openvino"]["miou"],
+                     "agreement_fp32": _agreement(_masks(run, run.ir_predict(xml, norm, precision), point), reference),
+                     "bytes": sum(rec["files"].values()), "export": f"export/{name}-{precision}",
+                     "kernels": conv_kernels(xml, precision), "int8": rec.get("int8")})
+    timing = _time(irs, run.cfg.tile, threads, rounds)
+    for row in rows:
+        row.update(timing.get(row.get("key"), {}))
+    report = {"checkpoint": checkpoint, "eval": run.eval_name, "tile": run.cfg.tile, "threads": threads,
+              "rounds": rounds, "capabilities": have, "cpu_flags": _isa(), "load_avg": list(os.getloadavg()),
+              "rows": rows}
+    out = run.run_dir / "gap" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gap.json").write_text(json.dumps(report, indent=2))
+    (out / "gap.md").write_text(gap_table(report))
+    run.folder.add(StageRecord(f"gap:{name}", [out / "gap.json", out / "gap.md"], inputs={"checkpoint": checkpoint},
+                               params={"threads": threads, "rounds": rounds, "max_drop": max_drop,
+                                       "qat_steps": qat_steps},
+                               metrics={r["precision"]: r.get("miou") for r in rows}, label_free=run.label_free))
+    report["out_dir"] = str(out)
+    return report
+
+
+def _isa() -> list[str]:
+    """The CPU's vector ISA flags that decide OpenVINO's kernels (Linux /proc/cpuinfo)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+              "neon", "asimd", "fphp", "asimdhp")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in wanted if f in flags]
+
+
+def gap_table(report: dict) -> str:
+    f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"
+    lines = [f"Deployment gap of `{report['checkpoint']}` on `{report['eval']}`: OpenVINO CPU, "
+             f"{report['threads']} thread(s), {report['tile']}x{report['tile']} tile, lowest of {report['rounds']} "
+             f"rounds' medians; CPU flags {' '.join(report['cpu_flags']) or '?'}; OpenVINO capabilities "
+             f"{' '.join(report['capabilities'])}; load average {report['load_avg'][0]:.2f}.", "",
+             "| precision | mIoU | agreement with FP32 | ms/tile | speed-up vs FP32 IR | bytes (xml+bin) | conv kernels |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['precision']} | not on this CPU: {r['skipped']} | | | | | |")
+            continue
+        kernels = ", ".join(f"{k} x{n}" for k, n in (r.get("kernels") or {}).items()) or "-"
+        speed = "-" if r.get("speedup_vs_fp32_ir") is None else f"{r['speedup_vs_fp32_ir']:.2f}x"
+        lines.append(f"| {r['precision']} | {f(r.get('miou'))} | {f(r.get('agreement_fp32'))} | "
+                     f"{f(r.get('ms_per_tile'), 1)} | {speed} | {r.get('bytes', '-'):,} | {kernels} |"
+                     if r.get("bytes") is not None else
+                     f"| {r['precision']} | {f(r.get('miou'))} | {f(r.get('agreement_fp32'))} | - | - | - | - |")
+    return "\n".join(lines) + "\n"
