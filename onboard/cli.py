@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from shared.cliutil import Command, CommandError, build_parser, emit, run_cli
+from shared.manifest import PRECISIONS
 
 
 def _client(args, retries: int | None = None):
@@ -97,7 +98,10 @@ def _offline_store(args):
     from onboard.store import ModelStore
     if not args.store or not args.key:
         raise CommandError("offline use needs --store DIR and --key PUB (or --config FILE for a running daemon)")
-    return ModelStore(args.store, args.key, device=args.device, exclusive=True)
+    capabilities = tuple(c.strip().upper() for c in args.capabilities.split(",")) \
+        if args.capabilities else None
+    return ModelStore(args.store, args.key, device=args.device, exclusive=True,
+                      precision=args.precision, capabilities=capabilities)
 
 
 def _refused(what: str, result: dict) -> CommandError:
@@ -133,10 +137,16 @@ def cmd_upload(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ status
+def _human_model(model: dict) -> str:
+    p = model.get("precision") or {}
+    forced = f" (forced; bundle validated at {p.get('declared')})" if p.get("overridden") else ""
+    return f"model {model['id']} v{model['version']} at {p.get('running', '?')}{forced}"
+
+
 def _human_status(s: dict) -> str:
     model = s.get("model")
     lines = [f"state {s['state']}, up {s['uptime']:.0f} s, pid {s['pid']}, device {s['device']}",
-             f"model {model['id']} v{model['version']}" if model else f"model: none ({s.get('model_error')})",
+             _human_model(model) if model else f"model: none ({s.get('model_error')})",
              f"queue {s['queue_depth']}/{s['max_frames']}, products waiting {s['pending_products']}",
              "frames " + ", ".join(f"{k} {v}" for k, v in s["frames"].items()),
              f"rss {s['rss_mb']:.1f} MB"]
@@ -193,6 +203,11 @@ def add_offline_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="model store folder (offline, no daemon running on it)")
     p.add_argument("--key", help="uplink Ed25519 public key (PEM)")
     p.add_argument("--device", default="CPU", help="OpenVINO device for the self-test (default CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                   help="compile at this precision whatever the bundle says (default auto: the "
+                        "bundle's), as the daemon's [runtime] precision")
+    p.add_argument("--capabilities", help="the device's precisions, comma-separated (FP32,INT8); "
+                                          "default: ask OpenVINO")
 
 
 def add_install_args(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from onboard.errors import ConfigError
+from onboard.precision import AUTO, PRECISIONS
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENDPOINT_NAMES = ("frames", "products", "commands", "telemetry")
@@ -39,6 +40,8 @@ class DaemonConfig:
     telemetry_interval_s: float
     telemetry_window: int
     drain_timeout_s: float
+    precision: str = AUTO                       # "auto" (each manifest's) or one forced for all
+    capabilities: tuple[str, ...] | None = None   # None: ask OpenVINO
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -59,6 +62,11 @@ def _non_empty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def _capabilities(value: Any) -> bool:
+    return value == AUTO or (isinstance(value, list) and value != []
+                             and all(_non_empty_str(v) for v in value))
+
+
 def _endpoint(value: Any) -> bool:
     return isinstance(value, str) and value.split("://", 1)[0] in ("tcp", "ipc", "inproc") \
         and "://" in value and value.split("://", 1)[1] != ""
@@ -75,6 +83,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "endpoints": {name: (_endpoint, "a ZeroMQ endpoint tcp://..., ipc://... or inproc://...", None)
                   for name in ENDPOINT_NAMES},
+    "runtime": {
+        "precision": (lambda v: v == AUTO or v in PRECISIONS,
+                      f"\"auto\" or one of {', '.join(PRECISIONS)}", "precision"),
+        "capabilities": (_capabilities, "\"auto\" or a non-empty list of OpenVINO capability "
+                         "names such as [\"FP32\", \"INT8\"]", "capabilities"),
+    },
     "store": {
         "root": (_non_empty_str, "a folder path", "store_root"),
         "public_key": (_non_empty_str, "a PEM public key file path", "public_key"),
@@ -141,6 +155,8 @@ def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<c
                 raise ConfigError(f"{where}: {section}.{key}: must be {meaning}, got {value!r}")
             if (section, key) in PATH_KEYS:
                 value = (base_dir / Path(value).expanduser()).resolve()
+            if attr == "capabilities":
+                value = None if value == AUTO else tuple(v.strip().upper() for v in value)
             if section == "endpoints":
                 values["endpoints"][key] = value
             else:

@@ -65,7 +65,8 @@ class Daemon:
     def __init__(self, config: DaemonConfig, store: ModelStore | None = None):
         self.config = config
         self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
-                                         num_requests=config.num_requests or None, exclusive=True)
+                                         num_requests=config.num_requests or None, exclusive=True,
+                                         precision=config.precision, capabilities=config.capabilities)
         self.uploads = Uploads(config.uploads, config.max_upload_bytes, config.max_chunk_bytes)
         self.command_limits = Limits(max_array_bytes=config.max_chunk_bytes)
         self.counters = FrameCounters()
@@ -216,9 +217,15 @@ class Daemon:
     def set_policy(self, policy: dict | None) -> dict:
         return self.serving.set_policy(policy)
 
+    def runtime_settings(self) -> dict:
+        """The config's precision setting ("auto" or forced) and declared capabilities."""
+        caps = self.config.capabilities
+        return {"precision": self.config.precision,
+                "capabilities": list(caps) if caps is not None else "auto"}
+
     def status(self) -> dict:
         return {"model": self.model_info(), "model_error": self.serving.error,
-                "device": self.config.device, "state": self.state,
+                "device": self.config.device, "runtime": self.runtime_settings(), "state": self.state,
                 "uptime": round(self.heartbeat.uptime(), 3), "queue_depth": len(self.admission.pending),
                 "max_frames": self.config.max_frames, "frames": self.counters.as_dict(),
                 "pending_products": self.bus.pending("products"),

@@ -6,6 +6,7 @@
 | `ModelLoadError` | `load_failed` | RuntimeError | an IR cannot be read, reshaped or compiled, or does not match its manifest |
 | `FrameRefused` | one of FRAME_REFUSAL_CODES | | admission turns a frame away at the door (its ERROR is its outcome) |
 | `FrameError` | one of FRAME_ERROR_CODES | ValueError | the pipeline refuses a frame's array or values |
+| `PrecisionUnsupported` | `precision_unsupported` | RuntimeError | a bundle's precision (or the configured override) is not one the device can run |
 | `StoreError` | one of STORE_ERROR_CODES | RuntimeError | the model store cannot do what was asked (busy, corrupt slot, ...) |
 | `CommandFailed` | one of COMMAND_ERROR_CODES, an install's refusal code, else `command_failed` | | an operator command refused; its ACK carries the code |
 
@@ -65,6 +66,7 @@ ROLLED_BACK = "rolled_back"
 NOT_FOUND = "not_found"              # no bundle file at that path
 EXTRACT_FAILED = "extract_failed"    # disk full, permissions: the bundle may be fine
 LOAD_FAILED = "load_failed"
+PRECISION_UNSUPPORTED = "precision_unsupported"   # the device cannot run the bundle's precision
 SELF_TEST_FAILED = "self_test_failed"
 ACTIVATION_FAILED = "activation_failed"   # state.json could not be written: the old model stays
 NO_PREVIOUS = "no_previous"
@@ -72,9 +74,9 @@ SLOT_CORRUPT = "slot_corrupt"        # a slot's files no longer match their sign
 SLOT_UNREADABLE = "slot_unreadable"
 BAD_STATE = "bad_state"              # state.json unreadable or of another schema
 STORE_IN_USE = "store_in_use"        # another process (a running daemon) holds the store
-STORE_ERROR_CODES = (BUSY, NOT_FOUND, EXTRACT_FAILED, LOAD_FAILED, SELF_TEST_FAILED,
-                     ACTIVATION_FAILED, NO_PREVIOUS, NO_MODEL, SLOT_CORRUPT, SLOT_UNREADABLE,
-                     BAD_STATE, STORE_IN_USE)
+STORE_ERROR_CODES = (BUSY, NOT_FOUND, EXTRACT_FAILED, LOAD_FAILED, PRECISION_UNSUPPORTED,
+                     SELF_TEST_FAILED, ACTIVATION_FAILED, NO_PREVIOUS, NO_MODEL, SLOT_CORRUPT,
+                     SLOT_UNREADABLE, BAD_STATE, STORE_IN_USE)
 
 
 class OnboardError(EoedgeError):
@@ -90,6 +92,12 @@ class ConfigError(OnboardError, ValueError):
 class ModelLoadError(OnboardError, RuntimeError):
     """The IR cannot be read or does not look like a segmentation model we can run."""
     code = LOAD_FAILED
+
+
+class PrecisionUnsupported(OnboardError, RuntimeError):
+    """The precision a bundle asks for (or the config forces) is not among the device's
+    capabilities; the message names both."""
+    code = PRECISION_UNSUPPORTED
 
 
 class FrameRefused(OnboardError):

@@ -32,11 +32,12 @@ from onboard import products as products_mod
 from onboard.errors import FRAME_ERROR_CODES, FrameError  # noqa: F401  (importable from here, as before)
 from onboard.errors import (BAD_SCALE, BAND_MISMATCH, DUPLICATE_BAND, EMPTY_FRAME, MISSING_BANDS,
                             NOT_FINITE, UNKNOWN_BAND, WRONG_DTYPE, WRONG_SHAPE, ModelLoadError)
-from onboard.runtime import INPUT_DTYPES, OpenVinoModel
+from onboard.precision import AUTO, choose_precision
+from onboard.runtime import INPUT_DTYPES, OpenVinoModel, device_capabilities
 from onboard.stats import frame_and_cell_stats, summarise_components
 from shared.bands import UnknownBandError, canonical_band
 from shared.bundle import load_reference
-from shared.manifest import MODEL_XML, validate_manifest
+from shared.manifest import MODEL_XML, manifest_precision, validate_manifest
 from shared.policy import classes_needing_components, evaluate, validate_policy
 from shared.postprocess import open_classes, threshold, threshold_vector
 from shared.tiling import TileGrid
@@ -100,11 +101,19 @@ class _Timer:
 
 
 class FramePipeline:
-    """A bundle's model and rules, ready to process frames (one at a time)."""
+    """A bundle's model and rules, ready to process frames (one at a time).
+
+    The model is compiled at the manifest's precision, or at `precision` unless it is "auto"
+    (onboard.precision); `capabilities` are the device's (None: ask OpenVINO). A precision the
+    device cannot run raises PrecisionUnsupported before anything is compiled.
+    """
 
     def __init__(self, manifest: dict, model_dir: str | Path, device: str = "CPU", *,
-                 batch_size: int = 2, num_requests: int | None = None, config: dict | None = None):
+                 batch_size: int = 2, num_requests: int | None = None, config: dict | None = None,
+                 precision: str = AUTO, capabilities: Sequence[str] | None = None):
         self.manifest = validate_manifest(manifest)
+        caps = device_capabilities(device) if capabilities is None else tuple(capabilities)
+        self.precision = choose_precision(manifest_precision(manifest), precision, caps, device)
         inp, out, post = manifest["input"], manifest["output"], manifest["postprocess"]
         self.model_id, self.version = manifest["model_id"], manifest["version"]
         self.bands = tuple(inp["bands"])
@@ -117,7 +126,8 @@ class FramePipeline:
         self.policy = manifest["policy"]
         self.model_dir = Path(model_dir)
         self.model = OpenVinoModel(self.model_dir / MODEL_XML, device, num_requests, tile=self.tile,
-                                   batch_size=batch_size, activation=out["activation"], config=config)
+                                   batch_size=batch_size, activation=out["activation"], config=config,
+                                   precision=self.precision.running)
         if self.model.channels != len(self.bands):
             raise ModelLoadError(f"{self.model.xml_path}: model takes {self.model.channels} bands, "
                                  f"manifest lists {len(self.bands)}")
@@ -129,7 +139,7 @@ class FramePipeline:
     def info(self) -> dict:
         return {"model_id": self.model_id, "version": self.version, "bands": list(self.bands),
                 "classes": list(self.classes), "tile_size": self.tile, "overlap": self.overlap,
-                "runtime": self.model.properties()}
+                "precision": self.precision.as_dict(), "runtime": self.model.properties()}
 
     def set_policy(self, policy: dict) -> None:
         """Replace the keep/discard policy (raises shared.policy.PolicyError naming the field)."""

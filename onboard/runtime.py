@@ -10,6 +10,10 @@ there, while numpy would need extra passes over every tile:
 - the output activation (softmax / sigmoid from the manifest), so requests hand back
   probabilities.
 
+The model is compiled at one precision of the bundle contract (onboard.precision): its
+INFERENCE_PRECISION_HINT (fp32 and int8 -> f32, fp16 -> f16, bf16 -> bf16), on every device that
+takes the hint. `device_capabilities` asks OpenVINO which precisions a device runs.
+
 `OpenVinoModel.run` streams batches: a `fill` callback writes each batch straight into an idle
 request's input tensor, and `on_output` receives each finished batch (a view of the request's
 output tensor, valid only during the call) while the other requests are still inferring, so
@@ -27,14 +31,38 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from onboard.errors import ModelLoadError
+from onboard.precision import INFERENCE_HINTS
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 INPUT_DTYPES = ("uint16", "int16", "float32")
 
-# This machine's CPU plugin defaults to bfloat16 where the CPU has AVX512-BF16/AMX, which is
-# off by up to ~0.1 in the logits of a 1x1 conv: the ground's reference outputs assume f32
-# (or emulated FP16), so we ask for f32 unless the caller says otherwise.
-DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
+# The CPU plugin defaults to bfloat16 where the CPU has AVX512-BF16/AMX, which is off by up to
+# ~0.1 in the logits of a 1x1 conv: the hint always comes from the bundle's precision (f32 for
+# fp32 bundles), never from the plugin's default. `config` entries win over both.
+DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT"}
+PRECISION_HINT = "INFERENCE_PRECISION_HINT"
+
+
+def device_capabilities(device: str, core=None) -> tuple[str, ...]:
+    """The device's OPTIMIZATION_CAPABILITIES (FP32, FP16, BF16, INT8, ...). A composite name
+    ("AUTO:GPU,CPU") is asked by its plugin name; a device OpenVINO cannot ask raises
+    ModelLoadError naming it (declare `[runtime] capabilities` in the config instead)."""
+    core = core or ov.Core()
+    for name in dict.fromkeys((device, device.split(":", 1)[0])):
+        try:
+            return tuple(str(c).upper() for c in core.get_property(name, "OPTIMIZATION_CAPABILITIES"))
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+    raise ModelLoadError(f"device {device}: OpenVINO cannot report its precisions "
+                         f"(OPTIMIZATION_CAPABILITIES: {reason}); declare [runtime] capabilities "
+                         "in the config") from None
+
+
+def _takes_precision_hint(core, device: str) -> bool:
+    try:
+        return PRECISION_HINT in core.get_property(device, "SUPPORTED_PROPERTIES")
+    except RuntimeError:        # an unknown device: compile_model will say so
+        return False
 
 
 def read_model(xml_path: str | Path, core=None):
@@ -102,6 +130,7 @@ class _Buffers:
 class OpenVinoModel:
     """A segmentation IR compiled for fixed tiles, run batch by batch through an AsyncInferQueue.
 
+    `precision` (fp32, fp16, bf16, int8) picks the inference precision hint (INFERENCE_HINTS).
     `infer(tiles)` takes (N, C, t, t) tiles: float32 already normalised (the plain IR's input),
     or raw values with `gain`/`offset` (per band) to normalise inside the graph. One compiled
     variant per input dtype, compiled on first use.
@@ -109,11 +138,14 @@ class OpenVinoModel:
 
     def __init__(self, xml_path: str | Path, device: str = "CPU", num_requests: int | None = None,
                  *, tile: int | None = None, batch_size: int = 2, activation: str = "none",
-                 config: dict | None = None):
+                 config: dict | None = None, precision: str = "fp32"):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in INFERENCE_HINTS:
+            raise ValueError(f"precision must be one of {', '.join(INFERENCE_HINTS)}, got {precision!r}")
+        self.precision = precision
         self.xml_path = Path(xml_path)
         self.device = device
         self.activation = activation
@@ -127,7 +159,9 @@ class OpenVinoModel:
                 raise ModelLoadError(f"{self.xml_path}: input {shape} has no fixed square tile size; pass tile=")
             tile = shape[2].get_length()
         self.tile = int(tile)
-        self._config = dict(DEFAULT_CONFIG if device == "CPU" else {"PERFORMANCE_HINT": "THROUGHPUT"})
+        self._config = dict(DEFAULT_CONFIG)
+        if _takes_precision_hint(self._core, device):
+            self._config[PRECISION_HINT] = INFERENCE_HINTS[precision]
         self._config.update(config or {})
         self._num_requests = num_requests
         self._variants: dict[str, tuple] = {}
@@ -161,13 +195,26 @@ class OpenVinoModel:
     def properties(self) -> dict:
         """What OpenVINO chose (streams, requests, precision), for status and benchmarks."""
         compiled, queue, _ = self._variant("float32")
-        out = {"device": self.device, "batch_size": self.batch_size, "num_requests": len(queue)}
+        out = {"device": self.device, "batch_size": self.batch_size, "num_requests": len(queue),
+               "precision": self.precision}
         for key in ("NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT"):
             try:
-                out[key.lower()] = str(compiled.get_property(key))
+                value = compiled.get_property(key)
             except RuntimeError:
-                pass
+                continue
+            out[key.lower()] = value.to_string() if isinstance(value, ov.Type) else str(value)
         return out
+
+    def layer_precisions(self) -> dict[str, list[str]]:
+        """{layer type: precisions it executes at} in the compiled graph, e.g. Convolution:
+        ["i8"] for an INT8 IR (its FakeQuantize nodes became int8 kernels)."""
+        compiled = self._variant("float32")[0]
+        out: dict[str, set[str]] = {}
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            if "layerType" in rt and "runtimePrecision" in rt:
+                out.setdefault(rt["layerType"].astype(str), set()).add(rt["runtimePrecision"].astype(str))
+        return {k: sorted(v) for k, v in sorted(out.items())}
 
     # -- running -----------------------------------------------------------------------------
     def run(self, n_tiles: int, dtype: str, fill: Callable[[int, np.ndarray], None],

@@ -36,10 +36,14 @@ class Serving:
             return self._model
 
     def info(self) -> dict | None:
+        """The serving model for status and telemetry: id, version, slot, and the precision it
+        runs at (the manifest's, the running one, overridden or not: onboard.precision)."""
         model = self.current()
         if model is None:
             return None
-        return {"id": model[0].model_id, "version": model[0].version, "slot": model[0].slot}
+        info, pipeline = model
+        return {"id": info.model_id, "version": info.version, "slot": info.slot,
+                "precision": pipeline.precision.as_dict()}
 
     def load(self) -> None:
         """Bring back the active model at start-up; if its slot fails its checks, fall back to

@@ -5,7 +5,8 @@ and only then becomes active, at one atomic step. Installing is
 
     verify (signature, checksums, version newer than the active one: shared.bundle)
     -> extract into a new slot (the staged one)
-    -> load it (FramePipeline) and self-test it on the bundle's reference tiles
+    -> load it (FramePipeline, at the bundle's precision if the device can run it, else
+       refused with `precision_unsupported`) and self-test it on the bundle's reference tiles
     -> activate: state.json rewritten via a temporary file + fsync + os.replace, so a crash
        leaves either the old or the new state, never half of one
     -> the model that was active becomes `previous`, kept for `rollback()`.
@@ -34,9 +35,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onboard.errors import (ACTIVATION_FAILED, BAD_STATE, BUSY, EXTRACT_FAILED, INSTALLED,
-                            LOAD_FAILED, NO_MODEL, NO_PREVIOUS, NOT_FOUND, ROLLED_BACK,
-                            SELF_TEST_FAILED, SLOT_CORRUPT, SLOT_UNREADABLE, STORE_IN_USE, StoreError)
+                            LOAD_FAILED, NO_MODEL, NO_PREVIOUS, NOT_FOUND, PRECISION_UNSUPPORTED,
+                            ROLLED_BACK, SELF_TEST_FAILED, SLOT_CORRUPT, SLOT_UNREADABLE,
+                            STORE_IN_USE, PrecisionUnsupported, StoreError)
 from onboard.pipeline import FramePipeline
+from onboard.precision import AUTO
 from shared.bundle import BundleError, extract_bundle, verify_extracted
 from shared.keys import load_public_key
 
@@ -100,10 +103,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
         os.close(dir_fd)
 
 
-def default_pipeline_factory(device: str = "CPU", num_requests: int | None = None
+def default_pipeline_factory(device: str = "CPU", num_requests: int | None = None,
+                             precision: str = AUTO, capabilities: tuple[str, ...] | None = None
                              ) -> Callable[[dict, Path], Any]:
     def factory(manifest: dict, model_dir: Path) -> Any:
-        return FramePipeline(manifest, model_dir, device=device, num_requests=num_requests)
+        return FramePipeline(manifest, model_dir, device=device, num_requests=num_requests,
+                             precision=precision, capabilities=capabilities)
     return factory
 
 
@@ -112,19 +117,23 @@ class ModelStore:
 
     `public_key`: the uplink Ed25519 public key (PEM path or key object).
     `pipeline_factory(manifest, model_dir)` builds the runnable model (default: FramePipeline on
-    `device` with `num_requests` infer requests, None = OpenVINO's choice); it must offer
-    `.self_test(reference_path)` like onboard.pipeline.FramePipeline.
+    `device` with `num_requests` infer requests, None = OpenVINO's choice, at the manifest's
+    precision or `precision` unless "auto", checked against `capabilities`, None = OpenVINO's
+    list); it must offer `.self_test(reference_path)` and `.precision` (onboard.precision's
+    Precision) like onboard.pipeline.FramePipeline.
     `exclusive=True` takes an advisory lock on the store for this object's lifetime (the daemon
     and the offline CLI do), so an offline install cannot race a running daemon's.
     """
 
     def __init__(self, root: str | os.PathLike, public_key: Any, device: str = "CPU",
                  pipeline_factory: Callable[[dict, Path], Any] | None = None,
-                 num_requests: int | None = None, exclusive: bool = False):
+                 num_requests: int | None = None, exclusive: bool = False,
+                 precision: str = AUTO, capabilities: tuple[str, ...] | None = None):
         self.root = Path(root)
         self.public_key = load_public_key(public_key)
         self.device = device
-        self.pipeline_factory = pipeline_factory or default_pipeline_factory(device, num_requests)
+        self.pipeline_factory = pipeline_factory or default_pipeline_factory(
+            device, num_requests, precision, capabilities)
         self._lock_fd: int | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         if exclusive:
@@ -282,6 +291,9 @@ class ModelStore:
         """Build the pipeline for a slot and self-test it; raise StoreError saying why not."""
         try:
             pipeline = self.pipeline_factory(info.manifest, info.path)
+        except PrecisionUnsupported as exc:
+            raise StoreError(PRECISION_UNSUPPORTED, f"model {info.model_id} v{info.version} "
+                                                    f"refused: {exc}") from None
         except Exception as exc:       # OpenVINO raises plain RuntimeError for a bad IR or device
             raise StoreError(LOAD_FAILED, f"model {info.model_id} v{info.version} did not load "
                                             f"on {self.device}: {exc}") from None
@@ -291,7 +303,8 @@ class ModelStore:
         except Exception as exc:
             raise StoreError(SELF_TEST_FAILED, f"self-test could not run: {exc}") from None
         report = {"ok": bool(result.ok), "max_abs_diff": float(result.max_abs_diff),
-                  "mask_agreement": float(result.mask_agreement), "message": result.message}
+                  "mask_agreement": float(result.mask_agreement), "message": result.message,
+                  "precision": pipeline.precision.running}
         if not result.ok:
             error = StoreError(SELF_TEST_FAILED, f"self-test on the reference tiles failed: {result.message}")
             error.self_test = report

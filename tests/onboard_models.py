@@ -15,6 +15,10 @@ describes them, ready for `shared.bundle.build_bundle(out, files, manifest, priv
 
     files = make_test_model_files(tmp / "m", bands=BANDS_6, classes=CLASSES_3, tile=64)
     manifest = make_test_manifest(files, model_id="cloud-test", version=2, tile=64, overlap=8)
+
+`make_int8_test_model_files` quantises the same model with NNCF (a real INT8 IR with
+FakeQuantize nodes; NNCF is a ground tool, imported only there) and computes its reference
+outputs by running that IR at the f32 hint, as the ground does for a bundle validated at int8.
 """
 from __future__ import annotations
 
@@ -173,13 +177,47 @@ def make_test_model_files(out_dir: str | Path, *, bands: Sequence[str] = BANDS_6
     return {"model.xml": xml, "model.bin": bin_, "reference.npz": ref}
 
 
+def make_int8_test_model_files(out_dir: str | Path, *, bands: Sequence[str] = BANDS_6,
+                               classes: Sequence[str] = CLASSES_3, tile: int = 64,
+                               n_reference: int = 3, seed: int = 0) -> dict[str, Path]:
+    """As `make_test_model_files`, but model.xml/.bin is the model quantised to INT8 by
+    `nncf.quantize` (calibrated on the normalised reference tiles) and reference.npz holds what
+    that IR computes (compiled at the f32 hint, softmax after)."""
+    import nncf
+    import openvino as ov
+
+    from shared.bundle import load_reference, save_reference
+
+    out_dir = Path(out_dir)
+    files = make_test_model_files(out_dir / "fp32", bands=bands, classes=classes, tile=tile,
+                                  n_reference=n_reference, seed=seed)
+    tiles, _ = load_reference(files["reference.npz"])
+    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in default_scaling(len(bands)))
+    normalised = (tiles - mean) / std
+    core = ov.Core()
+    quantised = nncf.quantize(core.read_model(files["model.xml"]),
+                              nncf.Dataset([t[None] for t in normalised]), subset_size=len(tiles))
+    xml, bin_ = out_dir / "model.xml", out_dir / "model.bin"
+    ov.save_model(quantised, xml, compress_to_fp16=False)
+    logits = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(normalised)[0]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    ref = save_reference(out_dir / "reference.npz", tiles, e / e.sum(axis=1, keepdims=True))
+    return {"model.xml": xml, "model.bin": bin_, "reference.npz": ref}
+
+
+def is_int8_ir(xml: str | Path) -> bool:
+    """Whether an IR carries FakeQuantize nodes (what NNCF's post-training quantisation adds)."""
+    return 'type="FakeQuantize"' in Path(xml).read_text()
+
+
 def make_test_manifest(files: dict[str, Path] | None = None, *, model_id: str = "cloud-test",
                        version: int = 1, bands: Sequence[str] = BANDS_6,
                        classes: Sequence[str] = CLASSES_3, tile: int = 64, overlap: int = 8,
                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                        threshold: dict | None = None, opening_radius: int = 2,
                        policy: dict | None = None, parent: dict | None = None,
-                       max_abs_diff: float = 1e-2, min_mask_agreement: float = 0.99) -> dict:
+                       max_abs_diff: float = 1e-2, min_mask_agreement: float = 0.99,
+                       precision: str = "fp32") -> dict:
     """A validated manifest for files from `make_test_model_files` (same defaults).
 
     Default policy: discard a frame more than 60% cloud, else keep (priority 1 if any shadow
@@ -201,4 +239,4 @@ def make_test_manifest(files: dict[str, Path] | None = None, *, model_id: str = 
         opening_radius=opening_radius, policy=policy, parent=parent,
         reference={"file": "reference.npz", "max_abs_diff": max_abs_diff,
                    "min_mask_agreement": min_mask_agreement},
-        files=files)
+        files=files, precision=precision)

@@ -26,6 +26,12 @@ def test_default_toml_is_the_documented_defaults():
     assert config.device == "CPU" and config.max_frames == 4
     assert config.store_root == (REPO / "onboard" / "store").resolve()     # relative to the file
     assert set(config.endpoints) == {"frames", "products", "commands", "telemetry"}
+    assert config.precision == "auto" and config.capabilities is None     # the manifest's; ask OpenVINO
+
+
+def test_runtime_precision_and_capabilities_are_read():
+    config = config_from_dict({"runtime": {"precision": "fp32", "capabilities": ["fp32", " INT8"]}})
+    assert config.precision == "fp32" and config.capabilities == ("FP32", "INT8")
 
 
 def test_config_paths_resolve_against_the_file(tmp_path):
@@ -48,6 +54,9 @@ def test_config_paths_resolve_against_the_file(tmp_path):
     ({"daemon": {"log_level": "LOUD"}}, "daemon.log_level"),
     ({"telemetry": {"interval_s": -1}}, "telemetry.interval_s"),
     ({"store": {"max_chunk_bytes": 10, "max_upload_bytes": 5}}, "store.max_chunk_bytes"),
+    ({"runtime": {"precision": "fp64"}}, "runtime.precision: must be \"auto\" or one of fp32"),
+    ({"runtime": {"capabilities": []}}, "runtime.capabilities"),
+    ({"runtime": {"capabilities": "FP32"}}, "runtime.capabilities"),
 ])
 def test_bad_config_names_the_field(given, field):
     with pytest.raises(ConfigError) as err:

@@ -19,6 +19,7 @@ from shared.messages import MAX_CODE_CHARS, Limits, Message, decode, encode
     (ModelLoadError, RuntimeError, "load_failed"),
     (FrameError, ValueError, "invalid_frame"),
     (StoreError, RuntimeError, "store_error"),
+    (errors.PrecisionUnsupported, RuntimeError, "precision_unsupported"),
     (CommandFailed, Exception, "command_failed"),
 ])
 def test_every_error_is_an_eoedge_error_with_its_old_base(cls, base, code):

@@ -435,3 +435,24 @@ def test_component_sizes_match_skimage_labels(seed):
     labels = measure.label(mask == 2, connectivity=2)        # 8-connectivity
     want = sorted(np.bincount(labels.ravel())[1:].tolist(), reverse=True)
     assert component_sizes(mask, 2) == want and component_sizes(mask, 1) == []
+
+
+def test_device_capabilities_come_from_openvino_or_name_the_device():
+    from onboard.runtime import device_capabilities
+    assert "FP32" in device_capabilities("CPU")
+    assert "FP32" in device_capabilities("AUTO:CPU")        # asked by its plugin's name
+    with pytest.raises(ModelLoadError, match=r"device MYRIAD: .*declare \[runtime\] capabilities"):
+        device_capabilities("MYRIAD")
+
+
+def test_choose_precision_maps_hints_and_refuses_what_the_device_lacks():
+    from onboard.errors import PrecisionUnsupported
+    from onboard.precision import choose_precision
+    caps = ("FP32", "FP16", "INT8")
+    assert [choose_precision(p, "auto", caps + ("BF16",), "CPU").hint
+            for p in ("fp32", "fp16", "bf16", "int8")] == ["f32", "f16", "bf16", "f32"]
+    forced = choose_precision("bf16", "fp32", caps, "CPU")
+    assert (forced.running, forced.overridden) == ("fp32", True)
+    with pytest.raises(PrecisionUnsupported, match="precision bf16 needs BF16, which device CPU "
+                                                   "cannot run .its capabilities: FP32, FP16, INT8."):
+        choose_precision("bf16", "auto", caps, "CPU")

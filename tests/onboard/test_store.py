@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onboard_models import BANDS_6, CLASSES_3, make_test_manifest, make_test_model_files, synthetic_frame
+from onboard_models import (BANDS_6, CLASSES_3, make_int8_test_model_files, make_test_manifest,
+                            make_test_model_files, synthetic_frame)
 from shared.bundle import build_bundle
 from shared.keys import generate_keypair
 
@@ -34,13 +35,26 @@ class BundleFactory:
         self._n = 0
 
     def build(self, version: int, *, model_id: str = "cloud-test", reference_gain: float | None = None,
-              private=None, policy: dict | None = None) -> Path:
+              private=None, policy: dict | None = None, precision: str = "fp32") -> Path:
+        """A bundle declaring `precision` (its reference stays what the fp32 model computes:
+        for bundles a test expects refused, or run at an fp32 override)."""
         self._n += 1
         folder = self.root / f"files-{self._n}"
         files = make_test_model_files(folder, bands=BANDS_6, classes=CLASSES_3, tile=TILE,
                                       reference_gain=reference_gain, n_reference=2)
+        return self._sign(version, files, model_id, private, policy, precision)
+
+    def int8(self, version: int, *, model_id: str = "cloud-test") -> Path:
+        """A bundle validated at int8: an NNCF-quantised IR and its own reference outputs."""
+        self._n += 1
+        files = make_int8_test_model_files(self.root / f"files-{self._n}", bands=BANDS_6,
+                                           classes=CLASSES_3, tile=TILE, n_reference=2)
+        return self._sign(version, files, model_id, None, None, "int8")
+
+    def _sign(self, version: int, files: dict, model_id: str, private, policy: dict | None,
+              precision: str) -> Path:
         manifest = make_test_manifest(files, model_id=model_id, version=version, tile=TILE,
-                                      overlap=8, policy=policy)
+                                      overlap=8, policy=policy, precision=precision)
         out = self.root / f"{model_id}-v{version}-{self._n}.tar"
         return build_bundle(out, files, manifest, private or self.private)
 
@@ -287,3 +301,63 @@ def test_unknown_device_is_a_load_failure_naming_it(tmp_path, bundles, v1):
     result = store.install(v1)
     assert not result.ok and result.code == "load_failed" and "MYRIAD" in result.reason
     assert store.active() is None and slot_names(tmp_path / "store") == set()
+
+
+# ------------------------------------------------------------------------------ precision
+def test_a_bundle_validated_at_int8_installs_and_runs_int8_kernels(tmp_path, bundles):
+    from onboard.store import ModelStore
+    from onboard_models import is_int8_ir
+    store = ModelStore(tmp_path / "store", bundles.public, capabilities=("FP32", "INT8"))
+    result = store.install(bundles.int8(1))
+    assert result.ok, result.reason
+    assert result.self_test["ok"] and result.self_test["precision"] == "int8"
+    pipeline = result.pipeline
+    assert is_int8_ir(pipeline.model.xml_path)
+    assert pipeline.precision.as_dict() == {"declared": "int8", "running": "int8", "overridden": False,
+                                            "hint": "f32", "capabilities": ["FP32", "INT8"]}
+    assert pipeline.model.properties()["inference_precision_hint"] == "f32"
+    assert pipeline.model.layer_precisions()["Convolution"] == ["i8"]   # FakeQuantize -> int8 kernel
+    decision = pipeline.process(*frame("cloudy"), scale=1e-4)
+    assert decision.keep is False and decision.stats["fractions"]["cloud"] > 0.9
+
+
+def test_a_precision_the_device_cannot_run_is_refused_and_the_active_model_stays(tmp_path, bundles, v1):
+    from onboard.store import ModelStore
+    store = ModelStore(tmp_path / "store", bundles.public, capabilities=("FP32", "INT8"))
+    assert store.install(v1).ok
+    before = slot_names(tmp_path / "store")
+    result = store.install(bundles.build(2, precision="bf16"))
+    assert not result.ok and result.code == "precision_unsupported"
+    assert "precision bf16 needs BF16" in result.reason and "FP32, INT8" in result.reason
+    assert result.self_test is None                 # refused before compiling anything
+    assert store.active().version == 1 and slot_names(tmp_path / "store") == before
+
+
+def test_the_config_override_compiles_at_its_precision_and_says_so(tmp_path, bundles):
+    from onboard.store import ModelStore
+    store = ModelStore(tmp_path / "store", bundles.public, precision="fp32",
+                       capabilities=("FP32", "INT8"))
+    result = store.install(bundles.build(1, precision="bf16"))
+    assert result.ok, result.reason
+    assert result.pipeline.precision.as_dict() == {"declared": "bf16", "running": "fp32",
+                                                   "overridden": True, "hint": "f32",
+                                                   "capabilities": ["FP32", "INT8"]}
+    assert result.pipeline.model.properties()["inference_precision_hint"] == "f32"
+    # An override the device cannot run is refused too, naming the override.
+    fp16 = ModelStore(tmp_path / "store16", bundles.public, precision="fp16",
+                      capabilities=("FP32", "INT8"))
+    refused = fp16.install(bundles.build(1))
+    assert refused.code == "precision_unsupported" and "forced by [runtime] precision" in refused.reason
+
+
+def test_precision_hint_follows_the_bundle(tmp_path, bundles):
+    """A bf16 bundle is compiled at the bf16 hint where the device runs BF16 (declared here, so
+    the test runs on any CPU: OpenVINO computes in f32 where BF16 is missing)."""
+    from onboard.pipeline import FramePipeline
+    from shared.bundle import extract_bundle
+    extract_bundle(bundles.build(1, precision="bf16"), tmp_path / "m", bundles.public)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    pipeline = FramePipeline(manifest, tmp_path / "m", capabilities=("FP32", "BF16"))
+    assert (pipeline.precision.running, pipeline.precision.hint) == ("bf16", "bf16")
+    assert pipeline.info()["precision"]["running"] == "bf16"
+    assert pipeline.model.properties()["precision"] == "bf16"
