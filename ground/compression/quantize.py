@@ -10,6 +10,9 @@ are the ones OpenVINO's CPU, GPU and ARM plugins run as int8 kernels).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
 
 import nncf
@@ -20,6 +23,17 @@ import torch
 from ground.errors import StageError
 
 SUBSET = 300          # calibration tiles NNCF reads at most
+
+
+for _handler in logging.getLogger("nncf").handlers:     # NNCF logs to stdout by default
+    if isinstance(_handler, logging.StreamHandler):
+        _handler.setStream(sys.stderr)
+
+
+def _quietly():
+    """NNCF's log lines and progress bars go to stdout: send them to stderr, beside our own
+    progress, so that `--json` output stays one JSON document."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _dataset(tiles: np.ndarray) -> nncf.Dataset:
@@ -44,7 +58,9 @@ def quantize_ir(xml: str | Path, tiles: np.ndarray, out_xml: str | Path) -> Path
     if len(tiles) == 0:
         raise StageError("INT8 calibration needs at least one tile of the run's imagery")
     model = ov.Core().read_model(str(xml))
-    return _save(nncf.quantize(model, _dataset(tiles), subset_size=min(SUBSET, len(tiles))), out_xml)
+    with _quietly():
+        quantised = nncf.quantize(model, _dataset(tiles), subset_size=min(SUBSET, len(tiles)))
+    return _save(quantised, out_xml)
 
 
 def agreement_fn(masks: list[np.ndarray]):
@@ -69,8 +85,9 @@ def quantize_ir_controlled(xml: str | Path, tiles: np.ndarray, masks: list[np.nd
         raise StageError(f"{len(tiles)} validation tiles but {len(masks)} masks")
     model = ov.Core().read_model(str(xml))
     data = _dataset(tiles)
-    q = nncf.quantize_with_accuracy_control(model, data, data, agreement_fn(masks), max_drop=float(max_drop),
-                                            subset_size=min(SUBSET, len(tiles)))
+    with _quietly():
+        q = nncf.quantize_with_accuracy_control(model, data, data, agreement_fn(masks), max_drop=float(max_drop),
+                                                subset_size=min(SUBSET, len(tiles)))
     return _save(q, out_xml)
 
 
@@ -81,12 +98,5 @@ def quantize_torch(model: torch.nn.Module, tiles: np.ndarray) -> torch.nn.Module
         raise StageError("quantisation-aware training needs at least one tile of the run's imagery")
     data = nncf.Dataset([torch.from_numpy(np.ascontiguousarray(tiles[i:i + 1], np.float32))
                          for i in range(len(tiles))])
-    return nncf.quantize(model.eval(), data, subset_size=min(SUBSET, len(tiles)))
-
-
-def torch_to_ir(model: torch.nn.Module, channels: int, out_xml: str | Path, tile: int = 256) -> Path:
-    """An IR of a (quantisation-aware) torch model, FakeQuantize nodes kept, dynamic batch and tile."""
-    with torch.no_grad():
-        ovm = ov.convert_model(model.eval(), example_input=torch.zeros(1, channels, tile, tile),
-                               input=[ov.PartialShape([-1, channels, -1, -1])])
-    return _save(ovm, out_xml)
+    with _quietly():
+        return nncf.quantize(model.eval(), data, subset_size=min(SUBSET, len(tiles)))

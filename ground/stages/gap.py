@@ -2,19 +2,23 @@
 torch FP32, emulated FP16 (a Myriad X), and OpenVINO IRs at FP32, FP16, BF16 and INT8 (each
 exported, scored and timed by the export stage at its precision): held-out mIoU, agreement of the
 post-processed masks with torch FP32's, ms per tile on this CPU (interleaved rounds, speed-up over
-the FP32 IR in the same round), the kernels OpenVINO ran (the ISA), and the model's bytes."""
+the FP32 IR in the same round), the kernels OpenVINO ran (the ISA), and the bytes of a bundle at
+that precision (signed with a throwaway key: the size an uplink would carry, 2 reference tiles)."""
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from shared.keys import generate_keypair
 from ground.errors import GroundError
 from ground.lineage import StageRecord
 from ground.openvino.runtime import capabilities, check_precision, conv_kernels, openvino_latency
+from ground.stages.bundle import bundle
 from ground.stages.export import export
 from ground.stages.run import Run, point_of
 
@@ -42,6 +46,19 @@ def _time(irs: dict[str, tuple[Path, str]], tile: int, threads: int, rounds: int
             for k, v in medians.items()}
 
 
+def _ir_row(run: Run, checkpoint: str, name: str, precision: str, fp16: bool, norm, reference: list, key,
+            **export_args) -> dict:
+    """Export at `precision`, score, pack: one row of the table (timing comes after, for all)."""
+    rec = export(run, checkpoint, name, fp16=fp16, precision=precision, **export_args)
+    xml = Path(rec["out_dir"]) / "model.xml"
+    packed = bundle(run, f"export/{name}", key, f"gap-{name}".lower(), 1,
+                    out=str(run.run_dir / "gap" / f"{name}.tar"), max_bytes="1GB")
+    masks = _masks(run, run.ir_predict(xml, norm, precision), point_of(rec["metrics"]["openvino"]))
+    return {"key": precision, "miou": rec["metrics"]["openvino"]["miou"], "agreement_fp32": _agreement(masks, reference),
+            "bytes": sum(rec["files"].values()), "bundle_bytes": packed["bytes"], "export": f"export/{name}",
+            "kernels": conv_kernels(xml, precision), "int8": rec.get("int8")}
+
+
 def deployment_gap(run: Run, checkpoint: str = "student.pt", name: str | None = None, threads: int = 1,
                    rounds: int = 3, max_drop: float = 0.01, qat_steps: int = 0) -> dict:
     if not run.evals:
@@ -56,21 +73,18 @@ def deployment_gap(run: Run, checkpoint: str = "student.pt", name: str | None = 
              "agreement_fp32": _agreement(_masks(run, run.torch_predict(model, norm, fp16="round"),
                                                  point_of(fp32_row)), reference)}]
     have, irs = capabilities(), {}
-    for label, precision, fp16 in IRS:
-        try:
-            check_precision(precision)
-        except GroundError as exc:
-            rows.append({"precision": label, "skipped": str(exc)})
-            continue
-        rec = export(run, checkpoint, f"{name}-{precision}", fp16=fp16, threads=threads, precision=precision,
-                     max_drop=max_drop, qat_steps=qat_steps)
-        xml = Path(rec["out_dir"]) / "model.xml"
-        irs[precision] = (xml, precision)
-        point = point_of(rec["metrics"]["openvino"])
-        rows.append({"precision": label, "key": precision, "miou": rec["metrics"]["openvino"]["miou"],
-                     "agreement_fp32": _agreement(_masks(run, run.ir_predict(xml, norm, precision), point), reference),
-                     "bytes": sum(rec["files"].values()), "export": f"export/{name}-{precision}",
-                     "kernels": conv_kernels(xml, precision), "int8": rec.get("int8")})
+    with tempfile.TemporaryDirectory(prefix="eoedge-gap-keys-") as keydir:
+        throwaway, _ = generate_keypair(keydir, "gap")      # the bundles are measured, not flown
+        for label, precision, fp16 in IRS:
+            try:
+                check_precision(precision)
+            except GroundError as exc:
+                rows.append({"precision": label, "skipped": str(exc)})
+                continue
+            row = _ir_row(run, checkpoint, f"{name}-{precision}", precision, fp16, norm, reference, throwaway,
+                          threads=threads, max_drop=max_drop, qat_steps=qat_steps)
+            irs[precision] = (run.run_dir / row["export"] / "model.xml", precision)
+            rows.append({"precision": label, **row})
     timing = _time(irs, run.cfg.tile, threads, rounds)
     for row in rows:
         row.update(timing.get(row.get("key"), {}))
@@ -106,16 +120,16 @@ def gap_table(report: dict) -> str:
              f"{report['threads']} thread(s), {report['tile']}x{report['tile']} tile, lowest of {report['rounds']} "
              f"rounds' medians; CPU flags {' '.join(report['cpu_flags']) or '?'}; OpenVINO capabilities "
              f"{' '.join(report['capabilities'])}; load average {report['load_avg'][0]:.2f}.", "",
-             "| precision | mIoU | agreement with FP32 | ms/tile | speed-up vs FP32 IR | bytes (xml+bin) | conv kernels |",
-             "|---|---|---|---|---|---|---|"]
+             "| precision | mIoU | agreement with FP32 | ms/tile | speed-up vs FP32 IR | IR bytes | bundle bytes | conv kernels |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['precision']} | not on this CPU: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['precision']} | not on this CPU: {r['skipped']} | | | | | | |")
             continue
         kernels = ", ".join(f"{k} x{n}" for k, n in (r.get("kernels") or {}).items()) or "-"
         speed = "-" if r.get("speedup_vs_fp32_ir") is None else f"{r['speedup_vs_fp32_ir']:.2f}x"
         lines.append(f"| {r['precision']} | {f(r.get('miou'))} | {f(r.get('agreement_fp32'))} | "
-                     f"{f(r.get('ms_per_tile'), 1)} | {speed} | {r.get('bytes', '-'):,} | {kernels} |"
+                     f"{f(r.get('ms_per_tile'), 1)} | {speed} | {r['bytes']:,} | {r['bundle_bytes']:,} | {kernels} |"
                      if r.get("bytes") is not None else
-                     f"| {r['precision']} | {f(r.get('miou'))} | {f(r.get('agreement_fp32'))} | - | - | - | - |")
+                     f"| {r['precision']} | {f(r.get('miou'))} | {f(r.get('agreement_fp32'))} | - | - | - | - | - |")
     return "\n".join(lines) + "\n"

@@ -96,6 +96,6 @@ def test_gap_table_has_a_row_per_precision(run_dir, monkeypatch):
     assert "bf16" in rows["BF16 IR"]["skipped"]
     assert rows["FP32 IR"]["speedup_vs_fp32_ir"] == pytest.approx(1.0)
     assert rows["FP32 IR"]["agreement_fp32"] > 0.99 and rows["INT8 IR"]["ms_per_tile"] > 0
-    assert rows["INT8 IR"]["kernels"] and rows["INT8 IR"]["bytes"] > 0
+    assert rows["INT8 IR"]["kernels"] and rows["INT8 IR"]["bundle_bytes"] > rows["INT8 IR"]["bytes"] > 0
     md = (run_dir / "gap" / "g" / "gap.md").read_text()
     assert "INT8 IR" in md and "not on this CPU" in md
