@@ -86,6 +86,9 @@ def add_lowrank(p) -> None:
                      help="rank per layer: the fewest singular values holding this share of the squared ones (0..1]")
     how.add_argument("--macs-target", type=float,
                      help="share of the MACs to keep (0..1): one energy for every layer, chosen to meet it")
+    p.add_argument("--round-to", type=int, default=0,
+                   help="round ranks up to a multiple of this (SIMD; 8 leaves a TinyUNet's 8-channel layers "
+                        "whole); 0: any")
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
     p.add_argument("--name", help="output name (lowrank/NAME.pt)")
     _finetune_args(p, 200)

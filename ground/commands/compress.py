@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from shared.cliutil import emit
 from ground.stages.fp16_finetune import fp16_finetune, gap_markdown
+from ground.stages.lowrank import lowrank
 from ground.stages.prune import prune
 from ground.stages.run import Run
 from ground.stages.sweep import sweep, sweep_markdown
@@ -38,4 +39,23 @@ def cmd_fp16_finetune(args) -> int:
     run = Run.open(args.run, progress=not args.json)
     res = fp16_finetune(run, args.checkpoint, args.steps, args.finetune_with, args.mode, args.name, args.lr)
     emit(res, args.json, lambda r: gap_markdown(r) + f"\ncheckpoint: {r['out']}")
+    return 0
+
+
+def _lowrank_text(r: dict) -> str:
+    how = f"energy {r['energy']:.3f}" + (f" (for {r['macs_target']:.0%} of the MACs)" if r["macs_target"] else "")
+    how += f", ranks multiples of {r['round_to']}" if r["round_to"] else ""
+    lines = [f"low-rank, {how}: {len(r['ranks'])} convs factorised, {r['before']['params']:,} -> "
+             f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
+    lines += [f"  mIoU {k}: {v['miou']:.4f}" for k, v in r["metrics"].items()]
+    lines.append(f"checkpoint: {r['run_dir']}/{r['checkpoint']}")
+    return "\n".join(lines)
+
+
+def cmd_lowrank(args) -> int:
+    run = Run.open(args.run, progress=not args.json)
+    res = lowrank(run, args.checkpoint, energy=args.energy, macs_target=args.macs_target,
+                  round_to=args.round_to or None, finetune_steps=args.finetune_steps,
+                  finetune_with=args.finetune_with, name=args.name)
+    emit(res, args.json, _lowrank_text)
     return 0

@@ -2,7 +2,8 @@
 normalisation statistics and training state, so the next stage (pruning, FP16, export) needs only
 the file. ONE `load_model`, pruned checkpoints included: channel pruning changes layer widths, not
 the architecture, so the registry builds the unpruned model and `fit_to_state_dict` shrinks its
-layers to the saved shapes before loading."""
+layers to the saved shapes before loading. A low-rank factorisation does change it (a conv becomes
+two): the checkpoint's arch names the factorised layers and `build_arch` rebuilds them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ground.compression.lowrank import apply_ranks
 from ground.data.normalization import Normalization
-from ground.errors import CheckpointError
+from ground.errors import CheckpointError, ConfigError
 from ground.models.registry import build_student
 
 
@@ -46,11 +48,17 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def build_arch(arch: dict) -> torch.nn.Module:
+    """The registry's model, with the convolutions named in `arch["lowrank"]` ({layer: rank},
+    ground.compression.lowrank) factorised: the structure only, the weights come from the state_dict."""
     try:
-        return build_student(arch["name"], int(arch["in_channels"]), int(arch["num_classes"]),
-                             **arch.get("options", {}))
+        model = build_student(arch["name"], int(arch["in_channels"]), int(arch["num_classes"]),
+                              **arch.get("options", {}))
     except KeyError as exc:
         raise CheckpointError(f"checkpoint architecture lacks field {exc.args[0]!r}") from None
+    try:
+        return apply_ranks(model, arch.get("lowrank") or {})
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint architecture field 'lowrank': {exc}") from None
 
 
 def fit_to_state_dict(model: nn.Module, state_dict: dict) -> nn.Module:
