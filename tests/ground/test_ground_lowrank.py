@@ -26,6 +26,7 @@ from ground.models.checkpoints import build_arch, load_model, save_checkpoint
 from ground.models.size import measure
 from ground.models.tiny_unet import TinyUNet
 from ground.openvino.export import export_openvino
+from ground.stages.export import export
 from ground.stages.lowrank import lowrank
 from ground.stages.run import Run
 
@@ -225,6 +226,9 @@ def test_stage_writes_a_factorised_checkpoint_with_lineage(mini_run):
     rec = next(s for s in stages if s["stage"] == "lowrank:energy-50")
     assert rec["label_free"] is True and rec["inputs"] == {"checkpoint": "student.pt"}
     assert res["checkpoint"] in rec["outputs"] and rec["params"]["ranks"] == res["ranks"]
+    # the next stages rebuild it from the checkpoint alone: export (IR parity on the run's imagery)
+    exported = export(Run.open(mini_run, progress=False), res["checkpoint"], name="lr", evaluate=False)
+    assert exported["parity"]["max_abs_diff"] < 1e-2
 
 
 def test_cli_row_help_json_and_errors(mini_run, capsys):
