@@ -9,9 +9,7 @@ import copy
 import json
 import warnings
 
-import numpy as np
 import pytest
-import tifffile
 import torch
 from torch import nn
 
@@ -21,7 +19,6 @@ from ground.compression.lowrank import LowRankConv, apply_ranks, candidates, fac
 from ground.compression.pruning.plan import prune_to_target
 from ground.data.normalization import Normalization
 from ground.errors import CheckpointError, ConfigError, StageError
-from ground.lineage import RunFolder, StageRecord
 from ground.models.checkpoints import build_arch, load_model, save_checkpoint
 from ground.models.size import measure
 from ground.models.tiny_unet import TinyUNet
@@ -29,6 +26,7 @@ from ground.openvino.export import export_openvino
 from ground.stages.export import export
 from ground.stages.lowrank import lowrank
 from ground.stages.run import Run
+from mini_run import make_run  # noqa: E402  (tests/ground/mini_run.py)
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
@@ -179,39 +177,8 @@ def test_bad_arguments_are_named(student, example, kwargs, match):
 
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory):
-    """A run folder as distillation leaves it: generated scenes to learn from, a generated labelled
-    patch to score on, a tiny torch teacher, a student."""
-    root = tmp_path_factory.mktemp("lowrank-run")
-    rng = np.random.default_rng(0)
-    (root / "scenes").mkdir()
-    data = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
-    data[:, 40:90, 60:200] += 0.3
-    np.savez(root / "scenes" / "s0.npz", data=data, bands=np.array(BANDS))
-    mask = np.zeros((128, 256), np.uint8)
-    mask[30:80, 50:150] = 1
-    image = rng.uniform(0.02, 0.5, (6, 128, 256)).astype(np.float32)
-    image[:, mask == 1] += 0.3
-    for folder, array in (("images", image), ("masks", mask)):
-        (root / "eval" / folder).mkdir(parents=True)
-        tifffile.imwrite(root / "eval" / folder / "e0.tif", array, photometric="minisblack")
-    small = {"name": "tiny-unet", "in_channels": 6, "num_classes": 3, "options": {"widths": [8, 16]}}
-    teacher = save_checkpoint(root / "teacher.pt", build_arch(small), small, NORM)
-    raw = {"run": {"name": "mini", "out": str(root), "seed": 0, "deliver": "distilled"},
-           "data": {"bands": BANDS, "classes": ["clear", "cloud", "shadow"],
-                    "unlabelled": [{"source": "scene", "path": str(root / "scenes" / "*.npz")}]},
-           "eval": {"data": {"source": "patches", "path": str(root / "eval"), "band_names": BANDS},
-                    "tile": 128, "overlap": 32},
-           "teacher": {"name": f"checkpoint:{teacher}"},
-           "student": {"name": "tiny-unet", "widths": [8, 16, 32]},
-           "train": {"steps": 2, "batch": 2, "crop": 64, "augment": ["crop"]},
-           "experiment": [{"name": "distilled", "mode": "distill", "loss": "kl"}]}
-    folder = RunFolder(root / "mini")
-    folder.set_config(raw)
-    arch = {"name": "tiny-unet", "in_channels": 6, "num_classes": 3, "options": {"widths": [8, 16, 32]}}
-    torch.manual_seed(1)
-    save_checkpoint(folder.path / "student.pt", build_arch(arch), arch, NORM)
-    folder.add(StageRecord("distill", ["student.pt"], params={"deliver": "distilled"}, label_free=True))
-    return folder.path
+    """A run folder as distillation leaves it, on generated imagery (tests/ground/mini_run.py)."""
+    return make_run(tmp_path_factory.mktemp("lowrank-run"))
 
 
 def test_stage_writes_a_factorised_checkpoint_with_lineage(mini_run):
