@@ -104,6 +104,8 @@ def add_sweep(p) -> None:
     _finetune_args(p, 100)
     p.add_argument("--threads", type=int, default=1, help="OpenVINO inference threads for the latency")
     p.add_argument("--out", default="sweep", help="folder in the run folder for the table and plot")
+    p.add_argument("--lowrank", action="store_true",
+                   help="also low-rank (truncated SVD) at each ratio, at the MACs the pruned points keep")
 
 
 def add_fp16(p) -> None:

@@ -30,7 +30,7 @@ def cmd_sweep(args) -> int:
     run = Run.open(args.run, progress=not args.json)
     res = sweep(run, args.checkpoint, args.criteria, args.ratios, by=args.by, round_to=args.round_to or None,
                 scope=args.scope, finetune_steps=args.finetune_steps, finetune_with=args.finetune_with,
-                threads=args.threads, out=args.out)
+                threads=args.threads, out=args.out, lowrank=args.lowrank)
     emit(res, args.json, lambda r: sweep_markdown(r) + f"\nwritten: {r['out_dir']}/sweep.{{json,md,png}}")
     return 0
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from ground.compression.lowrank import factorise
 from ground.compression.pruning.criteria import SWEEP_CRITERIA, get_criterion
 from ground.compression.pruning.plan import prune_to_target
 from ground.errors import ConfigError
@@ -23,25 +24,33 @@ from ground.openvino.runtime import openvino_latency
 from ground.stages.run import Run
 
 
-def _point(run: Run, base, norm, example, crit: str, ratio: float, prune_args: dict, finetune_steps: int,
-           finetune_with: str) -> tuple[dict, object]:
-    """One criterion at one ratio: (table row without latency, the pruned and fine-tuned model)."""
-    tag = f"{crit}-{round(ratio * 100)}"
-    t0 = time.perf_counter()
+def _pruned(run: Run, base, norm, example, crit: str, ratio: float, prune_args: dict, finetune_with: str):
     loss_fn = run.loss_fn(norm, finetune_with, base) if get_criterion(crit).needs_gradients else None
-    res = prune_to_target(base, example, crit, ratio, loss_fn=loss_fn, **prune_args)
-    before_ft = after = run.evaluate(run.torch_predict(res.model, norm))
+    return prune_to_target(base, example, crit, ratio, loss_fn=loss_fn, **prune_args).model
+
+
+def _point(run: Run, base, norm, example, label: str, ratio: float, model, finetune_steps: int,
+           finetune_with: str, t0: float) -> dict:
+    """One compressed model scored before and after fine-tuning: its table row (latency comes later)."""
+    tag = f"{label}-{round(ratio * 100)}"
+    before, size = measure(base, example), measure(model, example)
+    before_ft = after = run.evaluate(run.torch_predict(model, norm))
     if finetune_steps > 0 and finetune_with != "none":
-        run.finetune(res.model, finetune_steps, finetune_with, reference_model=base, norm=norm, desc=f"fine-tune {tag}")
-        after = run.evaluate(run.torch_predict(res.model, norm))
-    d = res.as_dict()
-    row = {"criterion": crit, "ratio": ratio, "params": res.after.params, "macs": res.after.macs,
-           "params_reduction": d["params_reduction"], "macs_reduction": d["macs_reduction"],
+        run.finetune(model, finetune_steps, finetune_with, reference_model=base, norm=norm, desc=f"fine-tune {tag}")
+        after = run.evaluate(run.torch_predict(model, norm))
+    row = {"criterion": label, "ratio": ratio, "params": size.params, "macs": size.macs,
+           "params_reduction": 1.0 - size.params / before.params, "macs_reduction": 1.0 - size.macs / before.macs,
            "miou_pruned": before_ft["miou"], "agreement_pruned": before_ft.get("agreement"), **_scores(after),
            "tag": tag, "seconds": round(time.perf_counter() - t0, 1)}
-    run.log(f"{tag}: -{row['params_reduction']:.0%} params, mIoU {row['miou_pruned']:.3f} -> "
-            f"{row['miou']:.3f} after fine-tuning")
-    return row, res.model
+    run.log(f"{tag}: -{row['params_reduction']:.0%} params, -{row['macs_reduction']:.0%} MACs, mIoU "
+            f"{row['miou_pruned']:.3f} -> {row['miou']:.3f} after fine-tuning")
+    return row
+
+
+def _lowrank_macs(rows: list[dict], ratio: float) -> float:
+    """The share of MACs the pruned points at `ratio` keep (their mean): low-rank is compared at it."""
+    kept = [1.0 - r["macs_reduction"] for r in rows if r["ratio"] == ratio and r["criterion"] != "none"]
+    return float(np.mean(kept)) if kept else 1.0 - ratio
 
 
 def time_irs(irs: dict[str, Path], rows: list[dict], tile: int, threads: int, repeats: int, rounds: int,
@@ -68,9 +77,12 @@ def time_irs(irs: dict[str, Path], rows: list[dict], tile: int, threads: int, re
 def sweep(run: Run, checkpoint: str = "student.pt", criteria: Sequence[str] | None = None,
           ratios: Sequence[float] = (0.3, 0.5, 0.7), by: str = "params", round_to: int | None = 8,
           scope: str = "local", finetune_steps: int = 100, finetune_with: str = "teacher",
-          threads: int = 1, out: str = "sweep", latency_repeats: int = 20, latency_rounds: int = 3) -> dict:
+          threads: int = 1, out: str = "sweep", latency_repeats: int = 20, latency_rounds: int = 3,
+          lowrank: bool = False) -> dict:
     """Every criterion at every ratio: prune, score before and after fine-tuning, export the FP16
-    IR and time it in OpenVINO (`time_irs`). Writes OUT/sweep.{json,md,png} into the run folder."""
+    IR and time it in OpenVINO (`time_irs`). With `lowrank`, also a truncated-SVD factorisation
+    (ground.compression.lowrank) at each ratio, at the MACs the pruned points of that ratio keep:
+    the two compared at equal MACs. Writes OUT/sweep.{json,md,png} into the run folder."""
     criteria = list(criteria or SWEEP_CRITERIA)
     for name in criteria:
         get_criterion(name)
@@ -89,13 +101,16 @@ def sweep(run: Run, checkpoint: str = "student.pt", criteria: Sequence[str] | No
              "tag": "base"}]
     rows[0]["miou_pruned"] = rows[0]["miou"]
     prune_args = {"by": by, "round_to": round_to, "scope": scope}
-    jobs = [(c, float(r)) for c in criteria for r in ratios]
+    jobs = [(c, float(r)) for c in criteria for r in ratios] + ([("lowrank", float(r)) for r in ratios] if lowrank else [])
     for crit, ratio in tqdm(jobs, desc="sweep", file=sys.stderr, disable=not run.progress):
-        row, model = _point(run, base, norm, example, crit, ratio, prune_args, finetune_steps, finetune_with)
+        t_point = time.perf_counter()
+        model = factorise(base, example, macs_target=_lowrank_macs(rows, ratio)).model if crit == "lowrank" \
+            else _pruned(run, base, norm, example, crit, ratio, prune_args, finetune_with)
+        row = _point(run, base, norm, example, crit, ratio, model, finetune_steps, finetune_with, t_point)
         irs[row["tag"]] = export_openvino(model, out_dir / "ir" / row["tag"], tile=run.cfg.tile).xml
         rows.append(row)
     loads = time_irs(irs, rows, run.cfg.tile, threads, latency_repeats, latency_rounds, run.progress)
-    report = {"checkpoint": checkpoint, "by": by, "round_to": round_to, "scope": scope,
+    report = {"checkpoint": checkpoint, "by": by, "round_to": round_to, "scope": scope, "lowrank": lowrank,
               "latency": {"threads": threads, "repeats": latency_repeats, "rounds": latency_rounds,
                           "load_avg_min_max": [min(loads), max(loads)]},
               "finetune": {"steps": finetune_steps, "with": finetune_with}, "threads": threads,

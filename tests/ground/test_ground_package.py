@@ -214,6 +214,17 @@ def test_sweep_writes_table_json_and_plot(chain):
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_compares_lowrank_at_the_pruned_points_macs(chain):
+    rep = sweep(_open(chain["run"]), criteria=["lamp"], ratios=[0.5], by="macs", finetune_steps=0, out="sweep-lr",
+                latency_repeats=3, latency_rounds=1, lowrank=True)
+    rows = {r["criterion"]: r for r in rep["rows"]}
+    assert set(rows) == {"none", "lamp", "lowrank"}
+    # low-rank is asked for the MACs the pruned point keeps, and meets it
+    assert rows["lowrank"]["macs"] <= rows["lamp"]["macs"]
+    assert rows["lowrank"]["macs_reduction"] > 0.3 and rows["lowrank"]["ms_per_tile"] > 0
+    assert "lowrank" in (chain["run"] / "sweep-lr" / "sweep.md").read_text()
+
+
 def test_cli_rows_help_json_and_errors(chain, keys, capsys):
     """`eoedge ground` builds and signs; verifying and inspecting is `eoedge shared bundle`'s job."""
     for cmd in ("prune", "sweep", "fp16-finetune", "export", "bundle"):
