@@ -11,6 +11,23 @@ from ground.training.config import FINETUNE_SOURCES
 DEFAULT_MAX_BYTES = "5MB"                                      # CloudScout's uplink budget
 
 
+def _whole(least: int):
+    """argparse type: a whole number >= `least` (a step count, threads, tiles), named when not."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+    return parse
+
+
+COUNT = _whole(0)          # steps: 0 means none
+POSITIVE = _whole(1)       # threads, rounds, tiles, pruning steps
+
+
 def add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML run config (see configs/); relative input paths resolve against its folder")
     p.add_argument("--out", help="parent folder of the run folder (run.out)")
@@ -23,24 +40,24 @@ def add_list(p) -> None:
 
 def add_size(p) -> None:
     p.add_argument("--params", required=True, help="budget, e.g. 120000, 100k, 1.5M")
-    p.add_argument("--in-channels", type=int, default=6)
-    p.add_argument("--classes", type=int, default=3)
-    p.add_argument("--depth", type=int, default=4, help="levels (poolings + 1)")
+    p.add_argument("--in-channels", type=POSITIVE, default=6)
+    p.add_argument("--classes", type=POSITIVE, default=3)
+    p.add_argument("--depth", type=POSITIVE, default=4, help="levels (poolings + 1)")
     p.add_argument("--separable", action="store_true", help="depthwise-separable convolutions")
-    p.add_argument("--multiple-of", type=int, default=1, help="round widths to a multiple (e.g. 4)")
-    p.add_argument("--tile", type=int, default=256, help="tile size the MACs are counted on")
+    p.add_argument("--multiple-of", type=POSITIVE, default=1, help="round widths to a multiple (e.g. 4)")
+    p.add_argument("--tile", type=POSITIVE, default=256, help="tile size the MACs are counted on")
 
 
 def add_run(p) -> None:
     add_config(p)
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=POSITIVE, help="override train.steps")
     p.add_argument("--params", help="override student.params (e.g. 100k)")
     p.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these experiments")
 
 
 def add_train_teacher(p) -> None:
     add_config(p)
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=POSITIVE, help="override train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's teacher.pt")
 
 
@@ -54,7 +71,7 @@ def _run_arg(p) -> None:
 
 
 def _finetune_args(p, default_steps: int) -> None:
-    p.add_argument("--finetune-steps", type=int, default=default_steps, help="fine-tuning steps (0: none)")
+    p.add_argument("--finetune-steps", type=COUNT, default=default_steps, help="fine-tuning steps (0: none)")
     p.add_argument("--finetune-with", choices=FINETUNE_SOURCES, default="teacher",
                    help="teacher: the run's teacher (pruning-aware distillation); self: the unpruned model "
                         "teaches; labels: the run's labelled data; none")
@@ -62,7 +79,7 @@ def _finetune_args(p, default_steps: int) -> None:
 
 def _prune_common(p) -> None:
     p.add_argument("--by", choices=("params", "macs"), default="params", help="what the target counts")
-    p.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (SIMD); 0: any")
+    p.add_argument("--round-to", type=COUNT, default=8, help="keep channel counts multiples of this (SIMD); 0: any")
     p.add_argument("--scope", choices=("local", "global"), default="local",
                    help="rank channels within each layer, or across all layers")
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
@@ -73,7 +90,7 @@ def add_prune(p) -> None:
     p.add_argument("--criterion", default="lamp",
                    help="importance criterion: random, magnitude-l1, magnitude-l2, bn-scale, fpgm, taylor, lamp")
     p.add_argument("--target", type=float, default=0.4, help="share of parameters (or MACs) to remove, 0..1")
-    p.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning between them)")
+    p.add_argument("--steps", type=POSITIVE, default=1, help="iterative pruning steps (fine-tuning between them)")
     p.add_argument("--name", help="output name (pruned/NAME.pt)")
     _prune_common(p)
     _finetune_args(p, 200)
@@ -86,7 +103,7 @@ def add_lowrank(p) -> None:
                      help="rank per layer: the fewest singular values holding this share of the squared ones (0..1]")
     how.add_argument("--macs-target", type=float,
                      help="share of the MACs to keep (0..1): one energy for every layer, chosen to meet it")
-    p.add_argument("--round-to", type=int, default=0,
+    p.add_argument("--round-to", type=COUNT, default=0,
                    help="round ranks up to a multiple of this (SIMD; 8 leaves a TinyUNet's 8-channel layers "
                         "whole); 0: any")
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
@@ -102,7 +119,7 @@ def add_sweep(p) -> None:
     p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="targets, 0..1")
     _prune_common(p)
     _finetune_args(p, 100)
-    p.add_argument("--threads", type=int, default=1, help="OpenVINO inference threads for the latency")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="OpenVINO inference threads for the latency")
     p.add_argument("--out", default="sweep", help="folder in the run folder for the table and plot")
     p.add_argument("--lowrank", action="store_true",
                    help="also low-rank (truncated SVD) at each ratio, at the MACs the pruned points keep")
@@ -111,7 +128,7 @@ def add_sweep(p) -> None:
 def add_fp16(p) -> None:
     _run_arg(p)
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder (e.g. pruned/lamp-40.pt)")
-    p.add_argument("--steps", type=int, default=200, help="FP16-aware fine-tuning steps")
+    p.add_argument("--steps", type=COUNT, default=200, help="FP16-aware fine-tuning steps")
     p.add_argument("--finetune-with", choices=FINETUNE_SOURCES[:-1], default="teacher")
     p.add_argument("--mode", choices=("round", "half"), default="round",
                    help="FP16 emulation for the scores: round (fast) or half (torch float16 kernels)")
@@ -128,14 +145,14 @@ def add_export(p) -> None:
                    help="what the target computes in: the IR is scored, timed and declared at it (int8: NNCF)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the held-out image")
-    p.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency figure")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="OpenVINO threads for the latency figure")
     _precision_args(p)
 
 
 def _precision_args(p) -> None:
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="int8: the most agreement with the teacher (training tiles) quantisation may cost")
-    p.add_argument("--qat-steps", type=int, default=0,
+    p.add_argument("--qat-steps", type=COUNT, default=0,
                    help="int8: quantisation-aware fine-tuning steps instead of post-training quantisation")
 
 
@@ -144,23 +161,23 @@ def add_bundle(p) -> None:
     p.add_argument("--export", required=True, help="the export folder in the run (e.g. export/student)")
     p.add_argument("--key", required=True, help="Ed25519 private key (eoedge shared keygen)")
     p.add_argument("--model-id", required=True, help="model id ([a-z0-9._-])")
-    p.add_argument("--version", type=int, required=True, help="bundle version (grows with every bundle)")
+    p.add_argument("--version", type=COUNT, required=True, help="bundle version (grows with every bundle)")
     p.add_argument("--parent", help="MODEL_ID:VERSION of the bundle this one replaces")
     p.add_argument("--out", help="bundle path (default: RUN/bundles/MODEL_ID-vVERSION.tar)")
     p.add_argument("--max-bytes", type=byte_size, default=byte_size(DEFAULT_MAX_BYTES),
                    help="uplink budget: 5MB = 5,000,000 bytes, 5MiB = 5,242,880 (docs/cli.md)")
     p.add_argument("--policy", help="decision policy JSON file (default: keep everything)")
-    p.add_argument("--reference-tiles", type=int, default=2, help="tiles of the run's imagery for the daemon's self-test")
-    p.add_argument("--reference-window", type=int,
+    p.add_argument("--reference-tiles", type=POSITIVE, default=2, help="tiles of the run's imagery for the daemon's self-test")
+    p.add_argument("--reference-window", type=POSITIVE,
                    help="keep only a real WxW patch of each reference tile (the rest the mean): a smaller bundle")
-    p.add_argument("--tile-size", type=int, help="the daemon's tile (default: the evaluation tile)")
-    p.add_argument("--overlap", type=int, help="the daemon's tile overlap")
+    p.add_argument("--tile-size", type=POSITIVE, help="the daemon's tile (default: the evaluation tile)")
+    p.add_argument("--overlap", type=COUNT, help="the daemon's tile overlap")
 
 
 def add_gap(p) -> None:
     _run_arg(p)
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
     p.add_argument("--name", help="gap/NAME/ and export/NAME-PRECISION/ (default: the checkpoint's name)")
-    p.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency figures")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds (each IR in turn, lowest median kept)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="OpenVINO threads for the latency figures")
+    p.add_argument("--rounds", type=POSITIVE, default=3, help="timing rounds (each IR in turn, lowest median kept)")
     _precision_args(p)

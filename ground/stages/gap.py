@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.keys import generate_keypair
-from ground.errors import GroundError
+from ground.errors import ConfigError, GroundError
 from ground.lineage import StageRecord
 from ground.openvino.runtime import capabilities, check_precision, conv_kernels, openvino_latency
 from ground.stages.bundle import bundle
@@ -61,6 +61,8 @@ def _ir_row(run: Run, checkpoint: str, name: str, precision: str, fp16: bool, no
 
 def deployment_gap(run: Run, checkpoint: str = "student.pt", name: str | None = None, threads: int = 1,
                    rounds: int = 3, max_drop: float = 0.01, qat_steps: int = 0) -> dict:
+    if int(rounds) < 1 or int(threads) < 1:
+        raise ConfigError(f"rounds and threads must be >= 1, got rounds={rounds}, threads={threads}")
     if not run.evals:
         raise GroundError("the deployment gap is scored on the held-out data: the run's config has no eval.data")
     name = name or Path(checkpoint).stem

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ground.compression.pruning.criteria import get_criterion
 from ground.compression.pruning.plan import DEFAULT_ROUND_TO, prune_to_target
+from ground.errors import ConfigError
 from ground.lineage import StageRecord
 from ground.models.checkpoints import save_checkpoint
 from ground.stages.run import Run
@@ -19,6 +20,8 @@ def prune(run: Run, criterion_name: str, target: float, by: str = "params",
     run's teacher by default; "self": the unpruned model teaches; "labels"; "none"), score it
     before and after on the held-out image, and write `pruned/NAME.pt`. With `steps` > 1 the
     fine-tuning budget is spread over the steps."""
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
     base, norm, meta = run.load(checkpoint)
     example = run.example(norm)
     name = name or f"{criterion_name}-{round(100 * target)}{'-macs' if by == 'macs' else ''}"

@@ -152,3 +152,17 @@ def test_train_teacher_command_checkpoints_and_resumes(data_root, tmp_path, caps
     assert [s["stage"] for s in lineage["stages"]] == ["train-teacher", "train-teacher"]
     assert main(["train-teacher", str(REPO / "configs" / "ukis_distill.toml")]) == 1
     assert "not trained here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["prune", "RUN", "--steps", "0"], "--steps: 0 is below 1"),
+    (["fp16-finetune", "RUN", "--steps", "-1"], "--steps: -1 is below 0"),
+    (["gap", "RUN", "--rounds", "0"], "--rounds: 0 is below 1"),
+    (["export", "RUN", "--threads", "two"], "--threads: 'two' is not a whole number"),
+    (["export", "RUN", "--precision", "fp64"], "--precision: invalid choice"),
+])
+def test_bad_numbers_are_usage_errors_before_any_work(argv, named, tmp_path, capsys):
+    argv = [str(tmp_path / "missing-run") if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1 and "Traceback" not in err

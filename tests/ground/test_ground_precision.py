@@ -99,3 +99,10 @@ def test_gap_table_has_a_row_per_precision(run_dir, monkeypatch):
     assert rows["INT8 IR"]["kernels"] and rows["INT8 IR"]["bundle_bytes"] > rows["INT8 IR"]["bytes"] > 0
     md = (run_dir / "gap" / "g" / "gap.md").read_text()
     assert "INT8 IR" in md and "not on this CPU" in md
+
+
+def test_gap_refuses_zero_rounds_before_any_work(run_dir):
+    from ground.errors import ConfigError
+    with pytest.raises(ConfigError, match="rounds"):
+        deployment_gap(_open(run_dir), name="zero", rounds=0)
+    assert not (run_dir / "export" / "zero-fp32").exists()
