@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from onboard.errors import ConfigError
-from onboard.precision import AUTO, PRECISIONS
+from onboard.precision import AUTO
+from shared.manifest import PRECISIONS
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENDPOINT_NAMES = ("frames", "products", "commands", "telemetry")

@@ -23,12 +23,9 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from onboard.errors import PrecisionUnsupported
-from shared.manifest import PRECISIONS
+from shared.manifest import INFERENCE_HINTS, REQUIRED_CAPABILITY
 
 AUTO = "auto"                 # config value: run each bundle at its manifest's precision
-INFERENCE_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
-REQUIRED_CAPABILITY = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
-assert set(INFERENCE_HINTS) == set(REQUIRED_CAPABILITY) == set(PRECISIONS)
 
 
 @dataclass(frozen=True)

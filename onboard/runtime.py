@@ -31,7 +31,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from onboard.errors import ModelLoadError
-from onboard.precision import INFERENCE_HINTS
+from shared.manifest import INFERENCE_HINTS
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 INPUT_DTYPES = ("uint16", "int16", "float32")

@@ -52,6 +52,11 @@ ACTIVATIONS = ("softmax", "sigmoid", "none")
 DTYPES = ("float32",)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_PRECISION = "fp32"     # what a manifest without `precision` was validated at
+# How each precision runs in OpenVINO, for the ground and the daemon alike: the inference
+# precision hint (int8: the IR's FakeQuantize nodes run as int8 kernels, the rest at f32) and
+# the device capability (OPTIMIZATION_CAPABILITIES) it needs.
+INFERENCE_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+REQUIRED_CAPABILITY = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
 DEFAULT_REFERENCE = {"file": REFERENCE_NAME, "max_abs_diff": 1e-2, "min_mask_agreement": 0.99}
 
 _MODEL_ID = re.compile(r"^[a-z0-9._-]+$")

@@ -15,13 +15,11 @@ import numpy as np
 import openvino as ov
 import torch
 
-from shared.manifest import PRECISIONS
+from shared.manifest import INFERENCE_HINTS, PRECISIONS, REQUIRED_CAPABILITY
 from ground.compression.fp16 import emulate_fp16
 from ground.errors import GroundError
 
 
-HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
-CAPABILITY = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}   # OPTIMIZATION_CAPABILITIES
 
 
 def capabilities(device: str = "CPU") -> list[str]:
@@ -35,7 +33,7 @@ def check_precision(precision: str, device: str = "CPU") -> None:
     if precision not in PRECISIONS:
         raise GroundError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     have = capabilities(device)
-    if CAPABILITY[precision] not in have:
+    if REQUIRED_CAPABILITY[precision] not in have:
         raise GroundError(f"this {device} does not compute {precision} natively (OpenVINO capabilities: "
                           f"{', '.join(have)}); measure it on a device that does")
 
@@ -47,7 +45,7 @@ def compile_ir(model_path: str | Path, threads: int | None = None, shape: tuple 
     model = core.read_model(str(model_path))
     if shape is not None:
         model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
-    config = {"INFERENCE_PRECISION_HINT": HINTS[precision]}
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_HINTS[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if latency:

@@ -204,3 +204,9 @@ def test_random_values_anywhere_only_raise_manifest_error(path, value):
         validate_manifest(m)
     except ManifestError as exc:
         assert str(exc).split(":")[0]          # every message starts with a field path
+
+
+def test_every_precision_has_a_hint_and_a_capability():
+    """The ground and the daemon compile from these two maps: they cover the same precisions."""
+    from shared.manifest import INFERENCE_HINTS, PRECISIONS, REQUIRED_CAPABILITY
+    assert set(INFERENCE_HINTS) == set(REQUIRED_CAPABILITY) == set(PRECISIONS)
