@@ -9,12 +9,16 @@ from ground.stages.run import Run
 from ground.stages.sweep import sweep, sweep_markdown
 
 
+def _scores_and_checkpoint(r: dict) -> list[str]:
+    """The lines every compression stage ends with: held-out mIoU at each step, where it wrote."""
+    return [f"  mIoU {k}: {v['miou']:.4f}" for k, v in r["metrics"].items()] + \
+        [f"checkpoint: {r['run_dir']}/{r['checkpoint']}"]
+
+
 def _prune_text(r: dict) -> str:
     lines = [f"{r['criterion']} ({r['scope']}, round_to={r['round_to']}): {r['before']['params']:,} -> "
              f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
-    lines += [f"  mIoU {k}: {v['miou']:.4f}" for k, v in r["metrics"].items()]
-    lines.append(f"checkpoint: {r['run_dir']}/{r['checkpoint']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _scores_and_checkpoint(r))
 
 
 def cmd_prune(args) -> int:
@@ -47,9 +51,7 @@ def _lowrank_text(r: dict) -> str:
     how += f", ranks multiples of {r['round_to']}" if r["round_to"] else ""
     lines = [f"low-rank, {how}: {len(r['ranks'])} convs factorised, {r['before']['params']:,} -> "
              f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
-    lines += [f"  mIoU {k}: {v['miou']:.4f}" for k, v in r["metrics"].items()]
-    lines.append(f"checkpoint: {r['run_dir']}/{r['checkpoint']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _scores_and_checkpoint(r))
 
 
 def cmd_lowrank(args) -> int:

@@ -5,10 +5,7 @@ the held-out image, with its lineage record. The checkpoint's arch names the fac
 from __future__ import annotations
 
 from ground.compression.lowrank import factorise
-from ground.lineage import StageRecord
-from ground.models.checkpoints import save_checkpoint
-from ground.stages.prune import METRIC_KEYS
-from ground.stages.run import Run
+from ground.stages.run import Run, save_compressed
 
 
 def default_name(energy: float | None, macs_target: float | None, round_to: int | None) -> str:
@@ -34,14 +31,9 @@ def lowrank(run: Run, checkpoint: str = "student.pt", energy: float | None = Non
     history = run.finetune(res.model, finetune_steps, finetune_with, reference_model=base, norm=norm)
     if run.evals:
         metrics["fine_tuned"] = run.evaluate(run.torch_predict(res.model, norm))
-    out = run.run_dir / "lowrank" / f"{name}.pt"
     info = {"source": checkpoint, **res.as_dict(), "finetune": {"steps": finetune_steps, "with": finetune_with,
                                                                 "final_loss": history[-1]["loss"] if history else None}}
     # an already factorised checkpoint keeps its layers: its ranks and the new ones together
     arch = dict(meta["arch"], lowrank={**(meta["arch"].get("lowrank") or {}), **res.ranks})
-    save_checkpoint(out, res.model, arch, norm, meta={"name": name, "role": "lowrank", "lowrank": info})
-    run.folder.add(StageRecord(f"lowrank:{name}", [out], inputs={"checkpoint": checkpoint}, params=info,
-                               metrics={k: {m: v.get(m) for m in METRIC_KEYS} for k, v in metrics.items()},
-                               label_free=run.label_free and finetune_with != "labels"))
-    return {"checkpoint": str(out.relative_to(run.run_dir)), "run_dir": str(run.run_dir), **info,
-            "metrics": metrics}
+    return save_compressed(run, "lowrank", "lowrank", name, res.model, arch, norm, checkpoint, info, metrics,
+                           finetune_with)

@@ -5,11 +5,7 @@ from __future__ import annotations
 from ground.compression.pruning.criteria import get_criterion
 from ground.compression.pruning.plan import DEFAULT_ROUND_TO, prune_to_target
 from ground.errors import ConfigError
-from ground.lineage import StageRecord
-from ground.models.checkpoints import save_checkpoint
-from ground.stages.run import Run
-
-METRIC_KEYS = ("miou", "f1", "accuracy", "agreement")
+from ground.stages.run import Run, save_compressed
 
 
 def prune(run: Run, criterion_name: str, target: float, by: str = "params",
@@ -42,12 +38,7 @@ def prune(run: Run, criterion_name: str, target: float, by: str = "params",
                            reference_model=base, norm=norm, desc="fine-tune") if per_step else []
     if scored:
         metrics["fine_tuned"] = run.evaluate(run.torch_predict(res.model, norm))
-    out = run.run_dir / "pruned" / f"{name}.pt"
     info = {"source": checkpoint, **res.as_dict(), "finetune": {"steps": finetune_steps, "with": finetune_with,
                                                                 "final_loss": history[-1]["loss"] if history else None}}
-    save_checkpoint(out, res.model, meta["arch"], norm, meta={"name": name, "role": "pruned", "prune": info})
-    run.folder.add(StageRecord(f"prune:{name}", [out], inputs={"checkpoint": checkpoint}, params=info,
-                               metrics={k: {m: v.get(m) for m in METRIC_KEYS} for k, v in metrics.items()},
-                               label_free=run.label_free and finetune_with != "labels"))
-    return {"checkpoint": str(out.relative_to(run.run_dir)), "run_dir": str(run.run_dir), **info,
-            "metrics": metrics}
+    return save_compressed(run, "prune", "pruned", name, res.model, meta["arch"], norm, checkpoint, info, metrics,
+                           finetune_with)

@@ -24,8 +24,8 @@ from ground.errors import ConfigError, RunFolderError, StageError
 from ground.evaluation.operating_point import OperatingPoint, calibrate, calibration_source
 from ground.evaluation.predict import Predict, ir_predictor, torch_predictor
 from ground.evaluation.scores import evaluate_on, summary
-from ground.lineage import RunFolder
-from ground.models.checkpoints import load_model
+from ground.lineage import RunFolder, StageRecord
+from ground.models.checkpoints import load_model, save_checkpoint
 from ground.teachers.cache import TeacherCache
 from ground.teachers.registry import build_teacher
 from ground.teachers.torch_teacher import TorchTeacher
@@ -221,6 +221,22 @@ class Run:
         row["argmax_miou"] = res["argmax"].get("vs_labels", {}).get("miou")
         row["operating_point"] = point.as_dict(self.classes)
         return row
+
+
+METRIC_KEYS = ("miou", "f1", "accuracy", "agreement")
+
+
+def save_compressed(run: Run, kind: str, folder: str, name: str, model, arch: dict, norm: Normalization,
+                    checkpoint: str, info: dict, metrics: dict, finetune_with: str) -> dict:
+    """What every compression stage (prune, lowrank) ends with: `FOLDER/NAME.pt`, its lineage
+    record (label-free unless the fine-tuning used labels), and the stage's result."""
+    out = run.run_dir / folder / f"{name}.pt"
+    save_checkpoint(out, model, arch, norm, meta={"name": name, "role": folder, kind: info})
+    run.folder.add(StageRecord(f"{kind}:{name}", [out], inputs={"checkpoint": checkpoint}, params=info,
+                               metrics={k: {m: v.get(m) for m in METRIC_KEYS} for k, v in metrics.items()},
+                               label_free=run.label_free and finetune_with != "labels"))
+    return {"checkpoint": str(out.relative_to(run.run_dir)), "run_dir": str(run.run_dir), **info,
+            "metrics": metrics}
 
 
 def _loss(objective: Objective, model, x, probs, labels) -> torch.Tensor:
