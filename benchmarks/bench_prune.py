@@ -90,7 +90,7 @@ def phase_roundto(run, args) -> dict:
     from ground.models.size import measure
     from ground.models.tiny_unet import TinyUNet
     from ground.openvino.export import export_openvino
-    from ground.openvino.runtime import openvino_latency
+    from ground.openvino.runtime import interleaved_latency
     base, norm, _ = run.load(args.checkpoint)
     cfg = base.config
     example = torch_zeros(cfg["in_channels"], run.cfg.tile)
@@ -102,10 +102,9 @@ def phase_roundto(run, args) -> dict:
     for name, w in widths.items():
         m = TinyUNet(cfg["in_channels"], cfg["num_classes"], w, upsample=cfg["upsample"]).eval()
         variants[name] = (export_openvino(m, out / name.replace("=", "-"), tile=run.cfg.tile).xml, measure(m, example), w)
-    runs = {k: [] for k in variants}
-    for _ in range(args.latency_rounds):
-        for k, (xml, _, _) in variants.items():
-            runs[k].append(openvino_latency(xml, tile=run.cfg.tile, threads=1, repeats=20)["ms_per_tile"])
+    timing, _ = interleaved_latency({k: (xml, "fp32") for k, (xml, _, _) in variants.items()}, "unpruned",
+                                    run.cfg.tile, threads=1, repeats=20, rounds=args.latency_rounds)
+    runs = {k: t["ms_rounds"] for k, t in timing.items()}
     rows = []
     import statistics
     base_macs = variants["unpruned"][1].macs

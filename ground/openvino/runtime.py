@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import torch
+from tqdm import tqdm
 
 from shared.manifest import INFERENCE_HINTS, PRECISIONS, REQUIRED_CAPABILITY
 from ground.compression.fp16 import emulate_fp16
@@ -117,6 +119,25 @@ def openvino_latency(model_path: str | Path, tile: int = 256, batch: int = 1, th
             "device": "CPU", "precision": precision,
             "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "ov_version": ov.__version__}
+
+
+def interleaved_latency(irs: dict[str, tuple[str | Path, str]], base: str, tile: int = 256, threads: int = 1,
+                        repeats: int = 30, rounds: int = 3, progress: bool = False) -> tuple[dict[str, dict], list]:
+    """Every IR (tag -> (xml, precision)) timed in turn, `rounds` times, so a shared CPU's load
+    falls on all alike. Per tag: `ms_rounds` (each round's median), `ms_per_tile` (the lowest: the
+    figure least disturbed by other jobs) and `speedup` over the `base` tag timed in the same round
+    (median over rounds: the ratio cancels the load of the moment). Also the load averages seen."""
+    medians: dict[str, list[float]] = {tag: [] for tag in irs}
+    loads = []
+    for _ in tqdm(range(rounds), desc="latency rounds", file=sys.stderr, disable=not progress):
+        for tag, (xml, precision) in irs.items():
+            lat = openvino_latency(xml, tile=tile, threads=threads, repeats=repeats, precision=precision)
+            medians[tag].append(lat["ms_per_tile"])
+            loads.append(lat["load_avg_1min"][0])
+    timing = {tag: {"ms_per_tile": min(ms), "ms_rounds": ms,
+                    "speedup": statistics.median(b / m for b, m in zip(medians[base], ms))}
+              for tag, ms in medians.items()}
+    return timing, loads
 
 
 def conv_kernels(model_path: str | Path, precision: str = "fp32") -> dict[str, int]:

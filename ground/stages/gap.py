@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from shared.keys import generate_keypair
 from ground.errors import ConfigError, GroundError
 from ground.lineage import StageRecord
-from ground.openvino.runtime import capabilities, check_precision, conv_kernels, openvino_latency
+from ground.openvino.runtime import capabilities, check_precision, conv_kernels, interleaved_latency
 from ground.stages.bundle import bundle
 from ground.stages.export import export
 from ground.stages.run import Run, point_of
@@ -32,18 +31,6 @@ def _masks(run: Run, predict, point) -> list[np.ndarray]:
 def _agreement(masks: list[np.ndarray], reference: list[np.ndarray]) -> float:
     same = sum(int((m == r).sum()) for m, r in zip(masks, reference))
     return same / sum(r.size for r in reference)
-
-
-def _time(irs: dict[str, tuple[Path, str]], tile: int, threads: int, rounds: int) -> dict[str, dict]:
-    """Each IR at its precision, `rounds` times in turn: the lowest median and the speed-up over
-    the FP32 IR timed in the same round (the ratio cancels the load of the moment)."""
-    medians: dict[str, list[float]] = {k: [] for k in irs}
-    for _ in range(rounds):
-        for key, (xml, precision) in irs.items():
-            medians[key].append(openvino_latency(xml, tile=tile, threads=threads, precision=precision)["ms_per_tile"])
-    base = medians["fp32"]
-    return {k: {"ms_per_tile": min(v), "speedup_vs_fp32_ir": statistics.median(b / m for b, m in zip(base, v))}
-            for k, v in medians.items()}
 
 
 def _ir_row(run: Run, checkpoint: str, name: str, precision: str, fp16: bool, norm, reference: list, key,
@@ -87,9 +74,11 @@ def deployment_gap(run: Run, checkpoint: str = "student.pt", name: str | None = 
                           threads=threads, max_drop=max_drop, qat_steps=qat_steps)
             irs[precision] = (run.run_dir / row["export"] / "model.xml", precision)
             rows.append({"precision": label, **row})
-    timing = _time(irs, run.cfg.tile, threads, rounds)
+    timing, _ = interleaved_latency(irs, "fp32", run.cfg.tile, threads, rounds=rounds)
     for row in rows:
-        row.update(timing.get(row.get("key"), {}))
+        if row.get("key") in timing:
+            t = timing[row["key"]]
+            row.update(ms_per_tile=t["ms_per_tile"], speedup_vs_fp32_ir=t["speedup"])
     report = {"checkpoint": checkpoint, "eval": run.eval_name, "tile": run.cfg.tile, "threads": threads,
               "rounds": rounds, "capabilities": have, "cpu_flags": _isa(), "load_avg": list(os.getloadavg()),
               "rows": rows}

@@ -20,7 +20,7 @@ from ground.errors import ConfigError
 from ground.lineage import StageRecord
 from ground.models.size import measure
 from ground.openvino.export import export_openvino
-from ground.openvino.runtime import openvino_latency
+from ground.openvino.runtime import interleaved_latency
 from ground.stages.run import Run
 
 
@@ -55,22 +55,14 @@ def _lowrank_macs(rows: list[dict], ratio: float) -> float:
 
 def time_irs(irs: dict[str, Path], rows: list[dict], tile: int, threads: int, repeats: int, rounds: int,
              progress: bool) -> list[float]:
-    """Latency of all IRs in turn, `rounds` times; each row keeps the lowest of its per-round medians
-    (on a shared CPU the figure least disturbed by other jobs) and its speed-up over the unpruned
-    IR ("base") timed in the same round. Returns the load averages seen."""
-    medians: dict[str, list[float]] = {tag: [] for tag in irs}
-    loads = []
-    for _ in tqdm(range(rounds), desc="latency rounds", file=sys.stderr, disable=not progress):
-        for tag, xml in irs.items():
-            lat = openvino_latency(xml, tile=tile, threads=threads, repeats=repeats)
-            medians[tag].append(lat["ms_per_tile"])
-            loads.append(lat["load_avg_1min"][0])
+    """Latency of all IRs in turn (ground.openvino.runtime.interleaved_latency); each row keeps the
+    lowest of its per-round medians and its speed-up over the unpruned IR ("base") timed in the same
+    round. Returns the load averages seen."""
+    timing, loads = interleaved_latency({tag: (xml, "fp32") for tag, xml in irs.items()}, "base", tile, threads,
+                                        repeats, rounds, progress)
     for row in rows:
-        row["ms_per_tile"] = min(medians[row["tag"]])
-        row["ms_rounds"] = medians[row["tag"]]
+        row.update(timing[row["tag"]])
         row["gmacs_per_s"] = row["macs"] / row["ms_per_tile"] / 1e6
-        # the unpruned IR was timed in the same round: the ratio cancels the load of the moment
-        row["speedup"] = float(np.median([b / m for b, m in zip(medians["base"], medians[row["tag"]])]))
     return loads
 
 
