@@ -25,7 +25,7 @@ import numpy as np
 
 from flight_sim.errors import ScenarioError, UplinkInterrupted
 from shared.bundle import build_bundle
-from shared.client import CommandClient
+from shared.client import CommandClient, missing_chunks
 from shared.errors import CommandRejected
 from shared.hashing import sha256_file
 from shared.manifest import MANIFEST_NAME, utc_now
@@ -88,21 +88,15 @@ class Uplink:
                                                 "sha256": report.sha256,
                                                 "chunk_size": self.chunk_size})
         report.upload_id, report.chunks = begun["upload_id"], begun["chunks"]
-        held = set(begun["received"])
-        report.already_held = max(report.already_held, len(held))
+        report.already_held = max(report.already_held, len(begun["received"]))
         sent_now = 0
-        with open(path, "rb") as fh:
-            for index in range(report.chunks):
-                if index in held:
-                    continue
-                if interrupt_after is not None and sent_now >= interrupt_after:
-                    raise UplinkInterrupted(report.upload_id, sent_now)
-                fh.seek(index * self.chunk_size)
-                data = fh.read(self.chunk_size)
-                self._chunk(report, index, data, corrupt)
-                sent_now += 1
-                if progress:
-                    progress(len(data))
+        for index, data in missing_chunks(path, self.chunk_size, report.chunks, begun["received"]):
+            if interrupt_after is not None and sent_now >= interrupt_after:
+                raise UplinkInterrupted(report.upload_id, sent_now)
+            self._chunk(report, index, data, corrupt)
+            sent_now += 1
+            if progress:
+                progress(len(data))
 
     def _chunk(self, report: UploadReport, index: int, data: bytes, corrupt: set[int]) -> None:
         digest = hashlib.sha256(data).hexdigest()

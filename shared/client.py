@@ -22,7 +22,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import zmq
@@ -117,16 +117,22 @@ class CommandClient:
         size = path.stat().st_size
         begun = self.call("upload_begin", {"name": path.name, "size": size,
                                            "sha256": sha256_file(path), "chunk_size": chunk_size})
-        upload_id, held = begun["upload_id"], set(begun["received"])
-        with open(path, "rb") as fh:
-            for index in range(begun["chunks"]):
-                if index in held:
-                    continue
-                fh.seek(index * chunk_size)
-                data = fh.read(chunk_size)
-                self.call("upload_chunk", {"upload_id": upload_id, "index": index,
-                                           "sha256": hashlib.sha256(data).hexdigest()},
-                          {"data": np.frombuffer(data, dtype=np.uint8)})
-                if progress:
-                    progress(len(data))
+        upload_id = begun["upload_id"]
+        for index, data in missing_chunks(path, chunk_size, begun["chunks"], begun["received"]):
+            self.call("upload_chunk", {"upload_id": upload_id, "index": index,
+                                       "sha256": hashlib.sha256(data).hexdigest()},
+                      {"data": np.frombuffer(data, dtype=np.uint8)})
+            if progress:
+                progress(len(data))
         return self.call("upload_end", {"upload_id": upload_id})
+
+
+def missing_chunks(path: str | os.PathLike, chunk_size: int, chunks: int, held) -> Iterator[tuple[int, bytes]]:
+    """(index, bytes) of every chunk of `path` the daemon does not hold yet (`held`: the indices
+    upload_begin reported received), in order: what a resumed upload still has to send."""
+    held = set(held)
+    with open(path, "rb") as fh:
+        for index in range(chunks):
+            if index not in held:
+                fh.seek(index * chunk_size)
+                yield index, fh.read(chunk_size)
