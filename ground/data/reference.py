@@ -21,8 +21,8 @@ def reference_tiles(samples: list[Sample], n: int, tile: int,
         raise DataError(f"reference tiles: n must be >= 1, got {n}")
     spots = [[(s, r * tile, c * tile) for r in range(s.image.shape[1] // tile)
               for c in range(s.image.shape[2] // tile)] for s in samples]
-    order = [spot for rank in range(max((len(x) for x in spots), default=0))
-             for x in spots if rank < len(x) for spot in [x[rank]]][:n]
+    # round robin: every image's first tile, then every image's second, ...
+    order = [x[rank] for rank in range(max(map(len, spots), default=0)) for x in spots if rank < len(x)][:n]
     if not order:
         sizes = sorted({tuple(s.image.shape[1:]) for s in samples})
         raise DataError(f"reference tiles: no training image holds a {tile}x{tile} tile "
