@@ -5,6 +5,10 @@
     products    PUSH    PRODUCT out to the downlink
     telemetry   PUB     TELEMETRY out (a slow listener may miss some: by design)
 
+Every socket is a CURVE server whose ZAP domain is its name (onboard.security): only the keys
+`[security]` allows for that socket's role connect, and a COMMAND must carry a fresh anti-replay
+counter before the daemon sees it. The ZAP handler's socket sits in the same poller.
+
 Only the poller loop's thread touches a socket (they are not thread-safe); other threads wake
 it through a pipe the same `zmq.Poller` watches. Nothing sent is dropped silently: a reply to a
 payload that is away (ROUTER_MANDATORY says so) and a product the downlink does not pull yet
@@ -25,6 +29,7 @@ import msgpack
 import zmq
 
 from onboard.config import DaemonConfig
+from onboard.security import Security
 from shared.messages import Message, MessageError, encode
 
 log = logging.getLogger("onboard.daemon")
@@ -85,12 +90,14 @@ class Bus:
         os.set_blocking(self._wake_w, False)
         self._ctx: zmq.Context | None = None
         self._poller: zmq.Poller | None = None
+        self.security = Security(config)     # reads the keys now: a bad one stops the start
 
     # ------------------------------------------------------------------ sockets
     def bind(self) -> dict[str, str]:
         """Create and bind every socket named in the config; return the bound endpoints."""
         cfg = self.config
         self._ctx = zmq.Context()
+        zap = self.security.start(self._ctx)
         frames = self._ctx.socket(zmq.ROUTER)
         frames.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an absent peer is an error, not a drop
         frames.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a reconnecting payload takes its id back
@@ -107,8 +114,11 @@ class Bus:
         self.sockets = {"frames": frames, "products": products, "commands": commands,
                         "telemetry": telemetry}
         for name, sock in self.sockets.items():
+            self.security.secure(sock, name)
             self.endpoints[name] = self._bind_one(name, sock, cfg.endpoints[name])
         self._poller = zmq.Poller()
+        if zap is not None:
+            self._poller.register(zap, zmq.POLLIN)
         self._poller.register(frames, zmq.POLLIN)
         self._poller.register(commands, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -140,6 +150,8 @@ class Bus:
         else:
             timeout = max(0, min(POLL_MS, int((until - time.monotonic()) * 1000) + 1))
         events = dict(self._poller.poll(timeout))
+        if self.security.zap in events:
+            self.security.serve_zap()
         ready = {name for name in ("frames", "commands") if self.sockets[name] in events}
         if self._wake_r in events:
             self._drain_wake_pipe()
@@ -165,6 +177,11 @@ class Bus:
             split = 2 if len(parts) > 2 and len(parts[1]) == 0 else 1
             route = [p.bytes for p in parts[:split]]
             self._retry_replies()
+            refused = self.security.admit_command(parts[split:]) if name == "commands" else None
+            if refused is not None:
+                self.send(name, route, Message("ack", refused, ref=peek_parts(parts[split:])[0],
+                                               source=self.config.name))
+                continue
             try:
                 handle(route, parts[split:])
             except Exception:          # our bug must cost one message, not the daemon
@@ -197,6 +214,7 @@ class Bus:
 
     def publish(self, msg: Message) -> None:
         """TELEMETRY: sent if the socket takes it now, else dropped (PUB's own rule)."""
+        msg.body.setdefault("security", self.security.status())   # what ZAP refused, counted
         try:
             self.sockets["telemetry"].send_multipart(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
@@ -251,6 +269,7 @@ class Bus:
     def close(self) -> None:
         for sock in self.sockets.values():
             sock.close(linger=CLOSE_LINGER_MS)
+        self.security.close()
         if self._ctx is not None:
             self._ctx.term()
         os.close(self._wake_r)

@@ -6,6 +6,9 @@
     status --config FILE                    asks the running daemon
     rollback (--config FILE | --store DIR --key PUB)
     command NAME [--args JSON] --config FILE   any command, raw ACK printed
+    keys generate DIR --role ROLE           a CURVE key pair (NAME.key, NAME.key_secret 0600)
+
+Commands to a running daemon use the operator's CURVE keys: `--keys DIR` (DIR/operator.key_secret
 
 A running daemon is asked through shared.client.CommandClient: `--timeout` per try and, for the
 commands that are safe to send twice (status, upload), `--retries` fresh tries after a
@@ -21,21 +24,39 @@ import os
 import sys
 from pathlib import Path
 
-from shared.cliutil import Command, CommandError, build_parser, emit, run_cli
+from shared.cliutil import Command, CommandError, Group, build_parser, emit, run_cli
 from shared.manifest import PRECISIONS
 
 
 def _client(args, retries: int | None = None):
     from onboard.config import connect_address, load_config
     from shared.client import CommandClient
+    config = load_config(args.config) if args.config else None
     if args.endpoint:
         endpoint = args.endpoint
-    elif args.config:
-        endpoint = connect_address(load_config(args.config).endpoints["commands"])
+    elif config:
+        endpoint = connect_address(config.endpoints["commands"])
     else:
         raise CommandError("give --config FILE (the daemon's config) or --endpoint ENDPOINT")
-    return CommandClient(endpoint, timeout_s=args.timeout,
+    return CommandClient(endpoint, timeout_s=args.timeout, keys=_operator_keys(args, config),
                          retries=args.retries if retries is None else retries)
+
+
+def _operator_keys(args, config):
+    """The operator's CURVE keys: --keys DIR, else the key set beside the daemon's secret key;
+    None (plain) for a daemon configured `insecure` and no --keys."""
+    from shared.curve import client_keys
+    if args.keys:
+        key_dir = Path(args.keys)
+    elif config is not None and not config.insecure:
+        key_dir = config.secret_key.parent
+    else:
+        return None
+    try:
+        return client_keys(key_dir, "operator")
+    except FileNotFoundError as exc:
+        raise CommandError(f"{exc}; give --keys DIR with operator.key_secret and daemon.key",
+                           code="invalid_key_file") from None
 
 
 def _once_timeout(args, at_least: float = 0.0) -> float:
@@ -188,10 +209,37 @@ def cmd_command(args) -> int:
     return 0 if body.get("ok") else 1
 
 
+# ------------------------------------------------------------------------------------ keys
+def cmd_keys_generate(args) -> int:
+    from shared.curve import DAEMON, ROLES, generate_keypair, load_public
+    names = [DAEMON, *ROLES] if args.role == "all" else [args.name or args.role]
+    written = []
+    for name in names:
+        public, secret = generate_keypair(args.dir, name, overwrite=args.force)
+        written.append({"name": name, "public_key_file": str(public), "secret_key_file": str(secret),
+                        "public_key": load_public(public).decode()})
+    emit({"role": args.role, "keys": written}, args.json, lambda r: "\n".join(
+        f"{k['name']}: public {k['public_key_file']}, secret {k['secret_key_file']} (mode 0600: it "
+        "stays on its machine)" for k in r["keys"]))
+    return 0
+
+
+def add_keys_generate_args(p: argparse.ArgumentParser) -> None:
+    from shared.curve import DAEMON, ROLES
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder for the key files")
+    p.add_argument("--role", required=True, choices=(DAEMON, *ROLES, "all"),
+                   help="whose pair: the daemon's, a peer role's, or all five (a bench, a simulator)")
+    p.add_argument("--name", help="file name stem (default: the role); e.g. one per operator")
+    p.add_argument("--force", action="store_true", help="overwrite an existing pair of that name")
+
+
 # ------------------------------------------------------------------------------------ arguments
 def add_daemon_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the daemon's TOML config (its commands endpoint is used)")
     p.add_argument("--endpoint", help="the commands endpoint, instead of --config")
+    p.add_argument("--keys", metavar="DIR", help="the operator's CURVE keys: DIR/operator.key_secret "
+                                                 "and DIR/daemon.key (default: beside the daemon's "
+                                                 "[security] secret_key, with --config)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for an answer, per try (default 10)")
     p.add_argument("--retries", type=int, default=2,
@@ -242,6 +290,10 @@ COMMANDS = {
     "rollback": Command(cmd_rollback, "make the previous model active again (running daemon via "
                                       "--config, or offline via --store/--key)", add_rollback_args),
     "command": Command(cmd_command, "send any command; prints the daemon's ACK as JSON", add_command_args),
+    "keys": Group("CURVE keys of the daemon and its peers (docs/onboard.md, Security)", {
+        "generate": Command(cmd_keys_generate, "write a CURVE key pair: DIR/NAME.key (public) and "
+                                               "DIR/NAME.key_secret (mode 0600)", add_keys_generate_args),
+    }),
 }
 
 

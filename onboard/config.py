@@ -14,6 +14,7 @@ from typing import Any
 
 from onboard.errors import ConfigError
 from onboard.precision import AUTO
+from shared.curve import ROLES
 from shared.manifest import PRECISIONS
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
@@ -43,6 +44,9 @@ class DaemonConfig:
     drain_timeout_s: float
     precision: str = AUTO                       # "auto" (each manifest's) or one forced for all
     capabilities: tuple[str, ...] | None = None   # None: ask OpenVINO
+    insecure: bool = False                      # [security]: no CURVE (a bench only)
+    secret_key: Path | None = None              # the daemon's CURVE pair (.key_secret)
+    allowed_keys: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # role -> key files/folders
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -66,6 +70,10 @@ def _non_empty_str(value: Any) -> bool:
 def _capabilities(value: Any) -> bool:
     return value == AUTO or (isinstance(value, list) and value != []
                              and all(_non_empty_str(v) for v in value))
+
+
+def _paths(value: Any) -> bool:
+    return _non_empty_str(value) or (isinstance(value, list) and all(_non_empty_str(v) for v in value))
 
 
 def _endpoint(value: Any) -> bool:
@@ -115,6 +123,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                             "drain_timeout_s"),
     },
 }
+# [security] (onboard.security): checked here, its key files read when the daemon starts.
+SECURITY_SCHEMA: dict[str, tuple] = {
+    "insecure": (lambda v: isinstance(v, bool), "true or false"),
+    "secret_key": (_non_empty_str, "the daemon's CURVE secret key file (NAME.key_secret)"),
+    **{role: (_paths, "a public key file or folder of *.key files, or a list of them ([] for none)")
+       for role in ROLES},
+}
 FLOAT_ATTRS = {"socket_limit_factor", "telemetry_interval_s", "drain_timeout_s"}
 PATH_KEYS = {("store", "root"), ("store", "public_key"), ("store", "uploads")}
 
@@ -131,15 +146,16 @@ def _read_toml(path: Path) -> dict:
 
 def _merge(defaults: dict, given: dict, where: str) -> dict:
     merged = {section: dict(values) for section, values in defaults.items()}
+    known = {**SCHEMA, "security": SECURITY_SCHEMA}
     for section, values in given.items():
-        if section not in SCHEMA:
-            raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
+        if section not in known:
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(known)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: {section}: must be a table [{section}]")
         for key, value in values.items():
-            if key not in SCHEMA[section]:
+            if key not in known[section]:
                 raise ConfigError(f"{where}: {section}.{key}: unknown key "
-                                  f"(known: {', '.join(SCHEMA[section])})")
+                                  f"(known: {', '.join(known[section])})")
             merged[section][key] = value
     return merged
 
@@ -167,7 +183,24 @@ def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<c
     bound = [ep for ep in values["endpoints"].values()]
     if len(set(bound)) != len(bound):
         raise ConfigError(f"{where}: endpoints: every endpoint must be different, got {bound}")
+    values.update(_security(merged["security"], "security" in given, base_dir, where))
     return DaemonConfig(**values, raw=merged)
+
+
+def _security(section: dict, given: bool, base_dir: Path, where: str) -> dict:
+    """DaemonConfig's security fields. A config without a [security] section runs without
+    CURVE (the opt-in step of the migration)."""
+    for key, (check, meaning) in SECURITY_SCHEMA.items():
+        if not check(section.get(key)):
+            raise ConfigError(f"{where}: security.{key}: must be {meaning}, got {section.get(key)!r}")
+    if not given or section["insecure"]:
+        return {"insecure": True}
+
+    def path(value: str) -> Path:
+        return (base_dir / Path(value).expanduser()).resolve()
+    allowed = {role: tuple(path(v) for v in ([section[role]] if isinstance(section[role], str)
+                                             else section[role])) for role in ROLES}
+    return {"insecure": False, "secret_key": path(section["secret_key"]), "allowed_keys": allowed}
 
 
 def load_config(path: str | Path) -> DaemonConfig:

@@ -9,6 +9,9 @@ it finishes. Uploads live in onboard.uploads.
 
 The daemon's side, in order: `read_command` (size, envelope, type) -> `find_command` (name) ->
 `execute` (the handler; its result or refusal becomes the ACK body).
+
+Only operator keys reach this socket (ZAP, onboard.security), and the bus refuses a command whose
+anti-replay `body.counter` is not above the last one its key sent before any of this runs.
 """
 from __future__ import annotations
 
@@ -134,7 +137,7 @@ def chunk_bytes(arrays: dict) -> memoryview:
 
 @command("status", "model, queue, frame counters, latency, memory, store slots, uploads")
 def _status(daemon, args: dict, arrays: dict) -> dict:
-    return daemon.status()
+    return {**daemon.status(), "security": daemon.bus.security.status()}
 
 
 @command("upload_begin", "start or resume an upload {name, size, sha256, chunk_size}")

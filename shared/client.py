@@ -9,6 +9,11 @@ a dead connection. Resending is only safe for commands that can run twice (statu
 retries are asked for (`retries=` per client or per call) and never the default; install and
 rollback go once.
 
+With `keys` (shared.curve.ClientKeys, the operator's) the socket is a CURVE client of the
+daemon; without them the daemon's ZAP handler never lets it in. Every COMMAND, every try of it
+included, carries `body.counter`: the nanosecond clock, kept strictly increasing, which the
+daemon wants above the last counter it saw from this key (anti-replay, docs/onboard.md).
+
 Failures are shared errors: `CommandRejected` (the daemon's ACK {ok: false}: its `error` is the
 message, its `code` the code) and `PeerUnreachable` (no answer after every try; exit code 4,
 the endpoint named).
@@ -27,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import zmq
 
+from shared.curve import ClientKeys
 from shared.errors import CommandRejected, PeerUnreachable
 from shared.hashing import sha256_file
 from shared.messages import Message, MessageError, decode, encode
@@ -37,10 +43,13 @@ class CommandClient:
     CommandRejected), `upload` (a file in resumable chunks). `retried` counts the tries again."""
 
     def __init__(self, endpoint: str, *, timeout_s: float = 10.0, retries: int = 0,
-                 source: str = "operator", ctx: zmq.Context | None = None):
+                 source: str = "operator", ctx: zmq.Context | None = None,
+                 keys: ClientKeys | None = None):
         self.endpoint, self.timeout_s, self.retries, self.source = endpoint, timeout_s, retries, source
         self.ctx = ctx or zmq.Context.instance()
+        self.keys = keys
         self.retried = 0
+        self._counter = 0
         self._sock: zmq.Socket | None = None
         self._open()
 
@@ -48,6 +57,8 @@ class CommandClient:
         self.close()
         self._sock = self.ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(self._sock)
         self._sock.connect(self.endpoint)
 
     def close(self) -> None:
@@ -74,6 +85,7 @@ class CommandClient:
             if attempt:
                 self.retried += 1
                 self._open()                # Lazy Pirate: a fresh socket, then the same command
+            msg.body["counter"] = self.next_counter()     # a fresh one for every try
             self._sock.send_multipart(encode(msg), copy=False)
             reply = self._reply_to(msg.id, time.monotonic() + timeout_s)
             if reply is not None:
@@ -81,6 +93,12 @@ class CommandClient:
         tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
         raise PeerUnreachable(f"no answer to {name!r} from {self.endpoint} after {tries} of "
                               f"{timeout_s:g} s (is the daemon running?)")
+
+    def next_counter(self) -> int:
+        """The anti-replay counter of the next command: the clock in ns, strictly increasing
+        (so a new client process also starts above what an earlier one sent)."""
+        self._counter = max(time.time_ns(), self._counter + 1)
+        return self._counter
 
     def _reply_to(self, msg_id: str, deadline: float) -> Message | None:
         """The reply whose ref is `msg_id`, or None at the deadline; anything else is skipped."""

@@ -2,6 +2,7 @@
 operator would drive it. Every daemon is killed in teardown; every wait has a timeout."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import selectors
@@ -19,6 +20,7 @@ import pytest
 import zmq
 
 from onboard_models import BANDS_6
+from shared.curve import ROLES, client_keys, generate_key_set
 from shared.messages import Message, decode, encode
 from test_store import BundleFactory, frame
 
@@ -29,12 +31,38 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
 REPLY_TIMEOUT_S = 20
 
+# One CURVE key set for every daemon of the session: the daemon's pair and one per peer role.
+KEY_DIR = generate_key_set(tempfile.mkdtemp(prefix="eod-keys-"))
+atexit.register(shutil.rmtree, KEY_DIR, True)
+
+
+def keys(role: str):
+    """A peer's client keys (shared.curve.ClientKeys) for the daemons the harness starts."""
+    return client_keys(KEY_DIR, role)
+
+
+def connect(kind: int, endpoint: str, role: str | None, **options) -> zmq.Socket:
+    """A socket of `kind` connected to `endpoint` as `role` (None: no CURVE, as a stranger)."""
+    sock = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    if role is not None:
+        keys(role).apply(sock)
+    sock.connect(endpoint)
+    return sock
+
+
+def command_message(name: str, args: dict | None = None) -> Message:
+    """A COMMAND built by hand, with the anti-replay counter a client must send."""
+    return Message("command", {"name": name, "args": args or {}, "counter": time.time_ns()})
+
 
 # ------------------------------------------------------------------------------------ harness
 class DaemonProcess:
     """`python -m onboard run --config ... --json` in a subprocess; endpoints from its stdout."""
 
-    def __init__(self, root: Path, public_key: Path, **sections):
+    def __init__(self, root: Path, public_key: Path, secure: bool = True, **sections):
         self.root = Path(root)
         self.sock_dir = Path(tempfile.mkdtemp(prefix="eod-", dir="/tmp"))   # ipc paths stay short
         self.config_path = self.root / "daemon.toml"
@@ -47,6 +75,9 @@ class DaemonProcess:
                       "uploads": str(self.root / "uploads")},
             "telemetry": {"interval_s": 0.2},
             "shutdown": {"drain_timeout_s": 20.0},
+            "security": ({"secret_key": str(KEY_DIR / "daemon.key_secret"),
+                          **{role: str(KEY_DIR / f"{role}.key") for role in ROLES}}
+                         if secure else {"insecure": True}),
         }
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
@@ -110,12 +141,8 @@ class DaemonProcess:
 class Payload:
     """The payload side of the frames socket: a DEALER with a fixed routing id."""
 
-    def __init__(self, endpoint: str, routing_id: bytes = b"payload-1"):
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+    def __init__(self, endpoint: str, routing_id: bytes = b"payload-1", role: str | None = "payload"):
+        self.sock = connect(zmq.DEALER, endpoint, role, ROUTING_ID=routing_id)
         self.inbox: list[Message] = []
 
     def close(self) -> None:
@@ -194,7 +221,7 @@ def assert_one_outcome(msgs: list[Message]) -> Message:
 
 def command(endpoint: str, name: str, args: dict | None = None, timeout: float = 60) -> dict:
     from shared.client import CommandClient
-    with CommandClient(endpoint, timeout_s=timeout) as client:
+    with CommandClient(endpoint, timeout_s=timeout, keys=keys("operator")) as client:
         return client.request(name, args)
 
 
@@ -225,9 +252,7 @@ def served(tmp_path_factory, bundles):
     try:
         daemon.start()
         payload = Payload(daemon.endpoints["frames"])
-        downlink = zmq.Context.instance().socket(zmq.PULL)
-        downlink.setsockopt(zmq.LINGER, 0)
-        downlink.connect(daemon.endpoints["products"])
+        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
         yield daemon, payload, downlink
     finally:
         for sock in (payload, downlink):
@@ -350,9 +375,7 @@ def test_commands_answer_with_acks_and_errors(served):
                                          "chunk_size": 10})
     assert wrong["ok"] is False and "args.size" in wrong["error"] and wrong["code"] == "bad_args"
     # Garbage on the commands socket: an ACK {ok: false} naming it, and service goes on.
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(ep)
+    sock = connect(zmq.DEALER, ep, "operator")
     try:
         sock.send_multipart([b"\x00\x01not msgpack"])
         assert sock.poll(REPLY_TIMEOUT_S * 1000)
@@ -363,11 +386,9 @@ def test_commands_answer_with_acks_and_errors(served):
         sock.close()
     assert command(ep, "status")["ok"]
     # A REQ client (empty delimiter frame) is answered too.
-    req = zmq.Context.instance().socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.connect(ep)
+    req = connect(zmq.REQ, ep, "operator")
     try:
-        req.send_multipart(encode(Message("command", {"name": "help"})))
+        req.send_multipart(encode(command_message("help")))
         assert req.poll(REPLY_TIMEOUT_S * 1000)
         reply = decode(req.recv_multipart())
         assert reply.body["ok"] and "upload_chunk" in reply.body["result"]["commands"]
@@ -394,10 +415,7 @@ def test_telemetry_heartbeats(served):
     daemon, payload, _ = served
     decision = payload.outcome(payload.send("for-telemetry", frame("clear", 64)[0]))
     assert decision.type == "decision"
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.subscribe(b"")
-    sub.connect(daemon.endpoints["telemetry"])
+    sub = connect(zmq.SUB, daemon.endpoints["telemetry"], "telemetry", SUBSCRIBE=b"")
     beats = []
     deadline = time.monotonic() + REPLY_TIMEOUT_S
     try:

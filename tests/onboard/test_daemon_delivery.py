@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from test_daemon import (REPLY_TIMEOUT_S, Payload, assert_one_outcome, bundles,  # noqa: F401
-                         command, frame, make_daemon, products)
+                         command, connect, frame, make_daemon, products)
 
 # A hung OpenVINO call or socket wait fails its test instead of stalling the suite.
 pytestmark = pytest.mark.timeout(180)
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_full_queue_refuses_explicitly_and_every_frame_gets_one_outcome(make_daemon):
     daemon = make_daemon([1], queue={"max_frames": 2}).start()
     payload = Payload(daemon.endpoints["frames"])
-    downlink = zmq.Context.instance().socket(zmq.PULL)
-    downlink.connect(daemon.endpoints["products"])
+    downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
     try:
         data = frame("clear", 512)[0]
         ids = [payload.send(f"burst-{i}", data) for i in range(12)]
@@ -114,9 +113,7 @@ def test_products_backlog_turns_into_queue_full_until_the_downlink_pulls(make_da
         refused = payload.outcome(payload.send("no-room", clear))
         assert refused.type == "error" and refused.body["code"] == "queue_full"
         assert "downlink" in refused.body["message"]
-        downlink = zmq.Context.instance().socket(zmq.PULL)
-        downlink.setsockopt(zmq.LINGER, 0)
-        downlink.connect(daemon.endpoints["products"])
+        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
         assert sorted(p.body["frame_id"] for p in products(downlink, 2)) == ["kept-0", "kept-1"]
         time.sleep(0.3)
         assert payload.outcome(payload.send("room-again", clear)).type == "decision"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
-from shared.messages import Message, decode, encode
-from test_daemon import (Payload, bundles, cli, command, make_daemon,  # noqa: F401 (fixtures)
-                         frame)
+from shared.messages import decode, encode
+from test_daemon import (Payload, bundles, cli, command, command_message, connect,  # noqa: F401
+                         frame, keys, make_daemon)
 
 # A hung OpenVINO call or socket wait fails its test instead of stalling the suite.
 pytestmark = pytest.mark.timeout(180)
@@ -21,19 +21,17 @@ pytestmark = pytest.mark.timeout(180)
 
 def _upload(ep: str, path: Path, chunk_size: int) -> dict:
     from shared.client import CommandClient
-    with CommandClient(ep, timeout_s=60) as client:
+    with CommandClient(ep, timeout_s=60, keys=keys("operator")) as client:
         return client.upload(path, chunk_size=chunk_size)
 
 
 def _at_once(ep: str, *names: str, timeout_s: float = 60) -> list[dict]:
     """Send commands back to back on one socket, then wait for every ACK; bodies in send order."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(ep)
+    sock = connect(zmq.DEALER, ep, "operator")
     try:
         ids = []
         for name in names:
-            msg = Message("command", {"name": name})
+            msg = command_message(name)
             sock.send_multipart(encode(msg))
             ids.append(msg.id)
         replies = {}
@@ -68,7 +66,7 @@ def test_no_model_then_chunked_resumable_upload_and_install(make_daemon, bundles
         def send_chunk(i: int, payload_bytes: bytes | None = None, digest: str | None = None) -> dict:
             piece = data[i * chunk:(i + 1) * chunk]
             from shared.client import CommandClient
-            with CommandClient(ep, timeout_s=30) as client:
+            with CommandClient(ep, timeout_s=30, keys=keys("operator")) as client:
                 return client.request("upload_chunk", {
                     "upload_id": upload_id, "index": i,
                     "sha256": digest or hashlib.sha256(piece).hexdigest()},

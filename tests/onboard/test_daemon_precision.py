@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from shared.messages import decode
-from test_daemon import (REPLY_TIMEOUT_S, Payload, bundles, command, frame,  # noqa: F401 (fixtures)
+from test_daemon import (REPLY_TIMEOUT_S, Payload, bundles, command, connect, frame,  # noqa: F401
                          make_daemon)
 from test_daemon_models import _upload
 
@@ -24,10 +24,7 @@ def _install(ep: str, bundle) -> dict:
 
 
 def _telemetry_model(endpoint: str) -> dict:
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.subscribe(b"")
-    sub.connect(endpoint)
+    sub = connect(zmq.SUB, endpoint, "telemetry", SUBSCRIBE=b"")
     try:
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         while time.monotonic() < deadline:

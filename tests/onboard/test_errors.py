@@ -3,6 +3,7 @@ base, importable where it was; every refused command's ACK carries a code (no pr
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -78,6 +79,7 @@ def test_unreadable_or_unknown_commands_are_refused_with_a_code():
 
 
 class FakeDaemon:
+    bus = SimpleNamespace(security=SimpleNamespace(status=lambda: {"mode": "insecure"}))
     def status(self) -> dict:
         return {"rate": float("nan")}
 
@@ -94,7 +96,8 @@ def _ack(name: str, args: dict | None = None) -> dict:
 
 
 def test_execute_answers_ok_or_the_refusals_code():
-    assert _ack("status") == {"ok": True, "code": "ok", "result": {"rate": None}}
+    assert _ack("status") == {"ok": True, "code": "ok",
+                              "result": {"rate": None, "security": {"mode": "insecure"}}}
     assert _ack("install", {"path": "/b.tar"}) == {
         "ok": False, "code": "version_too_old", "error": "version_too_old: v1 is not newer than v2"}
     both = _ack("install", {"path": "/b.tar", "upload_id": "0" * 16})
