@@ -1,7 +1,8 @@
 """The on-board daemon as a separate process: configure, start, kill -9, restart, stop.
 
 The simulator writes the daemon's TOML config (endpoints from `flight_sim.bus.plan_endpoints`,
-its store, upload folder and public key in the run folder), starts
+its store, upload folder and public key in the run folder, and `[security]` naming the run's
+throwaway CURVE key set: shared.curve.generate_key_set), starts
 `python -m onboard run --config FILE --json` and reads the one JSON line the daemon prints
 once its sockets are bound (pid, endpoints, active model). Its log (stderr) goes to a file in
 the run folder. Nothing of `onboard` is imported here.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flight_sim.bus import Endpoints
+from shared.curve import DAEMON, ROLES, SECRET_SUFFIX
 from flight_sim.errors import DaemonStartError
 
 __all__ = ["DaemonEvent", "DaemonProcess", "DaemonStartError", "write_daemon_config"]
@@ -49,7 +51,9 @@ def write_daemon_config(path: Path, endpoints: Endpoints, store: Path, uploads: 
                         public_key: Path, *, max_frames: int = 4, max_pending_products: int = 32,
                         telemetry_interval_s: float = 0.5, drain_timeout_s: float = 5.0,
                         device: str = "CPU", num_requests: int = 0, log_level: str = "INFO",
-                        max_message_bytes: int | None = None) -> Path:
+                        max_message_bytes: int | None = None, keys: Path | None = None) -> Path:
+    """The daemon's TOML. `keys`: a key set folder (daemon pair + one per role) the daemon
+    authenticates its peers with; None writes `[security] insecure = true` (a bench only)."""
     sections = {
         "daemon": {"name": "onboard", "device": device, "num_requests": num_requests,
                    "log_level": log_level},
@@ -58,6 +62,9 @@ def write_daemon_config(path: Path, endpoints: Endpoints, store: Path, uploads: 
         "queue": {"max_frames": max_frames, "max_pending_products": max_pending_products},
         "telemetry": {"interval_s": telemetry_interval_s},
         "shutdown": {"drain_timeout_s": drain_timeout_s},
+        "security": ({"secret_key": str(Path(keys) / f"{DAEMON}{SECRET_SUFFIX}"),
+                      **{role: str(Path(keys) / f"{role}.key") for role in ROLES}}
+                     if keys is not None else {"insecure": True}),
     }
     if max_message_bytes:
         sections["limits"] = {"max_message_bytes": int(max_message_bytes)}

@@ -32,6 +32,7 @@ import zmq
 
 from flight_sim.camera import CapturedFrame
 from flight_sim.errors import ScenarioError
+from shared.curve import ClientKeys
 from shared.messages import SCHEMA_VERSION, Message, MessageError, decode, encode, new_id
 
 RETRYABLE = frozenset({"queue_full", "shutdown", "no_model"})
@@ -96,10 +97,13 @@ class Payload:
     def __init__(self, ctx: zmq.Context, endpoint: str, routing_id: bytes = b"payload-1", *,
                  window: int = 6, retry_s: float = 0.25, ack_timeout_s: float = 10.0,
                  outcome_timeout_s: float = 300.0, max_attempts: int = 200,
-                 on_event: Callable[[str, FrameState, dict], None] | None = None):
+                 on_event: Callable[[str, FrameState, dict], None] | None = None,
+                 keys: ClientKeys | None = None):
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:             # the payload role's CURVE keys (shared.curve)
+            keys.apply(self.sock)
         # Queue only on a live connection: while the daemon is down a send fails at once and
         # the frame stays in our buffer, instead of sitting in a pipe that a restart may drop.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)

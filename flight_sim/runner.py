@@ -3,7 +3,8 @@
 Read top to bottom in `run_scenario`:
 
     prepare     scene sources, camera, the bundle checked with the public key, endpoints, the
-                daemon's config in the run folder
+                daemon's config and a throwaway CURVE key set (daemon + one pair per peer role)
+                in the run folder; every socket below connects with its role's keys
     start       `python -m onboard run` as a separate process (flight_sim.daemon_proc)
     uplink      the bundle in chunks (faults: a chunk corrupted in transit, the link lost midway
                 and resumed), install; then the bad bundles a scenario asks for (unsigned,
@@ -42,6 +43,7 @@ from flight_sim.scenes import open_source
 from flight_sim.uplink import Uplink, corrupt_copy, newer_version_copy, unsigned_copy
 from shared.bundle import BundleError, verify_bundle
 from shared.client import CommandClient
+from shared.curve import client_keys, generate_key_set
 from shared.messages import MessageError, decode
 
 __all__ = ["RunRecord", "ScenarioFailed", "run_scenario"]
@@ -114,7 +116,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     bundle = _verified_bundle(scenario, rec)
     endpoints = plan_endpoints(out_dir, S["daemon"]["transport"])
     rec.endpoints = endpoints.as_dict()
-    daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon"),
+    keys = generate_key_set(out_dir / "daemon" / "keys")     # throwaway CURVE keys for this run
+    daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon", keys),
                            out_dir / "daemon" / "daemon.log")
     rec.downlink = Downlink(passes_from_spec(S["downlink"], camera.duration_s),
                             GroundStation(out_dir / "ground"))
@@ -125,16 +128,17 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         # ------------------------------------------------------------ start
         ready = daemon.start(S["daemon"]["start_timeout_s"])
         rec.event("daemon_started", pid=ready.get("pid"), model=ready.get("model"))
-        link = CommandClient(endpoints.commands, timeout_s=15.0, retries=3, source="ground", ctx=ctx)
+        link = CommandClient(endpoints.commands, timeout_s=15.0, retries=3, source="ground", ctx=ctx,
+                             keys=client_keys(keys, "operator"))
         sockets.append(link)
-        telemetry, products = _listen(ctx, endpoints)
+        telemetry, products = _listen(ctx, endpoints, keys)
         sockets += [telemetry, products]
 
         # ------------------------------------------------------------ uplink
         rec.uplink = _uplink(scenario, link, bundle, out_dir, rec)
 
         # ------------------------------------------------------------ fly
-        payload = _payload(ctx, scenario, endpoints.frames, rec)
+        payload = _payload(ctx, scenario, endpoints.frames, rec, keys)
         rec.payload = payload
         sockets.append(payload)
         _Flight(scenario, rec, camera, daemon, link, payload, products, telemetry).fly(progress)
@@ -185,7 +189,7 @@ def _verified_bundle(scenario: Scenario, rec: RunRecord) -> Path:
 
 
 def _daemon_config(scenario: Scenario, camera: PushbroomCamera, endpoints: Endpoints,
-                   daemon_dir: Path) -> Path:
+                   daemon_dir: Path, keys: Path) -> Path:
     """The daemon's TOML in the run folder, from the scenario's [daemon] section."""
     D = scenario.sections["daemon"]
     biggest = max(camera.bytes_per_frame(s) for s in camera.sources)
@@ -195,28 +199,31 @@ def _daemon_config(scenario: Scenario, camera: PushbroomCamera, endpoints: Endpo
         max_pending_products=D["max_pending_products"],
         telemetry_interval_s=float(D["telemetry_interval_s"]), device=D["device"],
         num_requests=D["num_requests"], log_level=D["log_level"],
-        max_message_bytes=max(256 << 20, 2 * biggest))     # room for the largest frame, twice
+        max_message_bytes=max(256 << 20, 2 * biggest),     # room for the largest frame, twice
+        keys=keys)
 
 
-def _listen(ctx: zmq.Context, endpoints: Endpoints) -> tuple[zmq.Socket, zmq.Socket]:
-    """The daemon's telemetry (SUB, everything) and products (PULL) sockets, connected."""
-    telemetry = ctx.socket(zmq.SUB)
+def _listen(ctx: zmq.Context, endpoints: Endpoints, keys: Path) -> tuple[zmq.Socket, zmq.Socket]:
+    """The daemon's telemetry (SUB, everything) and products (PULL) sockets, connected with the
+    telemetry and downlink roles' keys."""
+    telemetry = client_keys(keys, "telemetry").apply(ctx.socket(zmq.SUB))
     telemetry.setsockopt(zmq.SUBSCRIBE, b"")
     telemetry.setsockopt(zmq.LINGER, 0)
     telemetry.connect(endpoints.telemetry)
-    products = ctx.socket(zmq.PULL)
+    products = client_keys(keys, "downlink").apply(ctx.socket(zmq.PULL))
     products.setsockopt(zmq.LINGER, 0)
     products.connect(endpoints.products)
     return telemetry, products
 
 
-def _payload(ctx: zmq.Context, scenario: Scenario, endpoint: str, rec: RunRecord) -> Payload:
+def _payload(ctx: zmq.Context, scenario: Scenario, endpoint: str, rec: RunRecord, keys: Path) -> Payload:
     """The payload's link from the scenario's [payload] section; its events go on record."""
     P = scenario.sections["payload"]
     return Payload(ctx, endpoint, window=P["window"], retry_s=float(P["retry_s"]),
                    ack_timeout_s=float(P["ack_timeout_s"]),
                    outcome_timeout_s=float(P["outcome_timeout_s"]),
-                   on_event=lambda kind, st, info: rec.event(kind, frame_id=st.frame.frame_id, **info))
+                   on_event=lambda kind, st, info: rec.event(kind, frame_id=st.frame.frame_id, **info),
+                   keys=client_keys(keys, "payload"))
 
 
 def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandClient) -> None:
