@@ -6,6 +6,7 @@
     status --config FILE                    asks the running daemon
     rollback (--config FILE | --store DIR --key PUB)
     command NAME [--args JSON] --config FILE   any command, raw ACK printed
+    service install --config FILE           systemd unit (Type=notify, watchdog) + next commands
     keys generate DIR --role ROLE           a CURVE key pair (NAME.key, NAME.key_secret 0600)
 
 Commands to a running daemon use the operator's CURVE keys: `--keys DIR` (DIR/operator.key_secret
@@ -233,6 +234,38 @@ def add_keys_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing pair of that name")
 
 
+# ------------------------------------------------------------------------------------ service
+def cmd_service(args) -> int:
+    from onboard.config import load_config
+    from onboard.service import ServiceOptions, install_unit
+    config = load_config(args.config)
+    opts = ServiceOptions(name=args.name, user=args.user, watchdog_s=args.watchdog_s,
+                          memory_max=args.memory_max, python=args.python or sys.executable)
+    if opts.watchdog_s < 1:
+        raise CommandError("--watchdog-s: must be >= 1 (seconds)")
+    try:
+        result = install_unit(config, opts, root=args.root, output=args.output)
+    except OSError as exc:
+        raise CommandError(f"cannot write the unit file: {exc} (run as root, or use --root DIR / "
+                           "--output FILE)", code="unit_not_written") from None
+    emit(result, args.json, lambda r: f"wrote {r['path']}\nthen run:\n" + "\n".join(
+        f"  {c}" for c in r["commands"]))
+    return 0
+
+
+def add_service_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the daemon's TOML config (its store, uploads "
+                                                   "and spill folders become the only writable paths)")
+    p.add_argument("--root", type=Path, help="write under this folder instead of / (for testing "
+                                             "or an image being built)")
+    p.add_argument("--output", type=Path, help="write the unit to this file instead")
+    p.add_argument("--name", default="eoedge-onboard", help="unit name (default eoedge-onboard)")
+    p.add_argument("--user", default="eoedge", help="the dedicated system user (default eoedge)")
+    p.add_argument("--watchdog-s", type=int, default=30, help="WatchdogSec (default 30)")
+    p.add_argument("--memory-max", default="2G", help="MemoryMax (default 2G)")
+    p.add_argument("--python", help="the interpreter ExecStart uses (default: this one)")
+
+
 # ------------------------------------------------------------------------------------ arguments
 def add_daemon_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the daemon's TOML config (its commands endpoint is used)")
@@ -293,6 +326,10 @@ COMMANDS = {
     "keys": Group("CURVE keys of the daemon and its peers (docs/onboard.md, Security)", {
         "generate": Command(cmd_keys_generate, "write a CURVE key pair: DIR/NAME.key (public) and "
                                                "DIR/NAME.key_secret (mode 0600)", add_keys_generate_args),
+    }),
+    "service": Group("the daemon as a systemd service (docs/onboard.md, Supervision)", {
+        "install": Command(cmd_service, "write the systemd unit (Type=notify, watchdog, hardening) "
+                                        "and print the commands that enable it", add_service_args),
     }),
 }
 

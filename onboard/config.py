@@ -47,6 +47,12 @@ class DaemonConfig:
     insecure: bool = False                      # [security]: no CURVE (a bench only)
     secret_key: Path | None = None              # the daemon's CURVE pair (.key_secret)
     allowed_keys: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # role -> key files/folders
+    frame_deadline_s: float = 10.0              # [supervision]: a frame's deadline is this
+    frame_deadline_s_per_mpix: float = 10.0     # ... plus this per megapixel
+    stall_exit_s: float = 30.0                  # unwatched: exit this long into a stall (0: never)
+    spill_dir: Path | None = None               # kept frames' products also written here
+    test_block_prefix: str = ""                 # TEST HOOK: frames with this id prefix block
+    test_block_s: float = 0.0
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -122,6 +128,18 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "drain_timeout_s": (lambda v: _positive_number(v) or v == 0, "a number of seconds >= 0",
                             "drain_timeout_s"),
     },
+    "supervision": {
+        "frame_deadline_s": (_positive_number, "a number of seconds > 0", "frame_deadline_s"),
+        "frame_deadline_s_per_mpix": (lambda v: _positive_number(v) or v == 0,
+                                      "a number of seconds >= 0", "frame_deadline_s_per_mpix"),
+        "stall_exit_s": (lambda v: _positive_number(v) or v == 0, "a number of seconds >= 0",
+                         "stall_exit_s"),
+        "spill_dir": (lambda v: isinstance(v, str), "a folder path, or \"\" for none", "spill_dir"),
+        "test_block_prefix": (lambda v: isinstance(v, str), "a string (tests only)",
+                              "test_block_prefix"),
+        "test_block_s": (lambda v: _positive_number(v) or v == 0, "a number of seconds >= 0",
+                         "test_block_s"),
+    },
 }
 # [security] (onboard.security): checked here, its key files read when the daemon starts.
 SECURITY_SCHEMA: dict[str, tuple] = {
@@ -130,8 +148,10 @@ SECURITY_SCHEMA: dict[str, tuple] = {
     **{role: (_paths, "a public key file or folder of *.key files, or a list of them ([] for none)")
        for role in ROLES},
 }
-FLOAT_ATTRS = {"socket_limit_factor", "telemetry_interval_s", "drain_timeout_s"}
-PATH_KEYS = {("store", "root"), ("store", "public_key"), ("store", "uploads")}
+FLOAT_ATTRS = {"socket_limit_factor", "telemetry_interval_s", "drain_timeout_s", "frame_deadline_s",
+               "frame_deadline_s_per_mpix", "stall_exit_s", "test_block_s"}
+PATH_KEYS = {("store", "root"), ("store", "public_key"), ("store", "uploads"),
+             ("supervision", "spill_dir")}
 
 
 def _read_toml(path: Path) -> dict:
@@ -170,8 +190,10 @@ def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<c
             value = merged[section].get(key)
             if not check(value):
                 raise ConfigError(f"{where}: {section}.{key}: must be {meaning}, got {value!r}")
-            if (section, key) in PATH_KEYS:
+            if (section, key) in PATH_KEYS and value != "":
                 value = (base_dir / Path(value).expanduser()).resolve()
+            elif (section, key) in PATH_KEYS:
+                value = None                  # an optional folder left empty
             if attr == "capabilities":
                 value = None if value == AUTO else tuple(v.strip().upper() for v in value)
             if section == "endpoints":

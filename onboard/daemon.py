@@ -11,11 +11,14 @@ One turn of the poller loop, read top to bottom in `Daemon.run`:
                 kept) or ERROR; a finished background command's ACK
     flush       outboxes retried: a payload back after an absence, a downlink pulling  bus.Bus.flush_all
     telemetry   a heartbeat every telemetry.interval_s                                 telemetry
+    supervise   a frame past its deadline gets ERROR timeout and stops the watchdog;    supervision
+                WATCHDOG=1 / STATUS= to the supervisor while healthy
     drain       once shutting down: leave when every accepted frame has its outcome
                 (past shutdown.drain_timeout_s, each still pending gets ERROR shutdown)
 
-Around it: `bind` (the sockets named in config), `load_model` (serving), `request_shutdown`
-(SIGTERM, SIGINT, the shutdown command) and `_close`.
+Around it: `bind` (the sockets named in config), `load_model` (serving), READY=1 to the
+supervisor as `run` begins, `request_shutdown` (SIGTERM, SIGINT, the shutdown command) and
+`_close`.
 
 Threads, and why (onboard.workers): the poller loop (the main thread) is the only thread that
 touches a ZeroMQ socket; the frame worker runs the pipeline on accepted frames one at a time;
@@ -41,15 +44,18 @@ from onboard import outcomes
 from onboard.admission import Admission
 from onboard.bus import CLOSE_LINGER_MS, Bus, peek_parts
 from onboard.config import DaemonConfig
-from onboard.errors import BUSY, SHUTDOWN, CommandFailed
+from onboard.errors import (BUSY, DISK_FULL, SHUTDOWN, SPILL_FAILED, TIMEOUT, CommandFailed,
+                            is_disk_full)
 from onboard.outcomes import FrameOutcome
+from onboard.products import spill_product
 from onboard.serving import Serving
 from onboard.store import ModelStore
+from onboard.supervision import EXIT_STALLED, Notifier, Supervision
 from onboard.telecommands import Command, execute, find_command, read_command, refusal
 from onboard.telemetry import FrameCounters, Heartbeat, LatencyTracker, rss_mb
 from onboard.uploads import Uploads
-from onboard.workers import CommandDone, Workers, decide
-from shared.messages import Limits, Message
+from onboard.workers import CommandDone, Workers, blocking_hook, decide, frame_deadline
+from shared.messages import Limits, Message, encode
 
 log = logging.getLogger("onboard.daemon")
 
@@ -75,8 +81,12 @@ class Daemon:
         self.bus = Bus(config)
         self.serving = Serving(self.store, config.device)
         self.admission = Admission(config, self.serving, self.counters)
-        self.workers = Workers(self.admission.jobs, lambda job: decide(self.serving, job),
-                               lambda msg, cmd: execute(self, cmd, msg), self.bus.wake)
+        self._test_hook = blocking_hook(config.test_block_prefix, config.test_block_s)
+        self.workers = Workers(self.admission.jobs, self._decide,
+                               lambda msg, cmd: execute(self, cmd, msg), self.bus.wake,
+                               lambda job: frame_deadline(job, config.frame_deadline_s,
+                                                          config.frame_deadline_s_per_mpix))
+        self.supervision = Supervision(Notifier(), config.stall_exit_s)
         self._drain_deadline = 0.0
         self._next_telemetry = 0.0
         self.threads_finished = True
@@ -96,8 +106,10 @@ class Daemon:
 
     # ================================================================== the loop
     def run(self) -> int:
-        """Serve until SIGTERM or the shutdown command, then drain and return 0."""
+        """Serve until SIGTERM or the shutdown command, then drain and return 0 (or, after a
+        stall nobody watches for stall_exit_s, EXIT_STALLED)."""
         self.workers.start()
+        self.supervision.ready(self.status_line())
         self._publish_telemetry()
         while True:
             ready = self.bus.poll(until=self._next_telemetry)
@@ -109,10 +121,54 @@ class Daemon:
             self.bus.flush_all()
             if time.monotonic() >= self._next_telemetry:
                 self._publish_telemetry()
+            if self._supervise(time.monotonic()):
+                return EXIT_STALLED
             if self.admission.closed and self._drained():
                 break
         self._close()
         return 0
+
+    def _decide(self, job) -> FrameOutcome:
+        """Frame worker: the test hook (off unless configured), then the pipeline."""
+        self._test_hook(job)
+        return decide(self.serving, job)
+
+    def _supervise(self, now: float) -> bool:
+        """A frame past its deadline gets its ERROR `timeout` now and the watchdog pings stop
+        (the supervisor restarts us: OpenVINO cannot cancel it); True when unwatched and stuck
+        too long, so that we exit for a restart."""
+        job = self.workers.stalled(now)
+        if job is None:
+            self.supervision.recovered()
+        elif self.supervision.stalled_since is None:
+            self.supervision.stall(now)
+            log.error("frame %s passed its deadline: answered `timeout`; watchdog pings stop",
+                      job.frame_id)
+            self._frame_outcome(FrameOutcome(job, code=TIMEOUT, message=(
+                "the frame passed its deadline in the frame worker (supervision.frame_deadline_s); "
+                "the daemon restarts: send it again")))
+        self.supervision.tick(now, self.status_line())
+        if self.supervision.should_exit(now):
+            self._exit_stalled()
+            return True
+        return False
+
+    def _exit_stalled(self) -> None:
+        """Unwatched and stuck: tell every pending frame, flush, leave with EXIT_STALLED."""
+        log.error("the frame worker has been stuck %.0f s with no watchdog: exiting (code %d) "
+                  "for a restart", self.config.stall_exit_s, EXIT_STALLED)
+        for job in list(self.admission.pending.values()):
+            self._frame_outcome(FrameOutcome(job, code=SHUTDOWN, message=(
+                "the daemon restarts after a stall; send it again")))
+        self.bus.flush_until(time.monotonic() + CLOSE_LINGER_MS / 1000)
+        self.threads_finished = False        # the stuck worker: leave with os._exit
+
+    def status_line(self) -> str:
+        """STATUS= for the supervisor: state, model, queue depth, stalls."""
+        model = self.model_info()
+        name = f"{model['id']} v{model['version']}" if model else "no model"
+        return (f"{self.state}; model {name}; queue {len(self.admission.pending)}/"
+                f"{self.config.max_frames}; stalls {self.supervision.stalls}")
 
     def _on_frame(self, route: list, parts: list) -> None:
         reply = self.admission.admit(route, parts, self.bus.pending("products"))
@@ -153,6 +209,12 @@ class Daemon:
             self.counters.errored += 1
             self.bus.send("frames", route, outcomes.error(outcome, source))
             return
+        if outcome.result.keep and self.config.spill_dir is not None:
+            spill_error = self._spill(outcome)
+            if spill_error is not None:
+                self.counters.errored += 1
+                self.bus.send("frames", route, outcomes.error(spill_error, source))
+                return
         self.counters.decided += 1
         timings = outcomes.timings_ms(outcome.job, outcome.result, time.monotonic())
         self.latency.add(timings)
@@ -161,10 +223,27 @@ class Daemon:
             self.counters.kept += 1
             self.bus.push_product(outcomes.product(outcome, source))
 
+    def _spill(self, outcome: FrameOutcome) -> FrameOutcome | None:
+        """Write a kept frame's product to the spill folder; an ERROR outcome naming the file
+        when the disk is full (or the write fails), else None."""
+        job = outcome.job
+        try:
+            spill_product(self.config.spill_dir, job.frame_id,
+                          encode(outcomes.product(outcome, self.config.name)))
+            return None
+        except OSError as exc:
+            what = "disk full" if is_disk_full(exc) else "write failed"
+            log.error("product of frame %s not spilled to %s: %s", job.frame_id,
+                      self.config.spill_dir, exc)
+            return FrameOutcome(job, code=DISK_FULL if is_disk_full(exc) else SPILL_FAILED,
+                                message=f"{what}: the product could not be written to "
+                                        f"{self.config.spill_dir} ({exc.strerror or exc}); "
+                                        "send the frame again when there is room")
+
     def _publish_telemetry(self) -> None:
         body = self.heartbeat.body(self.model_info(), len(self.admission.pending), self.counters,
                                    self.latency, pending_products=self.bus.pending("products"),
-                                   state=self.state)
+                                   state=self.state, stalls=self.supervision.stalls)
         self.bus.publish(Message("telemetry", body, source=self.config.name))
         self._next_telemetry = time.monotonic() + self.config.telemetry_interval_s
 
@@ -174,6 +253,7 @@ class Daemon:
         if self.admission.closed:
             return
         self.admission.close(reason)
+        self.supervision.stopping(f"draining ({reason})")
         self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
         log.info("shutting down (%s): %d frames pending", reason, len(self.admission.pending))
         self.bus.wake()
@@ -223,6 +303,11 @@ class Daemon:
         return {"precision": self.config.precision,
                 "capabilities": list(caps) if caps is not None else "auto"}
 
+    def supervision_status(self) -> dict:
+        return {"notify_socket": bool(self.supervision.notifier.enabled),
+                "watchdog_s": self.supervision.notifier.watchdog_s, "stalls": self.supervision.stalls,
+                "stalled": self.supervision.stalled_since is not None}
+
     def status(self) -> dict:
         return {"model": self.model_info(), "model_error": self.serving.error,
                 "device": self.config.device, "runtime": self.runtime_settings(), "state": self.state,
@@ -230,5 +315,6 @@ class Daemon:
                 "max_frames": self.config.max_frames, "frames": self.counters.as_dict(),
                 "pending_products": self.bus.pending("products"),
                 "latency_ms": self.latency.summary(), "rss_mb": round(rss_mb(), 2),
+                "supervision": self.supervision_status(),
                 "store": self.store.status(), "uploads": self.uploads.list(),
                 "endpoints": self.endpoints, "pid": os.getpid()}

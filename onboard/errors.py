@@ -19,6 +19,8 @@ never change; add new ones here.
 """
 from __future__ import annotations
 
+import errno
+
 from shared.errors import EoedgeError
 from shared.messages import ACK_OK as OK   # the `code` of an ACK that accepts or reports success
 
@@ -29,6 +31,9 @@ TOO_LARGE = "too_large"              # over limits.max_message_bytes, checked be
 NO_MODEL = "no_model"                # no active model yet
 QUEUE_FULL = "queue_full"            # queue.max_frames pending, or max_pending_products waiting
 SHUTDOWN = "shutdown"                # the daemon is draining (or the drain timed out)
+TIMEOUT = "timeout"                  # an accepted frame passed its deadline (supervision)
+DISK_FULL = "disk_full"              # a write (product spill, upload, state) found no room: path named
+SPILL_FAILED = "spill_failed"        # a kept frame's product could not be written (not for room)
 INTERNAL = "internal"                # our bug: the message names the exception
 FRAME_REFUSAL_CODES = (BAD_MESSAGE, INVALID_FRAME, TOO_LARGE, NO_MODEL, QUEUE_FULL, SHUTDOWN)
 
@@ -42,6 +47,7 @@ UNKNOWN_BAND = "unknown_band"
 DUPLICATE_BAND = "duplicate_band"
 MISSING_BANDS = "missing_bands"
 NOT_FINITE = "not_finite"
+# An accepted frame's ERROR from the daemon itself (not the pipeline): TIMEOUT, DISK_FULL above.
 FRAME_ERROR_CODES = (WRONG_DTYPE, WRONG_SHAPE, BAND_MISMATCH, EMPTY_FRAME, BAD_SCALE, UNKNOWN_BAND,
                      DUPLICATE_BAND, MISSING_BANDS, NOT_FINITE)
 
@@ -57,7 +63,7 @@ CHECKSUM_MISMATCH = "checksum_mismatch"   # a chunk's or the whole file's sha256
 POLICY_NOT_STORED = "policy_not_stored"
 COMMAND_ERROR_CODES = (TOO_LARGE, BAD_MESSAGE, INTERNAL, UNKNOWN_COMMAND, BUSY, BAD_ARGS,
                        UNKNOWN_UPLOAD, UPLOAD_INCOMPLETE, UPLOAD_COMPLETE, BAD_CHUNK,
-                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL)
+                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL, DISK_FULL)
 
 # The model store: an InstallResult's code (install and rollback refusals pass it on to the
 # command's ACK), or StoreError.code. Bundle checks add shared.bundle's codes (bad_signature, ...).
@@ -77,6 +83,14 @@ STORE_IN_USE = "store_in_use"        # another process (a running daemon) holds 
 STORE_ERROR_CODES = (BUSY, NOT_FOUND, EXTRACT_FAILED, LOAD_FAILED, PRECISION_UNSUPPORTED,
                      SELF_TEST_FAILED, ACTIVATION_FAILED, NO_PREVIOUS, NO_MODEL, SLOT_CORRUPT,
                      SLOT_UNREADABLE, BAD_STATE, STORE_IN_USE)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError saying the filesystem (or the user's quota) has no room left."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class OnboardError(EoedgeError):

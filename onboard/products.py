@@ -10,9 +10,13 @@
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Sequence
 
 import cv2
+import msgpack
 import numpy as np
 
 from shared.bands import UnknownBandError, canonical_band
@@ -92,3 +96,27 @@ def frame_products(data: np.ndarray, bands: Sequence[str], scale: float, mask: n
     else:
         out["tiles"] = kept_tiles(data, tile_boxes, tile)[0]
     return out
+
+
+def spill_product(folder: Path, frame_id: str, parts: Sequence) -> Path:
+    """Write a kept frame's encoded PRODUCT message (its parts, as a msgpack list) to
+    `folder/<frame_id>.product`: temp file, fsync, rename, so a full disk or a crash leaves no
+    half-written product under the final name. Raises OSError (disk full: onboard.errors.is_disk_full)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", frame_id)[:200] + ".product")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(msgpack.packb([bytes(p) for p in parts]))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def read_spilled(path: Path) -> list[bytes]:
+    """The message parts `spill_product` wrote (decode them with shared.messages.decode)."""
+    return msgpack.unpackb(Path(path).read_bytes())

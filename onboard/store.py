@@ -15,8 +15,16 @@ Any failure removes the staged slot and leaves the active model untouched and se
 InstallResult says which check refused the bundle and why. A restart (even after kill -9)
 reopens state.json and comes back with the same active model after re-checking its files.
 
+Damaged state: every state write is atomic (a full disk leaves the old state.json whole and the
+install refused `activation_failed`), and a copy of the last state written is kept in
+state.last-good.json. At start-up a corrupt or truncated state.json (a flash card that lost a
+block) falls back to that copy; failing that, to the slots on disk (the newest version active,
+the one before it previous); a named slot whose folder is gone falls back to the other one.
+`recovered` (status, the log) says which fallback was taken and why.
+
 Layout under `root`:
     state.json                   {"active": slot, "previous": slot, "policy": {slot: policy}, ...}
+    state.last-good.json         a copy of the last state written (the fallback)
     slots/<model_id>-v<version>-<8 hex>/   manifest.json, manifest.sig, model.xml, model.bin, ...
 A slot folder that state.json does not name is debris of an interrupted install: removed at open.
 """
@@ -46,6 +54,7 @@ from shared.keys import load_public_key
 log = logging.getLogger("onboard.store")
 
 STATE_FILE = "state.json"
+LAST_GOOD_FILE = "state.last-good.json"
 LOCK_FILE = "store.lock"
 SLOTS_DIR = "slots"
 STATE_SCHEMA = 1
@@ -91,11 +100,15 @@ class InstallResult:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write-temp, fsync, rename, fsync the folder: after a crash the file is old or new, whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:           # disk full mid-write: no half file left beside the whole old one
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -143,6 +156,7 @@ class ModelStore:
         self._write_lock = threading.Lock()     # one read-modify-write of state.json at a time
         self._staged: SlotInfo | None = None
         (self.root / SLOTS_DIR).mkdir(parents=True, exist_ok=True)
+        self.recovered: str | None = None       # which fallback the start-up state came from
         self._state = self._read_state()
         if self._lock_fd is not None or self._nobody_holds_the_store():
             self._remove_debris()       # never under a running daemon: that could be its staged slot
@@ -184,18 +198,83 @@ class ModelStore:
     def state_path(self) -> Path:
         return self.root / STATE_FILE
 
-    def _read_state(self) -> dict:
-        empty = {"schema": STATE_SCHEMA, "active": None, "previous": None, "policy": {},
-                 "history": []}
-        if not self.state_path.exists():
-            return empty
+    @property
+    def last_good_path(self) -> Path:
+        return self.root / LAST_GOOD_FILE
+
+    @staticmethod
+    def _empty_state() -> dict:
+        return {"schema": STATE_SCHEMA, "active": None, "previous": None, "policy": {},
+                "history": []}
+
+    def _load_state_file(self, path: Path) -> dict:
+        """One state file, whole and of our schema; StoreError(BAD_STATE) saying what is wrong."""
         try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError(BAD_STATE, f"{self.state_path}: unreadable store state ({exc})") from None
+            raise StoreError(BAD_STATE, f"{path}: unreadable store state ({exc})") from None
         if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
-            raise StoreError(BAD_STATE, f"{self.state_path}: not a schema-{STATE_SCHEMA} store state")
-        return {**empty, **state}
+            raise StoreError(BAD_STATE, f"{path}: not a schema-{STATE_SCHEMA} store state")
+        return {**self._empty_state(), **state}
+
+    def _read_state(self) -> dict:
+        """state.json; if damaged, the last good copy; failing that, the slots on disk. A named
+        slot whose folder is gone gives way to the other one. Says so in `recovered`."""
+        if not self.state_path.exists() and not self.last_good_path.exists():
+            return self._empty_state()
+        try:
+            state = self._load_state_file(self.state_path)
+        except StoreError as exc:
+            state = self._fallback_state(str(exc))
+        state = self._without_missing_slots(state)
+        if self.recovered:
+            log.error("store state recovered: %s", self.recovered)
+            try:                           # make the recovery stick (a full disk: next time again)
+                write_json_atomic(self.state_path, state)
+            except OSError as exc:
+                log.error("could not rewrite %s after recovery: %s", self.state_path, exc)
+        return state
+
+    def _fallback_state(self, why: str) -> dict:
+        try:
+            state = self._load_state_file(self.last_good_path)
+            self.recovered = f"{why}; fell back to the last good state {self.last_good_path.name}"
+            return state
+        except StoreError as exc:
+            state = self._state_from_slots()
+            self.recovered = (f"{why}; {exc}; fell back to the slots on disk: active "
+                              f"{state['active']}, previous {state['previous']}")
+            return state
+
+    def _state_from_slots(self) -> dict:
+        """Active = the newest version among the slots that read, previous = the one before."""
+        found = []
+        for path in (self.root / SLOTS_DIR).iterdir():
+            try:
+                info = self._slot_info(path.name)
+            except StoreError:
+                continue
+            if not path.name.startswith("staging-"):
+                found.append((int(info.version or 0), path.name))
+        found.sort(reverse=True)
+        state = self._empty_state()
+        state["active"] = found[0][1] if found else None
+        state["previous"] = found[1][1] if len(found) > 1 else None
+        return state
+
+    def _without_missing_slots(self, state: dict) -> dict:
+        """A slot named but gone from disk: the previous slot steps in for a missing active."""
+        def present(slot):
+            return slot if slot and (self.root / SLOTS_DIR / slot).is_dir() else None
+        active, previous = present(state.get("active")), present(state.get("previous"))
+        if (active, previous) == (state.get("active"), state.get("previous")):
+            return state
+        missing = [s for s in (state.get("active"), state.get("previous")) if s and not present(s)]
+        if active is None:
+            active, previous = previous, None
+        note = f"slot folder(s) {', '.join(missing)} missing; active {active}, previous {previous}"
+        self.recovered = f"{self.recovered}; {note}" if self.recovered else note
+        return {**state, "active": active, "previous": previous}
 
     def _update_state(self, change: Callable[[dict], None], event: dict) -> dict:
         """Read-modify-write of state.json as one step: `change` edits a copy, which is written
@@ -211,6 +290,10 @@ class ModelStore:
             write_json_atomic(self.state_path, state)
             with self._state_lock:
                 self._state = state
+            try:                  # the fallback copy; without it, state.json alone still holds
+                write_json_atomic(self.last_good_path, state)
+            except OSError as exc:
+                log.warning("could not refresh %s: %s", self.last_good_path, exc)
             return state
 
     def _remove_debris(self) -> None:
@@ -276,7 +359,7 @@ class ModelStore:
             history = list(self._state.get("history", []))[-5:]
         return {"root": str(self.root), "active": describe(self.active),
                 "staged": describe(self.staged), "previous": describe(self.previous),
-                "history": history}
+                "history": history, "recovered": self.recovered}
 
     # ------------------------------------------------------------------ checks
     def check_slot_files(self, info: SlotInfo) -> None:
@@ -412,7 +495,10 @@ class ModelStore:
         info = self.active()
         if info is None:
             return None, None
-        self.check_slot_files(info)
+        try:
+            self.check_slot_files(info)
+        except OSError as exc:            # a file unreadable: as corrupt (serving falls back)
+            raise StoreError(SLOT_CORRUPT, f"slot {info.slot} unreadable: {exc}") from None
         pipeline, _ = self._load_and_test(info)
         return info, pipeline
 

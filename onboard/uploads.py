@@ -5,7 +5,10 @@ a file in `[store].uploads`, checking each chunk's sha256 as it lands and the wh
 end. The upload id is derived from (sha256, size, chunk_size), and each received chunk is
 recorded on disk, so after a lost link or a daemon restart `upload_begin` with the same file
 answers with the same id and the chunks already held: only the missing ones need sending again.
-Every refusal is a CommandFailed whose code and message say what was wrong.
+Every refusal is a CommandFailed whose code and message say what was wrong. A full disk is
+one too (`disk_full`, naming the file): `upload_begin` reserves the whole file's room at once
+(posix_fallocate), so a bundle that cannot fit is refused before any chunk travels; what was
+recorded before stays whole (every record is written atomically).
 """
 from __future__ import annotations
 
@@ -13,15 +16,41 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onboard.errors import (BAD_ARGS, BAD_CHUNK, CHECKSUM_MISMATCH, UNKNOWN_UPLOAD, UPLOAD_COMPLETE,
-                            UPLOAD_INCOMPLETE, CommandFailed)
+from onboard.errors import (BAD_ARGS, BAD_CHUNK, CHECKSUM_MISMATCH, DISK_FULL, UNKNOWN_UPLOAD,
+                            UPLOAD_COMPLETE, UPLOAD_INCOMPLETE, CommandFailed, is_disk_full)
 from onboard.store import write_json_atomic
 from shared.hashing import sha256_file
+
+
+@contextmanager
+def room_for(what: str, path: Path):
+    """A full disk while writing `path` becomes a `disk_full` refusal naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CommandFailed(f"disk full: {what} {path}: {exc.strerror}; free space in "
+                            f"{path.parent} (store.uploads) and send it again", code=DISK_FULL) from None
+
+
+def reserve(path: Path, size: int) -> None:
+    """Create `path` with `size` bytes of room taken on disk now (sparse where the filesystem
+    cannot reserve)."""
+    with open(path, "wb") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            fh.truncate(size)          # no fallocate here (some filesystems): sparse as before
 
 
 class Uploads:
@@ -71,13 +100,17 @@ class Uploads:
         with self._lock:
             if (path / "meta.json").is_file():          # a resume: keep what arrived
                 return self._summary(json.loads((path / "meta.json").read_text()))
-            path.mkdir(parents=True, exist_ok=True)
-            with open(path / "data.part", "wb") as fh:
-                fh.truncate(size)
             meta = {"upload_id": upload_id, "name": name, "size": size, "sha256": sha256,
                     "chunk_size": chunk_size, "chunks": -(-size // chunk_size), "received": [],
                     "complete": False, "started": time.time()}
-            write_json_atomic(path / "meta.json", meta)
+            try:
+                with room_for(f"upload of {size} bytes:", path / "data.part"):
+                    path.mkdir(parents=True, exist_ok=True)
+                    reserve(path / "data.part", size)
+                    write_json_atomic(path / "meta.json", meta)
+            except CommandFailed:
+                shutil.rmtree(path, ignore_errors=True)    # nothing half-begun stays behind
+                raise
         return self._summary(meta)
 
     def chunk(self, upload_id: str, index: int, sha256: str, data: memoryview) -> dict:
@@ -85,15 +118,17 @@ class Uploads:
         with self._lock:
             meta = self._meta(upload_id)
             self._check_chunk(upload_id, meta, index, sha256, data)
-            fd = os.open(path / "data.part", os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, index * meta["chunk_size"])
-                os.fsync(fd)                       # the record below must not claim lost bytes
-            finally:
-                os.close(fd)
+            with room_for(f"chunk {index} of upload {upload_id}:", path / "data.part"):
+                fd = os.open(path / "data.part", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, index * meta["chunk_size"])
+                    os.fsync(fd)                       # the record below must not claim lost bytes
+                finally:
+                    os.close(fd)
             if index not in meta["received"]:
                 meta["received"].append(index)
-                write_json_atomic(path / "meta.json", meta)
+                with room_for(f"record of chunk {index}:", path / "meta.json"):
+                    write_json_atomic(path / "meta.json", meta)
         return {"upload_id": upload_id, "index": index, "received_count": len(meta["received"]),
                 "chunks": meta["chunks"]}
 
@@ -139,10 +174,15 @@ class Uploads:
                                     f"upload_begin announced {meta['sha256']}; upload reset",
                                     code=CHECKSUM_MISMATCH)
             final = path / meta["name"]
+            complete = {**meta, "complete": True, "path": str(final)}
             os.replace(path / "data.part", final)
-            meta["complete"] = True
-            meta["path"] = str(final)
-            write_json_atomic(path / "meta.json", meta)
+            try:
+                with room_for(f"record of upload {upload_id}:", path / "meta.json"):
+                    write_json_atomic(path / "meta.json", complete)
+            except CommandFailed:             # a rename needs no room: undo, still resumable
+                os.replace(final, path / "data.part")
+                raise
+            meta = complete
         return {**self._summary(meta), "path": str(final), "sha256": actual}
 
     def path_of(self, upload_id: str) -> Path:

@@ -8,6 +8,12 @@
 
 Each puts what it finished on `results` and wakes the poller, which sends the replies: only the
 poller's thread touches a socket.
+
+Stalls: the frame worker records the frame it is on and that frame's deadline
+(`frame_deadline`: seconds from config, scaled by the frame's size); the poller asks `stalled`
+each turn. OpenVINO cannot cancel an inference from Python, so a stuck frame is not taken back
+from the worker: the poller answers it with ERROR `timeout` and stops the watchdog pings, and
+the supervisor restarts the process (onboard.supervision).
 """
 from __future__ import annotations
 
@@ -37,6 +43,22 @@ class CommandDone:
     body: dict
 
 
+def frame_deadline(job: FrameJob, base_s: float, per_mpix_s: float) -> float:
+    """Seconds a frame may take in the worker: a base plus a share per megapixel."""
+    shape = job.msg.arrays["data"].shape
+    return base_s + per_mpix_s * (int(shape[-1]) * int(shape[-2]) / 1e6)
+
+
+def blocking_hook(prefix: str, block_s: float) -> Callable[[FrameJob], None]:
+    """TEST HOOK (config `supervision.test_block_prefix`, empty = off): a frame whose id starts
+    with `prefix` holds the frame worker `block_s` seconds, as a hung inference would."""
+    def hook(job: FrameJob) -> None:
+        if prefix and job.frame_id.startswith(prefix):
+            log.warning("test hook: frame %s blocks the frame worker for %.1f s", job.frame_id, block_s)
+            time.sleep(block_s)
+    return hook
+
+
 def decide(serving: Serving, job: FrameJob) -> FrameOutcome:
     """One accepted frame through the serving model; never raises (the frame fails, not us)."""
     job.started_at = time.monotonic()
@@ -58,8 +80,13 @@ class Workers:
     `wake()` tells the poller a result is waiting."""
 
     def __init__(self, jobs: queue.Queue, decide: Callable[[FrameJob], FrameOutcome],
-                 run: Callable[[Message, Command], dict], wake: Callable[[], None]):
+                 run: Callable[[Message, Command], dict], wake: Callable[[], None],
+                 deadline: Callable[[FrameJob], float] = lambda job: float("inf")):
         self._jobs = jobs                      # admission's bounded queue; None stops the worker
+        self._deadline = deadline
+        # The frame the worker is on and when it must be done (monotonic); written by the frame
+        # worker as one tuple (atomic to read), read by the poller's `stalled`.
+        self.current: tuple[FrameJob, float] | None = None
         self._admin: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
         self._decide, self._run, self._wake = decide, run, wake
@@ -95,6 +122,13 @@ class Workers:
         self._jobs.put(None)
         self._admin.put(None)
 
+    def stalled(self, now: float) -> FrameJob | None:
+        """The frame the worker has held past its deadline, or None (idle or on time)."""
+        current = self.current
+        if current is not None and now > current[1]:
+            return current[0]
+        return None
+
     def join(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for each; True when both have finished."""
         for thread in self._threads:
@@ -109,7 +143,10 @@ class Workers:
                 return
             if job.done:           # cancelled at shutdown while it waited
                 continue
-            self._results.put(self._decide(job))
+            self.current = (job, time.monotonic() + self._deadline(job))
+            outcome = self._decide(job)
+            self.current = None
+            self._results.put(outcome)
             self._wake()
 
     def _admin_worker(self) -> None:
