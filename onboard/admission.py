@@ -14,6 +14,11 @@ only outcome):
 An accepted frame becomes a FrameJob in the bounded queue the frame worker takes from; it stays
 pending until `settle` records its one outcome. The queue is bounded here, by refusing, never by
 dropping. Values (NaN, Inf) are the pipeline's to check, in the worker.
+
+Every bound of shared.limits applies at `envelope` (a `frame_id` of at most 64 characters, int64
+integers, ...). A refusal's ERROR repeats the input only as a short escaped prefix, and
+refusals are counted by code (`refusals` in status and telemetry) and logged at most
+10 a minute (onboard.telemetry.Refusals).
 """
 from __future__ import annotations
 
@@ -27,8 +32,9 @@ from onboard.config import DaemonConfig
 from onboard.errors import (BAD_MESSAGE, INVALID_FRAME, NO_MODEL, OK, QUEUE_FULL, SHUTDOWN,
                             TOO_LARGE, FrameRefused)
 from onboard.serving import Serving
-from onboard.telemetry import FrameCounters
+from onboard.telemetry import FrameCounters, Refusals
 from shared.bands import UnknownBandError, canonical_band
+from shared.limits import clip
 from shared.messages import Limits, Message, MessageError, decode
 
 log = logging.getLogger("onboard.daemon")
@@ -79,6 +85,7 @@ class Admission:
         self.pending: dict[str, FrameJob] = {}   # FRAME message id -> job, until its outcome
         self.jobs: queue.Queue = queue.Queue()    # bounded by `admit`, not by the Queue
         self.closed: str | None = None            # why the door closed (shutdown), else None
+        self.refusals = Refusals(log)
 
     def close(self, reason: str) -> None:
         """From now on every frame is refused with `shutdown`."""
@@ -148,9 +155,9 @@ class Admission:
 
     def _refuse(self, refused: FrameRefused, ref: str | None, frame_id: str | None) -> Message:
         self.counters.rejected += 1
-        log.info("refused frame %s: %s: %s", frame_id, refused.code, refused)
-        body = {"code": refused.code, "message": str(refused), "frame_id": frame_id,
-                "field": refused.field}
+        self.refusals.record("frame", frame_id, refused.code, str(refused))
+        body = {"code": refused.code, "message": clip(str(refused)), "frame_id": frame_id,
+                "field": clip(refused.field, 256) if refused.field else None}
         if refused.details:
             body["details"] = refused.details
         return Message("error", body, ref=ref, source=self.config.name)

@@ -13,10 +13,23 @@ Only the poller loop's thread touches a socket (they are not thread-safe); other
 it through a pipe the same `zmq.Poller` watches. Nothing sent is dropped silently: a reply to a
 payload that is away (ROUTER_MANDATORY says so) and a product the downlink does not pull yet
 wait in an outbox, retried every OUTBOX_RETRY_S and at once when a peer speaks again.
+
+The reply outboxes (frames, commands) are bounded per peer and in all, in bytes and in age
+(`[limits]` outbox_peer_bytes, outbox_bytes, outbox_max_age_s): past a bound the oldest
+messages that may go are dropped, and counted (`outbox_status`, in status and telemetry). A
+message may go when its peer is away (its last send was unroutable), or when it is not a
+frame's only outcome (an ACK: the DECISION or ERROR follows). A connected payload's outcomes
+are never dropped: they are bounded by queue.max_frames and leave as it reads. The products
+outbox is bounded by admission (queue.max_pending_products) instead.
+
+A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
+with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -29,7 +42,9 @@ import msgpack
 import zmq
 
 from onboard.config import DaemonConfig
+from onboard.errors import INTERNAL
 from onboard.security import Security
+from shared.limits import MAX_ID_CHARS, clip
 from shared.messages import Message, MessageError, encode
 
 log = logging.getLogger("onboard.daemon")
@@ -38,10 +53,27 @@ POLL_MS = 100                 # longest the loop sleeps: bounds how late a timer
 BACKLOG_POLL_MS = 20          # ... and while an outbox holds messages
 MAX_BURST = 64                # messages read from one socket per loop turn (others stay served)
 OUTBOX_RETRY_S = 0.25         # unroutable replies are retried this often
-MAX_OUTBOX = 4096             # replies kept for absent payloads; beyond, the oldest are dropped (logged)
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
+
+
+M_MMAP_THRESHOLD = -3        # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 << 10
+
+
+def return_large_buffers() -> bool:
+    """Make glibc give every buffer over 128 KiB back to the system when it is freed.
+
+    Received messages are allocated by libzmq's I/O thread; glibc raises its mmap threshold
+    after the first large free, and then keeps later megabyte-sized messages in its heaps: a
+    burst of 1,000 one-MB messages from clients that left raised the daemon's memory by ~140 MB
+    for good. A fixed threshold turns that off (glibc only; elsewhere a no-op, False)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def peek_header(frame: Any) -> tuple[str | None, str | None]:
@@ -54,7 +86,9 @@ def peek_header(frame: Any) -> tuple[str | None, str | None]:
         msg_id = header.get("id") if isinstance(header.get("id"), str) else None
         body = header.get("body") if isinstance(header.get("body"), dict) else {}
         frame_id = body.get("frame_id") if isinstance(body.get("frame_id"), str) else None
-        return (msg_id[:64] if msg_id else None), (frame_id[:256] if frame_id else None)
+        # An id over the limit is not repeated at all (a prefix would name another frame).
+        ok = (lambda v: v if v and len(v) <= MAX_ID_CHARS else None)
+        return ok(msg_id), ok(frame_id)
     except Exception:
         return None, None
 
@@ -65,15 +99,106 @@ def peek_parts(parts: list) -> tuple[str | None, str | None]:
 
 
 @dataclass
+class Pending:
+    """One message waiting to leave: its route, encoded parts, size, when it was queued, and
+    whether it is a frame's only outcome (a DECISION or ERROR on the frames socket)."""
+
+    route: list
+    parts: list
+    nbytes: int
+    since: float
+    outcome: bool = False
+
+    @property
+    def peer(self) -> bytes:
+        return self.route[0] if self.route else b""
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    peer_bytes: int            # one peer's waiting messages
+    total_bytes: int           # every peer's together
+    max_age_s: float           # an away peer's message older than this is dropped
+
+
+@dataclass
 class Outbox:
-    """Messages waiting to leave one socket, oldest first: (route, encoded parts)."""
+    """Messages waiting to leave one socket, oldest first, with their bytes per peer."""
 
     name: str
+    limits: OutboxLimits | None = None        # None: bounded elsewhere (products)
     items: collections.deque = field(default_factory=collections.deque)
     next_try: float = 0.0
+    bytes: int = 0
+    peer_bytes: dict = field(default_factory=dict)
+    away: set = field(default_factory=set)     # peers whose last send was unroutable
+    dropped: dict = field(default_factory=lambda: {"messages": 0, "bytes": 0, "outcomes": 0})
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def append(self, item: Pending) -> None:
+        self.items.append(item)
+        self._count(item, +1)
+
+    def take_all(self) -> collections.deque:
+        items, self.items = self.items, collections.deque()
+        self.bytes, self.peer_bytes = 0, {}
+        return items
+
+    def _count(self, item: Pending, sign: int) -> None:
+        self.bytes += sign * item.nbytes
+        left = self.peer_bytes.get(item.peer, 0) + sign * item.nbytes
+        if left > 0:
+            self.peer_bytes[item.peer] = left
+        else:
+            self.peer_bytes.pop(item.peer, None)
+
+    def may_drop(self, item: Pending) -> bool:
+        return item.peer in self.away or not item.outcome
+
+    def over(self, item: Pending) -> bool:
+        return self.bytes > self.limits.total_bytes or \
+            self.peer_bytes.get(item.peer, 0) > self.limits.peer_bytes
+
+    def trim(self, now: float) -> int:
+        """Drop, oldest first, what is past the age or the byte bounds and may go; the count."""
+        if self.limits is None or not self.items:
+            return 0
+        old = now - self.limits.max_age_s
+        kept, n = collections.deque(), 0
+        for item in self.items:
+            if self.may_drop(item) and ((item.peer in self.away and item.since < old)
+                                        or self.over(item)):
+                self._count(item, -1)
+                self.dropped["messages"] += 1
+                self.dropped["bytes"] += item.nbytes
+                self.dropped["outcomes"] += item.outcome
+                n += 1
+            else:
+                kept.append(item)
+        self.items = kept
+        self.away &= self.peer_bytes.keys()      # forget peers with nothing waiting
+        return n
+
+    def status(self) -> dict:
+        return {"messages": len(self.items), "bytes": self.bytes, "peers": len(self.peer_bytes),
+                "away": len(self.away), "dropped": dict(self.dropped)}
+
+
+def unencodable_reply(msg: Message, exc: MessageError) -> Message:
+    """What answers `msg` when `msg` itself cannot be encoded: an ACK refusing with `internal`,
+    or for a frame's outcome an ERROR `internal` (still its one outcome)."""
+    text = clip(f"internal: the daemon's {msg.type} reply could not be encoded ({exc})", 512)
+    if msg.type == "ack":
+        key = "accepted" if "accepted" in msg.body else "ok"
+        return Message("ack", {key: False, "code": INTERNAL, "error": text}, ref=msg.ref,
+                       source=msg.source)
+    frame_id = msg.body.get("frame_id") if isinstance(msg.body, dict) else None
+    if not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS:
+        frame_id = None
+    return Message("error", {"code": INTERNAL, "message": text, "frame_id": frame_id},
+                   ref=msg.ref, source=msg.source)
 
 
 class Bus:
@@ -83,7 +208,11 @@ class Bus:
         self.config = config
         self.endpoints: dict[str, str] = {}
         self.sockets: dict[str, zmq.Socket] = {}
-        self.outboxes = {name: Outbox(name) for name in ("frames", "commands", "products")}
+        bounds = OutboxLimits(config.outbox_peer_bytes, config.outbox_bytes, config.outbox_max_age_s)
+        self.outboxes = {"frames": Outbox("frames", bounds), "commands": Outbox("commands", bounds),
+                         "products": Outbox("products")}
+        self.unencodable = 0           # replies answered `internal` because they could not be encoded
+        return_large_buffers()
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -194,14 +323,30 @@ class Bus:
 
     # ------------------------------------------------------------------ out
     def send(self, name: str, route: list, msg: Message) -> None:
-        """Send `msg` to `route` on socket `name` now, or keep it in that outbox until it can go."""
+        """Send `msg` to `route` on socket `name` now, or keep it in that outbox until it can go
+        (within the outbox's bounds)."""
         outbox = self.outboxes[name]
-        outbox.items.append((route, encode(msg)))
-        if len(outbox) > MAX_OUTBOX:
-            route_, _ = outbox.items.popleft()
-            log.error("%s outbox over %d messages: dropped the oldest reply (peer %r gone?)",
-                      name, MAX_OUTBOX, route_[0] if route_ else None)
+        parts = self._encode_reply(msg)
+        outcome = name == "frames" and msg.type in ("decision", "error")
+        outbox.append(Pending(route, parts, sum(len(p) for p in parts), time.monotonic(), outcome))
         self.flush(name)
+        if outbox.items and outbox.over(outbox.items[-1]):
+            outbox.trim(time.monotonic())
+
+    def _encode_reply(self, msg: Message) -> list:
+        try:
+            return encode(msg)
+        except MessageError as exc:        # our bug or a value past validation: answer, don't exit
+            self.unencodable += 1
+            log.error("a %s reply could not be encoded, answered %s instead: %s", msg.type,
+                      INTERNAL, clip(str(exc), 200))
+            return encode(unencodable_reply(msg, exc))
+
+    def outbox_status(self) -> dict:
+        """Each outbox's messages, bytes, peers and what its bounds dropped (status, telemetry)."""
+        out = {name: box.status() for name, box in self.outboxes.items()}
+        out["unencodable_replies"] = self.unencodable
+        return out
 
     def push_product(self, msg: Message) -> None:
         """Queue a PRODUCT for the downlink (it leaves at the next flush, in order)."""
@@ -210,13 +355,21 @@ class Bus:
         except MessageError as exc:   # a product we cannot encode is our bug: say so, keep serving
             log.error("product of frame %s not sent: %s", msg.body.get("frame_id"), exc)
             return
-        self.outboxes["products"].items.append(([], parts))
+        self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
+                                                 time.monotonic()))
 
     def publish(self, msg: Message) -> None:
         """TELEMETRY: sent if the socket takes it now, else dropped (PUB's own rule)."""
         msg.body.setdefault("security", self.security.status())   # what ZAP refused, counted
+        msg.body.setdefault("outboxes", self.outbox_status())
         try:
-            self.sockets["telemetry"].send_multipart(encode(msg), zmq.NOBLOCK)
+            parts = encode(msg)
+        except MessageError as exc:        # a heartbeat we cannot encode must not stop the daemon
+            self.unencodable += 1
+            log.error("telemetry not sent: %s", clip(str(exc), 200))
+            return
+        try:
+            self.sockets["telemetry"].send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -231,30 +384,34 @@ class Bus:
             self.flush(name)
 
     def flush(self, name: str) -> None:
-        """Send what an outbox holds, keeping (in order) what cannot go yet."""
+        """Send what an outbox holds, keeping (in order) what cannot go yet; then drop what is
+        past the outbox's bounds and may go."""
         outbox = self.outboxes[name]
         if not outbox.items or time.monotonic() < outbox.next_try:
             return
         sock = self.sockets[name]
-        kept = collections.deque()
         blocked = False
-        while outbox.items:
-            route, parts = outbox.items.popleft()
+        for item in outbox.take_all():
             if blocked and name == "products":
-                kept.append((route, parts))
+                outbox.append(item)
                 continue
             try:
-                sock.send_multipart([*route, *parts], zmq.NOBLOCK, copy=False)
+                sock.send_multipart([*item.route, *item.parts], zmq.NOBLOCK, copy=False)
+                outbox.away.discard(item.peer)
             except zmq.Again:
-                kept.append((route, parts))
+                outbox.append(item)
+                outbox.away.discard(item.peer)   # connected, its pipe full: it still reads
                 blocked = True           # PUSH: nobody pulling or HWM reached; keep the order
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EHOSTUNREACH:
-                    kept.append((route, parts))   # the payload is away: retry when it is back
+                    outbox.append(item)   # the payload is away: retry when it is back
+                    outbox.away.add(item.peer)
                 else:
-                    log.error("%s: message to %r not sent: %s", name, route[0] if route else None, exc)
-        outbox.items = kept
-        outbox.next_try = time.monotonic() + OUTBOX_RETRY_S if kept else 0.0
+                    log.error("%s: message to %r not sent: %s", name, item.peer, exc)
+        outbox.trim(time.monotonic())
+        if not outbox.items:
+            outbox.away.clear()
+        outbox.next_try = time.monotonic() + OUTBOX_RETRY_S if outbox.items else 0.0
 
     # ------------------------------------------------------------------ close
     def flush_until(self, deadline: float) -> None:

@@ -53,6 +53,13 @@ class DaemonConfig:
     spill_dir: Path | None = None               # kept frames' products also written here
     test_block_prefix: str = ""                 # TEST HOOK: frames with this id prefix block
     test_block_s: float = 0.0
+    max_uploads: int = 4                        # [store]: incomplete uploads at once
+    max_upload_total_bytes: int = 512 << 20     # ... and the bytes they announce together
+    upload_max_age_s: float = 86400.0           # an upload untouched this long is removed
+    install_dirs: tuple[Path, ...] = ()         # `install {path}` reads these besides uploads
+    outbox_peer_bytes: int = 16 << 20           # [limits]: replies waiting for one peer
+    outbox_bytes: int = 64 << 20                # ... for every peer together
+    outbox_max_age_s: float = 300.0             # an away peer's reply older than this is dropped
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -110,6 +117,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "uploads": (_non_empty_str, "a folder path", "uploads"),
         "max_upload_bytes": (_positive_int, "an integer >= 1", "max_upload_bytes"),
         "max_chunk_bytes": (_positive_int, "an integer >= 1", "max_chunk_bytes"),
+        "max_uploads": (_positive_int, "an integer >= 1", "max_uploads"),
+        "max_upload_total_bytes": (_positive_int, "an integer >= 1", "max_upload_total_bytes"),
+        "upload_max_age_s": (_positive_number, "a number of seconds > 0", "upload_max_age_s"),
+        "install_dirs": (lambda v: isinstance(v, list) and all(_non_empty_str(d) for d in v),
+                         "a list of folder paths ([] for the uploads folder only)", "install_dirs"),
     },
     "queue": {
         "max_frames": (_positive_int, "an integer >= 1", "max_frames"),
@@ -119,6 +131,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "max_message_bytes": (_positive_int, "an integer >= 1", "max_message_bytes"),
         "socket_limit_factor": (lambda v: _positive_number(v) and v >= 1, "a number >= 1",
                                 "socket_limit_factor"),
+        "outbox_peer_bytes": (_positive_int, "an integer >= 1", "outbox_peer_bytes"),
+        "outbox_bytes": (_positive_int, "an integer >= 1", "outbox_bytes"),
+        "outbox_max_age_s": (_positive_number, "a number of seconds > 0", "outbox_max_age_s"),
     },
     "telemetry": {
         "interval_s": (_positive_number, "a number of seconds > 0", "telemetry_interval_s"),
@@ -149,7 +164,8 @@ SECURITY_SCHEMA: dict[str, tuple] = {
        for role in ROLES},
 }
 FLOAT_ATTRS = {"socket_limit_factor", "telemetry_interval_s", "drain_timeout_s", "frame_deadline_s",
-               "frame_deadline_s_per_mpix", "stall_exit_s", "test_block_s"}
+               "frame_deadline_s_per_mpix", "stall_exit_s", "test_block_s",
+               "upload_max_age_s", "outbox_max_age_s"}
 PATH_KEYS = {("store", "root"), ("store", "public_key"), ("store", "uploads"),
              ("supervision", "spill_dir")}
 
@@ -200,6 +216,10 @@ def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<c
                 values["endpoints"][key] = value
             else:
                 values[attr] = float(value) if attr in FLOAT_ATTRS else value
+    values["install_dirs"] = tuple((base_dir / Path(d).expanduser()).resolve()
+                                   for d in values["install_dirs"])
+    if values["max_upload_bytes"] > values["max_upload_total_bytes"]:
+        raise ConfigError(f"{where}: store.max_upload_total_bytes: must be >= store.max_upload_bytes")
     if values["max_chunk_bytes"] > values["max_upload_bytes"]:
         raise ConfigError(f"{where}: store.max_chunk_bytes: must be <= store.max_upload_bytes")
     bound = [ep for ep in values["endpoints"].values()]

@@ -73,7 +73,10 @@ class Daemon:
         self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
                                          num_requests=config.num_requests or None, exclusive=True,
                                          precision=config.precision, capabilities=config.capabilities)
-        self.uploads = Uploads(config.uploads, config.max_upload_bytes, config.max_chunk_bytes)
+        self.uploads = Uploads(config.uploads, config.max_upload_bytes, config.max_chunk_bytes,
+                               max_uploads=config.max_uploads,
+                               max_total_bytes=config.max_upload_total_bytes,
+                               max_age_s=config.upload_max_age_s, install_dirs=config.install_dirs)
         self.command_limits = Limits(max_array_bytes=config.max_chunk_bytes)
         self.counters = FrameCounters()
         self.latency = LatencyTracker(config.telemetry_window)
@@ -243,7 +246,9 @@ class Daemon:
     def _publish_telemetry(self) -> None:
         body = self.heartbeat.body(self.model_info(), len(self.admission.pending), self.counters,
                                    self.latency, pending_products=self.bus.pending("products"),
-                                   state=self.state, stalls=self.supervision.stalls)
+                                   state=self.state, stalls=self.supervision.stalls,
+                                   refusals=self.admission.refusals.as_dict(),
+                                   uploads=self.uploads.counters())
         self.bus.publish(Message("telemetry", body, source=self.config.name))
         self._next_telemetry = time.monotonic() + self.config.telemetry_interval_s
 
@@ -315,6 +320,8 @@ class Daemon:
                 "max_frames": self.config.max_frames, "frames": self.counters.as_dict(),
                 "pending_products": self.bus.pending("products"),
                 "latency_ms": self.latency.summary(), "rss_mb": round(rss_mb(), 2),
+                "refusals": self.admission.refusals.as_dict(), "outboxes": self.bus.outbox_status(),
+                "upload_limits": self.uploads.counters(),
                 "supervision": self.supervision_status(),
                 "store": self.store.status(), "uploads": self.uploads.list(),
                 "endpoints": self.endpoints, "pid": os.getpid()}

@@ -61,15 +61,16 @@ UPLOAD_COMPLETE = "upload_complete"  # a chunk for an upload already finished
 BAD_CHUNK = "bad_chunk"              # a chunk of the wrong length
 CHECKSUM_MISMATCH = "checksum_mismatch"   # a chunk's or the whole file's sha256
 POLICY_NOT_STORED = "policy_not_stored"
+TOO_MANY_UPLOADS = "too_many_uploads"     # store.max_uploads incomplete, or their announced bytes
 COMMAND_ERROR_CODES = (TOO_LARGE, BAD_MESSAGE, INTERNAL, UNKNOWN_COMMAND, BUSY, BAD_ARGS,
                        UNKNOWN_UPLOAD, UPLOAD_INCOMPLETE, UPLOAD_COMPLETE, BAD_CHUNK,
-                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL, DISK_FULL)
+                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL, DISK_FULL, TOO_MANY_UPLOADS)
 
 # The model store: an InstallResult's code (install and rollback refusals pass it on to the
 # command's ACK), or StoreError.code. Bundle checks add shared.bundle's codes (bad_signature, ...).
 INSTALLED = "installed"
 ROLLED_BACK = "rolled_back"
-NOT_FOUND = "not_found"              # no bundle file at that path
+NOT_FOUND = "not_found"              # no bundle file at that path (or a path install may not read)
 EXTRACT_FAILED = "extract_failed"    # disk full, permissions: the bundle may be fine
 LOAD_FAILED = "load_failed"
 PRECISION_UNSUPPORTED = "precision_unsupported"   # the device cannot run the bundle's precision

@@ -5,7 +5,8 @@
     product     a kept frame's PRODUCT {frame_id, priority, reason, stats, classes, tiles, model,
                 scene, index, acquired} + its arrays (mask, quicklook, tiles) to the downlink
     error       ERROR {code, message, frame_id} to the payload, when the pipeline refused the
-                frame's values, failed, or the drain ran out of time
+                frame's values, failed, or the drain ran out of time (message at most 1024
+                characters: shared.limits.clip)
 
 `timings_ms` holds the pipeline's stages, its own total renamed `process`, and the daemon's
 `queue` (accepted -> started) and `total` (accepted -> outcome), in milliseconds.
@@ -18,6 +19,7 @@ from typing import Any
 from onboard.admission import FrameJob
 from onboard.store import SlotInfo
 from shared.jsonable import jsonable
+from shared.limits import clip
 from shared.messages import Message
 
 PRODUCT_KEYS_FROM_FRAME = ("scene", "index", "acquired")   # copied from the FRAME when present
@@ -74,5 +76,5 @@ def product(outcome: FrameOutcome, source: str) -> Message:
 
 def error(outcome: FrameOutcome, source: str) -> Message:
     job = outcome.job
-    return job.msg.reply("error", {"code": outcome.code, "message": outcome.message,
+    return job.msg.reply("error", {"code": outcome.code, "message": clip(outcome.message),
                                    "frame_id": job.frame_id}, source=source)

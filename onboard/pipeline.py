@@ -1,6 +1,7 @@
 """One frame in, one decision out: the daemon's stages, read top to bottom in `process`.
 
-    validate        dtype, dimensions, band names vs data, bands the model needs, NaN/Inf, scale
+    validate        dtype, dimensions, band names vs data, bands the model needs, NaN/Inf, scale,
+                    and every value still finite in float32 after scaling and normalisation
     tile + infer    tiles with overlap (shared.tiling's grid and reflect padding) are cut straight
                     from the frame into idle requests' input tensors, in the model's band order
                     and the frame's dtype; OpenVINO scales ((value * scale - mean) / std), runs
@@ -217,7 +218,25 @@ class FramePipeline:
         if data.dtype.kind == "f":
             with np.errstate(over="ignore", invalid="ignore"):
                 self._check_finite(data, bands, select)
+        self._check_scaled(data, bands, select, scale)
         return select
+
+    def _check_scaled(self, data: np.ndarray, bands: Sequence[str], select: list[int],
+                      scale: float) -> None:
+        """Values finite on the wire can overflow float32 once scaled (uint16 x 1e38, float32
+        3e38 x 10): the model computes value * scale / std - mean / std in float32, so the
+        largest |value| of each band must keep reflectance and normalised input finite there.
+        Two reductions per band, in float64 (exact bounds, no overflow of our own)."""
+        f32_max = float(np.finfo(np.float32).max)
+        for i, b in enumerate(select):
+            band = data[b]
+            largest = max(abs(float(band.max())), abs(float(band.min())))
+            reflectance = largest * float(scale)
+            normalised = reflectance / float(self.std[i]) + abs(float(self.mean[i]) / float(self.std[i]))
+            if not (reflectance <= f32_max and normalised <= f32_max):
+                raise FrameError(NOT_FINITE, f"band {bands[b]}: values up to {largest:g} x scale "
+                                             f"{float(scale):g} overflow float32 after scaling "
+                                             f"and normalisation (limit {f32_max:.4g})")
 
     @staticmethod
     def _check_finite(data: np.ndarray, bands: Sequence[str], select: list[int]) -> None:

@@ -167,7 +167,8 @@ def _install_source(daemon, args: dict) -> Path:
         raise CommandFailed("args: give exactly one of upload_id or path", code=BAD_ARGS)
     if "upload_id" in args:
         return daemon.uploads.path_of(arg(args, "upload_id", str))
-    return Path(arg(args, "path", str))
+    # Only inside the uploads folder or store.install_dirs; elsewhere one answer for all.
+    return daemon.uploads.bundle_path(arg(args, "path", str))
 
 
 def _store_outcome(result: dict) -> dict:

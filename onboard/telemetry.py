@@ -1,6 +1,8 @@
-"""Telemetry: per-stage latency statistics, memory, and the heartbeat body the daemon publishes."""
+"""Telemetry: per-stage latency statistics, memory, refusal counts, and the heartbeat body the
+daemon publishes."""
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import sys
@@ -9,6 +11,8 @@ import time
 from collections import deque
 
 import numpy as np
+
+from shared.limits import quote
 
 
 def rss_mb() -> float:
@@ -63,6 +67,40 @@ class FrameCounters:
     def as_dict(self) -> dict[str, int]:
         return {"accepted": self.accepted, "decided": self.decided, "errored": self.errored,
                 "rejected": self.rejected, "kept": self.kept}
+
+
+class Refusals:
+    """Refused messages counted by code, and logged at most `burst` per `window_s`: a flood of
+    bad input costs a counter, not a log line each (status and telemetry `refusals`). What is
+    logged repeats the input only as a short escaped prefix (shared.limits.quote): a newline in a
+    `frame_id` cannot forge a log line."""
+
+    def __init__(self, log: logging.Logger, burst: int = 10, window_s: float = 60.0):
+        self.log, self.burst, self.window_s = log, burst, window_s
+        self.by_code: dict[str, int] = {}
+        self.not_logged = 0
+        self._window_end = 0.0
+        self._logged = self._skipped = 0
+
+    def record(self, what: str, subject: object, code: str, message: str) -> None:
+        """One refusal of `what` (a frame, a command) named `subject` (its id, or None)."""
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+        now = time.monotonic()
+        if now >= self._window_end:
+            if self._skipped:
+                self.log.warning("%d refusals not logged in the last %.0f s (counted in telemetry "
+                                 "`refusals`)", self._skipped, self.window_s)
+            self._window_end, self._logged, self._skipped = now + self.window_s, 0, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.log.info("refused %s %s: %s: %s", what, quote(subject), code, quote(message, 200))
+        else:
+            self._skipped += 1
+            self.not_logged += 1
+
+    def as_dict(self) -> dict:
+        return {"total": sum(self.by_code.values()), "by_code": dict(self.by_code),
+                "not_logged": self.not_logged}
 
 
 class Heartbeat:

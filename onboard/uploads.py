@@ -9,6 +9,14 @@ Every refusal is a CommandFailed whose code and message say what was wrong. A fu
 one too (`disk_full`, naming the file): `upload_begin` reserves the whole file's room at once
 (posix_fallocate), so a bundle that cannot fit is refused before any chunk travels; what was
 recorded before stays whole (every record is written atomically).
+
+Bounds: at most `store.max_uploads` incomplete uploads at once, announcing at most
+`store.max_upload_total_bytes` together, each at most MAX_UPLOAD_CHUNKS chunks (one more is
+refused with `too_many_uploads` or `bad_args`; a resume always answers); an upload untouched for
+`store.upload_max_age_s` is removed with its bytes (counted: `expired`, `expired_bytes` in
+status and telemetry `uploads`). `install {path}` reads only inside the uploads folder and
+`store.install_dirs` (`bundle_path`): any other path gets the same `not_found`, whether a
+file is there or not, and is never opened or measured.
 """
 from __future__ import annotations
 
@@ -23,10 +31,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onboard.errors import (BAD_ARGS, BAD_CHUNK, CHECKSUM_MISMATCH, DISK_FULL, UNKNOWN_UPLOAD,
-                            UPLOAD_COMPLETE, UPLOAD_INCOMPLETE, CommandFailed, is_disk_full)
+from onboard.errors import (BAD_ARGS, BAD_CHUNK, CHECKSUM_MISMATCH, DISK_FULL, NOT_FOUND,
+                            TOO_MANY_UPLOADS, UNKNOWN_UPLOAD, UPLOAD_COMPLETE, UPLOAD_INCOMPLETE,
+                            CommandFailed, is_disk_full)
 from onboard.store import write_json_atomic
 from shared.hashing import sha256_file
+from shared.limits import quote
+
+MAX_UPLOAD_CHUNKS = 16384        # chunks of one upload: its record and status stay small
+SWEEP_EVERY_S = 10.0             # how often `expire` looks for abandoned uploads
 
 
 @contextmanager
@@ -56,12 +69,18 @@ def reserve(path: Path, size: int) -> None:
 class Uploads:
     """Resumable chunked uploads on disk, each checked per chunk and as a whole."""
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int, max_chunk_bytes: int):
+    def __init__(self, root: str | os.PathLike, max_bytes: int, max_chunk_bytes: int, *,
+                 max_uploads: int = 4, max_total_bytes: int = 512 << 20,
+                 max_age_s: float = 86400.0, install_dirs: tuple = ()):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        self.max_uploads, self.max_total_bytes, self.max_age_s = max_uploads, max_total_bytes, max_age_s
         self.root.mkdir(parents=True, exist_ok=True)
+        self.readable = tuple(os.path.realpath(d) for d in (self.root, *install_dirs))
         self._lock = threading.Lock()   # upload_end/install may read what the poller writes
+        self.expired = self.expired_bytes = self.refused = 0
+        self._next_sweep = 0.0
 
     @staticmethod
     def make_id(sha256: str, size: int, chunk_size: int) -> str:
@@ -95,11 +114,17 @@ class Uploads:
         if not 1 <= chunk_size <= self.max_chunk_bytes:
             raise CommandFailed(f"args.chunk_size: {chunk_size}, must be 1..{self.max_chunk_bytes} "
                                 "(store.max_chunk_bytes)", code=BAD_ARGS)
+        if -(-size // chunk_size) > MAX_UPLOAD_CHUNKS:
+            raise CommandFailed(f"args.chunk_size: {size} bytes in chunks of {chunk_size} is "
+                                f"{-(-size // chunk_size)} chunks, over {MAX_UPLOAD_CHUNKS}; use "
+                                f"chunks of at least {-(-size // MAX_UPLOAD_CHUNKS)} bytes", code=BAD_ARGS)
         upload_id = self.make_id(sha256, size, chunk_size)
         path = self.root / upload_id
+        self.expire(force=True)
         with self._lock:
             if (path / "meta.json").is_file():          # a resume: keep what arrived
                 return self._summary(json.loads((path / "meta.json").read_text()))
+            self._check_room(size)
             meta = {"upload_id": upload_id, "name": name, "size": size, "sha256": sha256,
                     "chunk_size": chunk_size, "chunks": -(-size // chunk_size), "received": [],
                     "complete": False, "started": time.time()}
@@ -191,6 +216,78 @@ class Uploads:
             raise CommandFailed(f"upload {upload_id} is not complete (upload_end first)",
                                 code=UPLOAD_INCOMPLETE)
         return Path(meta["path"])
+
+    # ------------------------------------------------------------------ bounds
+    def _incomplete(self) -> list[tuple[Path, dict]]:
+        out = []
+        for meta_path in self.root.glob("*/meta.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and not meta.get("complete"):
+                out.append((meta_path.parent, meta))
+        return out
+
+    def _check_room(self, size: int) -> None:
+        """Refuse a new upload past store.max_uploads or store.max_upload_total_bytes."""
+        held = self._incomplete()
+        announced = sum(int(meta.get("size", 0)) for _, meta in held)
+        if len(held) >= self.max_uploads or announced + size > self.max_total_bytes:
+            self.refused += 1
+            raise CommandFailed(f"{len(held)} uploads in progress announcing {announced} bytes; "
+                                f"another of {size} bytes would pass store.max_uploads "
+                                f"({self.max_uploads}) or store.max_upload_total_bytes "
+                                f"({self.max_total_bytes}): finish one or let it expire "
+                                f"(store.upload_max_age_s {self.max_age_s:g} s)", code=TOO_MANY_UPLOADS)
+
+    def expire(self, force: bool = False) -> int:
+        """Remove uploads untouched for store.upload_max_age_s (their last chunk or record), with
+        their bytes; how many. Looks at most every SWEEP_EVERY_S unless `force`."""
+        now = time.time()
+        if not force and time.monotonic() < self._next_sweep:
+            return 0
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        removed = 0
+        with self._lock:
+            for folder in [p for p in self.root.iterdir() if p.is_dir()]:
+                try:
+                    files = [f for f in folder.iterdir() if f.is_file()]
+                    touched = max([f.stat().st_mtime for f in files] or [folder.stat().st_mtime])
+                    if now - touched <= self.max_age_s:
+                        continue
+                    size = sum(f.stat().st_size for f in files)
+                except OSError:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+                self.expired += 1
+                self.expired_bytes += size
+        return removed
+
+    def counters(self) -> dict:
+        """Uploads in progress and what the bounds did (status and telemetry `uploads`)."""
+        self.expire()
+        held = self._incomplete()
+        return {"in_progress": len(held), "announced_bytes": sum(int(m.get("size", 0)) for _, m in held),
+                "max_uploads": self.max_uploads, "max_total_bytes": self.max_total_bytes,
+                "refused": self.refused, "expired": self.expired, "expired_bytes": self.expired_bytes}
+
+    def bundle_path(self, text: str) -> Path:
+        """The file `install {path}` may read: `text` (relative to the uploads folder) resolved,
+        symlinks included, inside the uploads folder or a store.install_dirs folder. Any other
+        path is refused `not_found` with one message whether something is there or not, before
+        anything opens or measures it."""
+        try:
+            real = os.path.realpath(self.root / text)
+        except (ValueError, OSError):
+            real = None
+        if real is None or not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep)
+                                   for d in self.readable):
+            raise CommandFailed(f"not_found: args.path {quote(text)}: no bundle file there that "
+                                "install may read (the uploads folder, store.install_dirs)",
+                                code=NOT_FOUND)
+        return Path(real)
 
     def list(self) -> list[dict]:
         out = []

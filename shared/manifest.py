@@ -22,6 +22,12 @@ A manifest is a JSON object (format_version 1)::
     lineage         free object (config, input hashes, run folder ...)
     files           {relative path: sha256 hex} of every file but manifest.json and manifest.sig
 
+Every integer and string is bounded (shared.limits): `version` and `parent.version` 1..2^53-1,
+`model_id` and class names at most 64 characters, at most 64 bands and 256 classes, `tile_size`
+1..8192, `opening_radius` 0..64, policy priorities 0..2^31-1, and anywhere else (metrics,
+lineage) integers in int64, finite floats, strings of at most 4096 characters, 32 levels: a
+signed manifest the daemon could not put in a reply is refused by build, verify and install alike.
+
 `validate_manifest` raises `ManifestError` whose message starts with the path of the offending
 field (`input.scaling.std[3]: must be > 0`). `make_manifest` fills defaults and file hashes.
 """
@@ -38,6 +44,9 @@ from typing import Any, Iterable, Mapping
 from shared.bands import S2_BANDS, canonical_band
 from shared.errors import ManifestError, PolicyError, UnknownBandError
 from shared.hashing import sha256_file
+from shared.limits import (MAX_BANDS, MAX_CLASSES, MAX_NAME_CHARS, MAX_OPENING_RADIUS,
+                           MAX_SOURCE_CHARS, MAX_TILE_SIZE, MAX_VERSION, quote, str_problem,
+                           tree_problem)
 from shared.policy import DEFAULT_POLICY, validate_policy
 
 FORMAT_VERSION = 1
@@ -93,17 +102,22 @@ def _obj(m: Any, field: str, allowed: set[str] | None = None,
     return m
 
 
-def _int(v: Any, field: str, minimum: int | None = None) -> int:
+MAX_MANIFEST_VALUES = 100_000      # numbers and strings of one manifest (metrics, lineage...)
+
+
+def _int(v: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ManifestError(field, f"must be an integer, got {v!r}")
+        raise ManifestError(field, f"must be an integer, got {quote(v)}")
     if minimum is not None and v < minimum:
-        raise ManifestError(field, f"must be >= {minimum}, got {v}")
+        raise ManifestError(field, f"must be >= {minimum}, got {quote(v)}")
+    if maximum is not None and v > maximum:
+        raise ManifestError(field, f"must be <= {maximum}, got {quote(v)}")
     return v
 
 
 def _num(v: Any, field: str, lo: float | None = None, hi: float | None = None) -> float:
     if not _is_number(v):
-        raise ManifestError(field, f"must be a finite number, got {v!r}")
+        raise ManifestError(field, f"must be a finite number, got {quote(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (
             f">= {lo:g}" if lo is not None else f"<= {hi:g}")
@@ -111,18 +125,23 @@ def _num(v: Any, field: str, lo: float | None = None, hi: float | None = None) -
     return float(v)
 
 
-def _str(v: Any, field: str) -> str:
+def _str(v: Any, field: str, limit: int = MAX_SOURCE_CHARS) -> str:
     if not isinstance(v, str) or not v:
-        raise ManifestError(field, f"must be a non-empty string, got {v!r}")
+        raise ManifestError(field, f"must be a non-empty string, got {quote(v)}")
+    problem = str_problem(v, limit)
+    if problem:
+        raise ManifestError(field, problem)
     return v
 
 
-def _unique_strings(v: Any, field: str) -> list[str]:
+def _unique_strings(v: Any, field: str, max_items: int) -> list[str]:
     if not isinstance(v, list) or not v:
         raise ManifestError(field, "must be a non-empty list")
+    if len(v) > max_items:
+        raise ManifestError(field, f"more than {max_items} items ({len(v)})")
     seen: set[str] = set()
     for i, item in enumerate(v):
-        _str(item, f"{field}[{i}]")
+        _str(item, f"{field}[{i}]", MAX_NAME_CHARS)
         if item in seen:
             raise ManifestError(f"{field}[{i}]", f"duplicate {item!r}")
         seen.add(item)
@@ -138,13 +157,13 @@ def safe_relative_path(name: Any) -> bool:
 
 
 def parse_time(value: Any, field: str = "created") -> datetime:
-    if not isinstance(value, str):
-        raise ManifestError(field, f"must be an ISO 8601 time string, got {value!r}")
+    if not isinstance(value, str) or len(value) > 64:
+        raise ManifestError(field, f"must be an ISO 8601 time string, got {quote(value)}")
     try:
         # Python 3.10 does not read a trailing "Z"
         return datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
     except ValueError:
-        raise ManifestError(field, f"not an ISO 8601 time: {value!r}") from None
+        raise ManifestError(field, f"not an ISO 8601 time: {quote(value)}") from None
 
 
 def _numbers_tree(v: Any, field: str) -> None:
@@ -152,7 +171,7 @@ def _numbers_tree(v: Any, field: str) -> None:
         for k, item in v.items():
             _numbers_tree(item, f"{field}.{k}")
     elif not _is_number(v):
-        raise ManifestError(field, f"must be a number (or an object of numbers), got {v!r}")
+        raise ManifestError(field, f"must be a number (or an object of numbers), got {quote(v)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +181,7 @@ def _numbers_tree(v: Any, field: str) -> None:
 def _check_input(inp: Any) -> None:
     _obj(inp, "input", {"bands", "dtype", "scaling", "tile_size", "overlap"},
          ("bands", "dtype", "scaling", "tile_size", "overlap"))
-    bands = _unique_strings(inp["bands"], "input.bands")
+    bands = _unique_strings(inp["bands"], "input.bands", MAX_BANDS)
     for i, name in enumerate(bands):
         if name not in S2_BANDS:
             try:
@@ -171,7 +190,7 @@ def _check_input(inp: Any) -> None:
                 hint = f" (expected one of {' '.join(S2_BANDS)})"
             raise ManifestError(f"input.bands[{i}]", f"{name!r} is not a canonical Sentinel-2 band name{hint}")
     if inp["dtype"] not in DTYPES:
-        raise ManifestError("input.dtype", f"must be one of {', '.join(DTYPES)}, got {inp['dtype']!r}")
+        raise ManifestError("input.dtype", f"must be one of {', '.join(DTYPES)}, got {quote(inp['dtype'])}")
     scaling = _obj(inp["scaling"], "input.scaling", {"mean", "std"}, ("mean", "std"))
     for key in ("mean", "std"):
         values = scaling[key]
@@ -184,7 +203,7 @@ def _check_input(inp: Any) -> None:
             _num(v, f"{field}[{i}]")
             if key == "std" and v <= 0:
                 raise ManifestError(f"{field}[{i}]", f"must be > 0, got {v!r}")
-    tile = _int(inp["tile_size"], "input.tile_size", minimum=1)
+    tile = _int(inp["tile_size"], "input.tile_size", minimum=1, maximum=MAX_TILE_SIZE)
     overlap = _int(inp["overlap"], "input.overlap", minimum=0)
     if overlap >= tile:
         raise ManifestError("input.overlap", f"must be < tile_size ({tile}), got {overlap}")
@@ -192,10 +211,10 @@ def _check_input(inp: Any) -> None:
 
 def _check_output(out: Any) -> list[str]:
     _obj(out, "output", {"classes", "activation"}, ("classes", "activation"))
-    classes = _unique_strings(out["classes"], "output.classes")
+    classes = _unique_strings(out["classes"], "output.classes", MAX_CLASSES)
     if out["activation"] not in ACTIVATIONS:
         raise ManifestError("output.activation",
-                            f"must be one of {', '.join(ACTIVATIONS)}, got {out['activation']!r}")
+                            f"must be one of {', '.join(ACTIVATIONS)}, got {quote(out['activation'])}")
     return classes
 
 
@@ -207,7 +226,7 @@ def _check_postprocess(post: Any, classes: list[str]) -> None:
             raise ManifestError(f"postprocess.threshold.{cls}",
                                 f"unknown class {cls!r} (classes: {', '.join(classes)})")
         _num(value, f"postprocess.threshold.{cls}", 0.0, 1.0)
-    _int(post["opening_radius"], "postprocess.opening_radius", minimum=0)
+    _int(post["opening_radius"], "postprocess.opening_radius", minimum=0, maximum=MAX_OPENING_RADIUS)
 
 
 def _check_files(files: Any) -> None:
@@ -219,7 +238,7 @@ def _check_files(files: Any) -> None:
         if name in RESERVED_NAMES:
             raise ManifestError(field, f"{name} is not listed in files (it holds them)")
         if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise ManifestError(field, f"must be a lowercase sha256 hex digest, got {digest!r}")
+            raise ManifestError(field, f"must be a lowercase sha256 hex digest, got {quote(digest)}")
     for name in (MODEL_XML, MODEL_BIN):
         if name not in files:
             raise ManifestError("files", f"must list {name} (the OpenVINO IR)")
@@ -244,16 +263,16 @@ def validate_manifest(manifest: Any) -> dict:
     fv = _int(m["format_version"], "format_version")
     if fv != FORMAT_VERSION:
         raise ManifestError("format_version", f"unsupported format version {fv} (this reads {FORMAT_VERSION})")
-    model_id = _str(m["model_id"], "model_id")
+    model_id = _str(m["model_id"], "model_id", MAX_NAME_CHARS)
     if not _MODEL_ID.match(model_id):
         raise ManifestError("model_id", f"{model_id!r} may only use a-z 0-9 . _ -")
-    version = _int(m["version"], "version", minimum=1)
+    version = _int(m["version"], "version", minimum=1, maximum=MAX_VERSION)
     if m["parent"] is not None:
         parent = _obj(m["parent"], "parent", {"model_id", "version"}, ("model_id", "version"))
-        pid = _str(parent["model_id"], "parent.model_id")
+        pid = _str(parent["model_id"], "parent.model_id", MAX_NAME_CHARS)
         if not _MODEL_ID.match(pid):
             raise ManifestError("parent.model_id", f"{pid!r} may only use a-z 0-9 . _ -")
-        pv = _int(parent["version"], "parent.version", minimum=1)
+        pv = _int(parent["version"], "parent.version", minimum=1, maximum=MAX_VERSION)
         if pid == model_id and pv >= version:
             raise ManifestError("parent.version",
                                 f"{pv} must be older than this bundle's version {version}")
@@ -271,7 +290,11 @@ def validate_manifest(manifest: Any) -> dict:
     _check_reference(m["reference"], m["files"])
     if "precision" in m and m["precision"] not in PRECISIONS:
         raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
-                                         f"got {m['precision']!r}")
+                                         f"got {quote(m['precision'])}")
+    # The sections above check meaning; this sweep bounds every other value (metrics, lineage).
+    problem = tree_problem(m, max_items=MAX_MANIFEST_VALUES)
+    if problem:
+        raise ManifestError(problem[0].lstrip(".") or "manifest", problem[1])
     return m
 
 

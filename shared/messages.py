@@ -14,6 +14,11 @@ Everything wrong raises `MessageError` (an EoedgeError, code `bad_message`), who
 names what was wrong. An ERROR carries a `code`, and so does an ACK: "ok" (ACK_OK) when it
 accepts or reports success, else the error's code.
 
+Every integer and string is bounded (shared.limits: integers in int64, ids and `frame_id` at
+most 64 characters, names 64, any other text 4096, free maps 32 levels and 10,000 values), and an
+error message repeats at most a short, escaped prefix of the input (`shared.limits.quote`).
+docs/protocol.md is the wire format for a client in another language.
+
 To add a message type, add one entry to `BODY_SCHEMAS` (fields and, if any, array rules).
 """
 from __future__ import annotations
@@ -28,6 +33,9 @@ import msgpack
 import numpy as np
 
 from shared.errors import MessageError
+from shared.limits import (INT64_MAX, INT64_MIN, MAX_BANDS, MAX_ID_CHARS,
+                           MAX_NAME_CHARS, MAX_SOURCE_CHARS, MAX_TEXT_CHARS, int_problem, quote,
+                           str_problem, tree_problem)
 
 SCHEMA_VERSION = 1
 
@@ -87,9 +95,22 @@ def _fail(path: str, expected: str, value: Any) -> None:
     raise MessageError(path, f"expected {expected}, got {type(value).__name__}")
 
 
-def STR(value: Any, path: str) -> None:
+def STR(value: Any, path: str, limit: int = MAX_TEXT_CHARS) -> None:
+    """A string of at most `limit` characters (MAX_TEXT_CHARS unless a bounded_str says less)."""
     if not isinstance(value, str):
         _fail(path, "a string", value)
+    problem = str_problem(value, limit)
+    if problem:
+        raise MessageError(path, problem)
+
+
+def bounded_str(limit: int, nonempty: bool = False) -> Validator:
+    """A string of at most `limit` characters (and not empty, with `nonempty`)."""
+    def check(value: Any, path: str) -> None:
+        STR(value, path, limit)
+        if nonempty and not value:
+            raise MessageError(path, "must not be empty")
+    return check
 
 
 def NONEMPTY_STR(value: Any, path: str) -> None:
@@ -99,8 +120,12 @@ def NONEMPTY_STR(value: Any, path: str) -> None:
 
 
 def INT(value: Any, path: str) -> None:
+    """An integer in int64 (what every msgpack library packs and reads)."""
     if not isinstance(value, int) or isinstance(value, bool):
         _fail(path, "an integer", value)
+    problem = int_problem(value, INT64_MIN, INT64_MAX)
+    if problem:
+        raise MessageError(path, problem)
 
 
 def NONNEG_INT(value: Any, path: str) -> None:
@@ -128,12 +153,22 @@ def BOOL(value: Any, path: str) -> None:
         _fail(path, "true or false", value)
 
 
-def DICT(value: Any, path: str) -> None:
+def MAP(value: Any, path: str) -> None:
+    """A map with string keys (its values are not looked at)."""
     if not isinstance(value, dict):
         _fail(path, "a map", value)
     for key in value:
         if not isinstance(key, str):
             raise MessageError(path, f"map keys must be strings, got {type(key).__name__}")
+
+
+def DICT(value: Any, path: str) -> None:
+    """A free map (stats, args, a result): string keys, and every value inside bounded
+    (shared.limits.tree_problem: int64 integers, finite floats, strings, depth, count)."""
+    MAP(value, path)
+    problem = tree_problem(value)
+    if problem:
+        raise MessageError(f"{path}{problem[0]}", problem[1])
 
 
 MAX_CODE_CHARS = 64
@@ -146,16 +181,23 @@ def CODE(value: Any, path: str) -> None:
         raise MessageError(path, f"longer than {MAX_CODE_CHARS} characters")
 
 
+ID = bounded_str(MAX_ID_CHARS, nonempty=True)          # frame_id, like an envelope id
+NAME = bounded_str(MAX_NAME_CHARS, nonempty=True)      # a band, a command
+SHORT = bounded_str(MAX_SOURCE_CHARS)                  # a scene name, a field path
+
+
 def LIST(value: Any, path: str) -> None:
     if not isinstance(value, list):
         _fail(path, "a list", value)
 
 
-def list_of(item: Validator, nonempty: bool = False) -> Validator:
+def list_of(item: Validator, nonempty: bool = False, max_items: int | None = None) -> Validator:
     def check(value: Any, path: str) -> None:
         LIST(value, path)
         if nonempty and not value:
             raise MessageError(path, "must not be empty")
+        if max_items is not None and len(value) > max_items:
+            raise MessageError(path, f"more than {max_items} items ({len(value)})")
         for i, v in enumerate(value):
             item(v, f"{path}[{i}]")
     return check
@@ -209,33 +251,33 @@ def _ack_check(body: dict) -> None:
 BODY_SCHEMAS: dict[str, BodySchema] = {
     # Payload -> daemon: one image frame. reflectance = value * scale.
     "frame": BodySchema(
-        required={"frame_id": NONEMPTY_STR, "bands": list_of(NONEMPTY_STR, nonempty=True),
+        required={"frame_id": ID, "bands": list_of(NAME, nonempty=True, max_items=MAX_BANDS),
                   "scale": POSITIVE_FLOAT},
-        optional={"scene": STR, "index": INT, "acquired": FLOAT},
+        optional={"scene": SHORT, "index": INT, "acquired": FLOAT},
         arrays={"data": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=3)},
     ),
     # Daemon -> payload: the outcome of an accepted frame.
     "decision": BodySchema(
-        required={"frame_id": NONEMPTY_STR, "keep": BOOL, "priority": INT, "reason": STR},
+        required={"frame_id": ID, "keep": BOOL, "priority": INT, "reason": STR},
         optional={"stats": DICT, "tile_decisions": list_of(DICT), "timings_ms": DICT,
                   "model": optional(DICT)},
         other_arrays=True,
     ),
     # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook).
     "product": BodySchema(
-        required={"frame_id": NONEMPTY_STR, "priority": INT},
-        optional={"scene": STR, "index": INT, "reason": STR, "stats": DICT, "classes": list_of(STR),
+        required={"frame_id": ID, "priority": INT},
+        optional={"scene": SHORT, "index": INT, "reason": STR, "stats": DICT, "classes": list_of(STR),
                   "tiles": list_of(DICT), "model": optional(DICT), "acquired": FLOAT},
         other_arrays=True,
     ),
     # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).
     "error": BodySchema(
         required={"code": CODE, "message": STR},
-        optional={"frame_id": optional(STR), "field": optional(STR), "details": DICT},
+        optional={"frame_id": optional(bounded_str(MAX_ID_CHARS)), "field": optional(SHORT), "details": DICT},
     ),
     # Operator -> daemon: {name, args}; upload_chunk carries its bytes as one array.
     "command": BodySchema(
-        required={"name": NONEMPTY_STR},
+        required={"name": NAME},
         optional={"args": DICT},
         other_arrays=True,
     ),
@@ -244,7 +286,7 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
     "ack": BodySchema(
         required={},
         optional={"ok": BOOL, "accepted": BOOL, "code": CODE, "queue_depth": NONNEG_INT,
-                  "result": DICT, "error": STR},
+                  "result": DICT, "error": STR, "frame_id": ID},
         check=_ack_check,
     ),
     # Daemon -> anyone subscribed: the heartbeat.
@@ -261,8 +303,8 @@ def validate_body(type_: str, body: Any) -> None:
     """Check `body` against the schema of `type_`; raises MessageError naming the field."""
     schema = BODY_SCHEMAS.get(type_) if isinstance(type_, str) else None
     if schema is None:
-        raise MessageError("type", f"unknown message type {type_!r}; known: {', '.join(MESSAGE_TYPES)}")
-    DICT(body, "body")
+        raise MessageError("type", f"unknown message type {quote(type_)}; known: {', '.join(MESSAGE_TYPES)}")
+    MAP(body, "body")
     for name, check in schema.required.items():
         if name not in body:
             raise MessageError(f"body.{name}", f"missing (required for a {type_} message)")
@@ -282,7 +324,7 @@ def _check_array_names(type_: str, names: Sequence[str]) -> None:
     if not schema.other_arrays:
         for name in names:
             if name not in schema.arrays:
-                raise MessageError(f"arrays.{name}", f"a {type_} message carries no array named {name!r}")
+                raise MessageError(f"arrays.{name}", f"a {type_} message carries no array named {quote(name)}")
 
 
 def _check_array_rule(type_: str, name: str, dtype: str, ndim: int) -> None:
@@ -319,8 +361,9 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     _check_array_names(msg.type, list(msg.arrays))
     specs, frames = [], []
     for name, arr in msg.arrays.items():
-        if not isinstance(name, str) or not name:
-            raise MessageError("arrays", f"array names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise MessageError("arrays", f"array names must be strings of 1..{MAX_NAME_CHARS} "
+                                         f"characters, got {quote(name)}")
         if isinstance(arr, (bytes, bytearray, memoryview)):   # e.g. a PNG: travels as uint8
             arr = np.frombuffer(arr, dtype=np.uint8)
         arr = np.asarray(arr)
@@ -384,14 +427,15 @@ def _as_buffer(frame: Any, index: int) -> memoryview:
     return mv
 
 
-def _header_str(header: dict, key: str, nullable: bool = False, max_len: int = 256) -> None:
+def _header_str(header: dict, key: str, nullable: bool = False, max_len: int = MAX_SOURCE_CHARS) -> None:
     value = header.get(key)
     if nullable and value is None:
         return
     if not isinstance(value, str):
         _fail(key, "a string", value)
-    if len(value) > max_len:
-        raise MessageError(key, f"longer than {max_len} characters")
+    problem = str_problem(value, max_len)
+    if problem:
+        raise MessageError(key, problem)
 
 
 def _decode_header(buf: memoryview, limits: Limits) -> dict:
@@ -415,13 +459,13 @@ def _check_envelope(header: dict) -> None:
     """The envelope fields around the body (sender and receiver check the same)."""
     schema = header.get("schema")
     if not isinstance(schema, int) or isinstance(schema, bool) or schema != SCHEMA_VERSION:
-        raise MessageError("schema", f"unsupported schema version {schema!r} (this end speaks {SCHEMA_VERSION})")
+        raise MessageError("schema", f"unsupported schema version {quote(schema)} (this end speaks {SCHEMA_VERSION})")
     if not isinstance(header.get("type"), str) or header["type"] not in BODY_SCHEMAS:
-        raise MessageError("type", f"unknown message type {header.get('type')!r}; known: {', '.join(MESSAGE_TYPES)}")
-    _header_str(header, "id", max_len=64)
+        raise MessageError("type", f"unknown message type {quote(header.get('type'))}; known: {', '.join(MESSAGE_TYPES)}")
+    _header_str(header, "id", max_len=MAX_ID_CHARS)
     if not header["id"]:
         raise MessageError("id", "must not be empty")
-    _header_str(header, "ref", nullable=True, max_len=64)
+    _header_str(header, "ref", nullable=True, max_len=MAX_ID_CHARS)
     _header_str(header, "source")
     FLOAT(header.get("ts"), "ts")
     LIST(header.get("arrays"), "arrays")
@@ -441,21 +485,22 @@ def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str,
         where = f"arrays[{i}]"
         DICT(entry, where)
         name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise MessageError(f"{where}.name", f"expected a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise MessageError(f"{where}.name", f"expected a string of 1..{MAX_NAME_CHARS} "
+                                                f"characters, got {quote(name)}")
         if name in seen:
-            raise MessageError(f"{where}.name", f"duplicate array name {name!r}")
+            raise MessageError(f"{where}.name", f"duplicate array name {quote(name)}")
         seen.add(name)
         dtype_name = entry.get("dtype")
         if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
             raise MessageError(f"arrays.{name}.dtype",
-                               f"{dtype_name!r} not allowed; allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
+                               f"{quote(dtype_name)} not allowed; allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
         shape = entry.get("shape")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim:
             raise MessageError(f"arrays.{name}.shape", f"expected a list of at most {limits.max_ndim} sizes")
         for d in shape:
             if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-                raise MessageError(f"arrays.{name}.shape", f"sizes must be integers >= 0, got {d!r}")
+                raise MessageError(f"arrays.{name}.shape", f"sizes must be integers >= 0, got {quote(d)}")
         dtype = np.dtype(dtype_name).newbyteorder("<")
         nbytes = math.prod(shape) * dtype.itemsize      # Python ints: a lying shape cannot overflow
         total += nbytes

@@ -9,7 +9,9 @@ A policy is plain JSON (it travels in the bundle manifest and in a `set_policy` 
 
 Rules are tried in order; the first whose conditions all hold decides. A rule's `if` names one
 class and one or more conditions on it (all must hold). `priority` orders the downlink queue:
-smaller is more urgent (1 goes before 5); a discard has no priority (0).
+smaller is more urgent (1 goes before 5); a discard has no priority (0). Bounds (shared.limits):
+priorities 0..2^31-1, counts and sizes 0..2^53-1, at most 256 rules, class names of at most 64
+characters.
 
 Statistics, computed on board for a frame or a tile::
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from shared.errors import PolicyError
+from shared.limits import MAX_COUNT, MAX_NAME_CHARS, MAX_PRIORITY, MAX_RULES, quote
 
 ACTIONS = ("keep", "discard")
 DEFAULT_PRIORITY = 5
@@ -77,13 +80,15 @@ def _is_number(v: Any) -> bool:
 
 def _fraction(value: Any, field: str) -> float:
     if not _is_number(value) or not 0.0 <= value <= 1.0:
-        raise PolicyError(field, f"must be a number in 0..1, got {value!r}")
+        raise PolicyError(field, f"must be a number in 0..1, got {quote(value)}")
     return float(value)
 
 
-def _count(value: Any, field: str) -> int:
+def _count(value: Any, field: str, maximum: int = MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PolicyError(field, f"must be an integer >= 0, got {value!r}")
+        raise PolicyError(field, f"must be an integer >= 0, got {quote(value)}")
+    if value > maximum:
+        raise PolicyError(field, f"must be <= {maximum}, got {quote(value)}")
     return value
 
 
@@ -146,16 +151,17 @@ def _components_at_least(value: dict, cls: str, stats: dict) -> tuple[bool, str]
 def _check_action(block: dict, field: str) -> None:
     then = block.get("then")
     if then not in ACTIONS:
-        raise PolicyError(f"{field}.then", f"must be one of {', '.join(ACTIONS)}, got {then!r}")
+        raise PolicyError(f"{field}.then", f"must be one of {', '.join(ACTIONS)}, got {quote(then)}")
     if "priority" in block:
-        _count(block["priority"], f"{field}.priority")
+        _count(block["priority"], f"{field}.priority", MAX_PRIORITY)
 
 
 def _check_class(cls: Any, field: str, classes: Iterable[str] | None) -> None:
-    if not isinstance(cls, str) or not cls:
-        raise PolicyError(field, f"must be a class name (non-empty string), got {cls!r}")
+    if not isinstance(cls, str) or not cls or len(cls) > MAX_NAME_CHARS:
+        raise PolicyError(field, f"must be a class name (a string of 1..{MAX_NAME_CHARS} "
+                                 f"characters), got {quote(cls)}")
     if classes is not None and cls not in classes:
-        raise PolicyError(field, f"unknown class {cls!r} (classes: {', '.join(classes)})")
+        raise PolicyError(field, f"unknown class {quote(cls)} (classes: {', '.join(classes)})")
 
 
 def validate_policy(policy: Any, classes: Iterable[str] | None = None,
@@ -174,6 +180,8 @@ def validate_policy(policy: Any, classes: Iterable[str] | None = None,
     rules = policy.get("rules", [])
     if not isinstance(rules, list):
         raise PolicyError(f"{field}.rules", "must be a list")
+    if len(rules) > MAX_RULES:
+        raise PolicyError(f"{field}.rules", f"more than {MAX_RULES} rules ({len(rules)})")
     for i, rule in enumerate(rules):
         rf = f"{field}.rules[{i}]"
         if not isinstance(rule, dict):

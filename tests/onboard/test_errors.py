@@ -3,6 +3,7 @@ base, importable where it was; every refused command's ACK carries a code (no pr
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import msgpack
@@ -80,6 +81,8 @@ def test_unreadable_or_unknown_commands_are_refused_with_a_code():
 
 class FakeDaemon:
     bus = SimpleNamespace(security=SimpleNamespace(status=lambda: {"mode": "insecure"}))
+    uploads = SimpleNamespace(bundle_path=Path)   # install {path}: the real check is test_abuse's
+
     def status(self) -> dict:
         return {"rate": float("nan")}
 
