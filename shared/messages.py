@@ -381,6 +381,9 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     try:
         packed = msgpack.packb(header, default=_packable, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
+        where = tree_problem(msg.body) if isinstance(msg.body, dict) else None
+        if where is not None:                 # name the value, not only msgpack's complaint
+            raise MessageError(f"body{where[0]}", f"cannot be packed: {where[1]}") from None
         raise MessageError("body", f"cannot be packed: {exc}") from None
     if len(packed) > DEFAULT_LIMITS.max_header_bytes:
         raise MessageError("header", f"{len(packed)} bytes exceeds the default limit of "

@@ -352,3 +352,61 @@ def test_seeded_fuzz_every_message_answered_and_rss_flat(abused, kind):
     end = rss_mb(daemon.proc.pid)
     assert end - start < RSS_SLACK_MB, f"RSS {start:.0f} -> {end:.0f} MB"
     still_serving(daemon, payload)
+
+
+# ------------------------------------------------------------------------------------ stored state (3)
+def test_a_stored_2_70_slot_never_stops_the_daemon(tmp_path, bundles):
+    """A slot installed before these bounds existed, whose signed manifest says version 2^70:
+    the daemon starts, refuses to serve that slot, falls back to the previous model, and every
+    status, telemetry and frame is still answered."""
+    import json
+    from pathlib import Path
+    from shared.bundle import signature_document
+    from shared.keys import load_private_key
+    from shared.manifest import manifest_bytes
+    store = tmp_path / "store"
+    offline_install(store, bundles.public, bundles.build(1))
+    active = offline_install(store, bundles.public, bundles.build(2))["active"]
+    slot = Path(active["path"])
+    manifest = json.loads((slot / "manifest.json").read_text())
+    manifest["version"] = HUGE
+    raw = manifest_bytes(manifest)
+    (slot / "manifest.json").write_bytes(raw)
+    (slot / "manifest.sig").write_bytes(signature_document(load_private_key(bundles.private), raw))
+    daemon = DaemonProcess(tmp_path, bundles.public)
+    try:
+        daemon.start()
+        daemon.downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
+        payload = Payload(daemon.endpoints["frames"], routing_id=b"after-huge")
+        try:
+            for _ in range(3):                # a frame decided (by v1), status answered
+                msg_id = payload.send(f"after-{uuid.uuid4().hex[:6]}", frame("clear")[0])
+                decided = assert_one_outcome(payload.outcomes([msg_id])[msg_id])
+                assert decided.type == "decision" and decided.body["model"]["version"] == 1
+                status = command(daemon.endpoints["commands"], "status")
+                # the store still lists the bad slot: its ACK names the value it cannot send
+                assert status["ok"] or (status["code"] == "internal"
+                                        and "previous.version: cannot be packed" in status["error"]), status
+                assert daemon.proc.poll() is None
+        finally:
+            payload.close()
+            daemon.downlink.close()
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.cleanup()
+
+
+def test_a_reply_that_cannot_be_encoded_becomes_an_error_reply():
+    from onboard.bus import unencodable_reply
+    from shared.errors import MessageError
+    from shared.messages import Message, encode
+    exc = MessageError("body", "cannot be packed")
+    ack = Message("ack", {"ok": True, "code": "ok", "result": {"version": HUGE}}, ref="c1")
+    decision = Message("decision", {"frame_id": "f1", "keep": True, "priority": HUGE,
+                                    "reason": "r"}, ref="m1")
+    for msg in (ack, decision):
+        with pytest.raises(MessageError):
+            encode(msg)
+        reply = decode(encode(unencodable_reply(msg, exc)))
+        assert reply.ref == msg.ref and reply.body["code"] == "internal"
+    assert decode(encode(unencodable_reply(decision, exc))).body["frame_id"] == "f1"
