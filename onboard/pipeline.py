@@ -226,14 +226,18 @@ class FramePipeline:
         """Values finite on the wire can overflow float32 once scaled (uint16 x 1e38, float32
         3e38 x 10): the model computes value * scale / std - mean / std in float32, so the
         largest |value| of each band must keep reflectance and normalised input finite there.
-        Two reductions per band, in float64 (exact bounds, no overflow of our own)."""
+        In float64 (exact bounds, no overflow of our own). Integer frames are checked against
+        their dtype's extreme (no pass over the data unless that could overflow); float frames
+        cost two reductions per band."""
         f32_max = float(np.finfo(np.float32).max)
+        info = np.iinfo(data.dtype) if data.dtype.kind in "iu" else None
         for i, b in enumerate(select):
             band = data[b]
+            extreme = max(abs(info.min), info.max) if info is not None else f32_max
+            if self._scaled_bound(extreme, scale, i) <= f32_max:
+                continue                        # no value of this dtype can overflow here
             largest = max(abs(float(band.max())), abs(float(band.min())))
-            reflectance = largest * float(scale)
-            normalised = reflectance / float(self.std[i]) + abs(float(self.mean[i]) / float(self.std[i]))
-            if not (reflectance <= f32_max and normalised <= f32_max):
+            if not self._scaled_bound(largest, scale, i) <= f32_max:
                 raise FrameError(NOT_FINITE, f"band {bands[b]}: values up to {largest:g} x scale "
                                              f"{float(scale):g} overflow float32 after scaling "
                                              f"and normalisation (limit {f32_max:.4g})")
@@ -245,6 +249,13 @@ class FramePipeline:
             # can overflow it to inf, hence the exact check before accusing it)
             if not math.isfinite(float(data[b].sum(dtype=np.float32))) and not np.isfinite(data[b]).all():
                 raise FrameError(NOT_FINITE, f"band {bands[b]} holds NaN or Inf values")
+
+    def _scaled_bound(self, value: float, scale: float, band: int) -> float:
+        """The largest magnitude `value` reaches in the model's float32 arithmetic: as
+        reflectance, and normalised with band `band`'s (index in the model) mean and std."""
+        reflectance = value * float(scale)
+        mean, std = abs(float(self.mean[band])), float(self.std[band])
+        return max(reflectance, reflectance / std + mean / std)
 
     def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float
                            ) -> tuple[np.ndarray, dict[str, float]]:

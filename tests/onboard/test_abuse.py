@@ -25,9 +25,9 @@ from hostile_bundles import resigned, set_default_priority, set_version
 from onboard_models import BANDS_6
 from shared.limits import quote
 from shared.messages import Message, decode
-from test_daemon import (DaemonProcess, Payload, assert_one_outcome, command, connect, keys,
-                         offline_install)
-from test_store import BundleFactory, frame
+from test_daemon import (DaemonProcess, Payload, assert_one_outcome, bundles,  # noqa: F401 (fixture)
+                         command, connect, keys, offline_install)
+from test_store import frame
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,11 +56,6 @@ def raw_frame(body: dict, data: np.ndarray | None = None, msg_id: str | None = N
 
 def good_body(frame_id: str = "good") -> dict:
     return {"frame_id": frame_id, "bands": list(BANDS_6), "scale": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> BundleFactory:
-    return BundleFactory(tmp_path_factory.mktemp("abuse-bundles"))
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +285,8 @@ def test_memory_after_1000_abandoned_1mb_replies(abused):
     status = still_serving(daemon, payload)
     assert status["outboxes"]["frames"]["messages"] == 0   # nothing held for the departed
     end = rss_mb(pid)
+    print(f"daemon RSS {start:.1f} MB -> {end:.1f} MB after 1,000 abandoned 1 MB messages; "
+          f"outbox dropped {status['outboxes']['frames']['dropped']}")
     assert end - start < RSS_SLACK_MB, f"RSS {start:.0f} -> {end:.0f} MB"
 
 
