@@ -26,6 +26,7 @@ import numpy as np
 from onboard.errors import (BAD_ARGS, BAD_MESSAGE, INTERNAL, OK, TOO_LARGE, UNKNOWN_COMMAND,
                             CommandFailed)
 from shared.jsonable import jsonable
+from shared.limits import clip
 from shared.messages import Limits, Message, MessageError, decode
 
 log = logging.getLogger("onboard.daemon")
@@ -92,8 +93,8 @@ def execute(daemon, cmd: Command, msg: Message) -> dict:
 
 
 def refusal(exc: CommandFailed) -> dict:
-    """The ACK body of a refused command."""
-    return {"ok": False, "code": exc.code, "error": str(exc)}
+    """The ACK body of a refused command (its text at most 1024 characters: shared.limits.clip)."""
+    return {"ok": False, "code": exc.code, "error": clip(str(exc))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -278,8 +278,8 @@ class Uploads:
         symlinks included, inside the uploads folder or a store.install_dirs folder. Any other
         path is refused `not_found` with one message whether something is there or not, before
         anything opens or measures it."""
-        try:
-            real = os.path.realpath(self.root / text)
+        try:      # a control character (a newline) could forge a line where the path is logged
+            real = os.path.realpath(self.root / text) if text.isprintable() else None
         except (ValueError, OSError):
             real = None
         if real is None or not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep)

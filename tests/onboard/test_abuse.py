@@ -173,7 +173,8 @@ def test_install_by_path_outside_the_uploads_folder_says_one_thing(abused, bundl
     answers = {}
     for name, path in [("missing", str(tmp_path / "none.tar")), ("not_a_bundle", str(not_a_bundle)),
                        ("bundle", str(outside_bundle)), ("root_only", "/etc/shadow"),
-                       ("link", "link.tar"), ("dotdot", "../../../../etc/passwd")]:
+                       ("link", "link.tar"), ("dotdot", "../../../../etc/passwd"),
+                       ("newline", "x.tar\n2026-01-01 CRITICAL forged")]:
         ack = command(ep, "install", {"path": path})
         assert ack["ok"] is False and ack["code"] == "not_found", (name, ack)
         answers[name] = ack["error"].replace(quote(path), "PATH")
