@@ -230,12 +230,17 @@ def config_from_dict(given: dict, base_dir: Path | None = None, where: str = "<c
 
 
 def _security(section: dict, given: bool, base_dir: Path, where: str) -> dict:
-    """DaemonConfig's security fields. A config without a [security] section runs without
-    CURVE (the opt-in step of the migration)."""
+    """DaemonConfig's security fields. Secure by default: a config without a [security] section
+    is refused; `insecure = true` must be said outright (a bench, logged and reported)."""
+    if not given:
+        raise ConfigError(f"{where}: [security]: missing. The daemon authenticates every peer with "
+                          "CURVE keys (make a set with `eoedge onboard keys generate DIR --role all` "
+                          "and name them as in onboard/default.toml), or, on a bench only, say "
+                          "`[security] insecure = true`")
     for key, (check, meaning) in SECURITY_SCHEMA.items():
         if not check(section.get(key)):
             raise ConfigError(f"{where}: security.{key}: must be {meaning}, got {section.get(key)!r}")
-    if not given or section["insecure"]:
+    if section["insecure"]:
         return {"insecure": True}
 
     def path(value: str) -> Path:

@@ -18,6 +18,7 @@ from onboard.telemetry import LatencyTracker, rss_mb
 pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).resolve().parents[2]
+BENCH = {"security": {"insecure": True}}      # a bench config: no CURVE, said outright
 
 
 # ------------------------------------------------------------------------------------ config
@@ -30,18 +31,29 @@ def test_default_toml_is_the_documented_defaults():
 
 
 def test_runtime_precision_and_capabilities_are_read():
-    config = config_from_dict({"runtime": {"precision": "fp32", "capabilities": ["fp32", " INT8"]}})
+    config = config_from_dict({"runtime": {"precision": "fp32", "capabilities": ["fp32", " INT8"]},
+                               **BENCH})
     assert config.precision == "fp32" and config.capabilities == ("FP32", "INT8")
 
 
 def test_config_paths_resolve_against_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
     cfg = tmp_path / "sub" / "d.toml"
-    cfg.write_text('[store]\nroot = "s"\npublic_key = "../k.pub"\n[daemon]\ndevice = "GPU"\n')
+    cfg.write_text('[store]\nroot = "s"\npublic_key = "../k.pub"\n[daemon]\ndevice = "GPU"\n'
+                   '[security]\nsecret_key = "keys/d.key_secret"\noperator = ["../ops", "op.key"]\n')
     config = load_config(cfg)
     assert config.store_root == tmp_path / "sub" / "s"
     assert config.public_key == tmp_path / "k.pub"
     assert config.device == "GPU" and config.source_file == cfg
+    assert not config.insecure and config.secret_key == tmp_path / "sub" / "keys" / "d.key_secret"
+    assert config.allowed_keys["operator"] == (tmp_path / "ops", tmp_path / "sub" / "op.key")
+    assert config.allowed_keys["payload"] == (tmp_path / "sub" / "keys" / "payload.key",)   # default
+
+
+def test_security_is_the_default():
+    with pytest.raises(ConfigError, match=r"test.toml: \[security\]: missing.*insecure = true"):
+        config_from_dict({}, where="test.toml")
+    assert config_from_dict(BENCH).insecure is True          # said outright: allowed
 
 
 @pytest.mark.parametrize("given, field", [
@@ -57,6 +69,10 @@ def test_config_paths_resolve_against_the_file(tmp_path):
     ({"runtime": {"precision": "fp64"}}, "runtime.precision: must be \"auto\" or one of fp32"),
     ({"runtime": {"capabilities": []}}, "runtime.capabilities"),
     ({"runtime": {"capabilities": "FP32"}}, "runtime.capabilities"),
+    ({"security": {"insecure": "yes"}}, "security.insecure: must be true or false"),
+    ({"security": {"operator": 3}}, "security.operator: must be a public key file or folder"),
+    ({"security": {"secret_key": ""}}, "security.secret_key"),
+    ({"security": {"admin": "k.key"}}, "security.admin: unknown key"),
 ])
 def test_bad_config_names_the_field(given, field):
     with pytest.raises(ConfigError) as err:
@@ -179,9 +195,17 @@ def test_run_with_bad_config_says_which_field(tmp_path):
 
 def test_run_with_missing_key_file_names_it(tmp_path):
     cfg = tmp_path / "d.toml"
-    cfg.write_text(f'[store]\nroot = "s"\npublic_key = "{tmp_path}/none.pub"\n')
+    cfg.write_text(f'[store]\nroot = "s"\npublic_key = "{tmp_path}/none.pub"\n[security]\ninsecure = true\n')
     result = _run("run", "--config", str(cfg))
     assert result.returncode == 1 and "none.pub" in result.stderr
+
+
+def test_run_without_security_section_is_refused(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[store]\nroot = "s"\n')
+    result = _run("run", "--config", str(cfg))
+    assert result.returncode == 1 and "[security]: missing" in result.stderr
+    assert "eoedge onboard keys generate" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_status_without_daemon_times_out_clearly(tmp_path):

@@ -238,3 +238,15 @@ def test_a_bad_key_file_is_named_and_stops_the_daemon_and_the_cli(tmp_path, bund
         run = cli("run", "--config", str(config))
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert named in run.stderr and value in run.stderr
+
+
+def test_insecure_must_be_said_and_is_reported(tmp_path, bundles):
+    daemon = DaemonProcess(tmp_path, bundles.public, secure=False).start()      # [security] insecure = true
+    try:
+        plain = connect(zmq.DEALER, daemon.endpoints["commands"], None)          # no keys at all
+        status = _send(plain, Message("command", {"name": "status"}))            # nor a counter
+        plain.close()
+        assert status["ok"] and status["result"]["security"]["mode"] == "insecure"
+        assert "WARNING" in daemon.log() and "insecure = true" in daemon.log()
+    finally:
+        daemon.cleanup()

@@ -258,7 +258,8 @@ def test_daemon_start_falls_back_to_previous_when_active_slot_is_corrupt(tmp_pat
     (store.active().path / "model.xml").write_text("<net/>")
     config = config_from_dict({"store": {"root": str(tmp_path / "store"),
                                          "public_key": str(bundles.public),
-                                         "uploads": str(tmp_path / "uploads")}})
+                                         "uploads": str(tmp_path / "uploads")},
+                               "security": {"insecure": True}})
     daemon = Daemon(config)
     daemon.load_model()
     assert daemon.model_info()["version"] == 1

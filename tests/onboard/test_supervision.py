@@ -201,7 +201,8 @@ def test_service_install_writes_a_hardened_notify_unit(tmp_path):
     config = tmp_path / "daemon.toml"
     config.write_text(f'[store]\nroot = "{tmp_path}/store"\nuploads = "{tmp_path}/uploads"\n'
                       f'public_key = "{tmp_path}/uplink.pub"\n'
-                      f'[supervision]\nspill_dir = "{tmp_path}/spill"\n')
+                      f'[supervision]\nspill_dir = "{tmp_path}/spill"\n'
+                      '[security]\ninsecure = true\n')
     result = cli("service", "install", "--config", str(config), "--root", str(tmp_path / "root"),
                  "--watchdog-s", "20", "--json")
     assert result.returncode == 0, result.stderr
