@@ -40,6 +40,8 @@ COMMANDS = {
                                               "latency, bytes", a.add_gap),
     "bundle": Command(_lazy("deploy", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
                       a.add_bundle),
+    "check-ir": Command(_lazy("profiles", "cmd_check_ir"), "can a device profile (cpu-x86, rpi4, rpi5, myriadx) "
+                                                          "run this IR? each refused layer named", a.add_check_ir),
 }
 
 

@@ -34,3 +34,13 @@ class RunFolderError(GroundError):
 class StageError(GroundError):
     """A stage asked for something it cannot do (a size target out of reach, no evaluation data...)."""
     code = "stage_error"
+
+
+class IncompatibleIR(GroundError):
+    """An IR the chosen device profile cannot run: the message names the layer, its op and why
+    (`.problems`: one dict per layer); or an op that cannot be rewritten to a version it runs."""
+    code = "incompatible_ir"
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])

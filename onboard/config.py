@@ -7,7 +7,7 @@ Unknown sections or keys are errors too: a typo must not silently fall back to a
 """
 from __future__ import annotations
 
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,11 @@ from onboard.errors import ConfigError
 from onboard.precision import AUTO
 from shared.curve import ROLES
 from shared.manifest import PRECISIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                # the Myriad daemon runs on 3.10 (OpenVINO 2022.3)
+    import tomli as tomllib
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENDPOINT_NAMES = ("frames", "products", "commands", "telemetry")

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import openvino as ov
-import openvino.opset13 as ops
 
+from onboard import ov
 from onboard.errors import ModelLoadError
 from shared.manifest import INFERENCE_HINTS
 
@@ -95,17 +94,17 @@ def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
         raise ModelLoadError(f"input cannot take ({batch}, {channels}, {tile}, {tile}) tiles: "
                              f"{str(exc).splitlines()[0]}") from None
     old = model.get_parameters()[0]
-    raw = ops.parameter([batch, channels, tile, tile], ov.Type(np.dtype(input_dtype)), name="raw")
-    gain = ops.parameter([1, channels, 1, 1], ov.Type.f32, name="gain")
-    offset = ops.parameter([1, channels, 1, 1], ov.Type.f32, name="offset")
-    x = raw if input_dtype == "float32" else ops.convert(raw, ov.Type.f32)
-    x = ops.add(ops.multiply(x, gain), offset)
+    raw = ov.ops.parameter([batch, channels, tile, tile], ov.Type(np.dtype(input_dtype)), name="raw")
+    gain = ov.ops.parameter([1, channels, 1, 1], ov.Type.f32, name="gain")
+    offset = ov.ops.parameter([1, channels, 1, 1], ov.Type.f32, name="offset")
+    x = raw if input_dtype == "float32" else ov.ops.convert(raw, "f32")
+    x = ov.ops.add(ov.ops.multiply(x, gain), offset)
     for target in list(old.output(0).get_target_inputs()):
         target.replace_source_output(x.output(0))
     result = model.get_results()[0]
     if activation != "none":
         logits = result.input_value(0)
-        act = ops.softmax(logits, 1) if activation == "softmax" else ops.sigmoid(logits)
+        act = ov.ops.softmax(logits, 1) if activation == "softmax" else ov.ops.sigmoid(logits)
         result.input(0).replace_source_output(act.output(0))
     return ov.Model(model.get_results(), [raw, gain, offset], model.get_friendly_name())
 
@@ -123,8 +122,8 @@ class _Buffers:
     def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple) -> "_Buffers":
         inputs = [np.zeros(shape_in, dtype) for _ in range(n)]
         outputs = [np.zeros(shape_out, np.float32) for _ in range(n)]
-        return cls(inputs, outputs, [ov.Tensor(a, shared_memory=True) for a in inputs],
-                   [ov.Tensor(a, shared_memory=True) for a in outputs])
+        return cls(inputs, outputs, [ov.shared_tensor(a) for a in inputs],
+                   [ov.shared_tensor(a) for a in outputs])
 
 
 class OpenVinoModel:
@@ -202,7 +201,7 @@ class OpenVinoModel:
                 value = compiled.get_property(key)
             except RuntimeError:
                 continue
-            out[key.lower()] = value.to_string() if isinstance(value, ov.Type) else str(value)
+            out[key.lower()] = ov.property_string(value)
         return out
 
     def layer_precisions(self) -> dict[str, list[str]]:
@@ -213,7 +212,7 @@ class OpenVinoModel:
         for op in compiled.get_runtime_model().get_ordered_ops():
             rt = op.get_rt_info()
             if "layerType" in rt and "runtimePrecision" in rt:
-                out.setdefault(rt["layerType"].astype(str), set()).add(rt["runtimePrecision"].astype(str))
+                out.setdefault(ov.rt_string(rt["layerType"]), set()).add(ov.rt_string(rt["runtimePrecision"]))
         return {k: sorted(v) for k, v in sorted(out.items())}
 
     # -- running -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ BundleError` still works). Each keeps its old builtin base, so `except ValueErro
 | SceneReadError, SceneFormatError | unreadable_scene, unknown_scene_format | ValueError | shared.scene.read_scene |
 | PolicyError | invalid_policy | ValueError | shared.policy |
 | ManifestError, BundleManifestError | invalid_manifest | ValueError | shared.manifest |
+| UnknownProfile | unknown_profile | ValueError | shared.profiles |
 | KeyFileError | invalid_key_file | ValueError | shared.keys |
 | DataMissing | data_missing | FileNotFoundError | shared.datasets |
 | BundleError and one subclass per reason | not_a_bundle, bad_signature, ... | | shared.bundle |
@@ -145,6 +146,11 @@ class ManifestError(EoedgeError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+
+
+class UnknownProfile(EoedgeError, ValueError):
+    """A device profile name that shared.profiles does not know; the message lists the known ones."""
+    code = "unknown_profile"
 
 
 class KeyFileError(EoedgeError, ValueError):

@@ -18,6 +18,9 @@ A manifest is a JSON object (format_version 1)::
                     on the ground; its `reference` outputs and tolerances were computed at it,
                     and the daemon compiles and self-tests the model at it. Optional: a
                     manifest without it (older bundles) means "fp32".
+    profile         "cpu-x86" | "rpi4" | "rpi5" | "myriadx": the device profile (shared.profiles)
+                    the IR was checked against on the ground; `precision` must be one it runs.
+                    Optional: a manifest without it (older bundles) means "cpu-x86".
     reference       {file: "reference.npz", max_abs_diff: >= 0, min_mask_agreement: 0..1}
     lineage         free object (config, input hashes, run folder ...)
     files           {relative path: sha256 hex} of every file but manifest.json and manifest.sig
@@ -48,6 +51,7 @@ from shared.limits import (MAX_BANDS, MAX_CLASSES, MAX_NAME_CHARS, MAX_OPENING_R
                            MAX_SOURCE_CHARS, MAX_TILE_SIZE, MAX_VERSION, quote, str_problem,
                            tree_problem)
 from shared.policy import DEFAULT_POLICY, validate_policy
+from shared.profiles import DEFAULT_PROFILE, PROFILES
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -73,9 +77,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _TOP_FIELDS = {
     "format_version", "model_id", "version", "parent", "created", "input", "output",
-    "postprocess", "policy", "metrics", "reference", "lineage", "files", "precision",
+    "postprocess", "policy", "metrics", "reference", "lineage", "files", "precision", "profile",
 }
-_OPTIONAL_FIELDS = {"precision"}
+_OPTIONAL_FIELDS = {"precision", "profile"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,11 +295,25 @@ def validate_manifest(manifest: Any) -> dict:
     if "precision" in m and m["precision"] not in PRECISIONS:
         raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
                                          f"got {quote(m['precision'])}")
+    _check_profile(m.get("profile", DEFAULT_PROFILE), manifest_precision(m))
     # The sections above check meaning; this sweep bounds every other value (metrics, lineage).
     problem = tree_problem(m, max_items=MAX_MANIFEST_VALUES)
     if problem:
         raise ManifestError(problem[0].lstrip(".") or "manifest", problem[1])
     return m
+
+
+def _check_profile(name: Any, precision: str) -> None:
+    if not isinstance(name, str) or name not in PROFILES:
+        raise ManifestError("profile", f"must be one of {', '.join(PROFILES)}, got {name!r}")
+    if precision not in PROFILES[name].precisions:
+        raise ManifestError("profile", f"{name} does not run {precision} bundles "
+                                       f"(it runs {', '.join(PROFILES[name].precisions)})")
+
+
+def manifest_profile(manifest: Mapping[str, Any]) -> str:
+    """The device profile a (validated) manifest was checked against; "cpu-x86" when it does not say."""
+    return manifest.get("profile", DEFAULT_PROFILE)
 
 
 def manifest_precision(manifest: Mapping[str, Any]) -> str:
@@ -361,10 +379,11 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
                   reference: dict | None = None, lineage: dict | None = None,
                   parent: dict | None = None, created: str | None = None,
                   files: Mapping[str, str | os.PathLike] | None = None,
-                  precision: str = DEFAULT_PRECISION) -> dict:
+                  precision: str = DEFAULT_PRECISION, profile: str = DEFAULT_PROFILE) -> dict:
     """A validated manifest from plain arguments; band aliases (`B2`, `NIR`) become canonical,
     and `files` ({arcname: path}) is hashed. `precision` is the one the reference outputs and
-    tolerances were computed at (one of PRECISIONS). Raises ManifestError naming a bad field."""
+    tolerances were computed at (one of PRECISIONS); `profile` the device profile the IR was checked
+    against (shared.profiles). Raises ManifestError naming a bad field."""
     try:
         canon = [canonical_band(b) for b in bands]
     except UnknownBandError as exc:
@@ -377,6 +396,7 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
         "output": {"classes": list(classes), "activation": activation},
         "postprocess": {"threshold": dict(threshold or {}), "opening_radius": opening_radius},
         "precision": precision,
+        "profile": profile,
     }
     for key, value in (("policy", policy), ("metrics", metrics), ("reference", reference),
                        ("lineage", lineage), ("created", created)):

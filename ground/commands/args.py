@@ -6,6 +6,7 @@ import argparse
 
 from shared.cliutil import byte_size
 from shared.manifest import PRECISIONS
+from shared.profiles import DEFAULT_PROFILE, PROFILES
 from ground.training.config import FINETUNE_SOURCES
 
 DEFAULT_MAX_BYTES = "5MB"                                      # CloudScout's uplink budget
@@ -146,7 +147,20 @@ def add_export(p) -> None:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the held-out image")
     p.add_argument("--threads", type=POSITIVE, default=1, help="OpenVINO threads for the latency figure")
+    _profile_arg(p, DEFAULT_PROFILE, "the device the IR is for: op versions rewritten for its runtime, "
+                                     "the IR checked against it")
     _precision_args(p)
+
+
+def _profile_arg(p, default: str | None, what: str) -> None:
+    p.add_argument("--profile", choices=list(PROFILES), default=default, help=f"{what} (shared.profiles)")
+
+
+def add_check_ir(p) -> None:
+    p.add_argument("ir", help="an OpenVINO IR .xml (e.g. RUN/export/student/model.xml)")
+    p.add_argument("--profile", choices=list(PROFILES), required=True,
+                   help="the device profile to check against (shared.profiles)")
+
 
 
 def _precision_args(p) -> None:
@@ -172,6 +186,7 @@ def add_bundle(p) -> None:
                    help="keep only a real WxW patch of each reference tile (the rest the mean): a smaller bundle")
     p.add_argument("--tile-size", type=POSITIVE, help="the daemon's tile (default: the evaluation tile)")
     p.add_argument("--overlap", type=COUNT, help="the daemon's tile overlap")
+    _profile_arg(p, None, "the device the bundle is for (default: the export's); checked before signing")
 
 
 def add_gap(p) -> None:

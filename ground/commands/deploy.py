@@ -11,7 +11,8 @@ from ground.stages.run import Run
 
 def _export_text(r: dict) -> str:
     p = r["parity"]
-    lines = [f"{r['out_dir']} ({r['precision']}): " + ", ".join(f"{k} {v:,} B" for k, v in r["files"].items()),
+    lines = [f"{r['out_dir']} ({r['precision']}, for {r['profile']}): "
+             + ", ".join(f"{k} {v:,} B" for k, v in r["files"].items()),
              f"parity on {p['tiles']} tiles of the run's imagery: max |p_IR - p_torch| {p['max_abs_diff']:.2e}, "
              f"mask agreement {p['mask_agreement']:.5f}"]
     if "metrics" in r:
@@ -26,7 +27,8 @@ def _export_text(r: dict) -> str:
 def cmd_export(args) -> int:
     run = Run.open(args.run, progress=not args.json)
     res = export(run, args.checkpoint, args.name, fp16=not args.fp32, onnx=args.onnx, evaluate=not args.no_eval,
-                 threads=args.threads, precision=args.precision, max_drop=args.max_drop, qat_steps=args.qat_steps)
+                 threads=args.threads, precision=args.precision, max_drop=args.max_drop, qat_steps=args.qat_steps,
+                 profile=args.profile)
     emit(res, args.json, _export_text)
     return 0
 
@@ -42,7 +44,8 @@ def parse_parent(text: str | None) -> dict | None:
 
 def _bundle_text(r: dict) -> str:
     files = ", ".join(f"{k} {v:,} B" for k, v in r["files"].items())
-    return (f"{r['bundle']}: {r['bytes']:,} bytes (budget {r['max_bytes']:,}), signed by key {r['key_id']}, "
+    return (f"{r['bundle']}: {r['bytes']:,} bytes (budget {r['max_bytes']:,}), for {r['profile']}, "
+            f"signed by key {r['key_id']}, "
             f"verified\n  {files}\n  tile {r['tile_size']} overlap {r['overlap']}; self-test tolerance "
             f"{r['reference']['max_abs_diff']}, agreement >= {r['reference']['min_mask_agreement']}")
 
@@ -51,7 +54,8 @@ def cmd_bundle(args) -> int:
     run = Run.open(args.run, progress=not args.json)
     res = bundle(run, args.export, args.key, args.model_id, args.version, out=args.out, max_bytes=args.max_bytes,
                  policy=args.policy, parent=parse_parent(args.parent), reference_tiles=args.reference_tiles,
-                 reference_window=args.reference_window, tile_size=args.tile_size, overlap=args.overlap)
+                 reference_window=args.reference_window, tile_size=args.tile_size, overlap=args.overlap,
+                 profile=args.profile)
     emit(res, args.json, _bundle_text)
     return 0
 

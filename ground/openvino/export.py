@@ -3,6 +3,11 @@ checked against torch on real tiles.
 
     result = export_openvino(model, "runs/x/export", tiles)       # model.xml + model.bin (FP16)
     result.parity   # {"max_abs_diff": 2e-4, "mask_agreement": 1.0, ...}: IR vs torch on real tiles
+    export_openvino(model, out, tiles, profile="myriadx")   # an IR OpenVINO 2022.3 / the VPU runs
+
+`profile` (shared.profiles) is the device the IR is for: op versions its runtime cannot read are
+rewritten to older equal ones (ground.openvino.compat: MaxPool-14 -> MaxPool-8, ...) and the IR
+written is checked against it; an op it cannot run raises IncompatibleIR naming the layer.
 
 The IR keeps a fixed channel count and a dynamic batch and tile size (the daemon reshapes it to
 its tile and batch). `openvino.save_model` compresses weights to FP16 *by default*; here the
@@ -20,7 +25,9 @@ import numpy as np
 import openvino as ov
 import torch
 
+from shared.profiles import DEFAULT_PROFILE
 from ground.errors import GroundError
+from ground.openvino.compat import save_for
 from ground.openvino.runtime import parity
 
 
@@ -33,6 +40,8 @@ class ExportResult:
     in_channels: int
     sizes: dict                       # file name -> bytes
     parity: dict = field(default_factory=dict)
+    profile: str = DEFAULT_PROFILE
+    rewrites: list = field(default_factory=list)     # [{layer, from, to}] op versions rewritten
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -49,9 +58,10 @@ def _in_channels(model: torch.nn.Module) -> int:
 
 
 def export_openvino(model: torch.nn.Module, out_dir: str | Path, tiles: np.ndarray | None = None,
-                    name: str = "model", fp16: bool = True, onnx: bool = False, tile: int = 256) -> ExportResult:
+                    name: str = "model", fp16: bool = True, onnx: bool = False, tile: int = 256,
+                    profile: str = DEFAULT_PROFILE) -> ExportResult:
     """Write `name.xml` + `name.bin` (FP16 weights unless fp16=False) and, with onnx=True,
-    `name.onnx` into `out_dir`. With `tiles` (N, C, t, t) *normalised* model inputs (real imagery,
+    `name.onnx` into `out_dir`, for the device `profile`. With `tiles` (N, C, t, t) *normalised* model inputs (real imagery,
     please), the IR is checked against torch on them (`result.parity`)."""
     model = model.eval()
     channels = _in_channels(model)
@@ -66,7 +76,7 @@ def export_openvino(model: torch.nn.Module, out_dir: str | Path, tiles: np.ndarr
         ov_model = ov.convert_model(model, example_input=example,
                                     input=[ov.PartialShape([-1, channels, -1, -1])])
     xml = out_dir / f"{name}.xml"
-    ov.save_model(ov_model, str(xml), compress_to_fp16=bool(fp16))
+    rewrites = save_for(ov_model, xml, profile, fp16)
     onnx_path = None
     if onnx:
         onnx_path = out_dir / f"{name}.onnx"
@@ -79,7 +89,7 @@ def export_openvino(model: torch.nn.Module, out_dir: str | Path, tiles: np.ndarr
                               dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
     paths = [xml, xml.with_suffix(".bin")] + ([onnx_path] if onnx_path else [])
     result = ExportResult(xml, xml.with_suffix(".bin"), onnx_path, bool(fp16), channels,
-                          {p.name: p.stat().st_size for p in paths})
+                          {p.name: p.stat().st_size for p in paths}, profile=profile, rewrites=rewrites)
     if tiles is not None:
         result.parity = parity(xml, model, tiles)
         if onnx_path is not None:

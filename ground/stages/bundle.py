@@ -9,6 +9,11 @@ What goes in (shared.manifest / shared.bundle contracts):
   calibrated on the ground, the decision policy, the ground metrics, and the lineage (run folder,
   checkpoint, hashes, where the reference tiles came from), signed with Ed25519.
 
+Device profile (shared.profiles): the bundle is for the profile its export was made for (or the
+one asked); the IR is checked against it before anything is signed (IncompatibleIR names the op),
+the self-test tolerance is at least the profile's (f16 devices move probabilities more), and the
+manifest records it (`profile`).
+
 Budget: a bundle over `max_bytes` (default 5 MB, the CloudScout uplink figure) is refused, naming
 the sizes. The reference is the part that can be made small without losing anything: its tiles
 are stored at float16 precision (the expectations are computed *from* the rounded tiles), its
@@ -30,12 +35,14 @@ from shared.hashing import sha256_file
 from shared.keys import load_private_key
 from shared.manifest import MODEL_BIN, MODEL_XML, REFERENCE_NAME, make_manifest
 from shared.policy import DEFAULT_POLICY
+from shared.profiles import DEFAULT_PROFILE, DeviceProfile, get_profile
 from shared.units import parse_bytes
 from ground.compression.fp16 import emulate_fp16
 from ground.data.normalization import Normalization
 from ground.errors import ConfigError, RunFolderError
 from ground.evaluation.operating_point import OperatingPoint
 from ground.lineage import StageRecord
+from ground.openvino.compat import require_compatible
 from ground.openvino.runtime import compile_ir, softmax
 from ground.stages.run import Run
 
@@ -140,18 +147,23 @@ def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: in
             "probabilities": (np.round(probs / PROB_STEP) * PROB_STEP).astype(np.float32)}
 
 
-def self_test_tolerance(model, ref: dict, precision: str = "fp32") -> tuple[dict, float, float]:
+def self_test_tolerance(model, ref: dict, precision: str = "fp32",
+                        profile: DeviceProfile | None = None) -> tuple[dict, float, float]:
     """Tolerances another implementation of the precision passes with margin and a wrong model
     fails: (manifest reference section without the file, max |p| spread, mask agreement). The
     spread is measured against emulated FP16 (a VPU) for fp32/fp16 bundles, and against torch FP32
-    for bf16/int8 ones (another CPU's kernels land between the two)."""
+    for bf16/int8 ones (another CPU's kernels land between the two). The tolerances are at least
+    `profile`'s self-test ones."""
     other = emulate_fp16(model) if precision in ("fp32", "fp16") else model.eval()
     with torch.no_grad():
         p = torch.softmax(other(torch.from_numpy(ref["normalised"])), 1).numpy()
     spread = float(np.abs(p - ref["probabilities"]).max())
     agree = float(np.mean(p.argmax(1) == ref["probabilities"].argmax(1)))
-    tolerance = {"max_abs_diff": round(max(MIN_TOLERANCE, 2 * spread + PROB_STEP / 2), 4),
-                 "min_mask_agreement": round(min(0.99, agree - 0.005), 4)}
+    least = profile.self_test if profile else None
+    tolerance = {"max_abs_diff": round(max(MIN_TOLERANCE, least.max_abs_diff if least else 0.0,
+                                           2 * spread + PROB_STEP / 2), 4),
+                 "min_mask_agreement": round(min(0.99, least.min_mask_agreement if least else 1.0,
+                                                 agree - 0.005), 4)}
     return tolerance, spread, agree
 
 
@@ -170,13 +182,17 @@ def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, wind
 def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | None = None,
            max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
            parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
-           tile_size: int | None = None, overlap: int | None = None) -> dict:
+           tile_size: int | None = None, overlap: int | None = None, profile: str | None = None) -> dict:
     """Build, sign and verify the bundle of `export` (a folder the export stage wrote in the run).
 
     `tile_size`/`overlap` default to the tiling the model was scored with; another tiling is
     scored again on the held-out image so the manifest's metrics are the ones the daemon's tiling
-    gives. Raises shared.bundle.TooLarge (sizes named) when over `max_bytes`."""
+    gives. `profile` defaults to the export's; the IR is checked against it before anything is
+    signed (IncompatibleIR names the op). Raises shared.bundle.TooLarge (sizes named) when over
+    `max_bytes`."""
     record, xml, binf = read_export(run, export)
+    target = get_profile(profile or record.get("profile", DEFAULT_PROFILE))
+    require_compatible(xml, target)
     budget = parse_bytes(max_bytes)
     sk = load_private_key(key)
     policy = read_policy(policy)
@@ -196,7 +212,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window, precision)
     ref_path = save_reference(staging / REFERENCE_NAME, ref["tiles"], ref["probabilities"])
     model, _, _ = run.load(record["checkpoint"])
-    tolerance, spread, agree = self_test_tolerance(model, ref, precision)
+    tolerance, spread, agree = self_test_tolerance(model, ref, precision, target)
     classes = record["classes"]
     files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
     lineage = manifest_lineage(run, record, export, ref["where"], reference_window,
@@ -206,7 +222,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},
                              opening_radius=int(point["opening_radius"]), policy=policy, metrics=metrics,
                              reference={"file": REFERENCE_NAME, **tolerance}, lineage=lineage, parent=parent,
-                             files=files, precision=precision)
+                             files=files, precision=precision, profile=target.name)
     load_reference(ref_path, manifest)          # the daemon will read it this way
     out_path = Path(out) if out else run.run_dir / "bundles" / f"{model_id}-v{version}.tar"
     try:
@@ -219,9 +235,11 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     run.folder.add(StageRecord(f"bundle:{model_id}-v{version}", [out_path],
                                inputs={"export": str(export), "checkpoint": record["checkpoint"],
                                        "reference_tiles": ref["where"]},
-                               params={"key_id": verified.key_id, "max_bytes": budget, "files": verified.files},
+                               params={"key_id": verified.key_id, "max_bytes": budget, "files": verified.files,
+                                       "profile": target.name},
                                metrics={"bytes": size}, label_free=lineage["label_free"]))
     return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files, "precision": precision,
+            "profile": target.name,
             "key_id": verified.key_id, "model_id": model_id, "version": int(version), "tile_size": tile,
             "overlap": ov, "reference": {"file": REFERENCE_NAME, **tolerance}, "metrics": metrics,
             "label_free": lineage["label_free"]}

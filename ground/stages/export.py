@@ -7,7 +7,11 @@ lineage. `bundle` packs it and declares the precision in the manifest.
 Precisions: fp32 (FP16 weights unless fp16=False, computed in f32, as before), fp16 and bf16 (the
 IR run with that inference precision: the device must compute it natively), int8 (NNCF: post-
 training quantisation under accuracy control on tiles of the run's imagery, or quantisation-aware
-fine-tuning with `qat_steps`, distilling as the run does; the IR keeps its FakeQuantize nodes)."""
+fine-tuning with `qat_steps`, distilling as the run does; the IR keeps its FakeQuantize nodes).
+
+`profile` (shared.profiles: cpu-x86, rpi4, rpi5, myriadx) is the device the IR is for: op versions
+its runtime cannot read are rewritten to older equal ones, the IR is checked against it (an op it
+cannot run stops the export, named), and the precision must be one it runs."""
 from __future__ import annotations
 
 import copy
@@ -17,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.profiles import DEFAULT_PROFILE, get_profile
 from ground.compression.quantize import int8_layers, quantize_ir_controlled, quantize_torch
+from ground.errors import GroundError
 from ground.lineage import RunFolder, StageRecord
 from ground.models.size import measure
+from ground.openvino.compat import require_compatible
 from ground.openvino.export import ExportResult, export_openvino
 from ground.openvino.runtime import check_precision, openvino_latency, parity
 from ground.stages.run import Run, point_of
@@ -58,33 +65,37 @@ def teacher_windows(run: Run, where: list[dict], tile: int) -> list[np.ndarray]:
     return [masks[w["index"]][w["row"]:w["row"] + tile, w["col"]:w["col"] + tile] for w in where]
 
 
-def _int8(run: Run, model, norm, out_dir: Path, max_drop: float, qat_steps: int, qat_with: str) -> tuple[Path, dict]:
+def _int8(run: Run, model, norm, out_dir: Path, max_drop: float, qat_steps: int, qat_with: str,
+          profile: str) -> tuple[Path, dict]:
     """The INT8 IR of `model` in out_dir, and how it was made."""
     tiles, where = run.tiles(CALIBRATION_TILES, norm, CALIBRATION_TILE)
     if qat_steps > 0:
         qat = quantize_torch(copy.deepcopy(model), tiles)
         history = run.finetune(qat, qat_steps, qat_with, reference_model=model, norm=norm,
                                desc="quantisation-aware fine-tune")
-        xml = export_openvino(qat, out_dir, fp16=False, tile=run.cfg.tile).xml
+        xml = export_openvino(qat, out_dir, fp16=False, tile=run.cfg.tile, profile=profile).xml
         how = {"method": "qat", "steps": qat_steps, "with": qat_with,
                "final_loss": history[-1]["loss"] if history else None}
     else:
-        float_xml = export_openvino(model, out_dir / "float", fp16=False, tile=run.cfg.tile).xml
+        float_xml = export_openvino(model, out_dir / "float", fp16=False, tile=run.cfg.tile, profile=profile).xml
         xml = quantize_ir_controlled(float_xml, tiles, teacher_windows(run, where, CALIBRATION_TILE),
                                      out_dir / "model.xml", max_drop)
         how = {"method": "ptq-accuracy-control", "max_drop": max_drop,
                "metric": "pixel agreement with the teacher's masks on training tiles"}
+    require_compatible(xml, profile)            # what NNCF wrote, too
     how.update(calibration_tiles=len(tiles), calibration_tile=CALIBRATION_TILE, fake_quantize=int8_layers(xml))
     return xml, how
 
 
-def _ir(run: Run, model, norm, out_dir: Path, precision: str, fp16: bool, onnx: bool, int8: dict) -> tuple:
-    """(ExportResult of the IR that flies at `precision`, how an INT8 IR was made or None)."""
+def _ir(run: Run, model, norm, out_dir: Path, precision: str, fp16: bool, onnx: bool, int8: dict,
+        profile: str) -> tuple:
+    """(ExportResult of the IR that flies at `precision` on `profile`, how an INT8 IR was made or None)."""
     if precision != "int8":
-        return export_openvino(model, out_dir, fp16=fp16, onnx=onnx, tile=run.cfg.tile), None
-    xml, how = _int8(run, model, norm, out_dir, **int8)
+        return export_openvino(model, out_dir, fp16=fp16, onnx=onnx, tile=run.cfg.tile, profile=profile), None
+    xml, how = _int8(run, model, norm, out_dir, **int8, profile=profile)
     sizes = {p.name: p.stat().st_size for p in (xml, xml.with_suffix(".bin"))}
-    return ExportResult(xml, xml.with_suffix(".bin"), None, False, len(run.cfg.bands), sizes), how
+    return ExportResult(xml, xml.with_suffix(".bin"), None, False, len(run.cfg.bands), sizes,
+                        profile=profile), how
 
 
 def _scores(run: Run, xml: Path, model, norm, precision: str = "fp32") -> dict:
@@ -102,21 +113,26 @@ def _scores(run: Run, xml: Path, model, norm, precision: str = "fp32") -> dict:
 
 def export(run: Run, checkpoint: str = "student.pt", name: str | None = None, fp16: bool = True,
            onnx: bool = False, evaluate: bool = True, threads: int = 1, parity_n: int = 4,
-           precision: str = "fp32", max_drop: float = 0.01, qat_steps: int = 0, qat_with: str = "teacher") -> dict:
+           precision: str = "fp32", max_drop: float = 0.01, qat_steps: int = 0, qat_with: str = "teacher",
+           profile: str = DEFAULT_PROFILE) -> dict:
+    target = get_profile(profile)
+    if precision not in target.precisions:
+        raise GroundError(f"profile {profile} does not run {precision} (it runs {', '.join(target.precisions)})")
     check_precision(precision)
     model, norm, meta = run.load(checkpoint)
     name = name or Path(checkpoint).stem
     out_dir = run.run_dir / "export" / name
     tiles, where = run.tiles(parity_n, norm)
     res, int8 = _ir(run, model, norm, out_dir, precision, fp16, onnx,
-                    {"max_drop": max_drop, "qat_steps": qat_steps, "qat_with": qat_with})
+                    {"max_drop": max_drop, "qat_steps": qat_steps, "qat_with": qat_with}, profile)
     res.parity = parity(res.xml, model, tiles, with_fp16=precision != "int8", precision=precision)
     if res.onnx is not None:
         res.parity["onnx"] = parity(res.onnx, model, tiles, with_fp16=False)
     run.log(f"parity at {precision} on {res.parity['tiles']} tiles of the run's imagery: max |p_IR - p_torch| "
             f"{res.parity['max_abs_diff']:.2e}, mask agreement {res.parity['mask_agreement']:.5f}")
     size = measure(model, torch.zeros(1, len(run.cfg.bands), run.cfg.tile, run.cfg.tile))
-    record = {"checkpoint": checkpoint, "name": name, "precision": precision, "fp16": bool(fp16) and precision != "int8",
+    record = {"checkpoint": checkpoint, "name": name, "precision": precision, "profile": profile,
+              "rewrites": res.rewrites, "fp16": bool(fp16) and precision != "int8",
               "int8": int8, "files": res.sizes,
               "parity": {**res.parity, "tiles_from": where}, "params": size.params, "macs": size.macs,
               "tile": run.cfg.tile, "overlap": run.cfg.overlap, "bands": list(run.cfg.bands),
@@ -136,7 +152,8 @@ def export(run: Run, checkpoint: str = "student.pt", name: str | None = None, fp
     run.folder.add(StageRecord(f"export:{name}", [res.xml, res.bin, out_dir / "export.json"]
                                + ([res.onnx] if res.onnx else []),
                                inputs={"checkpoint": checkpoint, "parity_tiles": where},
-                               params={"precision": precision, "fp16": record["fp16"], "onnx": bool(onnx),
+                               params={"precision": precision, "profile": profile, "fp16": record["fp16"],
+                                       "onnx": bool(onnx),
                                        "int8": int8}, metrics=metrics, label_free=record["label_free"]))
     record["out_dir"] = str(out_dir)
     return record
