@@ -12,14 +12,14 @@ OUT=$(realpath -m "$1"); shift
 mkdir -p "$OUT"
 [ -d "$OUT/mini" ] || "$BIN/python" -c "import sys; sys.path.insert(0, 'tests/ground')
 from pathlib import Path; from mini_run import make_run; make_run(Path(sys.argv[1]))" "$OUT"
-[ -f "$OUT/keys/uplink.key" ] || "$BIN/eoedge" shared keygen --out "$OUT/keys" >/dev/null
+[ -f "$OUT/keys/uplink.key" ] || "$BIN/python" -m eoedge shared keygen --out "$OUT/keys" >/dev/null
 for spec in "$@"; do
     profile=${spec%%:*} precision=${spec#*:}
-    "$BIN/eoedge" ground export "$OUT/mini" --profile "$profile" --precision "$precision" --no-eval \
+    "$BIN/python" -m eoedge ground export "$OUT/mini" --profile "$profile" --precision "$precision" --no-eval \
         --name "$profile" >/dev/null 2>&1
     for v in 1 2; do
         parent=(); [ "$v" = 1 ] || parent=(--parent "cloud-$profile:1")
-        "$BIN/eoedge" ground bundle "$OUT/mini" --export "export/$profile" --key "$OUT/keys/uplink.key" \
+        "$BIN/python" -m eoedge ground bundle "$OUT/mini" --export "export/$profile" --key "$OUT/keys/uplink.key" \
             --model-id "cloud-$profile" --version "$v" "${parent[@]}" --profile "$profile" \
             --json > "$OUT/$profile-v$v.json"
         cp "$OUT/mini/bundles/cloud-$profile-v$v.tar" "$OUT/$profile-v$v.tar"    # --out must stay in the run

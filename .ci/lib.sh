@@ -4,7 +4,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 CACHE=${EOEDGE_CI_CACHE:-/var/cache/eoedge-ci}     # kept between runs on this machine
-BIN=${EOEDGE_BIN:-$REPO/.venv/bin}                  # the host venv (make venv): the ground, pip
+BIN=${EOEDGE_BIN:-$REPO/.venv/bin}                  # the host venv (make venv): the ground's libraries,
+                                                    # pip; `python -m eoedge` here runs this repo's code
 T0=$SECONDS
 say() { echo "[$JOB +$((SECONDS - T0))s] $*"; }
 skip() { say "SKIP: $*"; exit 0; }                  # cannot run here: one line, no failure

@@ -50,17 +50,17 @@ say "daemon wheel: $(basename "$WHEEL"); $("$VENV/bin/python" -m pip list 2>/dev
 # ---- the ground: a myriadx bundle, and a cpu-x86 export that was not rewritten
 t=$SECONDS
 .ci/bundles.sh "$WORK/bundles" myriadx:fp32 >/dev/null || fail "ground bundles"
-"$BIN/eoedge" ground export "$WORK/bundles/mini" --profile cpu-x86 --no-eval --name cpu-x86 >/dev/null 2>&1 \
+"$BIN/python" -m eoedge ground export "$WORK/bundles/mini" --profile cpu-x86 --no-eval --name cpu-x86 >/dev/null 2>&1 \
     || fail "cpu-x86 export"
 say "ground bundles built in $((SECONDS - t)) s"
 GOOD=$WORK/bundles/mini/export/myriadx/model.xml BAD=$WORK/bundles/mini/export/cpu-x86/model.xml
 status=0
-"$BIN/eoedge" ground check-ir "$GOOD" --profile myriadx | head -1 | sed 's/^/[myriad] /' || status=1
-if "$BIN/eoedge" ground check-ir "$BAD" --profile myriadx >"$WORK/bad.txt"; then
+"$BIN/python" -m eoedge ground check-ir "$GOOD" --profile myriadx | head -1 | sed 's/^/[myriad] /' || status=1
+if "$BIN/python" -m eoedge ground check-ir "$BAD" --profile myriadx >"$WORK/bad.txt"; then
     status=1; say "FAIL: check-ir passed an IR with opset14/opset11 layers"
 fi
 head -1 "$WORK/bad.txt" | sed 's/^/[myriad] /'; sed -n '2p;5p' "$WORK/bad.txt" | sed 's/^/[myriad] /'
-if "$BIN/eoedge" ground bundle "$WORK/bundles/mini" --export export/cpu-x86 --key "$WORK/bundles/keys/uplink.key" \
+if "$BIN/python" -m eoedge ground bundle "$WORK/bundles/mini" --export export/cpu-x86 --key "$WORK/bundles/keys/uplink.key" \
     --model-id cloud-x86 --version 1 --profile myriadx >/dev/null 2>"$WORK/refused.txt"; then
     status=1; say "FAIL: bundle signed an IR the myriadx profile refuses"
 fi
