@@ -51,7 +51,8 @@ def write_daemon_config(path: Path, endpoints: Endpoints, store: Path, uploads: 
                         public_key: Path, *, max_frames: int = 4, max_pending_products: int = 32,
                         telemetry_interval_s: float = 0.5, drain_timeout_s: float = 5.0,
                         device: str = "CPU", num_requests: int = 0, log_level: str = "INFO",
-                        max_message_bytes: int | None = None, keys: Path | None = None) -> Path:
+                        max_message_bytes: int | None = None, keys: Path | None = None,
+                        extra: dict | None = None) -> Path:
     """The daemon's TOML. `keys`: a key set folder (daemon pair + one per role) the daemon
     authenticates its peers with; None writes `[security] insecure = true` (a bench only)."""
     sections = {
@@ -68,6 +69,8 @@ def write_daemon_config(path: Path, endpoints: Endpoints, store: Path, uploads: 
     }
     if max_message_bytes:
         sections["limits"] = {"max_message_bytes": int(max_message_bytes)}
+    for name, values in (extra or {}).items():         # e.g. [supervision] for a soak
+        sections.setdefault(name, {}).update(values)
     lines = ["# written by the flight simulator for this run"]
     for name, values in sections.items():
         lines.append(f"\n[{name}]")
@@ -93,6 +96,7 @@ class DaemonProcess:
         self.ready: dict | None = None
         self.events: list[DaemonEvent] = []
         self.starts = 0
+        self.env: dict[str, str] = {}       # added to its environment (a supervisor's NOTIFY_SOCKET)
 
     @property
     def pid(self) -> int | None:
@@ -107,6 +111,9 @@ class DaemonProcess:
             raise RuntimeError("daemon already running")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(inherited, None)       # our own supervisor's are not the daemon's
+        env.update(self.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         log.write(f"\n--- start {self.starts + 1} at {time.strftime('%H:%M:%S')} ---\n".encode())

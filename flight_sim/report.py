@@ -36,6 +36,7 @@ import numpy as np
 
 from flight_sim.camera import preview_rgb
 from flight_sim.runner import RunRecord
+from flight_sim.soak import soak_checks
 from flight_sim.truth import IGNORE, default_targets, expected_decision, to_model_classes
 from shared.jsonable import jsonable
 from shared.metrics import SegmentationScores, confusion_matrix
@@ -91,6 +92,7 @@ def build_report(rec: RunRecord) -> dict:
         "realtime": _realtime(rec, normal),
         "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
         "daemon": _daemon(rec),
+        "soak": rec.soak.report(states, rec.t_fly) if rec.soak is not None and rec.soak.active else None,
         "timed_out": rec.timed_out,
         "wall_s": round(rec.t_end - rec.t0, 3),
     }
@@ -353,6 +355,8 @@ def _checks(r: dict) -> list[dict]:
               f"{len(cut) - len(wrong)}/{len(cut)} right" + (f"; wrong: {wrong}" if wrong else ""))
     if r["data"]["products_missing"]:
         check("every kept frame's product arrived", False, f"missing {r['data']['products_missing']}")
+    for name, ok, detail in soak_checks(r["soak"]) if r.get("soak") else ():
+        check(name, ok, detail)
     if r["daemon"]["exit_code"] is not None:
         check("daemon shut down cleanly", r["daemon"]["exit_code"] == 0,
               f"exit code {r['daemon']['exit_code']}")
@@ -401,8 +405,29 @@ def markdown(r: dict) -> str:
     L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
          "```", headline(r), "```", ""]
     L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_decisions(r) + _md_timing(r)
-    L += _md_uplink_and_daemon(r)
+    L += _md_uplink_and_daemon(r) + _md_soak(r)
     return "\n".join(L)
+
+
+def _md_soak(r: dict) -> list[str]:
+    """The soak's figures: frames, restarts by cause, the longest gap, RSS and fds over time."""
+    s = r.get("soak")
+    if not s:
+        return []
+    f, p = s["frames"], s["process"]
+    L = ["## Soak", "",
+         f"frames sent {f['sent']}, decided {f['decided']}, errored {f['errored']} "
+         f"({', '.join(f'{k} {v}' for k, v in f['error_codes'].items()) or 'none'}), lost {f['lost']}",
+         f"restarts {s['restarts_total']}: " + (", ".join(f"{k} {v}" for k, v in s["restarts"].items())
+                                               or "none"),
+         f"longest gap without an outcome {s['longest_gap_without_outcome_s']} s "
+         f"(at {s['longest_gap_at_s']} s)", ""]
+    if p.get("samples"):
+        L += ["| s | pid | RSS MB | open fds |", "|---:|---:|---:|---:|"]
+        L += [f"| {t:.0f} | {pid} | {rss:.1f} | {fds} |" for t, pid, rss, fds in p["timeline"]]
+        L.append("")
+    L += [f"- {e['t']:.0f} s: {e['kind']}" for e in s["events"]] + [""]
+    return L
 
 
 def _md_checks(r: dict) -> list[str]:

@@ -15,6 +15,9 @@ Read top to bottom in `run_scenario`:
                 on-board storage, telemetry is recorded, passes are played as the mission clock
                 passes them; faults on the way: kill -9 of the daemon and its restart, malformed
                 frames, a burst of frames faster than processing
+    soak        (flight_sim.soak, when the scenario asks) the supervisor role on a real
+                NOTIFY_SOCKET, restarts on a missed watchdog, periodic kill -9, SIGSTOP, a
+                filled disk, a corrupted state.json; the daemon's RSS and fds sampled
     land        wait for the last outcomes and products, play the remaining passes, ask the
                 daemon's status, shut it down (it drains and exits 0)
 
@@ -40,6 +43,7 @@ from flight_sim.errors import ScenarioFailed
 from flight_sim.payload import Payload
 from flight_sim.scenario import Scenario
 from flight_sim.scenes import open_source
+from flight_sim.soak import Soak
 from flight_sim.uplink import Uplink, corrupt_copy, newer_version_copy, unsigned_copy
 from shared.bundle import BundleError, verify_bundle
 from shared.client import CommandClient
@@ -86,6 +90,7 @@ class RunRecord:
     products_missing: list[str] = field(default_factory=list)
     mission_s: float = 0.0
     crashes: list[dict] = field(default_factory=list)
+    soak: Soak | None = None
 
     def event(self, kind: str, **info) -> None:
         self.events.append({"t": time.monotonic(), "kind": kind, **info})
@@ -117,8 +122,12 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     endpoints = plan_endpoints(out_dir, S["daemon"]["transport"])
     rec.endpoints = endpoints.as_dict()
     keys = generate_key_set(out_dir / "daemon" / "keys")     # throwaway CURVE keys for this run
-    daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon", keys),
+    rec.soak = soak = Soak(S["faults"], S["daemon"], S["report"], out_dir / "daemon")
+    writable = soak.prepare()            # the small disk, mounted (unmounted in _tear_down)
+    daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon", keys,
+                                          writable),
                            out_dir / "daemon" / "daemon.log")
+    daemon.env = soak.env()
     rec.downlink = Downlink(passes_from_spec(S["downlink"], camera.duration_s),
                             GroundStation(out_dir / "ground"))
 
@@ -126,7 +135,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     sockets: list = []
     try:
         # ------------------------------------------------------------ start
-        ready = daemon.start(S["daemon"]["start_timeout_s"])
+        ready = _start_supervised(rec, daemon, S["daemon"]["start_timeout_s"])
         rec.event("daemon_started", pid=ready.get("pid"), model=ready.get("model"))
         link = CommandClient(endpoints.commands, timeout_s=15.0, retries=3, source="ground", ctx=ctx,
                              keys=client_keys(keys, "operator"))
@@ -189,18 +198,23 @@ def _verified_bundle(scenario: Scenario, rec: RunRecord) -> Path:
 
 
 def _daemon_config(scenario: Scenario, camera: PushbroomCamera, endpoints: Endpoints,
-                   daemon_dir: Path, keys: Path) -> Path:
-    """The daemon's TOML in the run folder, from the scenario's [daemon] section."""
+                   daemon_dir: Path, keys: Path, writable: Path | None = None) -> Path:
+    """The daemon's TOML in the run folder, from the scenario's [daemon] section; its store,
+    uploads and spill go under `writable` when given (the soak's small disk)."""
     D = scenario.sections["daemon"]
     biggest = max(camera.bytes_per_frame(s) for s in camera.sources)
+    data_dir = writable or daemon_dir
+    supervision = {"frame_deadline_s": float(D["frame_deadline_s"])} if "frame_deadline_s" in D else {}
+    if D.get("spill"):
+        supervision["spill_dir"] = str(data_dir / "spill")
     return write_daemon_config(
-        daemon_dir / "daemon.toml", endpoints, daemon_dir / "store", daemon_dir / "uploads",
+        daemon_dir / "daemon.toml", endpoints, data_dir / "store", data_dir / "uploads",
         scenario.path("bundle", "public_key"), max_frames=D["max_frames"],
         max_pending_products=D["max_pending_products"],
         telemetry_interval_s=float(D["telemetry_interval_s"]), device=D["device"],
         num_requests=D["num_requests"], log_level=D["log_level"],
         max_message_bytes=max(256 << 20, 2 * biggest),     # room for the largest frame, twice
-        keys=keys)
+        keys=keys, extra={"supervision": supervision} if supervision else None)
 
 
 def _listen(ctx: zmq.Context, endpoints: Endpoints, keys: Path) -> tuple[zmq.Socket, zmq.Socket]:
@@ -247,6 +261,8 @@ def _tear_down(rec: RunRecord, daemon: DaemonProcess, sockets: list, ctx: zmq.Co
         s.close() if not isinstance(s, zmq.Socket) else s.close(linger=0)
     ctx.term()
     rec.daemon_events = [{"t": e.t, "kind": e.kind, **e.detail} for e in daemon.events]
+    if rec.soak is not None:
+        rec.soak.close()              # the small disk unmounted, the notify socket closed
     rec.t_end = time.monotonic()
 
 
@@ -312,9 +328,12 @@ class _Flight:
         S = scenario.sections
         self.faults, self.start_timeout_s = S["faults"], S["daemon"]["start_timeout_s"]
         self.rec, self.camera, self.daemon, self.link = rec, camera, daemon, link
+        self.daemon_dir = Path(daemon.config_path).parent if rec.soak is None or \
+            rec.soak.disk is None else rec.soak.disk.path
         self.payload, self.products, self.telemetry = payload, products, telemetry
         self.downlink = rec.downlink
         self.realtime = S["camera"]["mode"] == "realtime"
+        self.previews = S["report"]["previews"]
         self.speedup = float(S["camera"]["speedup"])
         self.deadline = rec.t0 + float(S["run"]["timeout_s"])
         self.schedule = camera.schedule()
@@ -374,6 +393,8 @@ class _Flight:
 
     def _capture(self) -> CapturedFrame:
         frame = self.camera.capture(*self.schedule[self.next_i])
+        if not self.previews:
+            frame.extra["preview"] = None     # a long soak keeps no pixels per frame
         self.payload.add(frame)
         self.rec.release[frame.frame_id] = time.monotonic()
         self.rec.acquired_bytes += frame.nbytes
@@ -406,14 +427,23 @@ class _Flight:
     def _watch_daemon(self) -> None:
         """A daemon that died on its own is restarted, as a watchdog would; the scenario's
         kill -9 comes once that many frames have been sent."""
+        soak = self.rec.soak
         if not self.daemon.alive():
             _restart_after_crash(self.rec, self.daemon, self.payload, self.start_timeout_s,
                                  self._take_products)
         if self.kills and self._sent_frames() >= self.kills[0]:
             self.kills.pop(0)
-            _kill_and_restart(self.rec, self.daemon, self.link, self.payload,
-                              float(self.faults["restart_after_s"]), self.start_timeout_s,
-                              self._take_products)
+            self._restart("kill -9")
+        if soak is not None and soak.active:
+            soak.step(time.monotonic() - self.rec.t_fly, self.daemon.pid, self._restart,
+                      lambda name, args: self.link.request(name, args, timeout_s=15.0),
+                      self.daemon_dir / "store")
+
+    def _restart(self, cause: str) -> None:
+        """kill -9, start again, resend (a scenario's kill, the soak's faults, a missed watchdog)."""
+        _kill_and_restart(self.rec, self.daemon, self.link, self.payload,
+                          float(self.faults["restart_after_s"]), self.start_timeout_s,
+                          self._take_products, cause)
 
     def _sent_frames(self) -> int:
         return sum(1 for s in self.payload.states.values() if s.attempts > 0)
@@ -513,13 +543,23 @@ def _on_telemetry(rec: RunRecord, parts: list) -> None:
         rec.telemetry.append({"t": time.monotonic(), **msg.body})
 
 
+def _start_supervised(rec: RunRecord, daemon: DaemonProcess, start_timeout_s: float) -> dict:
+    """Start the daemon (again); with the soak's supervisor, wait for READY=1 as systemd does."""
+    if rec.soak is not None:
+        rec.soak.arm()
+    ready = daemon.start(start_timeout_s)
+    if rec.soak is not None:
+        rec.soak.started(start_timeout_s)
+    return ready
+
+
 def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload,
                          start_timeout_s: float, take_products) -> None:
     code = daemon.proc.returncode if daemon.proc else None
     rec.event("daemon_crashed", exit_code=code)
     log.warning("the daemon exited on its own (code %s); restarting it", code)
     take_products()
-    ready = daemon.start(start_timeout_s)
+    ready = _start_supervised(rec, daemon, start_timeout_s)
     resent = payload.peer_restarted()
     reprocessed = payload.reprocess_lost_products()
     rec.crashes.append({"exit_code": code, "new_pid": ready.get("pid"), "model_after": ready.get("model"),
@@ -527,8 +567,11 @@ def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload
 
 
 def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient, payload: Payload,
-                      restart_after_s: float, start_timeout_s: float, take_products) -> None:
+                      restart_after_s: float, start_timeout_s: float, take_products,
+                      cause: str = "kill -9") -> None:
     try:
+        if cause == "watchdog":             # a stopped or stuck daemon answers nothing
+            raise TimeoutError
         before = link.call("status", timeout_s=5.0, retries=0)["model"]
     except Exception:                       # busy or slow: the last heartbeat says it as well
         before = rec.telemetry[-1].get("model") if rec.telemetry else None
@@ -540,12 +583,18 @@ def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient
     log.info("killed the daemon (pid %s) with %d frames in flight", pid, in_flight)
     time.sleep(restart_after_s)
     take_products()                   # products that left before the kill; the rest died with it
-    ready = daemon.start(start_timeout_s)
+    ready = _start_supervised(rec, daemon, start_timeout_s)
     resent = payload.peer_restarted()
     reprocessed = payload.reprocess_lost_products()
     after = ready.get("model")
     rec.event("daemon_restarted", pid=ready.get("pid"), model=after, resent=resent + reprocessed)
-    rec.restarts.append({"killed_pid": pid, "new_pid": ready.get("pid"), "model_before": before,
+    if rec.soak is not None and rec.soak.active:
+        try:
+            rec.soak.note_status(link.call("status", timeout_s=10.0, retries=1))
+        except Exception:
+            pass
+    rec.restarts.append({"cause": cause, "killed_pid": pid, "new_pid": ready.get("pid"),
+                         "model_before": before,
                          "model_after": after, "same_model": _model_key(before) == _model_key(after),
                          "frames_in_flight": in_flight, "frames_resent": resent,
                          "products_lost_reprocessed": reprocessed,

@@ -4,7 +4,8 @@
     [bundle]    path, public_key (relative to the file), chunk_size; private_key (optional: lets
                 the corrupt-bundle fault corrupt a newer, properly signed version)
     [daemon]    max_frames, max_pending_products, telemetry_interval_s, device, num_requests,
-                transport ("ipc" | "tcp"), start_timeout_s, log_level
+                transport ("ipc" | "tcp"), start_timeout_s, log_level; watchdog_s (> 0: the
+                simulator plays systemd with that WatchdogSec), frame_deadline_s, spill
     [camera]    frame_lines, gsd_m, ground_speed_m_s, dtype ("uint16" | "float32"), bands,
                 mode ("realtime" | "asap"), speedup, gap_s
     [payload]   window, retry_s, ack_timeout_s, outcome_timeout_s
@@ -15,8 +16,11 @@
                 passes_after_end
     [faults]    kill_daemon_after_frames = [N, ...], restart_after_s, unsigned_bundle,
                 corrupt_bundle, corrupt_chunks = [i, ...], interrupt_uplink_after_chunks,
-                malformed = ["band_count", ...], malformed_every, burst = {after_frames, frames}
-    [report]    targets (model classes whose true pixels are the value), mask_examples
+                malformed = ["band_count", ...], malformed_every, burst = {after_frames, frames};
+                the soak's (flight_sim.soak): kill_every_s, sigstop_at_s = [t, ...], disk_mb,
+                fill_disk_at_s, fill_disk_for_s, corrupt_state_at_s = [t, ...]
+    [report]    targets (model classes whose true pixels are the value), mask_examples,
+                sample_every_s (the daemon's RSS and fds), previews (keep each frame's preview)
     [run]       timeout_s
 
 `load_scenario(path)` checks every key (unknown keys are errors: a typo must not silently
@@ -68,6 +72,12 @@ def _int_list(v: Any) -> str | None:
     return None if ok else "a list of integers >= 0"
 
 
+def _num_list(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(i, (int, float)) and not isinstance(i, bool) and i >= 0
+                                     for i in v)
+    return None if ok else "a list of numbers >= 0"
+
+
 def _str_list(v: Any) -> str | None:
     return None if isinstance(v, list) and all(isinstance(i, str) for i in v) else "a list of strings"
 
@@ -99,7 +109,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "device": (_str, "CPU"), "num_requests": (_num(0, integer=True), 0),
                "transport": (_choice("ipc", "tcp"), "ipc"),
                "start_timeout_s": (_num(0, lo_open=True), 120.0),
-               "log_level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
+               "log_level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+               "watchdog_s": (_num(0), 0), "frame_deadline_s": (_num(0, lo_open=True), None),
+               "spill": (_bool, False)},
     "camera": {"frame_lines": (_num(1, integer=True), 512), "gsd_m": (_num(0, lo_open=True), 10.0),
                "ground_speed_m_s": (_num(0, lo_open=True), 7500.0), "dtype": (_choice(*DTYPES), "uint16"),
                "bands": (_str_list, None), "mode": (_choice(*MODES), "asap"),
@@ -116,8 +128,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "unsigned_bundle": (_bool, False), "corrupt_bundle": (_bool, False),
                "corrupt_chunks": (_int_list, []), "interrupt_uplink_after_chunks": (_num(1, integer=True), None),
                "malformed": (_malformed, []), "malformed_every": (_num(1, integer=True), 3),
-               "burst": (_burst, None)},
-    "report": {"targets": (_str_list, None), "mask_examples": (_num(0, integer=True), 4)},
+               "burst": (_burst, None),
+               "kill_every_s": (_num(0, lo_open=True), None), "sigstop_at_s": (_num_list, []),
+               "disk_mb": (_num(1, integer=True), None), "fill_disk_at_s": (_num(0), None),
+               "fill_disk_for_s": (_num(0, lo_open=True), 60.0),
+               "corrupt_state_at_s": (_num_list, [])},
+    "report": {"targets": (_str_list, None), "mask_examples": (_num(0, integer=True), 4),
+               "sample_every_s": (_num(0, lo_open=True), 5.0), "previews": (_bool, True)},
     "run": {"timeout_s": (_num(0, lo_open=True), 900.0)},
 }
 TOP_LEVEL = {"name", "description", "scenes"}

@@ -40,7 +40,7 @@ import zmq
 from zmq.utils import z85
 
 from onboard.config import DaemonConfig
-from onboard.errors import BAD_MESSAGE, ConfigError
+from onboard.errors import BAD_MESSAGE, DISK_FULL, ConfigError
 from shared.curve import ROLES, load_pair, load_public_keys
 from shared.errors import KeyFileError
 
@@ -117,14 +117,23 @@ class ReplayGuard:
             self.refused += 1
             return f"replayed: counter {counter} is not above {last}, the last this operator key sent"
         self.last[key] = counter
-        self._save()
+        try:
+            self._save()
+        except OSError as exc:        # a full store: refuse the command rather than forget its counter
+            self.last[key] = last
+            return (f"{DISK_FULL}: the command counter could not be stored in {self.path} "
+                    f"({exc.strerror or exc}); free space in the store")
         return None
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.last))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.last))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class Security:
@@ -210,7 +219,8 @@ class Security:
         refused = self.replay.admit(key, counter)
         if refused is None:
             return None
-        code = REPLAYED if refused.startswith(REPLAYED) else BAD_MESSAGE
+        code = REPLAYED if refused.startswith(REPLAYED) else \
+            DISK_FULL if refused.startswith(DISK_FULL) else BAD_MESSAGE
         if code == REPLAYED and self.replay.refused % 100 == 1:
             log.warning("refused a replayed command (%d so far): %s", self.replay.refused, refused)
         return {"ok": False, "code": code, "error": refused}

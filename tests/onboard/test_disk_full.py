@@ -242,3 +242,20 @@ def test_the_daemon_starts_from_a_corrupt_state_json_and_says_so(tmp_path, bundl
         assert "store state recovered" in daemon.log()
     finally:
         daemon.cleanup()
+
+
+# ------------------------------------------------------------------------------------ command counters
+def test_a_command_counter_that_cannot_be_stored_refuses_the_command(disk):
+    """The anti-replay counter ([security]) lives in the store: on a full disk the command is
+    refused `disk_full` naming the file (not accepted unprotected, not a crash), and the counter
+    is not advanced, so the same command goes through once there is room."""
+    from onboard.security import ReplayGuard
+    guard = ReplayGuard(disk.path / "store" / "command_counters.json")
+    assert guard.admit("operator-key", 1) is None
+    disk.fill()
+    refused = guard.admit("operator-key", 2)
+    assert refused.startswith("disk_full") and "command_counters.json" in refused
+    assert no_temp_files(disk.path / "store") and not list((disk.path / "store").glob("*.tmp"))
+    disk.free()
+    assert guard.admit("operator-key", 2) is None
+    assert json.loads((disk.path / "store" / "command_counters.json").read_text()) == {"operator-key": 2}

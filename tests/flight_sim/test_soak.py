@@ -1,0 +1,108 @@
+"""The short soak (scenarios/soak_short.toml) in CI: the real daemon under the simulator's
+supervisor (a real NOTIFY_SOCKET, restart on a missed watchdog), killed with -9, stopped with
+SIGSTOP past its watchdog, its disk (a tmpfs mounted for the run) filled, its state.json
+corrupted; about a minute and a half. Nothing may be lost, memory and descriptors stay flat.
+
+Run as a script it builds the soak's bundle (the small brightness test model, 6 bands, 64 px
+tiles, signed with a key made there) for scenarios/soak*.toml:
+
+    python tests/flight_sim/test_soak.py runs/soak
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from onboard_models import BANDS_6, make_test_manifest, make_test_model_files  # noqa: E402
+
+
+def make_soak_bundle(out: Path) -> Path:
+    """out/bundle.tar signed with out/keys/uplink.key (one 64 x 64 tile per frame)."""
+    from shared.bundle import build_bundle
+    from shared.keys import generate_keypair
+    sk, _ = generate_keypair(out / "keys")
+    files = make_test_model_files(out / "model", bands=BANDS_6, tile=64)
+    return build_bundle(out / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=0), sk)
+
+
+def can_mount() -> bool:
+    import os
+    import tempfile
+    if os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
+                            capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", d], capture_output=True)
+    return ok
+
+
+@pytest.fixture(scope="module")
+def soak(tmp_path_factory):
+    pytest.importorskip("openvino")
+    pytest.importorskip("zmq")
+    if not can_mount():
+        pytest.skip("the soak's full-disk fault mounts a size-limited tmpfs: needs root and mount")
+    root = tmp_path_factory.mktemp("soak")
+    make_soak_bundle(root)
+    text = (REPO / "scenarios" / "soak_short.toml").read_text()
+    text = text.replace("../runs/soak/", "")          # the bundle and key made here
+    (root / "soak_short.toml").write_text(text)
+    out = root / "run"
+    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / "soak_short.toml"),
+                           "--out", str(out), "--json", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return proc, json.loads(proc.stdout), out
+
+
+def test_every_check_passes(soak):
+    proc, report, _ = soak
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed and proc.returncode == 0, (failed, proc.stderr[-2000:])
+
+
+def test_nothing_lost_and_each_fault_happened(soak):
+    s = soak[1]["soak"]
+    f = s["frames"]
+    assert f["sent"] >= 600 and f["lost"] == 0 and f["sent"] == f["decided"] + f["errored"]
+    assert s["restarts"].get("watchdog", 0) >= 1            # the SIGSTOP: pings stopped
+    assert s["restarts"].get("kill -9", 0) >= 1
+    assert s["restarts"].get("corrupt state.json", 0) == 1
+    kinds = [e["kind"] for e in s["events"]]
+    for kind in ("sigstop", "watchdog_expired", "disk_filled", "disk_freed", "state_corrupted"):
+        assert kind in kinds, kinds
+    assert s["supervisor"]["readies"] == 1 + s["restarts_total"]   # READY=1 after every start
+
+
+def test_full_disk_gave_error_events_naming_it_and_refusals(soak):
+    s = soak[1]["soak"]
+    assert s["frames"]["error_codes"].get("disk_full", 0) >= 1, s["frames"]
+    codes = {c["command"]: c["code"] for c in s["disk_full_commands"]}
+    # refused, each naming the disk: by the command-counter store or by the write itself
+    assert codes["set_policy"] in ("disk_full", "policy_not_stored") and codes["upload_begin"] == "disk_full"
+    assert all("No space left" in c["error"] for c in s["disk_full_commands"])
+
+
+def test_corrupt_state_fell_back_to_the_last_good_state(soak):
+    s = soak[1]["soak"]
+    assert any("last good state" in r for r in s["state_recoveries"]), s["state_recoveries"]
+    assert all(r["same_model"] for r in soak[1]["restarts"])
+
+
+def test_memory_and_descriptors_sampled_and_flat(soak):
+    p = soak[1]["soak"]["process"]
+    assert p["samples"] >= 10
+    assert p["fds"]["growth"] <= 4 and p["rss_mb"]["max"] < 1500
+    assert "## Soak" in (soak[2] / "report.md").read_text()
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/soak")
+    print(make_soak_bundle(target))
