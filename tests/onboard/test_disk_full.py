@@ -1,6 +1,6 @@
 """Full disks and damaged state: each write path on a real, small filesystem that fills up
-(a size-limited tmpfs mounted for the test, unmounted after), and start-up from a corrupt or
-truncated state.json.
+(a size-limited tmpfs mounted for the test, unmounted after: skipped, saying why, where
+mounting is not permitted), and start-up from a corrupt or truncated state.json.
 
 Every path ends in a refusal or an error event naming the file, never a crash and never a
 half-written state: install (extraction, activation), set_policy (a state write), an upload
@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
+from flight_sim.errors import ScenarioFailed
+from flight_sim.soak import SmallDisk
 from onboard.errors import CommandFailed
 from test_daemon import DaemonProcess, Payload, command, offline_install
 from test_store import BundleFactory, frame, open_store, slot_names
@@ -23,42 +23,14 @@ from test_store import BundleFactory, frame, open_store, slot_names
 pytestmark = pytest.mark.timeout(180)
 
 
-class SmallDisk:
-    """A tmpfs of `size` bytes at `path`; `fill()` takes every free byte, `free()` gives it back."""
-
-    def __init__(self, path: Path, size: str):
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a size-limited tmpfs here ({result.stderr.strip() or 'not root'}); "
-                        "the disk-full tests need one")
-        self.filler = path / f"filler-{uuid.uuid4().hex[:6]}"
-
-    def fill(self) -> None:
-        """Write until ENOSPC, in ever smaller pieces: not a byte left for anyone."""
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            for size in (1 << 20, 65536, 4096, 1):
-                try:
-                    while True:
-                        os.write(fd, b"\0" * size)
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        self.filler.unlink(missing_ok=True)
-
-    def unmount(self) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
-
-
 @pytest.fixture
 def disk(tmp_path):
-    d = SmallDisk(tmp_path / "disk", "4m")
+    """A 4 MB tmpfs (the soak's SmallDisk: `fill()` takes every free byte, `free()` gives it back)."""
+    d = SmallDisk(tmp_path / "disk", 4)
+    try:
+        d.mount()
+    except ScenarioFailed as exc:
+        pytest.skip(f"the disk-full tests need a size-limited tmpfs: {exc}")
     yield d
     d.unmount()
 
