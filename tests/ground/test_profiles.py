@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mini_run import make_run  # noqa: E402  (tests/ground/mini_run.py)
 
 from ground.cli import main as ground_main  # noqa: E402
-from ground.errors import IncompatibleIR  # noqa: E402
+from ground.errors import GroundError, IncompatibleIR  # noqa: E402
 from ground.models.tiny_unet import TinyUNet  # noqa: E402
 from ground.openvino.compat import check_ir, downgrade, ir_layers  # noqa: E402
 from ground.openvino.export import export_openvino  # noqa: E402
@@ -115,3 +115,8 @@ def test_a_myriadx_bundle_records_its_profile_and_tolerance(run_folder, tmp_path
     manifest = verify_bundle(res["bundle"], pk).manifest
     assert manifest["profile"] == "myriadx"
     assert manifest["reference"]["max_abs_diff"] >= get_profile("myriadx").self_test.max_abs_diff
+
+
+def test_export_refuses_a_precision_its_profile_does_not_run(run_folder):
+    with pytest.raises(GroundError, match="profile rpi4 does not run bf16"):
+        export(Run.open(run_folder, progress=False), name="no", evaluate=False, precision="bf16", profile="rpi4")
