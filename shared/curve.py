@@ -30,6 +30,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from shared.errors import KeyFileError
+from shared.keys import key_file_paths, write_private_file
 
 ROLES = ("payload", "downlink", "operator", "telemetry")
 DAEMON = "daemon"
@@ -100,15 +101,6 @@ def load_public_keys(path: str | os.PathLike) -> list[bytes]:
     return [load_public(path)]
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    if path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(path, mode)           # whatever the umask made of it
-
-
 def _certificate(name: str, public: bytes, secret: bytes | None) -> str:
     kind = "Secret (keep it on its machine, mode 0600)" if secret else "Public"
     lines = [f"#   ****  Generated on {datetime.datetime.now():%Y-%m-%d %H:%M:%S} by eoedge  ****",
@@ -123,18 +115,11 @@ def generate_keypair(out_dir: str | os.PathLike, name: str,
                      overwrite: bool = False) -> tuple[Path, Path]:
     """Write `NAME.key` (public, 0644) and `NAME.key_secret` (0600) in `out_dir`; return both.
     Refuses to overwrite an existing pair unless asked (peers may already trust it)."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise KeyFileError(f"key name {name!r}: must be a plain file name")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    public_path, secret_path = out / f"{name}{PUBLIC_SUFFIX}", out / f"{name}{SECRET_SUFFIX}"
-    if not overwrite:
-        for p in (public_path, secret_path):
-            if p.exists():
-                raise FileExistsError(f"{p}: key file exists (refusing to overwrite it; --force)")
+    public_path, secret_path = key_file_paths(out_dir, name, (PUBLIC_SUFFIX, SECRET_SUFFIX), overwrite)
     public, secret = zmq.curve_keypair()
-    _write(secret_path, _certificate(name, public, secret), 0o600)
-    _write(public_path, _certificate(name, public, None), 0o644)
+    write_private_file(secret_path, _certificate(name, public, secret).encode())
+    public_path.write_text(_certificate(name, public, None))
+    public_path.chmod(0o644)               # whatever the umask: peers must read it
     return public_path, secret_path
 
 

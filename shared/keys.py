@@ -39,29 +39,42 @@ def generate_keypair(out_dir: str | os.PathLike, name: str = "uplink",
     Refuses to overwrite an existing key unless asked: losing the ground key means no bundle
     can ever be signed for the satellites that trust it.
     """
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise KeyFileError(f"key name {name!r}: must be a plain file name")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = out / f"{name}{PRIVATE_SUFFIX}", out / f"{name}{PUBLIC_SUFFIX}"
-    if not overwrite:
-        for p in (private_path, public_path):
-            if p.exists():
-                raise FileExistsError(f"{p}: key file exists (refusing to overwrite it)")
+    private_path, public_path = key_file_paths(out_dir, name, (PRIVATE_SUFFIX, PUBLIC_SUFFIX),
+                                               overwrite)
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    # Create the private file with 0600 from the start: no window where others could read it.
-    if private_path.exists():
-        private_path.unlink()
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    os.chmod(private_path, 0o600)   # in case the umask was stricter than asked / file existed
+    write_private_file(private_path, private_pem)
     public_path.write_bytes(public_pem)
     return private_path, public_path
+
+
+def key_file_paths(out_dir: str | os.PathLike, name: str, suffixes: tuple[str, ...],
+                   overwrite: bool = False) -> tuple[Path, ...]:
+    """`out_dir/<name><suffix>` for each suffix, the folder made; FileExistsError for an
+    existing one unless `overwrite` (a key others trust must not vanish by accident)."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise KeyFileError(f"key name {name!r}: must be a plain file name")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = tuple(out / f"{name}{suffix}" for suffix in suffixes)
+    if not overwrite:
+        for p in paths:
+            if p.exists():
+                raise FileExistsError(f"{p}: key file exists (refusing to overwrite it; --force)")
+    return paths
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write a secret key file created with mode 0600: no window where others could read it."""
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)   # in case the umask was stricter than asked / file existed
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
