@@ -92,7 +92,13 @@ class CommandClient:
                 return reply.body
         tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
         raise PeerUnreachable(f"no answer to {name!r} from {self.endpoint} after {tries} of "
-                              f"{timeout_s:g} s (is the daemon running?)")
+                              f"{timeout_s:g} s ({self._unreachable_hint()})")
+
+    def _unreachable_hint(self) -> str:
+        """A secured daemon says nothing to a client it does not let in: name that cause too."""
+        if self.keys is None:
+            return "is the daemon running? a daemon with [security] answers only CURVE clients: --keys"
+        return "is the daemon running, and is this operator key allowed in its [security]?"
 
     def next_counter(self) -> int:
         """The anti-replay counter of the next command: the clock in ns, strictly increasing

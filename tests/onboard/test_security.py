@@ -250,3 +250,16 @@ def test_insecure_must_be_said_and_is_reported(tmp_path, bundles):
         assert "WARNING" in daemon.log() and "insecure = true" in daemon.log()
     finally:
         daemon.cleanup()
+
+
+def test_the_cli_without_or_with_a_wrong_key_says_why_it_got_no_answer(guarded, tmp_path):
+    daemon, _, _ = guarded
+    ep = daemon.endpoints["commands"]
+    plain = cli("status", "--endpoint", ep, "--timeout", "1", "--retries", "0")
+    assert plain.returncode == 4 and "--keys" in plain.stderr
+    generate_keypair(tmp_path, "operator")                        # a stranger's operator pair
+    (tmp_path / "daemon.key").write_bytes((KEY_DIR / "daemon.key").read_bytes())
+    wrong = cli("status", "--endpoint", ep, "--keys", str(tmp_path), "--timeout", "1", "--retries", "0")
+    assert wrong.returncode == 4 and "is this operator key allowed" in wrong.stderr
+    right = cli("status", "--endpoint", ep, "--keys", str(KEY_DIR), "--json")
+    assert right.returncode == 0 and json.loads(right.stdout)["security"]["mode"] == "curve"
