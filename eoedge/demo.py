@@ -13,7 +13,8 @@ The embedded default (`RECIPE`), every step a call into the package that owns it
     5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.stages.bundle
                   lineage), reference tiles, Ed25519 signature, 5 MB budget
     6. fly        scenarios/demo.toml with that bundle: daemon as a process,    flight_sim.runner
-                  uplink, faults, passes, report                                 flight_sim.report
+                  every socket CURVE-authenticated with a throwaway key set
+                  made for the flight, uplink, faults, passes, report            flight_sim.report
 
 Steps 2-5 are skipped when OUT/bundle.tar exists and verifies with OUT/keys (`--rebuild` forces
 them). Parity and the bundle's reference tiles come from the run's own imagery (the generated
