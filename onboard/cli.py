@@ -10,6 +10,7 @@
     keys generate DIR --role ROLE           a CURVE key pair (NAME.key, NAME.key_secret 0600)
 
 Commands to a running daemon use the operator's CURVE keys: `--keys DIR` (DIR/operator.key_secret
+and DIR/daemon.key), or, with --config, those beside the daemon's `[security] secret_key`.
 
 A running daemon is asked through shared.client.CommandClient: `--timeout` per try and, for the
 commands that are safe to send twice (status, upload), `--retries` fresh tries after a

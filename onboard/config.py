@@ -49,15 +49,15 @@ class DaemonConfig:
     drain_timeout_s: float
     precision: str = AUTO                       # "auto" (each manifest's) or one forced for all
     capabilities: tuple[str, ...] | None = None   # None: ask OpenVINO
-    insecure: bool = False                      # [security]: no CURVE (a bench only)
-    secret_key: Path | None = None              # the daemon's CURVE pair (.key_secret)
-    allowed_keys: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # role -> key files/folders
     frame_deadline_s: float = 10.0              # [supervision]: a frame's deadline is this
     frame_deadline_s_per_mpix: float = 10.0     # ... plus this per megapixel
     stall_exit_s: float = 30.0                  # unwatched: exit this long into a stall (0: never)
     spill_dir: Path | None = None               # kept frames' products also written here
     test_block_prefix: str = ""                 # TEST HOOK: frames with this id prefix block
     test_block_s: float = 0.0
+    insecure: bool = False                      # [security]: no CURVE (a bench only)
+    secret_key: Path | None = None              # the daemon's CURVE pair (.key_secret)
+    allowed_keys: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # role -> key files/folders
     max_uploads: int = 4                        # [store]: incomplete uploads at once
     max_upload_total_bytes: int = 512 << 20     # ... and the bytes they announce together
     upload_max_age_s: float = 86400.0           # an upload untouched this long is removed
