@@ -62,9 +62,11 @@ BAD_CHUNK = "bad_chunk"              # a chunk of the wrong length
 CHECKSUM_MISMATCH = "checksum_mismatch"   # a chunk's or the whole file's sha256
 POLICY_NOT_STORED = "policy_not_stored"
 TOO_MANY_UPLOADS = "too_many_uploads"     # store.max_uploads incomplete, or their announced bytes
+REPLAYED = "replayed"                # body.counter not above the last its operator key sent
 COMMAND_ERROR_CODES = (TOO_LARGE, BAD_MESSAGE, INTERNAL, UNKNOWN_COMMAND, BUSY, BAD_ARGS,
                        UNKNOWN_UPLOAD, UPLOAD_INCOMPLETE, UPLOAD_COMPLETE, BAD_CHUNK,
-                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL, DISK_FULL, TOO_MANY_UPLOADS)
+                       CHECKSUM_MISMATCH, POLICY_NOT_STORED, NO_MODEL, DISK_FULL, TOO_MANY_UPLOADS,
+                       REPLAYED)
 
 # The model store: an InstallResult's code (install and rollback refusals pass it on to the
 # command's ACK), or StoreError.code. Bundle checks add shared.bundle's codes (bad_signature, ...).

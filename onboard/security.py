@@ -40,7 +40,7 @@ import zmq
 from zmq.utils import z85
 
 from onboard.config import DaemonConfig
-from onboard.errors import BAD_MESSAGE, DISK_FULL, ConfigError
+from onboard.errors import BAD_MESSAGE, DISK_FULL, REPLAYED, ConfigError
 from shared.curve import ROLES, load_pair, load_public_keys
 from shared.errors import KeyFileError
 
@@ -53,7 +53,6 @@ LOG_EVERY_S = 10.0                         # at most one refusal line per socket
 COUNTERS_FILE = "command_counters.json"
 MAX_COUNTER = (1 << 63) - 1                # msgpack-safe; a nanosecond clock fits until 2262
 PEEK_MAX_BYTES = 1 << 20
-REPLAYED = "replayed"                      # a refused command's code: counter not above the last
 
 
 @dataclass
