@@ -40,6 +40,10 @@ COMMANDS = {
                                               "latency, bytes", a.add_gap),
     "bundle": Command(_lazy("deploy", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
                       a.add_bundle),
+    "search": Command(_lazy("search", "cmd_search"), "architecture search on the device's own clock: the Pareto "
+                                                    "front of mIoU against ms per tile", a.add_search),
+    "build": Command(_lazy("search", "cmd_build"), "config -> the smallest signed bundle within a latency budget and "
+                                                  "an accuracy tolerance", a.add_build),
     "check-ir": Command(_lazy("profiles", "cmd_check_ir"), "can a device profile (cpu-x86, rpi4, rpi5, myriadx) "
                                                           "run this IR? each refused layer named", a.add_check_ir),
 }

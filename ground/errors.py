@@ -36,6 +36,16 @@ class StageError(GroundError):
     code = "stage_error"
 
 
+class BudgetNotMet(StageError):
+    """`build`: no candidate meets both the latency budget and the accuracy tolerance; the message
+    names the closest one (`.closest`)."""
+    code = "budget_not_met"
+
+    def __init__(self, message: str, closest: dict | None = None):
+        super().__init__(message)
+        self.closest = closest
+
+
 class IncompatibleIR(GroundError):
     """An IR the chosen device profile cannot run: the message names the layer, its op and why
     (`.problems`: one dict per layer); or an op that cannot be rewritten to a version it runs."""

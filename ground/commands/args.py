@@ -162,7 +162,6 @@ def add_check_ir(p) -> None:
                    help="the device profile to check against (shared.profiles)")
 
 
-
 def _precision_args(p) -> None:
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="int8: the most agreement with the teacher (training tiles) quantisation may cost")
@@ -196,3 +195,40 @@ def add_gap(p) -> None:
     p.add_argument("--threads", type=POSITIVE, default=1, help="OpenVINO threads for the latency figures")
     p.add_argument("--rounds", type=POSITIVE, default=3, help="timing rounds (each IR in turn, lowest median kept)")
     _precision_args(p)
+
+
+def _search_args(p, trials: int) -> None:
+    p.add_argument("--trials", type=POSITIVE, default=trials, help="finished trials the study should hold")
+    p.add_argument("--workers", type=POSITIVE, default=1, help="worker processes on this machine (one study)")
+    p.add_argument("--device", default="CPU", help="OpenVINO device the candidates are timed on")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="the deployed precision they are timed at")
+    p.add_argument("--sampler", choices=("nsga2", "nsga3", "tpe", "gp", "random", "qmc"), default="nsga2",
+                   help="Optuna sampler (NSGA-II: the evolutionary search)")
+    p.add_argument("--population", type=POSITIVE, default=8, help="NSGA-II/III population size")
+    p.add_argument("--steps", type=POSITIVE, help="distillation steps per candidate (default: the run's train.steps)")
+    p.add_argument("--storage", help="Optuna storage: a journal file path (default RUN/search/NAME/study.journal) "
+                                     "or an RDB URL (postgresql://...) shared by workers on many machines")
+    p.add_argument("--study", default=None, help="study name (its folder RUN/search/NAME)")
+
+
+def add_search(p) -> None:
+    _run_arg(p)
+    _search_args(p, 16)
+    p.add_argument("--max-bytes", type=byte_size, default=byte_size(DEFAULT_MAX_BYTES),
+                   help="IR bytes a candidate may have (the constraint)")
+    p.add_argument("--pick", type=float, metavar="WITHIN",
+                   help="copy the fastest front point within WITHIN mIoU of the teacher to search/NAME/picked.pt")
+
+
+def add_build(p) -> None:
+    add_config(p)
+    p.add_argument("--latency-budget-ms", type=float, required=True, help="ms per tile on the device, at --precision")
+    p.add_argument("--accuracy-tolerance", type=float, default=0.01, help="mIoU below the teacher's allowed")
+    p.add_argument("--key", required=True, help="Ed25519 private key (eoedge shared keygen)")
+    p.add_argument("--model-id", required=True, help="model id ([a-z0-9._-])")
+    p.add_argument("--version", type=COUNT, required=True, help="bundle version")
+    p.add_argument("--via", choices=("search", "prune"), default="search",
+                   help="search the architecture, or prune the distilled student to the budget")
+    p.add_argument("--fp16-steps", type=COUNT, help="FP16-aware fine-tuning steps (default: the search's steps)")
+    p.add_argument("--max-bytes", type=byte_size, default=byte_size(DEFAULT_MAX_BYTES), help="uplink budget")
+    _search_args(p, 12)

@@ -9,6 +9,7 @@ import segmentation_models_pytorch as smp
 from torch import nn
 
 from ground.errors import CheckpointError
+from ground.models.search_unet import SearchUNet
 from ground.models.tiny_unet import TinyUNet
 
 
@@ -30,6 +31,7 @@ def _tiny_unet_separable(in_channels, num_classes, **kw):
 STUDENTS: dict[str, Callable[..., nn.Module]] = {
     "tiny-unet": _tiny_unet,
     "tiny-unet-separable": _tiny_unet_separable,
+    "search-unet": SearchUNet,          # the architecture search's family (ground.search.space)
 }
 
 

@@ -49,7 +49,28 @@ class Up(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
-class TinyUNet(nn.Module):
+class UNet(nn.Module):
+    """What every U-Net student shares: `stem`, `down` blocks with max-pools between them, `up`
+    levels called as `level(x, skip)`, a `head`; `config["widths"]` gives the depth."""
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (len(self.config["widths"]) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
+            raise GroundError(f"{type(self).__name__} input {tuple(x.shape[-2:])} must be a multiple of {self.multiple}"
+                             " (tile or pad it first)")
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(self.pool(skips[-1])))
+        x = skips.pop()
+        for block in self.up:
+            x = block(x, skips.pop())
+        return self.head(x)
+
+
+class TinyUNet(UNet):
     """U-Net with `len(widths)` levels (`len(widths) - 1` poolings) and concatenated skips.
 
     Input height and width must be multiples of 2 ** (len(widths) - 1). Output: logits (N, K, H, W).
@@ -74,22 +95,6 @@ class TinyUNet(nn.Module):
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i], widths[i], separable, upsample)
                                 for i in reversed(range(len(widths) - 1)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
-
-    @property
-    def multiple(self) -> int:
-        return 2 ** (len(self.config["widths"]) - 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
-            raise GroundError(f"TinyUNet input {tuple(x.shape[-2:])} must be a multiple of {self.multiple}"
-                             " (tile or pad it first)")
-        skips = [self.stem(x)]
-        for block in self.down:
-            skips.append(block(self.pool(skips[-1])))
-        x = skips.pop()
-        for block in self.up:
-            x = block(x, skips.pop())
-        return self.head(x)
 
     @classmethod
     def for_budget(cls, in_channels: int, num_classes: int, params: int | str, depth: int = 4,

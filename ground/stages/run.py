@@ -88,6 +88,13 @@ class Run:
         """Reuse `other`'s loaded data, teacher and teacher masks (a view of the same run)."""
         self._data, self._teacher, self._teacher_masks = other._data, other._teacher, other._teacher_masks
 
+    def with_data(self, data: Data) -> "Run":
+        """The same run (folder, config, teacher) seeing other data: e.g. the architecture search's
+        split of the training imagery, whose `evals` are a validation strip of it."""
+        view = Run(self.cfg, self.folder, self.progress)
+        view._data, view._teacher = data, self.teacher
+        return view
+
     def log(self, msg: str) -> None:
         if self.progress:
             print(msg, file=sys.stderr)
