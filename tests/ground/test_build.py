@@ -80,3 +80,13 @@ def test_build_delivers_a_self_tested_bundle_within_a_loose_budget(tmp_path):
     assert r["self_test"]["ok"] and r["bytes"] > 0 and r["ms_per_tile"] <= 10000
     assert r["miou_heldout"] is not None and r["chosen"] == "search/build/picked.pt" and r["precision"] == "fp16"
     assert (tmp_path / "tiny" / "bundles" / "tiny-v1.tar").exists()
+
+
+def test_build_via_pruning_the_distilled_student(tmp_path):
+    config = tiny_config(tmp_path)
+    key, _ = generate_keypair(tmp_path / "keys")
+    out = _build(config, key, "--latency-budget-ms", "10000", "--accuracy-tolerance", "1.0", "--via", "prune",
+                 "--fp16-steps", "1", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["via"] == "prune" and r["chosen"] == "pruned/build-lamp-30.pt" and r["self_test"]["ok"]
