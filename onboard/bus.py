@@ -226,7 +226,7 @@ class Bus:
         """Create and bind every socket named in the config; return the bound endpoints."""
         cfg = self.config
         self._ctx = zmq.Context()
-        zap = self.security.start(self._ctx)
+        self.security.start(self._ctx)
         frames = self._ctx.socket(zmq.ROUTER)
         frames.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an absent peer is an error, not a drop
         frames.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a reconnecting payload takes its id back
@@ -246,8 +246,8 @@ class Bus:
             self.security.secure(sock, name)
             self.endpoints[name] = self._bind_one(name, sock, cfg.endpoints[name])
         self._poller = zmq.Poller()
-        if zap is not None:
-            self._poller.register(zap, zmq.POLLIN)
+        for watched in self.security.pollables():      # ZAP requests, handshake failures
+            self._poller.register(watched, zmq.POLLIN)
         self._poller.register(frames, zmq.POLLIN)
         self._poller.register(commands, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -279,8 +279,7 @@ class Bus:
         else:
             timeout = max(0, min(POLL_MS, int((until - time.monotonic()) * 1000) + 1))
         events = dict(self._poller.poll(timeout))
-        if self.security.zap in events:
-            self.security.serve_zap()
+        self.security.serve(events)
         ready = {name for name in ("frames", "commands") if self.sockets[name] in events}
         if self._wake_r in events:
             self._drain_wake_pipe()

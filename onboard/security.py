@@ -11,9 +11,10 @@ ZAP handler here (RFC 27) about each new connection; it answers 200 only for a p
     telemetry  telemetry keys    TELEMETRY out
 
 A connection without an allowed key never completes its handshake: it can send nothing and
-receives nothing. A client without CURVE (the NULL mechanism) is refused by libzmq itself, before
-ZAP is asked. Refusals are counted per socket (status, telemetry) and logged at most once per
-LOG_EVERY_S per socket.
+receives nothing. A client without CURVE (the NULL mechanism), or with another daemon's public
+key, is refused by libzmq itself before ZAP is asked; a socket monitor per socket reports those
+handshake failures. Both are counted per socket (status, telemetry: `refused`,
+`handshake_failed`) and logged at most once per LOG_EVERY_S per socket.
 
 Why our own ZAP handler rather than `zmq.auth`'s Authenticator: its refusals can be neither
 counted nor rate-limited, and it wants its own thread; the handshake is 7 frames in and 6 out,
@@ -38,6 +39,7 @@ from pathlib import Path
 import msgpack
 import zmq
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from onboard.config import DaemonConfig
 from onboard.errors import BAD_MESSAGE, DISK_FULL, REPLAYED, ConfigError
@@ -50,6 +52,7 @@ ROLE_OF_SOCKET = {"frames": "payload", "products": "downlink", "commands": "oper
                   "telemetry": "telemetry"}
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"     # where libzmq asks (RFC 27)
 LOG_EVERY_S = 10.0                         # at most one refusal line per socket this often
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 COUNTERS_FILE = "command_counters.json"
 MAX_COUNTER = (1 << 63) - 1                # msgpack-safe; a nanosecond clock fits until 2262
 PEEK_MAX_BYTES = 1 << 20
@@ -141,10 +144,12 @@ class Security:
     def __init__(self, config: DaemonConfig):
         self.keys = load_server_keys(config)
         self.replay = ReplayGuard(config.store_root / COUNTERS_FILE) if self.keys else None
-        self.refused = {name: 0 for name in ROLE_OF_SOCKET}
+        self.refused = {name: 0 for name in ROLE_OF_SOCKET}            # by ZAP: key not allowed
+        self.handshake_failed = {name: 0 for name in ROLE_OF_SOCKET}   # by libzmq: no CURVE, ...
         self._unlogged = dict(self.refused)
         self._next_log = dict.fromkeys(ROLE_OF_SOCKET, 0.0)
         self.zap: zmq.Socket | None = None
+        self.monitors: dict[zmq.Socket, str] = {}                       # monitor socket -> name
         if self.keys is None:
             log.warning("[security] insecure = true: no CURVE, no ZAP; ANY local process may "
                         "command this daemon, take its products and read its telemetry")
@@ -169,6 +174,29 @@ class Security:
             sock.curve_secretkey = self.keys.secret
             sock.curve_publickey = self.keys.public
             sock.zap_domain = name.encode()
+            self.monitors[sock.get_monitor_socket(HANDSHAKE_FAILED)] = name
+
+    def pollables(self) -> list[zmq.Socket]:
+        """The sockets the poller watches for us: the ZAP handler and the monitors."""
+        return [self.zap, *self.monitors] if self.enabled else []
+
+    def serve(self, events: dict) -> None:
+        """Handle what the poller saw ready: ZAP requests, handshake failures."""
+        if self.zap is not None and self.zap in events:
+            self.serve_zap()
+        for monitor, name in self.monitors.items():
+            if monitor in events:
+                self._drain_monitor(monitor, name)
+
+    def _drain_monitor(self, monitor: zmq.Socket, name: str) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handshake_failed[name] += 1
+            detail = getattr(event.get("value"), "name", event.get("value"))
+            self._log_refusal(name, f"handshake failed ({detail}: no CURVE, or not this daemon's key)")
 
     def serve_zap(self) -> None:
         """Answer every waiting ZAP request (the poller saw the ZAP socket readable)."""
@@ -189,19 +217,19 @@ class Security:
         text = z85.encode(key) if key else b""
         if role and text in self.keys.allowed[role]:
             return [version, request_id, b"200", b"OK", text, b""]
-        self._count_refusal(name, role, mechanism, text)
+        if role is not None:
+            self.refused[name] += 1
+            self._log_refusal(name, f"not a {role} key ({mechanism.decode('ascii', 'replace')[:8]} "
+                                    f"{text[:8].decode() + '...' if text else '-'})")
         return [version, request_id, b"400", b"key not allowed for this socket", b"", b""]
 
-    def _count_refusal(self, name: str, role: str | None, mechanism: bytes, key: bytes) -> None:
-        if role is None:
-            return
-        self.refused[name] += 1
+    def _log_refusal(self, name: str, last: str) -> None:
+        """One WARNING per socket per LOG_EVERY_S at most, with the count since the last one."""
         self._unlogged[name] += 1
         now = time.monotonic()
         if now >= self._next_log[name]:
-            log.warning("refused %d connection(s) on %s in the last %g s: not a %s key (last: %s %s)",
-                        self._unlogged[name], name, LOG_EVERY_S, role,
-                        mechanism.decode("ascii", "replace")[:8], key[:8].decode() + "..." if key else "-")
+            log.warning("refused %d connection(s) on %s in the last %g s; the last: %s",
+                        self._unlogged[name], name, LOG_EVERY_S, last)
             self._unlogged[name] = 0
             self._next_log[name] = now + LOG_EVERY_S
 
@@ -227,11 +255,16 @@ class Security:
     def status(self) -> dict:
         """What status and telemetry report: the mode, allowed keys per role, refusals."""
         if not self.enabled:
-            return {"mode": "insecure", "refused": dict(self.refused), "replayed": 0}
+            return {"mode": "insecure", "refused": dict(self.refused),
+                    "handshake_failed": dict(self.handshake_failed), "replayed": 0}
         return {"mode": "curve", "keys": {role: len(keys) for role, keys in self.keys.allowed.items()},
-                "refused": dict(self.refused), "replayed": self.replay.refused}
+                "refused": dict(self.refused), "handshake_failed": dict(self.handshake_failed),
+                "replayed": self.replay.refused}
 
     def close(self) -> None:
+        for monitor in self.monitors:
+            monitor.close(linger=0)
+        self.monitors = {}
         if self.zap is not None:
             self.zap.close(linger=0)
             self.zap = None
