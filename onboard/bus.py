@@ -19,8 +19,9 @@ The reply outboxes (frames, commands) are bounded per peer and in all, in bytes 
 messages that may go are dropped, and counted (`outbox_status`, in status and telemetry). A
 message may go when its peer is away (its last send was unroutable), or when it is not a
 frame's only outcome (an ACK: the DECISION or ERROR follows). A connected payload's outcomes
-are never dropped: they are bounded by queue.max_frames and leave as it reads. The products
-outbox is bounded by admission (queue.max_pending_products) instead.
+are never dropped while it reads; one that has taken nothing for outbox_max_age_s (its pipe
+full all along) counts as away. The products outbox is bounded by admission
+(queue.max_pending_products) instead.
 
 A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
 with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
@@ -132,6 +133,7 @@ class Outbox:
     bytes: int = 0
     peer_bytes: dict = field(default_factory=dict)
     away: set = field(default_factory=set)     # peers whose last send was unroutable
+    stalled: dict = field(default_factory=dict)   # connected peer -> since when it takes nothing
     dropped: dict = field(default_factory=lambda: {"messages": 0, "bytes": 0, "outcomes": 0})
 
     def __len__(self) -> int:
@@ -154,8 +156,11 @@ class Outbox:
         else:
             self.peer_bytes.pop(item.peer, None)
 
-    def may_drop(self, item: Pending) -> bool:
-        return item.peer in self.away or not item.outcome
+    def may_drop(self, item: Pending, now: float) -> bool:
+        if item.peer in self.away or not item.outcome:
+            return True
+        since = self.stalled.get(item.peer)
+        return since is not None and now - since > self.limits.max_age_s
 
     def over(self, item: Pending) -> bool:
         return self.bytes > self.limits.total_bytes or \
@@ -168,8 +173,8 @@ class Outbox:
         old = now - self.limits.max_age_s
         kept, n = collections.deque(), 0
         for item in self.items:
-            if self.may_drop(item) and ((item.peer in self.away and item.since < old)
-                                        or self.over(item)):
+            if self.may_drop(item, now) and ((item.peer in self.away and item.since < old)
+                                             or self.over(item)):
                 self._count(item, -1)
                 self.dropped["messages"] += 1
                 self.dropped["bytes"] += item.nbytes
@@ -179,6 +184,8 @@ class Outbox:
                 kept.append(item)
         self.items = kept
         self.away &= self.peer_bytes.keys()      # forget peers with nothing waiting
+        for peer in set(self.stalled) - self.peer_bytes.keys():
+            del self.stalled[peer]
         return n
 
     def status(self) -> dict:
@@ -397,19 +404,23 @@ class Bus:
             try:
                 sock.send_multipart([*item.route, *item.parts], zmq.NOBLOCK, copy=False)
                 outbox.away.discard(item.peer)
+                outbox.stalled.pop(item.peer, None)
             except zmq.Again:
                 outbox.append(item)
-                outbox.away.discard(item.peer)   # connected, its pipe full: it still reads
+                outbox.away.discard(item.peer)   # connected, its pipe full: may still read
+                outbox.stalled.setdefault(item.peer, time.monotonic())
                 blocked = True           # PUSH: nobody pulling or HWM reached; keep the order
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EHOSTUNREACH:
                     outbox.append(item)   # the payload is away: retry when it is back
                     outbox.away.add(item.peer)
+                    outbox.stalled.pop(item.peer, None)
                 else:
                     log.error("%s: message to %r not sent: %s", name, item.peer, exc)
         outbox.trim(time.monotonic())
         if not outbox.items:
             outbox.away.clear()
+            outbox.stalled.clear()
         outbox.next_try = time.monotonic() + OUTBOX_RETRY_S if outbox.items else 0.0
 
     # ------------------------------------------------------------------ close

@@ -408,3 +408,23 @@ def test_a_reply_that_cannot_be_encoded_becomes_an_error_reply():
         reply = decode(encode(unencodable_reply(msg, exc)))
         assert reply.ref == msg.ref and reply.body["code"] == "internal"
     assert decode(encode(unencodable_reply(decision, exc))).body["frame_id"] == "f1"
+
+
+def test_outbox_drops_only_what_may_go():
+    """The outbox's rule without sockets: over its bounds it drops, oldest first, an away peer's
+    messages and a connected peer's ACKs; a connected peer's outcomes only once it has taken
+    nothing for max_age_s."""
+    from onboard.bus import Outbox, OutboxLimits, Pending
+    box = Outbox("frames", OutboxLimits(peer_bytes=250, total_bytes=1000, max_age_s=10.0))
+    for i in range(3):
+        box.append(Pending([b"here"], [b"x" * 100], 100, since=float(i), outcome=True))
+    box.append(Pending([b"here"], [b"a" * 100], 100, since=3.0, outcome=False))   # an ACK
+    assert box.trim(now=4.0) == 1 and box.dropped == {"messages": 1, "bytes": 100, "outcomes": 0}
+    assert [p.outcome for p in box.items] == [True, True, True]    # 300 > 250, but all outcomes
+    box.stalled[b"here"] = 0.0                                      # takes nothing since t=0
+    assert box.trim(now=5.0) == 0                                   # not for max_age_s yet
+    assert box.trim(now=11.0) == 1 and box.bytes == 200             # oldest outcome goes
+    box.append(Pending([b"gone"], [b"y" * 50], 50, since=11.0, outcome=True))
+    box.away.add(b"gone")
+    assert box.trim(now=20.0) == 0 and box.trim(now=21.5) == 1       # away: dropped by age
+    assert box.status()["peers"] == 1 and box.status()["away"] == 0
