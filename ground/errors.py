@@ -54,3 +54,18 @@ class IncompatibleIR(GroundError):
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class DeviceError(GroundError):
+    """A device the config asks for that this machine does not have (or cannot run at that precision):
+    the message names it and the devices there are."""
+    code = "device_error"
+
+
+class DeviceOutOfMemory(GroundError):
+    """The device ran out of memory: the message names the batch size that failed (`.batch`)."""
+    code = "device_out_of_memory"
+
+    def __init__(self, message: str, batch: int | None = None):
+        super().__init__(message)
+        self.batch = batch

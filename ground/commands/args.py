@@ -35,6 +35,12 @@ def add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (run.name)")
 
 
+def add_device(p) -> None:
+    p.add_argument("--device", help="override train.device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="override train.precision (auto: bf16/fp16 autocast on a GPU, fp32 on the CPU)")
+
+
 def add_list(p) -> None:
     pass
 
@@ -54,12 +60,14 @@ def add_run(p) -> None:
     p.add_argument("--steps", type=POSITIVE, help="override train.steps")
     p.add_argument("--params", help="override student.params (e.g. 100k)")
     p.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these experiments")
+    add_device(p)
 
 
 def add_train_teacher(p) -> None:
     add_config(p)
     p.add_argument("--steps", type=POSITIVE, help="override train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's teacher.pt")
+    add_device(p)
 
 
 def add_eval_teacher(p) -> None:

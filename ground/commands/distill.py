@@ -24,7 +24,7 @@ from ground.training.teacher import train_smp_teacher
 def _overrides(args) -> dict:
     out = {}
     for key, attr in (("train.steps", "steps"), ("student.params", "params"), ("run.out", "out"),
-                      ("run.name", "name")):
+                      ("run.name", "name"), ("train.device", "device"), ("train.precision", "precision")):
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
@@ -55,6 +55,8 @@ def cmd_size(args) -> int:
 
 def cmd_run(args) -> int:
     report = distill(load(args), progress=not args.json, only=args.only)
+    if report.get("rank"):          # a torchrun rank other than 0: rank 0 reports
+        return 0
     result = {k: report[k] for k in ("run", "run_dir", "deliver", "rows", "normalization", "seconds_total")}
     emit(result, args.json, lambda r: markdown(report) + f"\nrun folder: {r['run_dir']}")
     return 0

@@ -23,7 +23,9 @@ def model_proba(model: torch.nn.Module, image: np.ndarray, norm: Normalization, 
 
     def infer(tiles):
         with torch.no_grad():
-            return torch.softmax(model(torch.from_numpy(np.array(tiles))), 1).numpy()
+            x = torch.from_numpy(np.array(tiles)).to(device)      # the model's device (CPU or GPU)
+            return torch.softmax(model(x).float(), 1).cpu().numpy()
+    device = next(model.parameters()).device
     return tiled_predict(norm.apply(image), infer, tile, overlap, batch)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -18,7 +19,7 @@ from ground.errors import ConfigError
 from ground.evaluation.operating_point import OperatingPoint, calibration_source
 from ground.evaluation.report import write_report
 from ground.evaluation.scores import evaluate_on, summary
-from ground.lineage import StageRecord
+from ground.lineage import RunFolder, StageRecord
 from ground.models.checkpoints import build_arch
 from ground.models.registry import build_student
 from ground.models.size import describe
@@ -31,7 +32,10 @@ from ground.training.features import FeatureTerm
 from ground.training.loop import fit
 from ground.training.losses import build_objective
 from ground.training.sources import teacher_class_weights
+from ground.training.device import Placement
+from ground.training.distributed import Distributed
 from ground.training.teacher import train_smp_teacher
+from ground.training.validation import agreement, split_samples
 
 
 def student_arch(cfg: RunConfig) -> dict:
@@ -54,10 +58,11 @@ def feature_teacher(run: Run):
             raise ConfigError("feature_teacher.name = 'teacher' needs a torch [teacher] (smp or checkpoint)")
         return run.teacher
     if ft["name"].startswith("checkpoint:"):
-        return TorchTeacher.from_checkpoint(ft["name"].split(":", 1)[1], tile=cfg.tile, overlap=cfg.overlap)
+        return TorchTeacher.from_checkpoint(ft["name"].split(":", 1)[1], tile=cfg.tile, overlap=cfg.overlap,
+                                            device=cfg.train.device)
     model, _ = train_smp_teacher(cfg, run.data, run.run_dir / "feature_teacher.pt", ft["name"], ft["train"],
                                  ft["options"], teacher=run.teacher, progress=run.progress)
-    return TorchTeacher(model, run.data.norm, ft["name"], tile=cfg.tile, overlap=cfg.overlap)
+    return TorchTeacher(model, run.data.norm, ft["name"], tile=cfg.tile, overlap=cfg.overlap, device=cfg.train.device)
 
 
 def _objective(cfg: RunConfig, exp: Experiment, data: Data, samples, cache):
@@ -87,8 +92,14 @@ def train_student(run: Run, exp: Experiment, feature=None, resume: bool = False)
     else:
         samples = data.distill_samples(with_labels=bool(exp.options.get("ce_weight")))
         cache = TeacherCache(cfg.cache, run.teacher)
+    ctx = Distributed.from_env()
+    validate = None
+    if cfg.train.val_every and cfg.train.validation:
+        # validation by scene: these images are scored during training, never trained on
+        samples, held = split_samples(samples, cfg.train.validation, cfg.seed)
+        validate = lambda m: agreement(m, held, data.norm, cache, cfg.tile, cfg.overlap)   # noqa: E731
     sampler = BatchSampler(samples, cfg.train, cache)
-    sampler.warm(run.progress)
+    sampler.warm(run.progress, ctx)
     objective = _objective(cfg, exp, data, samples, cache)
     term = None
     if exp.mode == "feature":
@@ -99,7 +110,7 @@ def train_student(run: Run, exp: Experiment, feature=None, resume: bool = False)
     try:
         history = fit(model, sampler, objective, data.norm, cfg.train, checkpoint=path, arch=arch, resume=resume,
                       feature=term, meta={"name": exp.name, "experiment": asdict(exp)}, progress=run.progress,
-                      desc=exp.name)
+                      desc=exp.name, validate=validate)
     finally:
         if term:
             term.close()
@@ -144,12 +155,28 @@ def _student_row(run: Run, exp: Experiment, feature, teacher_masks) -> tuple[dic
     return row, res, history, mask
 
 
+def _train_only(cfg: RunConfig, wanted: list[Experiment], ctx: Distributed) -> dict:
+    """A rank other than 0 under torchrun: the same training (its share of every batch and of the
+    teacher labelling), no evaluation, and nothing written to the run folder (its lineage goes to a
+    scratch folder; checkpoints are rank 0's, in the real run folder)."""
+    with tempfile.TemporaryDirectory(prefix=f"eoedge-rank{ctx.rank}-") as scratch:
+        run = Run(cfg, RunFolder(scratch), progress=False)
+        run.run_dir = cfg.run_dir
+        feature = feature_teacher(run) if any(e.mode == "feature" for e in wanted) else None
+        for exp in wanted:
+            train_student(run, exp, feature)          # as rank 0 does
+    return {"run": cfg.name, "rank": ctx.rank, "run_dir": str(cfg.run_dir)}
+
+
 def distill(cfg: RunConfig, progress: bool = True, only: list[str] | None = None) -> dict:
     """Everything a config asks for; returns the report dict (also written as report.json/.md)."""
     wanted = [e for e in cfg.experiments if only is None or e.name in only]
     if only and len(wanted) != len(only):
         raise ConfigError(f"--only: unknown experiment(s) {sorted(set(only) - {e.name for e in cfg.experiments})}")
     t_start = time.perf_counter()
+    ctx = Distributed.from_env(Placement.of(cfg.train.device, cfg.train.precision))   # a bad device fails here
+    if not ctx.is_main:
+        return _train_only(cfg, wanted, ctx)
     run = Run.create(cfg, progress)
     if cfg.source is not None:
         shutil.copyfile(cfg.source, run.folder.file("config.toml"))

@@ -41,7 +41,7 @@ def run_teacher(cfg: RunConfig, data: Data, run_dir: Path, progress: bool = True
     if name.startswith("smp:"):
         model, _ = train_smp_teacher(cfg, data, run_dir / "teacher.pt", name, cfg.teacher["train"],
                                      cfg.teacher["options"], progress=progress)
-        return TorchTeacher(model, data.norm, name, tile=cfg.tile, overlap=cfg.overlap)
+        return TorchTeacher(model, data.norm, name, tile=cfg.tile, overlap=cfg.overlap, device=cfg.train.device)
     teacher = build_teacher(name, **cfg.teacher["options"])
     if tuple(teacher.bands) != tuple(cfg.bands):
         raise ConfigError(f"teacher {name} takes bands {teacher.bands}; data.bands is {cfg.bands} (same order please)")

@@ -22,7 +22,7 @@ class OpenVINOTeacher(Teacher):
 
     def __init__(self, model_path: str | Path, bands: Sequence[str], mean: Sequence[float], std: Sequence[float],
                  num_classes: int, tile: int = 256, overlap: int = 128, name: str | None = None,
-                 outputs: str = "logits", threads: int | None = None):
+                 outputs: str = "logits", threads: int | None = None, device: str = "best"):
         self.path = Path(model_path)
         if not self.path.exists():
             raise FileNotFoundError(f"teacher model {self.path} not found")
@@ -50,9 +50,14 @@ class OpenVINOTeacher(Teacher):
         # weights = floating-point constants of the graph (shape constants are integers)
         self.params = int(sum(np.prod(list(op.get_output_shape(0))) for op in model.get_ops()
                               if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real()))
-        config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
-        self._compiled = core.compile_model(model, "CPU", config)
         self._digest = sha256_file(self.path)
+        self._ort = onnxruntime_cuda_session(self.path) if device in ("best", "cuda") else None
+        if self._ort is None:
+            self.device = openvino_device(core, device)
+            config = {"INFERENCE_NUM_THREADS": int(threads)} if threads and self.device == "CPU" else {}
+            self._compiled = core.compile_model(model, self.device, config)
+        else:
+            self.device = "onnxruntime:CUDA"
 
     @property
     def identity(self) -> str:
@@ -60,13 +65,38 @@ class OpenVINOTeacher(Teacher):
                            "std": self.std.ravel().tolist(), "tile": self.tile, "overlap": self.overlap})
 
     def _infer(self, tiles: np.ndarray) -> np.ndarray:
-        out = self._compiled(tiles)[0]
+        if self._ort is not None:
+            out = self._ort.run(None, {self._ort.get_inputs()[0].name: np.ascontiguousarray(tiles, np.float32)})[0]
+        else:
+            out = self._compiled(tiles)[0]
         return softmax(out) if self.outputs == "logits" else out
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         if image.shape[0] != len(self.bands):
             raise GroundError(f"teacher {self.name} takes {len(self.bands)} bands {self.bands}, got {image.shape[0]}")
         return tiled_predict((image - self.mean) / self.std, self._infer, self.tile, self.overlap)
+
+
+def openvino_device(core: ov.Core, device: str = "best") -> str:
+    """OpenVINO's device for a teacher: "best" = a GPU plugin when the machine has one, else the CPU;
+    or a device OpenVINO names ("CPU", "GPU.1", "AUTO")."""
+    have = list(core.available_devices)
+    if device in ("best", "cuda"):
+        return next((d for d in have if d.startswith("GPU")), "CPU")
+    if device.split(":")[0] not in ("AUTO", "MULTI", "HETERO") and device not in have:
+        raise GroundError(f"OpenVINO device {device!r} not on this machine (here: {', '.join(have)})")
+    return device
+
+
+def onnxruntime_cuda_session(path: Path):
+    """An onnxruntime session on CUDA for an .onnx teacher when onnxruntime-gpu is installed and sees a
+    GPU; None otherwise (OpenVINO runs it)."""
+    if path.suffix.lower() != ".onnx" or importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort          # optional: only where it is installed
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    return ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 def ukis_csmask_teacher(variant: str = "6b-l1c", **kw) -> OpenVINOTeacher:

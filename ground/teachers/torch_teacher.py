@@ -12,13 +12,18 @@ from shared.hashing import sha256_file
 from ground.errors import GroundError
 from ground.models.checkpoints import load_model
 from ground.teachers.base import Teacher, state_digest, tiled_predict
+from ground.training.device import Placement, out_of_memory
 
 
 class TorchTeacher(Teacher):
     """A torch segmentation model (an smp model trained here) with its normalisation statistics."""
 
-    def __init__(self, model, norm, name: str, tile: int = 256, overlap: int = 64, weights_digest: str = ""):
-        self.model = model.eval()
+    def __init__(self, model, norm, name: str, tile: int = 256, overlap: int = 64, weights_digest: str = "",
+                 device: str = "cpu", batch: int = 8):
+        # labelling runs batched on `device` (a GPU when the config says so: ground.training.device)
+        self.placement = Placement.of(device, "fp32")
+        self.batch = int(batch)
+        self.model = self.placement.model(model).eval()
         self.norm = norm
         self.name = name
         self.bands = tuple(norm.bands)
@@ -34,9 +39,10 @@ class TorchTeacher(Teacher):
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
 
         def infer(tiles):
-            with torch.no_grad():
-                return torch.softmax(self.model(torch.from_numpy(np.array(tiles))), 1).numpy()
-        return tiled_predict(self.norm.apply(image), infer, self.tile, self.overlap)
+            (x,) = self.placement.batch(torch.from_numpy(np.array(tiles)))
+            with torch.no_grad(), out_of_memory(len(tiles), f"teacher {self.name}", self.placement.device):
+                return torch.softmax(self.model(x).float(), 1).cpu().numpy()
+        return tiled_predict(self.norm.apply(image), infer, self.tile, self.overlap, self.batch)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kw) -> "TorchTeacher":

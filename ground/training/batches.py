@@ -62,13 +62,18 @@ class BatchSampler:
         c = int(np.clip(cols[i] - size // 2, 0, max(w - size, 0)))
         return random_crop([a[..., r:r + size, c:c + size] for a in arrays], size, None)
 
-    def warm(self, progress: bool = True) -> None:
-        """Run the teacher on every (sample, transform) once up front, with a progress bar."""
+    def warm(self, progress: bool = True, ctx=None) -> None:
+        """Run the teacher on every (sample, transform) once up front, with a progress bar. Under DDP
+        (`ctx`, ground.training.distributed) each rank labels its share, then all wait for all."""
         if self.cache is None:
             return
-        jobs = [(s, k) for s in self.samples for k in self.transforms]
-        for s, k in tqdm(jobs, desc="teacher labels", file=sys.stderr, disable=not progress, leave=False):
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        jobs = [(s, k) for s in self.samples for k in self.transforms][rank::world]
+        for s, k in tqdm(jobs, desc="teacher labels", file=sys.stderr, disable=not progress or rank != 0,
+                         leave=False):
             self.cache.probs(s, k)
+        if ctx is not None:
+            ctx.barrier()
 
     def __call__(self):
         xs, ps, ys = [], [], []

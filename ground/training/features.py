@@ -68,7 +68,7 @@ class FeatureAdapters(nn.Module):
             with FeatureHooks(model, layers) as h, torch.no_grad():
                 was = model.training
                 model.eval()
-                model(x)
+                model(x.to(next(model.parameters()).device))     # the teacher may sit on a GPU
                 model.train(was)
                 channels.append([h.features[n].shape[1] for n in layers])
         return cls(list(zip(student_layers, teacher_layers)), *channels)
@@ -103,6 +103,12 @@ class FeatureTerm:
         with torch.no_grad():
             self.teacher.model(normalize(x_raw, self.teacher.norm))
         return self.weight * self.adapters.loss(self.s_hooks.features, self.t_hooks.features)
+
+    def to(self, device) -> "FeatureTerm":
+        """Adapters and the frozen teacher on the training device."""
+        self.adapters.to(device)
+        self.teacher.model.to(device)
+        return self
 
     def close(self):
         self.s_hooks.remove()
