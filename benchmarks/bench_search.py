@@ -2,7 +2,7 @@
 for every model, scored on the held-out rows 256..511 of the ukis chip (never trained, searched,
 calibrated or picked on).
 
-    nice .venv/bin/python benchmarks/bench_search.py [--trials 16] [--steps 100] [--batch 8] [--crop 64] [--precision fp16]
+    nice .venv/bin/python benchmarks/bench_search.py [--trials 32] [--steps 100] [--batch 8] [--crop 128] [--precision fp16]
 
 1. A run folder of configs/ukis_distill.toml (the teacher scored on the held-out rows; its own
    student is not used here).
@@ -18,6 +18,8 @@ calibrated or picked on).
 
 Floor (issue 11): a front point within 0.01 held-out mIoU of the 100k student at no more than
 half its latency. Writes bench-search.{json,md} and bench-search.png in the run's search folder.
+Run again with more `--trials`, it resumes the study (the journal) and reuses the hand-sized
+students and the latency cache.
 """
 from __future__ import annotations
 
@@ -127,13 +129,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "runs"))
     ap.add_argument("--name", default="search-bench")
-    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--population", type=int, default=8)
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="crops per step (train.batch) for every model")
-    ap.add_argument("--crop", type=int, default=64, help="crop side (train.crop) for every model")
+    ap.add_argument("--crop", type=int, default=128, help="crop side (train.crop) for every model")
     ap.add_argument("--max-ms-share", type=float, default=0.75,
                     help="candidates slower than this share of the 100k student's latency are not trained")
     ap.add_argument("--json", action="store_true")

@@ -12,8 +12,9 @@ Storage: a journal file by default (JournalStorage + JournalFileBackend: an appe
 a file lock; embedded, no server; a process killed with kill -9 loses only the trial it was
 running: `recover` marks that trial failed and queues its architecture again), which the worker
 processes of one machine share; an RDB URL (e.g. postgresql://user:pass@host/db) lets workers on
-many machines join the same study (Optuna's heartbeat fails and retries the trials of a dead
-worker there)."""
+many machines join the same study. Trials are claimed by host and process id (Optuna's heartbeat
+needs Study.optimize, and the workers here ask and tell): a trial a dead process left running is
+recovered when a worker next starts on its machine."""
 from __future__ import annotations
 
 import datetime
@@ -46,8 +47,7 @@ def storage(spec: str | Path):
     """An RDB URL (anything with '://') or the path of a journal file."""
     spec = str(spec)
     if "://" in spec:
-        return optuna.storages.RDBStorage(spec, heartbeat_interval=60, grace_period=180,
-                                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        return optuna.storages.RDBStorage(spec)
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
     # a journal write holds the lock for milliseconds: one held 5 s is a killed process's, released
     lock = optuna.storages.journal.JournalFileSymlinkLock(spec, grace_period=LOCK_GRACE_S)
@@ -70,7 +70,7 @@ def worker_id() -> str:
 def _alive(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
-        return True                    # another machine's: its own heartbeat (RDB) says
+        return True                    # another machine's: recovered when a worker starts there
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -92,15 +92,16 @@ def test_front_and_pick():
     assert pick(front, 0.80, 0.05, budget_ms=3) is None
 
 
-def _toy_worker(path, n, out):
+def _toy_worker(path, n, out, start):
     """A worker process on the journal: trials are cheap, each appended to this worker's file."""
     study = open_study(storage(path), "toy", "random", seed=os.getpid())
+    start.wait(120)                        # both begin together, whatever their import times
 
     def evaluate(trial):
         x = trial.suggest_float("x", 0, 1)
         with open(out, "a") as f:
             f.write(f"{trial.number}\n")
-        time.sleep(0.05)
+        time.sleep(0.2)
         return x, 1 - x
     work(study, evaluate, n)
 
@@ -110,11 +111,12 @@ def test_two_worker_processes_finish_n_trials_between_them_none_twice(tmp_path):
     open_study(storage(journal), "toy", "random")               # created once, joined by both
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"w{i}.txt" for i in range(2)]
-    procs = [ctx.Process(target=_toy_worker, args=(str(journal), n, str(o))) for o in outs]
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_toy_worker, args=(str(journal), n, str(o), start)) for o in outs]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(240)
         assert p.exitcode == 0
     ran = [[int(x) for x in o.read_text().split()] if o.exists() else [] for o in outs]
     study = optuna.load_study(study_name="toy", storage=storage(journal))
@@ -123,6 +125,16 @@ def test_two_worker_processes_finish_n_trials_between_them_none_twice(tmp_path):
     assert all(ran) and not set(ran[0]) & set(ran[1])          # both worked; no trial by both
     assert sorted(ran[0] + ran[1]) == sorted(t.number for t in done)    # each finished trial run exactly once
     assert len({t.user_attrs["worker"] for t in done}) == 2
+
+
+def test_an_rdb_url_is_a_storage_workers_share(tmp_path):
+    """An RDB URL (PostgreSQL across machines; SQLite here) holds the same study as a journal."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert isinstance(storage(url), optuna.storages.RDBStorage)
+    for _ in range(2):                                          # two workers in turn: 3 trials in all
+        study = open_study(storage(url), "rdb", "tpe")
+        work(study, lambda t: (t.suggest_float("x", 0, 1), 0.5), 3)
+    assert len(optuna.load_study(study_name="rdb", storage=url).get_trials(states=FINISHED)) == 3
 
 
 def _search(run_dir, *args, as_json=True):
