@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -165,11 +166,18 @@ def _study(settings: SearchSettings, folder: Path):
                       settings.seed, settings.population)
 
 
+def share_cores(workers: int) -> None:
+    """Torch threads per worker process: the machine's cores shared out (two threads on one core
+    mostly spin against each other)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
 def worker(run_dir: str, name: str, progress: bool = False) -> list[int]:
     """One worker process: open the run and the study in `search/NAME/`, run trials until done."""
     run = Run.open(run_dir, progress)
     folder = run.run_dir / "search" / name
     settings = SearchSettings.read(folder / "settings.json")
+    share_cores(settings.workers)
     candidates = Candidates(run, settings, folder)
     study = _study(settings, folder)
     return work(study, candidates.evaluate, settings.trials, run.log)
@@ -185,6 +193,8 @@ def search(run: Run, settings: SearchSettings) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     t0 = time.perf_counter()
+    if settings.workers > 1:
+        share_cores(settings.workers)
     candidates = Candidates(run, settings, folder)
     study = _study(settings, folder)
     if "teacher_miou" not in study.user_attrs:
