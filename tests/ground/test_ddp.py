@@ -3,10 +3,12 @@ same weights as one process with the same global batch, and a DDP run killed mid
 torchrun and both ranks) resumes from rank 0's checkpoint to the weights of an uninterrupted run."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from ground.models.checkpoints import read_checkpoint
+from test_ground_cli import CONFIG       # noqa: E402  (the tiny config of tests/ground/test_ground_cli.py)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -80,3 +83,20 @@ def test_a_killed_ddp_run_resumes_where_it_stopped(single, tmp_path):
     assert state["step"] == 12
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8, 10, 12]   # no step logged twice
     _close(state["state_dict"], single["state_dict"])
+
+
+def test_the_distill_stage_under_torchrun(data_root, tmp_path):
+    """`eoedge ground run` under torchrun (2 gloo ranks): one run folder, written by rank 0 alone
+    (one report, one lineage record per student), the result printed once."""
+    (tmp_path / "tiny.toml").write_text(textwrap.dedent(CONFIG).replace("batch = 2", "batch = 4"))
+    done = subprocess.run(TORCHRUN + ["-m", "eoedge", "ground", "run", "tiny.toml", "--device", "cpu", "--json"],
+                          cwd=tmp_path, env={**_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout)                 # one document: rank 1 prints nothing
+    assert doc["deliver"] == "distilled" and [r["name"] for r in doc["rows"]] == ["teacher", "scratch", "distilled"]
+    run = tmp_path / "runs" / "tiny"
+    lineage = json.loads((run / "lineage.json").read_text())
+    stages = [s["stage"] for s in lineage["stages"]]
+    assert stages.count("student:scratch") == stages.count("student:distilled") == stages.count("distill") == 1
+    assert read_checkpoint(run / "students" / "distilled.pt")["step"] == 3
