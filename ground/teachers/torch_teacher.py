@@ -21,9 +21,8 @@ class TorchTeacher(Teacher):
     def __init__(self, model, norm, name: str, tile: int = 256, overlap: int = 64, weights_digest: str = "",
                  device: str = "cpu", batch: int = 8):
         # labelling runs batched on `device` (a GPU when the config says so: ground.training.device)
-        self.placement = Placement.of(device, "fp32")
         self.batch = int(batch)
-        self.model = self.placement.model(model).eval()
+        self.model = Placement.of(device, "fp32").model(model).eval()
         self.norm = norm
         self.name = name
         self.bands = tuple(norm.bands)
@@ -37,10 +36,12 @@ class TorchTeacher(Teacher):
                            "overlap": self.overlap})
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        # where the model is now (training may have moved it, e.g. for a feature term)
+        place = Placement(next(self.model.parameters()).device)
 
         def infer(tiles):
-            (x,) = self.placement.batch(torch.from_numpy(np.array(tiles)))
-            with torch.no_grad(), out_of_memory(len(tiles), f"teacher {self.name}", self.placement.device):
+            (x,) = place.batch(torch.from_numpy(np.array(tiles)))
+            with torch.no_grad(), out_of_memory(len(tiles), f"teacher {self.name}", place.device):
                 return torch.softmax(self.model(x).float(), 1).cpu().numpy()
         return tiled_predict(self.norm.apply(image), infer, self.tile, self.overlap, self.batch)
 
