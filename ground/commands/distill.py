@@ -16,6 +16,8 @@ from ground.models.size import describe, human
 from ground.models.tiny_unet import TinyUNet
 from ground.stages.distill import distill
 from ground.teachers.registry import DEFAULT_TEACHER, TEACHERS, build_teacher
+from ground.training.device import Placement
+from ground.training.distributed import Distributed
 from ground.training.loop import loss_fell
 from ground.training.losses import LOSSES
 from ground.training.teacher import train_smp_teacher
@@ -70,12 +72,16 @@ def cmd_train_teacher(args) -> int:
     path = cfg.run_dir / "teacher.pt"
     if path.exists() and not args.resume:
         raise CommandError(f"{path} exists: pass --resume to continue it, or choose another run name")
+    ctx = Distributed.from_env(Placement.of(cfg.train.device, cfg.train.precision))   # torchrun, or one process
     data = load_data(cfg)
-    folder = RunFolder(cfg.run_dir)
-    folder.set_config(cfg.raw)
-    folder.add_inputs(data.inputs)
+    if ctx.is_main:                  # rank 0 alone writes the run folder and reports
+        folder = RunFolder(cfg.run_dir)
+        folder.set_config(cfg.raw)
+        folder.add_inputs(data.inputs)
     _model, history = train_smp_teacher(cfg, data, path, name, cfg.teacher["train"], cfg.teacher["options"],
                                         resume=args.resume, progress=not args.json)
+    if not ctx.is_main:
+        return 0
     folder.add(StageRecord("train-teacher", [path], params={"teacher": name},
                            metrics={"final_loss": history[-1]["loss"] if history else None}, label_free=False))
     result = {"checkpoint": str(path), "steps": history[-1]["step"] if history else 0,
