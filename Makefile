@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/eoedge demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

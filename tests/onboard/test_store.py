@@ -251,18 +251,17 @@ def test_corrupt_active_slot_is_caught_at_start(tmp_path, bundles, v1, v2):
 
 
 def test_daemon_start_falls_back_to_previous_when_active_slot_is_corrupt(tmp_path, bundles, v1, v2):
-    from onboard.config import config_from_dict
-    from onboard.daemon import Daemon
+    # A real daemon process: an in-process Daemon here shared the suite's process with every
+    # earlier test's OpenVINO and torch state, and the interpreter crashed at its start-up.
+    from test_daemon import DaemonProcess            # test_daemon imports this module
     store = open_store(tmp_path / "store", bundles)
     assert store.install(v1).ok and store.install(v2).ok
     (store.active().path / "model.xml").write_text("<net/>")
-    config = config_from_dict({"store": {"root": str(tmp_path / "store"),
-                                         "public_key": str(bundles.public),
-                                         "uploads": str(tmp_path / "uploads")},
-                               "security": {"insecure": True}})
-    daemon = Daemon(config)
-    daemon.load_model()
-    assert daemon.model_info()["version"] == 1
+    daemon = DaemonProcess(tmp_path, bundles.public)
+    try:
+        assert daemon.start().ready["model"]["version"] == 1
+    finally:
+        daemon.cleanup()
     assert open_store(tmp_path / "store", bundles).active().version == 1
 
 
