@@ -150,9 +150,10 @@ def find_scenes(spec: dict, bands) -> list[SceneOnDisk]:
     return out
 
 
-def split_by_scene(scenes: list[SceneOnDisk], val, seed: int = 0) -> tuple[list, list]:
-    """(train, validation) scenes: `val` is a fraction of the scenes (at least one when > 0) or a
-    list of scene names. Whole scenes go to one side: no crop of a validation scene is trained on."""
+def split_by_scene(scenes: list, val, seed: int = 0) -> tuple[list, list]:
+    """(train, validation) scenes (anything with a `.name`: scenes on disk, in-memory samples):
+    `val` is a fraction of the scenes (at least one when > 0) or a list of scene names. Whole
+    scenes go to one side: no crop of a validation scene is trained on."""
     if isinstance(val, (list, tuple)):
         unknown = set(val) - {s.name for s in scenes}
         if unknown:
@@ -160,7 +161,7 @@ def split_by_scene(scenes: list[SceneOnDisk], val, seed: int = 0) -> tuple[list,
         held = set(val)
     else:
         n = int(round(float(val) * len(scenes))) or (1 if float(val) > 0 else 0)
-        if n >= len(scenes):
+        if n and n >= len(scenes):
             raise DataError(f"validation split {val}: {len(scenes)} scene(s) leave none to train on")
         order = np.random.default_rng(seed).permutation(len(scenes))
         held = {scenes[i].name for i in order[:n]}

@@ -6,26 +6,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ground.data.lazy import split_by_scene
 from ground.data.normalization import Normalization
 from ground.data.sample import IGNORE, Sample
-from ground.errors import ConfigError
+from ground.errors import ConfigError, DataError
 from ground.evaluation.predict import model_proba
 
 
 def split_samples(samples: list[Sample], val, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation): `val` a fraction of the scenes (at least one when > 0) or a list of names."""
-    if isinstance(val, (list, tuple)):
-        missing = set(val) - {s.name for s in samples}
-        if missing:
-            raise ConfigError(f"train.validation: scene(s) {sorted(missing)} not among {[s.name for s in samples]}")
-        held = set(val)
-    else:
-        n = int(round(float(val) * len(samples))) or (1 if float(val) > 0 else 0)
-        if n and n >= len(samples):
-            raise ConfigError(f"train.validation {val}: {len(samples)} scene(s) leave none to train on")
-        order = np.random.default_rng(seed).permutation(len(samples))
-        held = {samples[i].name for i in order[:n]}
-    return [s for s in samples if s.name not in held], [s for s in samples if s.name in held]
+    """(train, validation) by scene (ground.data.lazy.split_by_scene), refused as a config error."""
+    try:
+        return split_by_scene(samples, val, seed)
+    except DataError as err:
+        raise ConfigError(f"train.validation: {err}") from None
 
 
 def agreement(model: torch.nn.Module, samples: list[Sample], norm: Normalization, cache=None,
