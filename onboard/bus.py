@@ -21,7 +21,9 @@ message may go when its peer is away (its last send was unroutable), or when it 
 frame's only outcome (an ACK: the DECISION or ERROR follows). A connected payload's outcomes
 are never dropped while it reads; one that has taken nothing for outbox_max_age_s (its pipe
 full all along) counts as away. The products outbox is bounded by admission
-(queue.max_pending_products) instead.
+(queue.max_pending_products) instead. Products spilled to disk by an earlier process and not yet
+acknowledged by the ground (`resend_spilled`, at start-up) wait as paths and are read into the
+products outbox a few at a time, so a long backlog costs no memory.
 
 A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
 with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
@@ -44,6 +46,7 @@ import zmq
 
 from onboard.config import DaemonConfig
 from onboard.errors import INTERNAL
+from onboard.products import read_spilled
 from onboard.security import Security
 from shared.limits import MAX_ID_CHARS, clip
 from shared.messages import Message, MessageError, encode
@@ -54,6 +57,7 @@ POLL_MS = 100                 # longest the loop sleeps: bounds how late a timer
 BACKLOG_POLL_MS = 20          # ... and while an outbox holds messages
 MAX_BURST = 64                # messages read from one socket per loop turn (others stay served)
 OUTBOX_RETRY_S = 0.25         # unroutable replies are retried this often
+RESEND_IN_MEMORY = 2          # spilled products read back into the products outbox at a time
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
@@ -219,6 +223,8 @@ class Bus:
         self.outboxes = {"frames": Outbox("frames", bounds), "commands": Outbox("commands", bounds),
                          "products": Outbox("products")}
         self.unencodable = 0           # replies answered `internal` because they could not be encoded
+        self.resend: collections.deque[Path] = collections.deque()   # spilled products to send again
+        self.resent = 0                # spilled products sent again since start-up
         return_large_buffers()
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
@@ -351,6 +357,7 @@ class Bus:
     def outbox_status(self) -> dict:
         """Each outbox's messages, bytes, peers and what its bounds dropped (status, telemetry)."""
         out = {name: box.status() for name, box in self.outboxes.items()}
+        out["products"].update(spilled_to_resend=len(self.resend), spilled_resent=self.resent)
         out["unencodable_replies"] = self.unencodable
         return out
 
@@ -363,6 +370,27 @@ class Bus:
             return
         self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
                                                  time.monotonic()))
+
+    def resend_spilled(self, paths: list[Path]) -> None:
+        """Products an earlier process spilled and the ground has not acknowledged: they go
+        again, oldest first, after whatever is queued now (the ground ignores a duplicate)."""
+        self.resend.extend(paths)
+
+    def _read_back_spilled(self) -> None:
+        """Top the products outbox up from the resend list (a file gone meanwhile was
+        acknowledged; an unreadable one is logged and left on disk)."""
+        outbox = self.outboxes["products"]
+        while self.resend and len(outbox) < RESEND_IN_MEMORY:
+            path = self.resend.popleft()
+            try:
+                parts = read_spilled(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, msgpack.UnpackException) as exc:
+                log.error("spilled product %s not sent again: %s", path, clip(str(exc), 200))
+                continue
+            outbox.append(Pending([], parts, sum(len(p) for p in parts), time.monotonic()))
+            self.resent += 1
 
     def publish(self, msg: Message) -> None:
         """TELEMETRY: sent if the socket takes it now, else dropped (PUB's own rule)."""
@@ -380,10 +408,10 @@ class Bus:
             pass
 
     def pending(self, name: str) -> int:
-        return len(self.outboxes[name])
+        return len(self.outboxes[name]) + (len(self.resend) if name == "products" else 0)
 
     def backlog(self) -> bool:
-        return any(len(box) for box in self.outboxes.values())
+        return bool(self.resend) or any(len(box) for box in self.outboxes.values())
 
     def flush_all(self) -> None:
         for name in self.outboxes:
@@ -391,8 +419,16 @@ class Bus:
 
     def flush(self, name: str) -> None:
         """Send what an outbox holds, keeping (in order) what cannot go yet; then drop what is
-        past the outbox's bounds and may go."""
+        past the outbox's bounds and may go. The products outbox is refilled from the resend
+        list while everything goes."""
+        self._flush_once(name)
+        while name == "products" and self.resend and not self.outboxes[name].items:
+            self._flush_once(name)
+
+    def _flush_once(self, name: str) -> None:
         outbox = self.outboxes[name]
+        if name == "products" and self.resend:
+            self._read_back_spilled()
         if not outbox.items or time.monotonic() < outbox.next_try:
             return
         sock = self.sockets[name]

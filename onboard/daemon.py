@@ -30,7 +30,10 @@ ERROR (refused: that is its outcome); every accepted frame later gets exactly on
 ERROR, with `ref` = the FRAME's id. The queue is bounded: a full one refuses with `queue_full`,
 never drops. Replies to a payload that is gone for a while wait in an outbox and go out when it
 reconnects with the same routing id. Products wait in an outbox while the downlink does not
-pull, and while that outbox is full new frames are refused.
+pull, and while that outbox is full new frames are refused. With `supervision.spill_dir` a kept
+frame's PRODUCT is on disk (fsync'd) before its DECISION leaves; it stays there until the ground
+acknowledges it (`products_received`), and a restarted daemon sends every spilled product again,
+so a kill -9 between the DECISION and the downlink loses no kept product.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from onboard.config import DaemonConfig
 from onboard.errors import (BUSY, DISK_FULL, SHUTDOWN, SPILL_FAILED, TIMEOUT, CommandFailed,
                             is_disk_full)
 from onboard.outcomes import FrameOutcome
-from onboard.products import spill_product
+from onboard.products import remove_spilled, spill_product, spilled_products
 from onboard.serving import Serving
 from onboard.store import ModelStore
 from onboard.supervision import EXIT_STALLED, Notifier, Supervision
@@ -60,6 +63,9 @@ from shared.messages import Limits, Message, encode
 log = logging.getLogger("onboard.daemon")
 
 WORKER_JOIN_S = 1.0           # at exit, how long each worker gets to finish
+# TEST HOOK: seconds every frame waits before the pipeline (a slowed daemon, as on a loaded
+# host); it counts as queue time in timings_ms, not as processing. Never set in flight.
+TEST_FRAME_DELAY_ENV = "EOEDGE_TEST_FRAME_DELAY_S"
 
 
 class Daemon:
@@ -85,6 +91,7 @@ class Daemon:
         self.serving = Serving(self.store, config.device)
         self.admission = Admission(config, self.serving, self.counters)
         self._test_hook = blocking_hook(config.test_block_prefix, config.test_block_s)
+        self._test_delay_s = max(0.0, float(os.environ.get(TEST_FRAME_DELAY_ENV) or 0.0))
         self.workers = Workers(self.admission.jobs, self._decide,
                                lambda msg, cmd: execute(self, cmd, msg), self.bus.wake,
                                lambda job: frame_deadline(job, config.frame_deadline_s,
@@ -93,6 +100,11 @@ class Daemon:
         self._drain_deadline = 0.0
         self._next_telemetry = 0.0
         self.threads_finished = True
+        spilled = spilled_products(config.spill_dir)   # an earlier process's, not acknowledged
+        if spilled:
+            log.info("%d spilled products not acknowledged by the ground: sending them again",
+                     len(spilled))
+            self.bus.resend_spilled(spilled)
 
     # ================================================================== start
     def load_model(self) -> None:
@@ -132,8 +144,10 @@ class Daemon:
         return 0
 
     def _decide(self, job) -> FrameOutcome:
-        """Frame worker: the test hook (off unless configured), then the pipeline."""
+        """Frame worker: the test hooks (off unless configured), then the pipeline."""
         self._test_hook(job)
+        if self._test_delay_s:
+            time.sleep(self._test_delay_s)
         return decide(self.serving, job)
 
     def _supervise(self, now: float) -> bool:
@@ -301,6 +315,13 @@ class Daemon:
 
     def set_policy(self, policy: dict | None) -> dict:
         return self.serving.set_policy(policy)
+
+    def products_received(self, frame_ids: list[str]) -> dict:
+        """The ground holds these frames' products: their spilled copies are removed."""
+        if self.config.spill_dir is None:
+            return {"removed": 0, "not_held": len(frame_ids), "spill": False}
+        removed, not_held = remove_spilled(self.config.spill_dir, frame_ids)
+        return {"removed": removed, "not_held": not_held, "spill": True}
 
     def runtime_settings(self) -> dict:
         """The config's precision setting ("auto" or forced) and declared capabilities."""

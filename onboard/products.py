@@ -99,12 +99,22 @@ def frame_products(data: np.ndarray, bands: Sequence[str], scale: float, mask: n
     return out
 
 
+SPILL_SUFFIX = ".product"
+
+
+def spill_path(folder: Path, frame_id: str) -> Path:
+    """Where `spill_product` keeps a frame's product: `folder/<frame_id>.product`."""
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9_.-]", "_", frame_id)[:200] + SPILL_SUFFIX)
+
+
 def spill_product(folder: Path, frame_id: str, parts: Sequence) -> Path:
     """Write a kept frame's encoded PRODUCT message (its parts, as a msgpack list) to
-    `folder/<frame_id>.product`: temp file, fsync, rename, so a full disk or a crash leaves no
-    half-written product under the final name. Raises OSError (disk full: onboard.errors.is_disk_full)."""
+    `spill_path(folder, frame_id)`: temp file, fsync of the file and of the folder, rename, so a
+    full disk or a crash leaves no half-written product under the final name, and a product
+    spilled before its DECISION left survives kill -9 and power loss. Raises OSError (disk
+    full: onboard.errors.is_disk_full)."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", frame_id)[:200] + ".product")
+    final = spill_path(folder, frame_id)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -112,10 +122,45 @@ def spill_product(folder: Path, frame_id: str, parts: Sequence) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        _fsync_folder(folder)          # the rename itself is on disk
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def spilled_products(folder: Path | None) -> list[Path]:
+    """The products spilled to `folder` and not yet acknowledged by the ground, oldest first
+    (what a restarted daemon sends again)."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    found = []
+    for path in Path(folder).glob(f"*{SPILL_SUFFIX}"):
+        try:
+            found.append((path.stat().st_mtime_ns, path.name, path))
+        except FileNotFoundError:       # acknowledged meanwhile
+            pass
+    return [path for _, _, path in sorted(found)]
+
+
+def remove_spilled(folder: Path, frame_ids: Sequence[str]) -> tuple[int, int]:
+    """The ground has these frames' products: their spilled copies go. (removed, not held)."""
+    removed = 0
+    for frame_id in frame_ids:
+        try:
+            spill_path(folder, frame_id).unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed, len(frame_ids) - removed
 
 
 def read_spilled(path: Path) -> list[bytes]:

@@ -26,12 +26,13 @@ import numpy as np
 from onboard.errors import (BAD_ARGS, BAD_MESSAGE, INTERNAL, OK, TOO_LARGE, UNKNOWN_COMMAND,
                             CommandFailed)
 from shared.jsonable import jsonable
-from shared.limits import clip
+from shared.limits import MAX_ID_CHARS, clip
 from shared.messages import Limits, Message, MessageError, decode
 
 log = logging.getLogger("onboard.daemon")
 
 ENVELOPE_BYTES = 1 << 20       # room for a command's header beside its chunk (store.max_chunk_bytes)
+MAX_ACK_IDS = 1024             # frame ids one products_received may name
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def chunk_bytes(arrays: dict) -> memoryview:
 
 # ---------------------------------------------------------------------------------------------
 # The commands. `daemon` is onboard.daemon.Daemon; handlers use only its small public surface
-# (status, uploads, install, rollback, set_policy, request_shutdown).
+# (status, uploads, install, rollback, set_policy, products_received, request_shutdown).
 
 @command("status", "model, queue, frame counters, latency, memory, store slots, uploads")
 def _status(daemon, args: dict, arrays: dict) -> dict:
@@ -199,6 +200,17 @@ def _set_policy(daemon, args: dict, arrays: dict) -> dict:
         raise CommandFailed(f"args.policy: expected a map or null, got {type(policy).__name__}",
                             code=BAD_ARGS)
     return daemon.set_policy(policy)
+
+
+@command("products_received", "the ground holds these products: their spilled copies go "
+                               "{frame_ids: [id, ...]} (at most MAX_ACK_IDS)")
+def _products_received(daemon, args: dict, arrays: dict) -> dict:
+    frame_ids = arg(args, "frame_ids", list)
+    if len(frame_ids) > MAX_ACK_IDS or not all(isinstance(f, str) and 0 < len(f) <= MAX_ID_CHARS
+                                                for f in frame_ids):
+        raise CommandFailed(f"args.frame_ids: at most {MAX_ACK_IDS} frame ids of 1..{MAX_ID_CHARS} "
+                            "characters expected", code=BAD_ARGS)
+    return daemon.products_received(frame_ids)
 
 
 @command("shutdown", "finish the frames in flight, then exit 0")

@@ -128,3 +128,41 @@ def test_shutdown_command_exits_0(make_daemon):
     daemon = make_daemon([1]).start()
     assert command(daemon.endpoints["commands"], "shutdown")["result"] == {"shutting_down": True}
     assert daemon.wait(30) == 0
+
+
+def test_kept_product_spilled_before_its_decision_survives_kill_9(make_daemon, tmp_path):
+    """A kept frame whose PRODUCT never left (no downlink connected) dies with the daemon at
+    kill -9: it was on disk before the DECISION said keep, the restarted daemon sends it again,
+    and once the ground acknowledges it the spilled copy goes (a later restart sends nothing)."""
+    spill = tmp_path / "spill"
+    daemon = make_daemon([1], supervision={"spill_dir": str(spill)})
+    daemon.start()
+    payload = Payload(daemon.endpoints["frames"])
+    downlink = None
+    try:
+        decided = payload.outcome(payload.send("kept-then-killed", frame("clear", 64)[0]))
+        assert decided.type == "decision" and decided.body["keep"]
+        assert [p.name for p in spill.glob("*.product")] == ["kept-then-killed.product"]
+        daemon.stop()                                  # kill -9 with the product still on board
+        daemon.start()
+        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
+        (again,) = products(downlink, 1)
+        assert again.type == "product" and again.body["frame_id"] == "kept-then-killed"
+        assert "mask_png" in again.arrays
+        ack = command(daemon.endpoints["commands"], "products_received",
+                      {"frame_ids": ["kept-then-killed", "never-seen"]})
+        assert ack["ok"] and ack["result"] == {"removed": 1, "not_held": 1, "spill": True}
+        assert not list(spill.glob("*.product"))
+        status = command(daemon.endpoints["commands"], "status")["result"]
+        assert status["outboxes"]["products"]["spilled_resent"] == 1
+        daemon.stop()
+        daemon.start()                                 # acknowledged: nothing comes again
+        downlink.close(linger=0)
+        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
+        assert products(downlink, 1, timeout=1.5) == []
+        bad = command(daemon.endpoints["commands"], "products_received", {"frame_ids": "x"})
+        assert not bad["ok"] and bad["code"] == "bad_args" and "args.frame_ids" in bad["error"]
+    finally:
+        payload.close()
+        if downlink is not None:
+            downlink.close(linger=0)
