@@ -7,6 +7,12 @@ frame of `frame_lines` lines is complete `frame_lines * line_period` after its f
 the track (`gap_s` apart). The camera quantises reflectance to the L1C digital numbers a
 Sentinel-2 payload sends (uint16, reflectance = DN * 1e-4) or sends float32 reflectance.
 
+A frame from a scene that knows where it lies (its source's `georef`: a GeoTIFF's tags, a SAFE
+product's band files) carries its georeference on the bus: the CRS, the frame's own affine
+transform (the scene's, moved down to the frame's first row), the UTC time its last line was
+recorded (`epoch_utc` + its mission time; the epoch is the camera's creation unless given) and the
+scene's name as `scene_id`. The daemon copies it into the frame's DECISION and PRODUCT.
+
 The sending cadence is the scenario's business (`Cadence`): "realtime" sends each frame when it
 is complete on the mission clock (scaled by `speedup`), "asap" as fast as the daemon takes them.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +43,7 @@ class CameraConfig:
     dtype: str = "uint16"
     bands: tuple[str, ...] | None = None    # None: every band the scene has
     gap_s: float = 0.0                      # mission time between consecutive scenes
+    epoch_utc: str | None = None            # UTC at mission time 0 (ISO 8601); None: now
 
     def __post_init__(self):
         if not isinstance(self.frame_lines, int) or self.frame_lines < 1:
@@ -48,6 +56,8 @@ class CameraConfig:
             raise ScenarioError(f"camera.dtype: one of {', '.join(DTYPES)} expected, got {self.dtype!r}")
         if self.gap_s < 0:
             raise ScenarioError(f"camera.gap_s: must be >= 0, got {self.gap_s!r}")
+        if self.epoch_utc is not None:
+            epoch_datetime(self.epoch_utc)
 
     @property
     def line_period_s(self) -> float:
@@ -77,6 +87,7 @@ class CapturedFrame:
     truth_classes: tuple[str, ...] | None = None
     object_class: str | None = None
     kind: str = "frame"            # "frame", or the name of an injected malformation
+    georef: dict | None = None     # {crs, transform, datetime, scene_id} when the scene knows it
     extra: dict = field(default_factory=dict)
 
     @property
@@ -92,8 +103,35 @@ class CapturedFrame:
             self.data = None
 
     def body(self) -> dict:
-        return {"frame_id": self.frame_id, "bands": list(self.bands), "scale": self.scale,
+        body = {"frame_id": self.frame_id, "bands": list(self.bands), "scale": self.scale,
                 "scene": self.scene, "index": self.index, "acquired": self.acquired}
+        if self.georef is not None:
+            body["georef"] = self.georef
+        return body
+
+
+def epoch_datetime(text: str) -> datetime:
+    """An ISO 8601 UTC time (`2026-12-02T10:00:00Z`) as an aware datetime."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00")) if isinstance(text, str) else None
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise ScenarioError(f"camera.epoch_utc: an ISO 8601 time with its UTC offset expected "
+                            f"(2026-12-02T10:00:00Z), got {text!r}")
+    return value.astimezone(timezone.utc)
+
+
+def frame_georef(source: SceneSource, row0: int, epoch: datetime, acquired_s: float) -> dict | None:
+    """The georeference a frame starting at `row0` of `source` carries on the bus, or None when
+    the source does not know its CRS (a transform alone puts nothing on a map)."""
+    georef = source.georef
+    if georef is None or georef.crs is None:
+        return None
+    when = epoch + timedelta(seconds=acquired_s)
+    return {"crs": georef.crs, "transform": list(georef.shifted(row0, 0).transform),
+            "datetime": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "scene_id": source.name[:256]}
 
 
 def preview_rgb(data: np.ndarray, bands: Sequence[str], scale: float, max_side: int = 256) -> np.ndarray | None:
@@ -128,6 +166,8 @@ class PushbroomCamera:
             raise ScenarioError("camera: at least one scene is needed")
         self.sources = list(sources)
         self.config = config
+        self.epoch = (epoch_datetime(config.epoch_utc) if config.epoch_utc
+                      else datetime.now(timezone.utc))
         self._starts = []                    # mission time of each scene's first line
         t = 0.0
         for src in self.sources:
@@ -167,7 +207,8 @@ class PushbroomCamera:
                              scene_index=scene_index, index=index, row0=r0, row1=r1,
                              acquired=round(acquired, 6), data=values, bands=tuple(bands),
                              scale=scale, truth=strip.truth, objects=strip.objects,
-                             truth_classes=src.truth_classes, object_class=src.object_class)
+                             truth_classes=src.truth_classes, object_class=src.object_class,
+                             georef=frame_georef(src, r0, self.epoch, acquired))
 
     def frames(self) -> Iterator[CapturedFrame]:
         for item in self.schedule():

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flight_sim.catalog import Catalogue, check_catalog, product_item
 from flight_sim.errors import ScenarioError
+from flight_sim.products_gis import write_gis
 from shared.messages import Limits, MessageError, decode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,12 +107,18 @@ def _safe(name: str) -> str:
 
 class GroundStation:
     """Writes what comes down: <out>/<pass>/<frame_id>/product.json, and each array of the
-    product: PNG and JPEG bytes as .png/.jpg (mask.png, quicklook.jpg), others as .npy
-    (tiles.npy or frame.npy, tile_boxes.npy)."""
+    product as it came: PNG and JPEG bytes as .png/.jpg (mask.png, quicklook.jpg), others as .npy
+    (tiles.npy or frame.npy, tile_boxes.npy); then what a GIS opens (flight_sim.products_gis:
+    mask.tif, tile-NNN.tif or frame.tif as COGs, the quicklook's world file) and the product's
+    STAC item (item.json, flight_sim.catalog). `write_catalog()` links the items in
+    <out>/catalog.json and checks them."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.received: list[dict] = []
+        self.catalogue = Catalogue(self.out_dir)
+        self.gis_problems: list[str] = []
+
 
     def receive(self, item: Stored, pass_index: int, pass_: Pass, t_s: float) -> Path:
         folder = self.out_dir / f"pass-{pass_index:02d}" / _safe(item.frame_id)
@@ -129,13 +137,27 @@ class GroundStation:
                 path = folder / f"{_safe(name)}.npy"
                 np.save(path, raw)
             files.append(path.name)
+        gis = write_gis(folder, item.body, item.arrays)
+        self.gis_problems += [f"{item.frame_id}: {p}" for p in gis.problems]
         record = {"frame_id": item.frame_id, "pass": pass_index, "station": pass_.station,
                   "received_s": round(t_s, 3), "ready_s": round(item.ready_s, 3),
                   "bytes": item.nbytes, "priority": item.priority, "files": sorted(files),
+                  "gis": [f.name for f in gis.files], "georeferenced": gis.georef is not None,
                   "body": item.body}
         (folder / "product.json").write_text(json.dumps(record, indent=1, default=str))
+        self.catalogue.add(product_item(item.frame_id, item.body, gis, files), folder)
         self.received.append({k: v for k, v in record.items() if k != "body"} | {"folder": str(folder)})
         return folder
+
+    def write_catalog(self) -> dict:
+        """catalog.json over every item so far, read back and checked (flight_sim.catalog)."""
+        if not self.catalogue.items:
+            return {"catalog": None, "items": 0, "valid": False, "problems": ["no product came down"]}
+        check = check_catalog(self.catalogue.write())
+        check["georeferenced"] = sum(1 for r in self.received if r.get("georeferenced"))
+        check["gis_problems"] = self.gis_problems[:20]
+        return check
+
 
 
 class Downlink:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,7 +405,7 @@ def markdown(r: dict) -> str:
     """report.md: the headline, then checks, frames, data and value, decisions, timing, uplink."""
     L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
          "```", headline(r), "```", ""]
-    L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_decisions(r) + _md_timing(r)
+    L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_stac(r) + _md_decisions(r) + _md_timing(r)
     L += _md_uplink_and_daemon(r) + _md_soak(r)
     return "\n".join(L)
 
@@ -428,6 +429,28 @@ def _md_soak(r: dict) -> list[str]:
         L.append("")
     L += [f"- {e['t']:.0f} s: {e['kind']}" for e in s["events"]] + [""]
     return L
+
+
+def _stac_check(stac: dict) -> dict:
+    """A check line for the catalogue: valid items, rasters opened at the place they claim."""
+    if not stac.get("items"):
+        return {"name": "STAC catalogue of the products", "ok": True, "detail": "no product came down"}
+    detail = (f"{stac['items']} items ({stac.get('georeferenced', 0)} georeferenced), "
+              f"{stac['rasters_checked']} GeoTIFFs opened with rasterio at their item's place")
+    problems = stac["problems"] + stac.get("gis_problems", [])
+    return {"name": "STAC catalogue valid, products open at their place", "ok": not problems,
+            "detail": detail + (f"; {problems[0]}" if problems else "")}
+
+
+def _md_stac(r: dict) -> list[str]:
+    stac = r.get("stac")
+    if not stac or not stac.get("catalog"):
+        return []
+    rel = os.path.relpath(stac["catalog"], r["out_dir"])
+    return ["", "## Products on the map", "",
+            f"STAC catalogue: [{rel}]({rel}): {stac['items']} items, {stac.get('georeferenced', 0)} "
+            f"with a footprint; masks and kept tiles as Cloud-Optimized GeoTIFFs beside each item "
+            f"(open them in QGIS, or `rasterio.open`).", ""]
 
 
 def _md_checks(r: dict) -> list[str]:
@@ -525,6 +548,13 @@ def write_report(r: dict, rec: RunRecord, out_dir: Path | None = None) -> dict[s
     out_dir = Path(out_dir or rec.out_dir)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md",
              "timeline": out_dir / "timeline.png"}
+    if rec.downlink is not None and "stac" not in r:
+        # the ground station's STAC catalogue over what came down, written and checked now
+        r["stac"] = rec.downlink.station.write_catalog()
+        r["checks"].append(_stac_check(r["stac"]))
+        r["ok"] = all(c["ok"] for c in r["checks"])
+        if r["stac"].get("catalog"):
+            paths["catalog"] = Path(r["stac"]["catalog"])
     doc = jsonable({k: v for k, v in r.items() if not k.startswith("_")})
     paths["json"].write_text(json.dumps(doc, indent=1))
     plot_timeline(rec, paths["timeline"])

@@ -31,7 +31,8 @@ from flight_sim.generator import CLASSES, SceneGenerator
 from flight_sim.truth import IGNORE
 from shared import datasets
 from shared.bands import RESOLUTION_M, S2_BANDS, band_from_filename
-from shared.scene import MissingBandsError, Scene, SceneReadError, normalise_band_name, read_scene
+from shared.scene import (GeoRef, MissingBandsError, Scene, SceneReadError, normalise_band_name,
+                          read_scene)
 
 DEFAULT_QUANTIFICATION = 10000.0  # L1C digital number per unit reflectance
 
@@ -54,6 +55,7 @@ class SceneSource:
     bands: tuple[str, ...]
     truth_classes: tuple[str, ...] | None = None   # None: no truth for this scene
     object_class: str | None = None                # what `Strip.objects` counts ("ship")
+    georef: GeoRef | None = None                   # where row 0, col 0 lies (None: unknown)
 
     def read(self, r0: int, r1: int) -> Strip:
         raise NotImplementedError
@@ -100,6 +102,7 @@ class ArraySource(SceneSource):
         self.name = name or scene.name or "scene"
         self.rows, self.cols = scene.rows, scene.cols
         self.bands = scene.bands
+        self.georef = scene.georef
         self.scale = float(scale)
         if truth is not None:
             truth = np.asarray(truth)
@@ -212,6 +215,7 @@ class RasterBandsSource(SceneSource):
         self.rows, self.cols, transform, crs = shapes[finest]
         self.transform = tuple(transform)[:6]
         self.crs = crs.to_string() if crs else None
+        self.georef = GeoRef(self.crs, self.transform) if self.crs else None
         self.factors = {b: self.rows / shapes[b][0] for b in wanted}
         self.name = name or Path(next(iter(files.values()))).parent.name
 
@@ -328,6 +332,7 @@ class CroppedSource(SceneSource):
         self.name = f"{inner.name}[{r0}:{r1}]"
         self.rows, self.cols, self.bands = r1 - r0, inner.cols, inner.bands
         self.truth_classes, self.object_class = inner.truth_classes, inner.object_class
+        self.georef = inner.georef.shifted(r0, 0) if inner.georef else None
 
     def read(self, r0: int, r1: int) -> Strip:
         self._check_rows(r0, r1)

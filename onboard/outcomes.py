@@ -1,9 +1,10 @@
 """A frame's one outcome, as the messages that carry it.
 
-    decision    DECISION {frame_id, keep, priority, reason, stats, tile_decisions, timings_ms, model}
+    decision    DECISION {frame_id, keep, priority, reason, stats, tile_decisions, timings_ms, model,
+                georef (the FRAME's, when it had one)}
                 to the payload (ref = the FRAME's id)
     product     a kept frame's PRODUCT {frame_id, priority, reason, stats, classes, tiles, model,
-                scene, index, acquired} + its arrays (mask, quicklook, tiles) to the downlink
+                scene, index, acquired, georef, bands, scale} + its arrays (mask, quicklook, tiles) to the downlink
     error       ERROR {code, message, frame_id} to the payload, when the pipeline refused the
                 frame's values, failed, or the drain ran out of time (message at most 1024
                 characters: shared.limits.clip)
@@ -22,7 +23,8 @@ from shared.jsonable import jsonable
 from shared.limits import clip
 from shared.messages import Message
 
-PRODUCT_KEYS_FROM_FRAME = ("scene", "index", "acquired")   # copied from the FRAME when present
+# copied from the FRAME when present (georef: where it lies; the ground derives each tile's from it)
+PRODUCT_KEYS_FROM_FRAME = ("scene", "index", "acquired", "georef", "bands", "scale")
 
 
 @dataclass
@@ -58,6 +60,8 @@ def decision(outcome: FrameOutcome, timings: dict, source: str) -> Message:
             "reason": str(result.reason), "stats": jsonable(result.stats),
             "tile_decisions": jsonable(result.tile_decisions), "timings_ms": timings,
             "model": model_ref(outcome.slot)}
+    if "georef" in job.msg.body:
+        body["georef"] = job.msg.body["georef"]
     return job.msg.reply("decision", body, source=source)
 
 

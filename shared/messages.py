@@ -24,9 +24,11 @@ To add a message type, add one entry to `BODY_SCHEMAS` (fields and, if any, arra
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgpack
@@ -186,6 +188,72 @@ NAME = bounded_str(MAX_NAME_CHARS, nonempty=True)      # a band, a command
 SHORT = bounded_str(MAX_SOURCE_CHARS)                  # a scene name, a field path
 
 
+# ---------------------------------------------------------------------------------------------
+# Georeference: where a frame lies on Earth (the payload's knowledge, carried into its products).
+
+MAX_CRS_CHARS = 8192          # a WKT2 projected CRS with its ids is 1-4 KB; an EPSG code ~10
+MAX_DATETIME_CHARS = 64
+_EPSG = re.compile(r"EPSG:[0-9]{1,6}", re.IGNORECASE)
+_WKT = re.compile(r"[A-Z][A-Z0-9_]*\[.*\]", re.DOTALL)      # PROJCS[...], PROJCRS[...], GEOGCRS[...]
+
+
+def CRS(value: Any, path: str) -> None:
+    """A coordinate reference system: `EPSG:<code>` or WKT (1 or 2), at most MAX_CRS_CHARS;
+    the receiver's projection library parses it, this only bounds and shapes it."""
+    STR(value, path, MAX_CRS_CHARS)
+    if _EPSG.fullmatch(value):
+        return
+    if not _WKT.fullmatch(value) or value.count("[") != value.count("]"):
+        raise MessageError(path, f"expected 'EPSG:<code>' or a WKT CRS (KEYWORD[...]), got {quote(value)}")
+
+
+def TRANSFORM(value: Any, path: str) -> None:
+    """An affine pixel-to-CRS transform in rasterio order (a, b, c, d, e, f): 6 finite numbers,
+    not singular (a*e - b*d != 0: a pixel has an area)."""
+    LIST(value, path)
+    if len(value) != 6:
+        raise MessageError(path, f"expected 6 numbers (a, b, c, d, e, f), got {len(value)}")
+    for i, v in enumerate(value):
+        FLOAT(v, f"{path}[{i}]")
+    a, b, _, d, e, _ = value
+    area = a * e - b * d
+    if area == 0 or not math.isfinite(area):
+        raise MessageError(path, f"a pixel's area a*e - b*d must be finite and not 0, got {area}")
+
+
+def DATETIME(value: Any, path: str) -> None:
+    """An ISO 8601 date and time with its UTC offset (`2026-12-02T10:31:07.123Z`)."""
+    STR(value, path, MAX_DATETIME_CHARS)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00", 1) if value.endswith("Z") else value)
+    except ValueError:
+        raise MessageError(path, f"expected an ISO 8601 date-time, got {quote(value)}") from None
+    if parsed.tzinfo is None:
+        raise MessageError(path, f"needs a UTC offset ('Z' or '+00:00'), got {quote(value)}")
+
+
+def record(required: Mapping[str, Validator], optional: Mapping[str, Validator]) -> Validator:
+    """A map with exactly these fields (an unknown key is an error: it would be silently lost)."""
+    def check(value: Any, path: str) -> None:
+        MAP(value, path)
+        for name in value:
+            if name not in required and name not in optional:
+                raise MessageError(f"{path}.{name}", f"unknown field (known: "
+                                   f"{', '.join([*required, *optional])})")
+        for name, inner in required.items():
+            if name not in value:
+                raise MessageError(f"{path}.{name}", "missing")
+            inner(value[name], f"{path}.{name}")
+        for name, inner in optional.items():
+            if name in value:
+                inner(value[name], f"{path}.{name}")
+    return check
+
+
+GEOREF = record({"crs": CRS, "transform": TRANSFORM},
+                {"datetime": DATETIME, "scene_id": bounded_str(MAX_SOURCE_CHARS)})
+
+
 def LIST(value: Any, path: str) -> None:
     if not isinstance(value, list):
         _fail(path, "a list", value)
@@ -249,25 +317,28 @@ def _ack_check(body: dict) -> None:
 
 
 BODY_SCHEMAS: dict[str, BodySchema] = {
-    # Payload -> daemon: one image frame. reflectance = value * scale.
+    # Payload -> daemon: one image frame. reflectance = value * scale. `georef` when the payload
+    # knows where the frame lies: {crs, transform, datetime?, scene_id?} (GEOREF).
     "frame": BodySchema(
         required={"frame_id": ID, "bands": list_of(NAME, nonempty=True, max_items=MAX_BANDS),
                   "scale": POSITIVE_FLOAT},
-        optional={"scene": SHORT, "index": INT, "acquired": FLOAT},
+        optional={"scene": SHORT, "index": INT, "acquired": FLOAT, "georef": GEOREF},
         arrays={"data": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=3)},
     ),
     # Daemon -> payload: the outcome of an accepted frame.
     "decision": BodySchema(
         required={"frame_id": ID, "keep": BOOL, "priority": INT, "reason": STR},
         optional={"stats": DICT, "tile_decisions": list_of(DICT), "timings_ms": DICT,
-                  "model": optional(DICT)},
+                  "model": optional(DICT), "georef": GEOREF},
         other_arrays=True,
     ),
     # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook).
     "product": BodySchema(
         required={"frame_id": ID, "priority": INT},
         optional={"scene": SHORT, "index": INT, "reason": STR, "stats": DICT, "classes": list_of(STR),
-                  "tiles": list_of(DICT), "model": optional(DICT), "acquired": FLOAT},
+                  "tiles": list_of(DICT), "model": optional(DICT), "acquired": FLOAT,
+                  "georef": GEOREF, "bands": list_of(NAME, max_items=MAX_BANDS),
+                  "scale": POSITIVE_FLOAT},
         other_arrays=True,
     ),
     # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).

@@ -83,6 +83,17 @@ class GeoRef:
         a, b, c, d, e, f = self.transform
         return (a * col + b * row + c, d * col + e * row + f)
 
+    def corners(self, rows: int, cols: int) -> list[tuple[float, float]]:
+        """Map coordinates of the outer corners of a rows x cols raster placed here (top-left,
+        top-right, bottom-right, bottom-left: a footprint ring, unclosed)."""
+        return [self.xy(r, c) for r, c in ((0, 0), (0, cols), (rows, cols), (rows, 0))]
+
+    def bounds(self, rows: int, cols: int) -> tuple[float, float, float, float]:
+        """(min x, min y, max x, max y) in CRS units of a rows x cols raster placed here
+        (what rasterio's `dataset.bounds` says of it)."""
+        xs, ys = zip(*self.corners(rows, cols))
+        return (min(xs), min(ys), max(xs), max(ys))
+
     def shifted(self, row: int, col: int) -> "GeoRef":
         """The GeoRef of a window whose top-left pixel is (row, col) of this raster."""
         a, b, c, d, e, f = self.transform

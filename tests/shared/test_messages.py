@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timezone
 
 import msgpack
 import numpy as np
@@ -29,6 +30,16 @@ plain = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3)
                      | st.dictionaries(text, kids, max_size=3), max_leaves=8)
 plain_map = st.dictionaries(text, plain, max_size=4)
 error_code = ident.filter(lambda c: c != "ok")
+WKT_UTM33 = ('PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",'
+             '6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],'
+             'PROJECTION["Transverse_Mercator"],PARAMETER["central_meridian",15],UNIT["metre",1],'
+             'AUTHORITY["EPSG","32633"]]')
+transform6 = st.lists(st.floats(-1e7, 1e7), min_size=6, max_size=6).filter(
+    lambda t: t[0] * t[4] - t[1] * t[3] != 0)
+georefs = st.fixed_dictionaries(
+    {"crs": st.sampled_from(["EPSG:32633", "epsg:4326", WKT_UTM33]), "transform": transform6},
+    optional={"datetime": st.datetimes(timezones=st.just(timezone.utc)).map(lambda d: d.isoformat()),
+              "scene_id": text})
 
 
 def body(required: dict, optional: dict | None = None):
@@ -43,13 +54,15 @@ def body(required: dict, optional: dict | None = None):
 BODIES = {
     "frame": body({"frame_id": ident, "bands": st.lists(ident, min_size=1, max_size=4),
                    "scale": st.floats(min_value=1e-6, max_value=1e6)},
-                  {"scene": text, "index": int64, "acquired": finite}),
+                  {"scene": text, "index": int64, "acquired": finite, "georef": georefs}),
     "decision": body({"frame_id": ident, "keep": st.booleans(), "priority": int64, "reason": text},
                      {"stats": plain_map, "tile_decisions": st.lists(plain_map, max_size=3),
-                      "timings_ms": plain_map, "model": st.none() | plain_map}),
+                      "timings_ms": plain_map, "model": st.none() | plain_map, "georef": georefs}),
     "product": body({"frame_id": ident, "priority": int64},
                     {"scene": text, "index": int64, "reason": text, "stats": plain_map,
-                     "classes": st.lists(text, max_size=3), "tiles": st.lists(plain_map, max_size=2)}),
+                     "classes": st.lists(text, max_size=3), "tiles": st.lists(plain_map, max_size=2),
+                     "georef": georefs, "bands": st.lists(ident, max_size=4),
+                     "scale": st.floats(min_value=1e-6, max_value=1e6)}),
     "error": body({"code": ident, "message": text},
                   {"frame_id": st.none() | text, "field": st.none() | text, "details": plain_map}),
     "command": body({"name": ident}, {"args": plain_map}),
@@ -444,3 +457,64 @@ def test_any_header_field_replaced_by_any_value(msg, data):
         h[where] = value
     frames = [msgpack.packb(h, use_bin_type=True), *encode(msg)[1:]]
     decode_or_message_error(frames)
+
+
+# ------------------------------------------------------------------------------------------------
+# The frame's georeference (optional; carried into DECISION and PRODUCT)
+
+GOOD_GEOREF = {"crs": "EPSG:32633", "transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 5200000.0],
+               "datetime": "2026-12-02T10:31:07.5Z", "scene_id": "S2B_MSIL1C_20261202"}
+
+
+@pytest.mark.parametrize("type_", ["frame", "decision", "product"])
+def test_georef_round_trips_on_frame_decision_and_product(type_):
+    body = {"frame": {"frame_id": "f1", "bands": ["B02"], "scale": 1e-4},
+            "decision": {"frame_id": "f1", "keep": True, "priority": 1, "reason": "r"},
+            "product": {"frame_id": "f1", "priority": 1}}[type_]
+    arrays = {"data": np.zeros((1, 2, 2), np.uint16)} if type_ == "frame" else {}
+    for georef in (GOOD_GEOREF, {"crs": WKT_UTM33, "transform": [10, 0, 0, 0, -10, 0]}):
+        out = decode(encode(Message(type_, {**body, "georef": georef}, arrays)))
+        assert out.body["georef"] == georef
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"crs": "UTM 33"}, "body.georef.crs", "EPSG"),
+    ({"crs": "EPSG:"}, "body.georef.crs", "EPSG"),
+    ({"crs": "PROJCS[\"x\",GEOGCS[\"y\"]"}, "body.georef.crs", "WKT"),     # unbalanced
+    ({"crs": ""}, "body.georef.crs", ""),
+    ({"crs": 32633}, "body.georef.crs", "string"),
+    ({"crs": "PROJCS[" + "A" * 9000 + "]"}, "body.georef.crs", "8192"),
+    ({"transform": [10.0, 0.0, 500000.0, 0.0, -10.0]}, "body.georef.transform", "6 numbers"),
+    ({"transform": [10.0] * 7}, "body.georef.transform", "6 numbers"),
+    ({"transform": [10.0, 0.0, 5.0, 0.0, 0.0, 5.0]}, "body.georef.transform", "area"),
+    ({"transform": [10.0, 0.0, "5", 0.0, -10.0, 5.0]}, "body.georef.transform[2]", "number"),
+    ({"transform": [1e300, 0.0, 0.0, 0.0, -1e300, 0.0]}, "body.georef.transform", "finite"),
+    ({"transform": "10,0,0,0,-10,0"}, "body.georef.transform", "list"),
+    ({"datetime": "yesterday"}, "body.georef.datetime", "ISO 8601"),
+    ({"datetime": "2026-12-02T10:31:07"}, "body.georef.datetime", "UTC offset"),
+    ({"datetime": "2026-12-02T10:31:07Z" + " " * 60}, "body.georef.datetime", "64"),
+    ({"scene_id": "s" * 300}, "body.georef.scene_id", "256"),
+    ({"elevation": 3}, "body.georef.elevation", "unknown field"),
+])
+def test_bad_georef_is_refused_naming_the_field(change, field, words):
+    georef = {**GOOD_GEOREF, **change}
+    with pytest.raises(MessageError) as err:
+        encode(frame_message(georef=georef))
+    assert err.value.field == field
+    assert words in str(err.value)
+    # the receiver refuses the same body packed by hand (a peer that does not use encode)
+    msg = frame_message()
+    h = header_of(msg)
+    h["body"]["georef"] = georef
+    with pytest.raises(MessageError) as err:
+        decode(with_header(msg, h))
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("georef, field", [({"transform": [1, 0, 0, 0, -1, 0]}, "body.georef.crs"),
+                                           ({"crs": "EPSG:4326"}, "body.georef.transform"),
+                                           ("EPSG:4326", "body.georef"), (None, "body.georef")])
+def test_georef_needs_crs_and_transform(georef, field):
+    with pytest.raises(MessageError) as err:
+        encode(frame_message(georef=georef))
+    assert err.value.field == field
