@@ -119,7 +119,6 @@ class GroundStation:
         self.catalogue = Catalogue(self.out_dir)
         self.gis_problems: list[str] = []
 
-
     def receive(self, item: Stored, pass_index: int, pass_: Pass, t_s: float) -> Path:
         folder = self.out_dir / f"pass-{pass_index:02d}" / _safe(item.frame_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +137,6 @@ class GroundStation:
                 np.save(path, raw)
             files.append(path.name)
         gis = write_gis(folder, item.body, item.arrays)
-        self.gis_problems += [f"{item.frame_id}: {p}" for p in gis.problems]
         record = {"frame_id": item.frame_id, "pass": pass_index, "station": pass_.station,
                   "received_s": round(t_s, 3), "ready_s": round(item.ready_s, 3),
                   "bytes": item.nbytes, "priority": item.priority, "files": sorted(files),
@@ -146,6 +144,7 @@ class GroundStation:
                   "body": item.body}
         (folder / "product.json").write_text(json.dumps(record, indent=1, default=str))
         self.catalogue.add(product_item(item.frame_id, item.body, gis, files), folder)
+        self.gis_problems += [f"{item.frame_id}: {p}" for p in gis.problems]
         self.received.append({k: v for k, v in record.items() if k != "body"} | {"folder": str(folder)})
         return folder
 
@@ -157,7 +156,6 @@ class GroundStation:
         check["georeferenced"] = sum(1 for r in self.received if r.get("georeferenced"))
         check["gis_problems"] = self.gis_problems[:20]
         return check
-
 
 
 class Downlink:

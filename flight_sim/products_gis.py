@@ -14,8 +14,11 @@ turns it into files a GIS and rasterio open at their right place on Earth:
     quicklook.jgw    a world file for quicklook.jpg (scaled to its smaller size), and
     quicklook.jpg.aux.xml  its CRS (GDAL's side-car), so the JPEG opens in place too
 
-A product without a georeference still gets mask.tif and the tiles: plain TIFFs with no CRS (no
-world file). `write_gis(folder, body, arrays)` writes them and says what it wrote (`GisProducts`).
+A product without a georeference gets none of these: what came down (mask.png, quicklook.jpg,
+tiles.npy or frame.npy, beside them in any case) is all there is to it, with no place to put it
+(and a soak's thousand products cost no GDAL writes in the flight's loop). `write_gis(folder,
+body, arrays)` writes them and says what it wrote (`GisProducts`); `write_mask`/`write_tiles`
+also write plain TIFFs when given no georef.
 """
 from __future__ import annotations
 
@@ -162,11 +165,15 @@ def write_gis(folder: Path, body: dict, arrays: dict) -> GisProducts:
     rest is still written: the raw downlinked files stay beside these in any case."""
     try:
         georef = product_georef(body)
-    except ValueError as exc:
+        if georef is not None:
+            CRS.from_user_input(georef.crs)      # a CRS the bus let through but PROJ cannot read
+    except (ValueError, rasterio.errors.RasterioError) as exc:
         georef, problems = None, [f"georef: {exc}"]
     else:
         problems = []
     out = GisProducts(georef, None, problems=problems)
+    if georef is None:
+        return out
     steps = []
     if "mask_png" in arrays:
         steps.append(("mask", lambda: [write_mask(folder, _blob(arrays["mask_png"]), georef,
@@ -179,7 +186,7 @@ def write_gis(folder: Path, body: dict, arrays: dict) -> GisProducts:
             out.problems.append(f"{what}: {type(exc).__name__}: {exc}")
     masks = out.named("mask")
     out.frame_shape = masks[0].shape if masks else None
-    if georef is not None and out.frame_shape and "quicklook_jpg" in arrays:
+    if out.frame_shape and "quicklook_jpg" in arrays:
         try:
             out.files.append(write_quicklook_georef(folder, _blob(arrays["quicklook_jpg"]), georef,
                                                     out.frame_shape))

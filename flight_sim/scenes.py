@@ -309,7 +309,7 @@ def dataset_source(name: str, root: Path | None = None) -> ArraySource:
 GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ships", "urban_fraction",
                   "cloud_height_m", "sun_elevation_deg", "sun_azimuth_deg", "noise_sigma",
                   "feature_scale", "name"}
-COMMON_KEYS = {"kind", "crop_rows", "repeat"}
+COMMON_KEYS = {"kind", "crop_rows", "repeat", "georef"}
 FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
 SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"}}   # by kind
 
@@ -368,7 +368,9 @@ def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0
         {kind = "file", path, bands?, scale?, truth?, truth_classes?}     (tif, band folder, npz,
                                                                            npy, SAFE, .zip, .jp2s)
         {kind = "dataset", name = "ukis" | "sen1floods11" | "eolearn:N"}
-    any of them with crop_rows = [first, end).
+    any of them with crop_rows = [first, end), and georef = {crs = "EPSG:32633", transform =
+    [10, 0, 500000, 0, -10, 5200000]} to place it on Earth (a generated scene; or a file's own
+    georeference replaced).
     """
     check_scene_spec(spec, where)
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -378,7 +380,20 @@ def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0
         source = dataset_source(spec["name"])
     else:
         source = _file_source(spec, base_dir, where)
+    if "georef" in spec:
+        source.georef = _spec_georef(spec["georef"], f"{where}.georef")
     return _crop(source, spec.get("crop_rows"), where)
+
+
+def _spec_georef(value: Any, where: str) -> GeoRef:
+    """A scene's `georef = {crs, transform}` table as a GeoRef."""
+    if not isinstance(value, dict) or set(value) != {"crs", "transform"}:
+        raise SceneSpecError(f"{where}: a table {{crs = \"EPSG:<code>\", transform = [a, b, c, d, e, f]}} "
+                             f"expected, got {value!r}")
+    try:
+        return GeoRef(value["crs"], tuple(value["transform"]))
+    except (TypeError, ValueError) as exc:
+        raise SceneSpecError(f"{where}: {exc}") from None
 
 
 def _generated_source(spec: dict, where: str) -> GeneratedSource:

@@ -167,6 +167,8 @@ def test_stac_items_valid_with_footprint_datetime_model_and_decision(flight):
     items = {i.id: i for i in catalog.get_items(recursive=True)}
     assert set(items) == set(products)
     validator = pystac.validation.stac_validator.JsonSchemaSTACValidator()
+    from pystac.extensions.classification import ClassificationExtension
+    from pystac.extensions.projection import ProjectionExtension
     for frame_id, item in items.items():
         folder, record = products[frame_id]
         doc = item.to_dict()
@@ -179,11 +181,10 @@ def test_stac_items_valid_with_footprint_datetime_model_and_decision(flight):
         assert {"mask", "quicklook", "product"} <= set(item.assets)
         if not body.get("georef"):                    # the generated scene knows no place
             assert item.geometry is None and item.bbox is None
-            with rasterio.open(folder / "mask.tif") as ds:
-                assert ds.crs is None
+            assert not list(folder.glob("*.tif"))     # what came down is all there is
+            assert item.assets["mask"].href == "./mask.png" and "frame" in item.assets
+            assert ClassificationExtension.ext(item.assets["mask"]).classes
             continue
-        from pystac.extensions.classification import ClassificationExtension
-        from pystac.extensions.projection import ProjectionExtension
         proj = ProjectionExtension.ext(item)
         assert proj.code == "EPSG:32633" and proj.shape == [FRAME_LINES, 192]
         assert proj.transform == pytest.approx(list(SCENE_GEOREF.shifted(body["index"] * FRAME_LINES, 0).transform))
@@ -229,3 +230,53 @@ def test_footprint_and_world_file_of_a_rotated_raster():
     assert len(geometry["coordinates"][0]) == 5 and bbox[0] < bbox[2] and bbox[1] < bbox[3]
     # a 4x smaller quicklook: each of its pixels covers 4x4 frame pixels; C, F a pixel centre
     assert world_file_lines(SCENE_GEOREF, (128, 192), (32, 48)) == [40.0, 0.0, 0.0, -40.0, 500020.0, 5199980.0]
+
+
+def test_kept_tiles_written_cropped_at_their_box(tmp_path):
+    from flight_sim.products_gis import write_tiles
+    frame = np.arange(2 * 100 * 90, dtype=np.uint16).reshape(2, 100, 90) + 1
+    boxes = np.array([[0, 64, 64, 26], [64, 0, 36, 64]], np.int32)      # two edge tiles, padded
+    tiles = np.zeros((2, 2, 64, 64), np.uint16)
+    for n, (r, c, h, w) in enumerate(boxes):
+        tiles[n, :, :h, :w] = frame[:, r:r + h, c:c + w]
+    files = write_tiles(tmp_path, {"tiles": tiles, "tile_boxes": boxes}, SCENE_GEOREF, ["B04", "B08"])
+    assert [f.name for f in files] == ["tile-000.tif", "tile-001.tif"]
+    for f, (r, c, h, w) in zip(files, boxes.tolist()):
+        with rasterio.open(tmp_path / f.name) as ds:
+            assert (ds.height, ds.width) == (h, w) and ds.nodata == 0
+            assert ds.bounds == pytest.approx(SCENE_GEOREF.shifted(r, c).bounds(h, w))
+            assert ds.bounds == pytest.approx((500000 + 10 * c, 5200000 - 10 * (r + h),
+                                               500000 + 10 * (c + w), 5200000 - 10 * r))
+            np.testing.assert_array_equal(ds.read(), frame[:, r:r + h, c:c + w])
+            assert ds.descriptions == ("B04", "B08")
+    # without a georef: plain TIFFs, no CRS, same pixels
+    (tmp_path / "plain").mkdir()
+    plain = write_tiles(tmp_path / "plain", {"tiles": tiles, "tile_boxes": boxes}, None, None)
+    with rasterio.open(tmp_path / "plain" / plain[0].name) as ds:
+        assert ds.crs is None and ds.read().shape == (2, 64, 26)
+
+
+def test_a_scenario_places_a_generated_scene_and_names_a_bad_georef():
+    from flight_sim.errors import SceneSpecError
+    from flight_sim.scenes import open_source
+    spec = {"kind": "generated", "rows": 64, "cols": 32, "crop_rows": [16, 64],
+            "georef": {"crs": "EPSG:32633", "transform": list(SCENE_GEOREF.transform)}}
+    assert open_source(spec).georef == SCENE_GEOREF.shifted(16, 0)
+    for bad in ({"crs": "EPSG:32633"}, {"crs": "EPSG:32633", "transform": [10, 0, 0, 0, 0, 0]}, "EPSG:4326"):
+        with pytest.raises(SceneSpecError, match=r"scenes\[0\]\.georef"):
+            open_source({**spec, "georef": bad})
+
+
+def test_a_crs_the_bus_lets_through_but_proj_cannot_read_is_a_named_problem(tmp_path):
+    from flight_sim.catalog import product_item
+    from flight_sim.products_gis import write_gis
+    body = {"frame_id": "f", "priority": 1, "classes": ["clear"],
+            "georef": {"crs": 'PROJCS["nowhere"]', "transform": [10, 0, 0, 0, -10, 0]}}
+    mask = np.zeros((8, 8), np.uint8)
+    import cv2
+    arrays = {"mask_png": np.frombuffer(cv2.imencode(".png", mask)[1].tobytes(), np.uint8)}
+    gis = write_gis(tmp_path, body, arrays)
+    assert gis.georef is None and gis.files == [] and gis.problems[0].startswith("georef:")
+    (tmp_path / "mask.png").write_bytes(arrays["mask_png"].tobytes())
+    item = product_item("f", body, gis, ["mask.png"])
+    assert item.geometry is None and item.assets["mask"].href == "./mask.png"
