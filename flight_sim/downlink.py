@@ -1,8 +1,10 @@
 """Downlink: products wait on board in a priority queue; ground-station passes take what fits.
 
 The daemon PUSHes a PRODUCT for every kept frame; `Downlink.receive` pulls it into on-board
-storage at once (so the daemon never blocks on us) with the mission time at which it was ready.
-Passes lie on a timeline (`Pass(start_s, duration_s, budget_bytes)`, mission seconds); when the
+storage at once (so the daemon never blocks on us): the message as it came, written to a file in
+the queue folder (the satellite's mass memory; the simulator's memory holds only its body and
+tile boxes), with the mission time at which it was ready, or none yet (`set_ready` gives it once
+the simulated clock knows it; until then it waits for every pass). Passes lie on a timeline (`Pass(start_s, duration_s, budget_bytes)`, mission seconds); when the
 mission clock passes the end of a pass, `advance(t)` plays it: the products ready before the pass
 ends go down in priority order (smaller number first, then oldest), each as its encoded size,
 while the pass's byte budget lasts. A product bigger than what is left waits for the next pass,
@@ -17,7 +19,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
+import msgpack
 import numpy as np
 
 from flight_sim.catalog import Catalogue, check_catalog, product_item
@@ -27,6 +31,8 @@ from shared.messages import Limits, MessageError, decode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEPT_AFTER_DOWNLINK = ("mask_png", "tile_boxes")
+KEPT_ON_RECEIPT = ("tile_boxes",)      # in memory while the product waits on disk (the report's)
+NOT_READY = float("inf")               # a product whose ready time the clock does not know yet
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -98,7 +104,30 @@ class Stored:
     frame_id: str = field(compare=False)
     nbytes: int = field(compare=False)
     body: dict = field(compare=False)
-    arrays: dict = field(compare=False)
+    arrays: dict = field(compare=False)     # all of them only while the station writes them
+    path: Path | None = field(default=None, compare=False)   # the message, while it waits
+
+
+def write_parts(path: Path, parts: Sequence) -> None:
+    """A multipart message as one file: a 4-byte length of a msgpack list of part lengths, then
+    the parts' bytes (written from the zmq frames, no copy)."""
+    head = msgpack.packb([len(p) for p in parts])
+    with open(path, "wb") as fh:
+        fh.write(len(head).to_bytes(4, "little"))
+        fh.write(head)
+        for part in parts:
+            fh.write(memoryview(part))
+
+
+def read_parts(path: Path) -> list[memoryview]:
+    """The parts `write_parts` wrote, as views of one buffer."""
+    data = memoryview(Path(path).read_bytes())
+    n = int.from_bytes(data[:4], "little")
+    parts, at = [], 4 + n
+    for length in msgpack.unpackb(data[4:at]):
+        parts.append(data[at:at + length])
+        at += length
+    return parts
 
 
 def _safe(name: str) -> str:
@@ -159,22 +188,30 @@ class GroundStation:
 
 
 class Downlink:
+    """The on-board queue (files in `queue_dir`, default beside the station's folder) and the
+    passes that empty it."""
+
     def __init__(self, passes: list[Pass], station: GroundStation,
-                 limits: Limits = Limits(max_array_bytes=1 << 30)):
+                 limits: Limits = Limits(max_array_bytes=1 << 30), queue_dir: Path | None = None):
         self.passes = list(passes)
         self.station = station
         self.limits = limits
+        self.queue_dir = Path(queue_dir or Path(station.out_dir).parent / "downlink_queue")
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.queue: list[Stored] = []
         self.products: dict[str, Stored] = {}     # every product received, by frame_id
         self.duplicates = 0
         self.rejected: list[str] = []
         self.downlinked: dict[str, tuple[int, float]] = {}   # frame_id -> (pass index, mission s)
         self.pass_log: list[dict] = []
+        self.stored_bytes = 0                     # what the queue folder holds now
+        self.peak_stored_bytes = 0                # ... and the most it held at once
         self._next_pass = 0
         self._seq = 0
 
-    def receive(self, parts: list, ready_s: float) -> str | None:
-        """A PRODUCT message from the daemon; returns its frame_id (None if refused/duplicate)."""
+    def receive(self, parts: list, ready_s: float | None = None) -> str | None:
+        """A PRODUCT message from the daemon, stored on disk until its pass; returns its frame_id
+        (None if refused or a duplicate). `ready_s` None: not ready until `set_ready`."""
         try:
             msg = decode(parts, self.limits)
         except MessageError as exc:
@@ -188,14 +225,25 @@ class Downlink:
             self.duplicates += 1
             return None
         nbytes = sum(len(p) for p in parts)
-        # copy out of the zmq frames: they are reused once this message is dropped
-        arrays = {k: np.array(v) for k, v in msg.arrays.items()}
-        item = Stored(int(msg.body["priority"]), float(msg.body.get("acquired", ready_s)), self._seq,
-                      ready_s, frame_id, nbytes, dict(msg.body), arrays)
+        path = self.queue_dir / f"{self._seq:06d}-{_safe(frame_id)[:100]}.product"
+        write_parts(path, parts)
+        # copies of the small arrays the report reads: the zmq frames are reused after this
+        arrays = {k: np.array(v) for k, v in msg.arrays.items() if k in KEPT_ON_RECEIPT}
+        ready = NOT_READY if ready_s is None else float(ready_s)
+        item = Stored(int(msg.body["priority"]), float(msg.body.get("acquired", ready)), self._seq,
+                      ready, frame_id, nbytes, dict(msg.body), arrays, path)
         self._seq += 1
         self.products[frame_id] = item
         heapq.heappush(self.queue, item)
+        self.stored_bytes += nbytes
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes)
         return frame_id
+
+    def set_ready(self, frame_id: str, ready_s: float) -> None:
+        """The mission time a received product was ready (the simulated clock's)."""
+        item = self.products.get(frame_id)
+        if item is not None and frame_id not in self.downlinked:
+            item.ready_s = float(ready_s)
 
     def advance(self, mission_s: float) -> int:
         """Play every pass that has ended by `mission_s`; returns products sent down."""
@@ -220,10 +268,7 @@ class Downlink:
             used += item.nbytes
             t = max(p.start_s, item.ready_s) + (used / p.budget_bytes) * p.duration_s \
                 if p.budget_bytes else p.end_s
-            self.station.receive(item, index, p, min(t, p.end_s))
-            self.downlinked[item.frame_id] = (index, min(t, p.end_s))
-            # on the ground now (written to disk): keep only what the report scores
-            item.arrays = {k: v for k, v in item.arrays.items() if k in KEPT_AFTER_DOWNLINK}
+            self._down(item, index, p, min(t, p.end_s))
             sent += 1
         for item in waiting:
             heapq.heappush(self.queue, item)
@@ -231,6 +276,18 @@ class Downlink:
                               "budget_bytes": p.budget_bytes, "used_bytes": used, "products": sent,
                               "left_on_board": len(self.queue)})
         return sent
+
+    def _down(self, item: Stored, index: int, pass_: Pass, t_s: float) -> None:
+        """One product to the ground station: read back from the queue folder, written by the
+        station, then gone from the queue; only what the report scores stays in memory."""
+        msg = decode(read_parts(item.path), self.limits)
+        item.arrays = dict(msg.arrays)
+        self.station.receive(item, index, pass_, t_s)
+        self.downlinked[item.frame_id] = (index, t_s)
+        item.arrays = {k: np.array(v) for k, v in item.arrays.items() if k in KEPT_AFTER_DOWNLINK}
+        item.path.unlink(missing_ok=True)
+        item.path = None
+        self.stored_bytes -= item.nbytes
 
     def summary(self) -> dict:
         down = [self.products[f] for f in self.downlinked]

@@ -93,6 +93,7 @@ def build_report(rec: RunRecord) -> dict:
         "realtime": _realtime(rec, normal),
         "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
         "daemon": _daemon(rec),
+        "simulator": _simulator(rec),
         "soak": rec.soak.report(states, rec.t_fly) if rec.soak is not None and rec.soak.active else None,
         "timed_out": rec.timed_out,
         "wall_s": round(rec.t_end - rec.t0, 3),
@@ -312,6 +313,18 @@ def _daemon(rec: RunRecord) -> dict:
                        for e in rec.daemon_events],
             "exit_code": rec.exit_code, "final_status": _slim_status(rec.final_status),
             "heartbeats": len(rec.telemetry), "rss_mb_max": max(rss) if rss else None}
+
+
+def _simulator(rec: RunRecord) -> dict:
+    """The simulator's own: its clock, its peak memory, its downlink queue on disk, the
+    acknowledgements it gave the daemon."""
+    dl = rec.downlink
+    return {"clock": "simulated" if rec.clock is not None else "wall",
+            "timeline": rec.clock.summary() if rec.clock is not None else None,
+            "peak_rss_mb": rec.peak_rss_mb,
+            "downlink_queue": {"folder": str(dl.queue_dir) if dl else None,
+                               "peak_bytes": dl.peak_stored_bytes if dl else 0},
+            "acks": dict(rec.acks)}
 
 
 def _slim_status(status: dict) -> dict:
@@ -536,9 +549,13 @@ def _md_uplink_and_daemon(r: dict) -> list[str]:
                  f"{rs['downtime_s']} s; model {rs['model_before']} -> {rs['model_after']}; "
                  f"{rs['frames_resent']} frames resent, {rs.get('products_lost_reprocessed', 0)} kept "
                  f"frames processed again (their product died with the daemon)")
-    dm = r["daemon"]
+    dm, sim = r["daemon"], r["simulator"]
     L += [f"- daemon exit code {dm['exit_code']}, {dm['heartbeats']} heartbeats, max RSS "
-          f"{dm['rss_mb_max']} MB", "", "![timeline](timeline.png)", ""]
+          f"{dm['rss_mb_max']} MB",
+          f"- simulator: {sim['clock']} clock, peak RSS {sim['peak_rss_mb']} MB, products waiting "
+          f"for a pass on disk at most {_size(sim['downlink_queue']['peak_bytes'])}; "
+          f"{sim['acks']['sent']} products acknowledged to the daemon "
+          f"({sim['acks']['removed']} spilled copies removed)", "", "![timeline](timeline.png)", ""]
     if r["masks"].get("frames"):
         L += ["![masks](masks.png)", ""]
     return L

@@ -10,16 +10,22 @@ Read top to bottom in `run_scenario`:
                 and resumed), install; then the bad bundles a scenario asks for (unsigned,
                 corrupted), each refused while the installed model keeps serving
     fly         one loop, one thread (ZeroMQ sockets are not thread-safe): the camera releases
-                frames (real time from the orbit, or as fast as the daemon takes them), the
+                frames (paced on the wall clock, or as fast as the daemon takes them), the
                 payload sends them and keeps each until its outcome, products are pulled into
-                on-board storage, telemetry is recorded, passes are played as the mission clock
-                passes them; faults on the way: kill -9 of the daemon and its restart, malformed
-                frames, a burst of frames faster than processing
+                on-board storage (files in the run folder) and acknowledged to the daemon (it
+                then drops its spilled copy), telemetry is recorded, passes are played as the
+                mission clock passes them; faults on the way: kill -9 of the daemon and its
+                restart, malformed frames, a burst of frames faster than processing
     soak        (flight_sim.soak, when the scenario asks) the supervisor role on a real
                 NOTIFY_SOCKET, restarts on a missed watchdog, periodic kill -9, SIGSTOP, a
                 filled disk, a corrupted state.json; the daemon's RSS and fds sampled
     land        wait for the last outcomes and products, play the remaining passes, ask the
                 daemon's status, shut it down (it drains and exits 0)
+
+The mission clock (`[run] clock`): "simulated" (flight_sim.clock: the orbit's cadence and the
+daemon's own measured processing time per frame; passes are played when that clock passes them,
+so the report does not depend on the host's speed or load) or "wall" (the wall clock scaled by
+`camera.speedup`, for soaks that pace a real daemon for minutes).
 
 Everything observed goes into a `RunRecord`; flight_sim.report turns it into figures and files.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import resource
 import shutil
 import sys
 import time
@@ -37,6 +44,7 @@ import zmq
 
 from flight_sim.bus import Endpoints, plan_endpoints
 from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera
+from flight_sim.clock import SimulatedClock
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
 from flight_sim.errors import ScenarioFailed
@@ -56,6 +64,10 @@ log = logging.getLogger("flight_sim")
 
 POLL_MS = 20
 PRODUCT_WAIT_S = 10.0       # how long the flight waits for a kept frame's late product
+ACK_EVERY_S = 1.0           # products received are acknowledged to the daemon this often
+ACK_TIMEOUT_S = 1.0         # ... each try waiting this long (a stopped daemon must not stall us)
+ACK_BACKOFF_S = 5.0         # ... and after a try that got no answer, this long before the next
+MAX_ACK_IDS = 512           # frame ids per acknowledgement
 
 
 @dataclass
@@ -91,6 +103,9 @@ class RunRecord:
     mission_s: float = 0.0
     crashes: list[dict] = field(default_factory=list)
     soak: Soak | None = None
+    clock: SimulatedClock | None = None          # the simulated mission clock, when flown on it
+    acks: dict = field(default_factory=lambda: {"sent": 0, "removed": 0, "failed": 0, "pending": 0})
+    peak_rss_mb: float | None = None             # the simulator's own, over the whole run
 
     def event(self, kind: str, **info) -> None:
         self.events.append({"t": time.monotonic(), "kind": kind, **info})
@@ -113,6 +128,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     """Fly `scenario` (prepare, start, uplink, fly, land: the module docstring); what was seen
     goes into the RunRecord, whatever happens the daemon is stopped and the sockets closed."""
     out_dir = _fresh_run_folder(out_dir)
+    _reset_peak_rss()
     rec = RunRecord(scenario, out_dir, t0=time.monotonic())
     S = scenario.sections
 
@@ -127,9 +143,9 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     daemon = DaemonProcess(_daemon_config(scenario, camera, endpoints, out_dir / "daemon", keys,
                                           writable),
                            out_dir / "daemon" / "daemon.log")
-    daemon.env = soak.env()
+    daemon.env = {**soak.env(), **_test_env(S["daemon"])}
     rec.downlink = Downlink(passes_from_spec(S["downlink"], camera.duration_s),
-                            GroundStation(out_dir / "ground"))
+                            GroundStation(out_dir / "ground"), queue_dir=out_dir / "downlink_queue")
 
     ctx = zmq.Context()
     sockets: list = []
@@ -159,10 +175,36 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     return rec
 
 
+def _test_env(daemon: dict) -> dict[str, str]:
+    """The daemon's test hooks a scenario asks for (never in flight): a slowed daemon."""
+    delay = float(daemon.get("test_frame_delay_s", 0.0))
+    return {"EOEDGE_TEST_FRAME_DELAY_S": repr(delay)} if delay > 0 else {}
+
+
+def _reset_peak_rss() -> None:
+    """Start the process's peak-RSS count (VmHWM) afresh, so the run's own peak is what the
+    report gives (Linux: writing 5 to /proc/self/clear_refs; elsewhere the process's peak)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """The simulator's peak resident memory since `_reset_peak_rss`, in MB (1e6 bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1)
+
+
 def _fresh_run_folder(out_dir: str | Path) -> Path:
     """The run folder, rid of what an earlier run in it left (daemon, ground station, bus)."""
     out_dir = Path(out_dir).resolve()
-    for leftover in ("daemon", "ground", "bus"):
+    for leftover in ("daemon", "ground", "bus", "downlink_queue"):
         shutil.rmtree(out_dir / leftover, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -263,6 +305,7 @@ def _tear_down(rec: RunRecord, daemon: DaemonProcess, sockets: list, ctx: zmq.Co
     rec.daemon_events = [{"t": e.t, "kind": e.kind, **e.detail} for e in daemon.events]
     if rec.soak is not None:
         rec.soak.close()              # the small disk unmounted, the notify socket closed
+    rec.peak_rss_mb = _peak_rss_mb()
     rec.t_end = time.monotonic()
 
 
@@ -346,6 +389,13 @@ class _Flight:
         self.burst = (range(burst["after_frames"], burst["after_frames"] + burst["frames"])
                       if burst else range(0))
         self.product_wait_until: float | None = None
+        self.durable = bool(S["daemon"].get("spill"))  # the daemon keeps products until acknowledged
+        self.unacked: list[str] = []                   # products received, not yet acknowledged
+        self.next_ack = 0.0
+        if S["run"]["clock"] == "simulated":
+            # a kill -9 costs the daemon restart_after_s before the frame it came after
+            rec.clock = SimulatedClock({n: float(self.faults["restart_after_s"]) for n in self.kills})
+        self.clock = rec.clock
         self.bar = None
         self.shown = 0                       # outcomes the progress bar shows
         self.poller = zmq.Poller()
@@ -365,10 +415,13 @@ class _Flight:
             self._end_burst()
             self._watch_daemon()
             self._exchange()
+            self._acknowledge()
             self._advance_clock()
             self._record_buffers()
             if self._done():
                 break
+        self._advance_clock()             # products named missing settle their frames too
+        self._acknowledge(final=True)
         if self.bar is not None:
             self.bar.close()
         self.rec.event("flight_done")
@@ -399,6 +452,8 @@ class _Flight:
         self.rec.release[frame.frame_id] = time.monotonic()
         self.rec.acquired_bytes += frame.nbytes
         self.rec.normal_frames += 1
+        if self.clock is not None:
+            self.clock.add(frame.frame_id, frame.acquired)
         self.mission_now = max(self.mission_now, frame.acquired)
         self.next_i += 1
         return frame
@@ -430,7 +485,7 @@ class _Flight:
         soak = self.rec.soak
         if not self.daemon.alive():
             _restart_after_crash(self.rec, self.daemon, self.payload, self.start_timeout_s,
-                                 self._take_products)
+                                 self._take_products, self.durable)
         if self.kills and self._sent_frames() >= self.kills[0]:
             self.kills.pop(0)
             self._restart("kill -9")
@@ -443,7 +498,7 @@ class _Flight:
         """kill -9, start again, resend (a scenario's kill, the soak's faults, a missed watchdog)."""
         _kill_and_restart(self.rec, self.daemon, self.link, self.payload,
                           float(self.faults["restart_after_s"]), self.start_timeout_s,
-                          self._take_products, cause)
+                          self._take_products, cause, self.durable)
 
     def _sent_frames(self) -> int:
         return sum(1 for s in self.payload.states.values() if s.attempts > 0)
@@ -464,18 +519,93 @@ class _Flight:
     def _take_products(self) -> None:
         """Products waiting on the socket (also called before a restart: what reached us before
         the daemon died)."""
-        _drain(self.products, lambda parts: _on_product(self.rec, self.payload, self.downlink, parts,
-                                                         self.realtime, self.speedup))
+        _drain(self.products, self._on_product)
+
+    def _on_product(self, parts: list) -> None:
+        """A PRODUCT into on-board storage (a second copy, sent again after a restart, is
+        dropped there), with its ready time when known; acknowledged to the daemon either way."""
+        now = time.monotonic()
+        try:
+            frame_id = decode(parts, self.downlink.limits).body.get("frame_id")
+        except MessageError:
+            frame_id = None
+        if frame_id and self.durable:
+            self.unacked.append(frame_id)
+        state = self.payload.states.get(frame_id) if frame_id else None
+        if state is None:                   # not one of ours, or not a product: counted there
+            self.downlink.receive(parts, ready_s=0.0)
+            return
+        ready = self._ready_s(frame_id, state, now)
+        if self.downlink.receive(parts, ready_s=ready):
+            self.payload.product_arrived(frame_id)
+            self.rec.product_arrival[frame_id] = now
+            if ready is not None:
+                self.rec.mission_s = max(self.rec.mission_s, ready)
+
+    def _ready_s(self, frame_id: str, state, now: float) -> float | None:
+        """The mission time a product was ready. On the simulated clock: its frame's end of
+        processing once the clock has settled it (None until then: `_advance_clock` sets it).
+        On the wall clock: acquisition + the wall time from release to arrival."""
+        if self.clock is not None:
+            timing = self.clock.timings.get(frame_id)
+            return timing.ready_s if timing else None
+        latency = now - self.rec.release.get(frame_id, now)
+        return state.frame.acquired + latency * (self.speedup if self.realtime else 1.0)
+
+    def _acknowledge(self, final: bool = False) -> None:
+        """Tell the daemon which products the ground holds (it removes its spilled copies), at
+        most every ACK_EVERY_S; what it does not answer is told again later."""
+        now = time.monotonic()
+        if not self.unacked or not self.daemon.alive() or (now < self.next_ack and not final):
+            return
+        batch = list(dict.fromkeys(self.unacked[:MAX_ACK_IDS]))
+        acks = self.rec.acks
+        try:
+            reply = self.link.request("products_received", {"frame_ids": batch},
+                                      timeout_s=ACK_TIMEOUT_S * (5 if final else 1), retries=0)
+        except Exception:                   # stopped, restarting: later
+            reply = {}
+        if reply.get("ok"):
+            del self.unacked[:MAX_ACK_IDS]
+            acks["sent"] += len(batch)
+            acks["removed"] += reply["result"].get("removed", 0)
+            self.next_ack = now + ACK_EVERY_S
+        else:
+            acks["failed"] += 1
+            self.next_ack = now + ACK_BACKOFF_S
+        acks["pending"] = len(self.unacked)
 
     # ------------------------------------------------------------------ clock and record
+    def _service_s(self, frame_id: str) -> float | None:
+        """A frame's processing time as the daemon measured it (DECISION timings_ms total -
+        queue), once it is settled: decided and, if kept, its product in (or named missing);
+        0 for an ERROR; None while open."""
+        state = self.payload.states.get(frame_id)
+        if state is None or state.outcome is None:
+            return None
+        if state.outcome != "decision":
+            return 0.0
+        if state.body.get("keep") and frame_id not in self.downlink.products \
+                and frame_id not in self.rec.products_missing:
+            return None
+        t = state.body.get("timings_ms") or {}
+        return max(0.0, float(t.get("total", 0.0)) - float(t.get("queue", 0.0))) / 1000
+
     def _advance_clock(self) -> None:
-        """The mission clock: the latest acquisition or product so far (and the wall clock in
-        real time); passes that have ended by then are played. As fast as possible, mission time
-        is notional: every pass is played at the end, from the products' ready times, so late
-        arrivals cannot miss a pass they were ready for."""
+        """The mission clock. Simulated: frames settled in acquisition order give their
+        products' ready times, and passes that end before anything still open could be ready
+        are played. Wall: the latest acquisition or product so far (and the wall clock in real
+        time); as fast as possible, every pass is played at the end from the products' ready
+        times, so late arrivals cannot miss a pass they were ready for."""
         rec = self.rec
         rec.mission_s = max(rec.mission_s, self.mission_now)
-        if self.realtime:
+        if self.clock is not None:
+            for timing in self.clock.settle(self._service_s):
+                self.downlink.set_ready(timing.frame_id, timing.ready_s)
+                rec.mission_s = max(rec.mission_s, timing.ready_s)
+            upcoming = self.schedule[self.next_i][4] if self.next_i < len(self.schedule) else None
+            self.downlink.advance(self.clock.now_s(upcoming))
+        elif self.realtime:
             rec.mission_s = max(rec.mission_s, (time.monotonic() - rec.t_fly) * self.speedup)
             self.downlink.advance(rec.mission_s)
 
@@ -513,27 +643,6 @@ def _drain(sock: zmq.Socket, handle) -> None:
         handle(parts)
 
 
-def _on_product(rec: RunRecord, payload: Payload, downlink: Downlink, parts: list,
-                realtime: bool, speedup: float) -> None:
-    now = time.monotonic()
-    try:
-        head = decode(parts, downlink.limits)
-        frame_id = head.body.get("frame_id")
-    except MessageError:
-        frame_id = None
-    state = payload.states.get(frame_id) if frame_id else None
-    if state is None:
-        downlink.receive(parts, ready_s=0.0)
-        return
-    # mission time at which the product was ready: acquisition + the processing latency
-    latency = now - rec.release.get(frame_id, now)
-    ready = state.frame.acquired + latency * (speedup if realtime else 1.0)
-    if downlink.receive(parts, ready_s=ready):
-        payload.product_arrived(frame_id)
-        rec.product_arrival[frame_id] = now
-        rec.mission_s = max(rec.mission_s, ready)
-
-
 def _on_telemetry(rec: RunRecord, parts: list) -> None:
     try:
         msg = decode(parts)
@@ -554,21 +663,21 @@ def _start_supervised(rec: RunRecord, daemon: DaemonProcess, start_timeout_s: fl
 
 
 def _restart_after_crash(rec: RunRecord, daemon: DaemonProcess, payload: Payload,
-                         start_timeout_s: float, take_products) -> None:
+                         start_timeout_s: float, take_products, durable: bool) -> None:
     code = daemon.proc.returncode if daemon.proc else None
     rec.event("daemon_crashed", exit_code=code)
     log.warning("the daemon exited on its own (code %s); restarting it", code)
     take_products()
     ready = _start_supervised(rec, daemon, start_timeout_s)
     resent = payload.peer_restarted()
-    reprocessed = payload.reprocess_lost_products()
+    reprocessed = _recover_products(payload, durable)
     rec.crashes.append({"exit_code": code, "new_pid": ready.get("pid"), "model_after": ready.get("model"),
                         "frames_resent": resent, "products_lost_reprocessed": reprocessed})
 
 
 def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient, payload: Payload,
                       restart_after_s: float, start_timeout_s: float, take_products,
-                      cause: str = "kill -9") -> None:
+                      cause: str = "kill -9", durable: bool = False) -> None:
     try:
         if cause == "watchdog":             # a stopped or stuck daemon answers nothing
             raise TimeoutError
@@ -583,9 +692,10 @@ def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient
     log.info("killed the daemon (pid %s) with %d frames in flight", pid, in_flight)
     time.sleep(restart_after_s)
     take_products()                   # products that left before the kill; the rest died with it
+    awaited = sum(1 for s in payload.states.values() if s.awaiting_product)
     ready = _start_supervised(rec, daemon, start_timeout_s)
     resent = payload.peer_restarted()
-    reprocessed = payload.reprocess_lost_products()
+    reprocessed = _recover_products(payload, durable)
     after = ready.get("model")
     rec.event("daemon_restarted", pid=ready.get("pid"), model=after, resent=resent + reprocessed)
     if rec.soak is not None and rec.soak.active:
@@ -598,4 +708,12 @@ def _kill_and_restart(rec: RunRecord, daemon: DaemonProcess, link: CommandClient
                          "model_after": after, "same_model": _model_key(before) == _model_key(after),
                          "frames_in_flight": in_flight, "frames_resent": resent,
                          "products_lost_reprocessed": reprocessed,
+                         "products_awaited_from_spill": awaited if durable else 0,
                          "downtime_s": round(time.monotonic() - t_kill, 3)})
+
+
+def _recover_products(payload: Payload, durable: bool) -> int:
+    """After the daemon died: kept frames whose product had not come. A daemon that spills
+    sends them again itself (they were on disk before their DECISION); without a spill folder
+    the frames are processed again. The count processed again."""
+    return 0 if durable else payload.reprocess_lost_products()

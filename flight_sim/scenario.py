@@ -5,7 +5,10 @@
                 the corrupt-bundle fault corrupt a newer, properly signed version)
     [daemon]    max_frames, max_pending_products, telemetry_interval_s, device, num_requests,
                 transport ("ipc" | "tcp"), start_timeout_s, log_level; watchdog_s (> 0: the
-                simulator plays systemd with that WatchdogSec), frame_deadline_s, spill
+                simulator plays systemd with that WatchdogSec), frame_deadline_s, spill (default
+                true: kept products on the daemon's disk before their DECISION, until the
+                ground acknowledges them); test_frame_delay_s (TESTS ONLY: every frame waits
+                that long in the daemon before its pipeline, a slowed daemon)
     [camera]    frame_lines, gsd_m, ground_speed_m_s, dtype ("uint16" | "float32"), bands,
                 mode ("realtime" | "asap"), speedup, gap_s
     [payload]   window, retry_s, ack_timeout_s, outcome_timeout_s
@@ -21,7 +24,9 @@
                 fill_disk_at_s, fill_disk_for_s, corrupt_state_at_s = [t, ...]
     [report]    targets (model classes whose true pixels are the value), mask_examples,
                 sample_every_s (the daemon's RSS and fds), previews (keep each frame's preview)
-    [run]       timeout_s
+    [run]       timeout_s; clock ("simulated": the orbit's cadence and the daemon's measured
+                processing time drive passes and budgets, flight_sim.clock; "wall": the wall
+                clock scaled by camera.speedup, for soaks)
 
 `load_scenario(path)` checks every key (unknown keys are errors: a typo must not silently
 turn a fault off) and raises `ScenarioError` naming the file and the field.
@@ -111,7 +116,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "start_timeout_s": (_num(0, lo_open=True), 120.0),
                "log_level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
                "watchdog_s": (_num(0), 0), "frame_deadline_s": (_num(0, lo_open=True), None),
-               "spill": (_bool, False)},
+               "spill": (_bool, True), "test_frame_delay_s": (_num(0), 0.0)},
     "camera": {"frame_lines": (_num(1, integer=True), 512), "gsd_m": (_num(0, lo_open=True), 10.0),
                "ground_speed_m_s": (_num(0, lo_open=True), 7500.0), "dtype": (_choice(*DTYPES), "uint16"),
                "bands": (_str_list, None), "mode": (_choice(*MODES), "asap"),
@@ -135,7 +140,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "corrupt_state_at_s": (_num_list, [])},
     "report": {"targets": (_str_list, None), "mask_examples": (_num(0, integer=True), 4),
                "sample_every_s": (_num(0, lo_open=True), 5.0), "previews": (_bool, True)},
-    "run": {"timeout_s": (_num(0, lo_open=True), 900.0)},
+    "run": {"timeout_s": (_num(0, lo_open=True), 900.0),
+            "clock": (_choice("simulated", "wall"), "simulated")},
 }
 TOP_LEVEL = {"name", "description", "scenes"}
 

@@ -125,6 +125,20 @@ def test_decisions_right_on_known_truth(flight):
     assert report["decisions"]["agreement"] == 1.0
 
 
+def test_no_kept_product_lost_to_kill_9(flight):
+    """Every frame decided keep has its product on the ground, though the daemon was killed
+    mid-flight: products are on the daemon's disk before their DECISION says keep and a
+    restarted daemon sends again what the ground has not acknowledged, so none is derived again."""
+    _, report, out = flight
+    kept = {e["frame_id"] for e in report["decisions"]["by_truth"] if e["keep"]}
+    down = {json.loads(p.read_text())["frame_id"] for p in out.glob("ground/pass-*/*/product.json")}
+    assert kept and kept <= down and report["data"]["products_missing"] == []
+    (restart,) = report["restarts"]
+    assert restart["products_lost_reprocessed"] == 0
+    assert report["simulator"]["acks"]["pending"] == 0
+    assert not list(out.glob("daemon/spill/*.product"))      # the ground acknowledged them all
+
+
 def test_killed_daemon_came_back_with_the_same_model(flight):
     _, report, _ = flight
     (restart,) = report["restarts"]
