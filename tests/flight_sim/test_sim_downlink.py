@@ -49,6 +49,25 @@ def test_big_product_waits_small_ones_pass_and_unready_ones_wait(tmp_path):
     assert dl.downlinked["big"][0] == 1 and dl.downlinked["later"][0] == 1
 
 
+def test_products_wait_on_disk_not_in_memory(tmp_path):
+    """A product waits for its pass as a file of the queue folder; the simulator holds only its
+    body (and tile boxes); once down, the file goes and only the mask stays for the report."""
+    dl = Downlink([Pass(10, 5, 10**6), Pass(30, 5, 10**6)], GroundStation(tmp_path / "ground"),
+                  queue_dir=tmp_path / "q")
+    dl.receive(product("a", 1, 50_000), ready_s=None)         # ready time not known yet
+    (path,) = (tmp_path / "q").iterdir()
+    assert path.stat().st_size >= 50_000 and dl.stored_bytes == dl.products["a"].nbytes
+    assert dl.products["a"].arrays == {}                       # no pixels in memory
+    dl.advance(20.0)
+    assert "a" not in dl.downlinked                            # not ready: the first pass left it
+    dl.set_ready("a", 11.0)
+    dl.finish()
+    assert dl.downlinked["a"][0] == 1 and not list((tmp_path / "q").iterdir())
+    assert set(dl.products["a"].arrays) == {"mask_png"} and dl.stored_bytes == 0
+    assert dl.peak_stored_bytes == dl.products["a"].nbytes
+    assert np.load(tmp_path / "ground" / "pass-01" / "a" / "tiles.npy").shape == (50_000,)
+
+
 def test_duplicates_and_garbage_are_not_stored(tmp_path):
     dl = Downlink([Pass(0, 1, 10**6)], GroundStation(tmp_path))
     assert dl.receive(product("a", 1, 10), 0) == "a"

@@ -34,6 +34,9 @@ def test_minimal_scenario_gets_defaults(tmp_path):
     assert s.daemon["max_frames"] == 4 and s.faults["kill_daemon_after_frames"] == []
     assert s.path("bundle", "path") == (tmp_path / "b.tar").resolve()
     assert s.path("bundle", "private_key") is None
+    # flown on the simulated clock, kept products spilled by the daemon, nobody slowed
+    assert s.run["clock"] == "simulated" and s.daemon["spill"] is True
+    assert s.daemon["test_frame_delay_s"] == 0
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -45,6 +48,8 @@ def test_minimal_scenario_gets_defaults(tmp_path):
     ("[daemon]\ntransport = \"udp\"", "daemon.transport"),
     ("[weather]\nrain = true", "unknown key or section 'weather'"),
     ("[payload]\nwindow = true", "payload.window: must be an integer"),
+    ("[run]\nclock = \"sundial\"", "run.clock: must be one of simulated, wall"),
+    ("[daemon]\ntest_frame_delay_s = -1", "daemon.test_frame_delay_s: must be >= 0"),
 ])
 def test_bad_values_name_file_and_field(tmp_path, extra, field):
     path = write(tmp_path, MINIMAL + "\n" + extra)
@@ -69,6 +74,8 @@ def test_shipped_scenarios_load():
     assert files
     for path in files:
         load_scenario(path)
+    for soak in ("soak.toml", "soak_short.toml"):      # minutes of a paced daemon: the wall clock
+        assert load_scenario(REPO / "scenarios" / soak).run["clock"] == "wall"
 
 
 # ----------------------------------------------------------------------------- truth
