@@ -10,8 +10,8 @@ Sentinel-2 payload sends (uint16, reflectance = DN * 1e-4) or sends float32 refl
 A frame from a scene that knows where it lies (its source's `georef`: a GeoTIFF's tags, a SAFE
 product's band files) carries its georeference on the bus: the CRS, the frame's own affine
 transform (the scene's, moved down to the frame's first row), the UTC time its last line was
-recorded (`epoch_utc` + its mission time; the epoch is the camera's creation unless given) and the
-scene's name as `scene_id`. The daemon copies it into the frame's DECISION and PRODUCT.
+recorded (a SAFE product's sensing start + the frame's lines; else `epoch_utc` + its mission time,
+the epoch being the camera's creation unless given) and the scene's name as `scene_id`. The daemon copies it into the frame's DECISION and PRODUCT.
 
 The sending cadence is the scenario's business (`Cadence`): "realtime" sends each frame when it
 is complete on the mission clock (scaled by `speedup`), "asap" as fast as the daemon takes them.
@@ -27,6 +27,7 @@ import numpy as np
 
 from flight_sim.errors import ScenarioError
 from flight_sim.scenes import SceneSource
+from shared.messages import parse_datetime
 from shared.scene import Scene
 
 DN_SCALE = 1e-4                   # L1C: reflectance = DN / 10000
@@ -113,7 +114,7 @@ class CapturedFrame:
 def epoch_datetime(text: str) -> datetime:
     """An ISO 8601 UTC time (`2026-12-02T10:00:00Z`) as an aware datetime."""
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00")) if isinstance(text, str) else None
+        value = parse_datetime(text) if isinstance(text, str) else None
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
@@ -122,13 +123,13 @@ def epoch_datetime(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def frame_georef(source: SceneSource, row0: int, epoch: datetime, acquired_s: float) -> dict | None:
-    """The georeference a frame starting at `row0` of `source` carries on the bus, or None when
-    the source does not know its CRS (a transform alone puts nothing on a map)."""
+def frame_georef(source: SceneSource, row0: int, when: datetime) -> dict | None:
+    """The georeference a frame starting at `row0` of `source`, recorded at `when`, carries on
+    the bus, or None when the source does not know its CRS (a transform alone puts nothing on a
+    map)."""
     georef = source.georef
     if georef is None or georef.crs is None:
         return None
-    when = epoch + timedelta(seconds=acquired_s)
     return {"crs": georef.crs, "transform": list(georef.shifted(row0, 0).transform),
             "datetime": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "scene_id": source.name[:256]}
@@ -208,7 +209,13 @@ class PushbroomCamera:
                              acquired=round(acquired, 6), data=values, bands=tuple(bands),
                              scale=scale, truth=strip.truth, objects=strip.objects,
                              truth_classes=src.truth_classes, object_class=src.object_class,
-                             georef=frame_georef(src, r0, self.epoch, acquired))
+                             georef=frame_georef(src, r0, self._recorded_at(src, r1, acquired)))
+
+    def _recorded_at(self, source: SceneSource, row1: int, acquired: float) -> datetime:
+        """UTC of a frame's last line: the scene's own sensing time when it has one."""
+        if source.sensing_time is not None:
+            return source.sensing_time + timedelta(seconds=row1 * self.config.line_period_s)
+        return self.epoch + timedelta(seconds=acquired)
 
     def frames(self) -> Iterator[CapturedFrame]:
         for item in self.schedule():

@@ -30,6 +30,7 @@ from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from rasterio.warp import transform_geom
 
 from flight_sim.products_gis import GisFile, GisProducts
+from shared.messages import parse_datetime
 from shared.scene import GeoRef
 
 CATALOG_ID = "eoedge-downlink"
@@ -60,9 +61,7 @@ def _proj(target: Any, georef: GeoRef, shape: tuple[int, int]) -> None:
 
 def _acquired(body: dict, received: datetime) -> datetime:
     text = (body.get("georef") or {}).get("datetime")
-    if text:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return received
+    return parse_datetime(text) if text else received
 
 
 def product_item(frame_id: str, body: dict, gis: GisProducts, raw_files: list[str],

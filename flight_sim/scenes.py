@@ -21,6 +21,7 @@ import re
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ from flight_sim.generator import CLASSES, SceneGenerator
 from flight_sim.truth import IGNORE
 from shared import datasets
 from shared.bands import RESOLUTION_M, S2_BANDS, band_from_filename
+from shared.messages import parse_datetime
 from shared.scene import (GeoRef, MissingBandsError, Scene, SceneReadError, normalise_band_name,
                           read_scene)
 
@@ -56,6 +58,7 @@ class SceneSource:
     truth_classes: tuple[str, ...] | None = None   # None: no truth for this scene
     object_class: str | None = None                # what `Strip.objects` counts ("ship")
     georef: GeoRef | None = None                   # where row 0, col 0 lies (None: unknown)
+    sensing_time: datetime | None = None           # UTC of row 0 (a SAFE's PRODUCT_START_TIME)
 
     def read(self, r0: int, r1: int) -> Strip:
         raise NotImplementedError
@@ -261,13 +264,27 @@ class RasterBandsSource(SceneSource):
                 "resampling": self.resampling.name}
 
 
+def mtd_sensing_time(text: str) -> datetime | None:
+    """PRODUCT_START_TIME of an MTD_MSIL1C.xml (UTC), None when absent or unreadable."""
+    for el in ET.fromstring(text).iter():
+        if el.tag.rsplit("}", 1)[-1] == "PRODUCT_START_TIME" and el.text:
+            try:
+                value = parse_datetime(el.text.strip())
+            except ValueError:
+                return None
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return None
+
+
 def open_safe(path: str | Path, bands: Sequence[str] | None = None,
               resampling: str = "nearest") -> RasterBandsSource:
     """A SAFE product (folder or .zip) or a folder of .jp2 band files."""
     files, mtd = find_safe_band_files(path)
     quant, offsets = _mtd_radiometry(mtd) if mtd else (DEFAULT_QUANTIFICATION, {})
-    return RasterBandsSource(files, bands, name=Path(path).name, quantification=quant,
-                             offsets=offsets, resampling=resampling)
+    source = RasterBandsSource(files, bands, name=Path(path).name, quantification=quant,
+                               offsets=offsets, resampling=resampling)
+    source.sensing_time = mtd_sensing_time(mtd) if mtd else None
+    return source
 
 
 def is_raster_bands_path(path: Path) -> bool:
@@ -333,6 +350,7 @@ class CroppedSource(SceneSource):
         self.rows, self.cols, self.bands = r1 - r0, inner.cols, inner.bands
         self.truth_classes, self.object_class = inner.truth_classes, inner.object_class
         self.georef = inner.georef.shifted(r0, 0) if inner.georef else None
+        self.sensing_time = inner.sensing_time        # (row 0 of the inner scene: close enough)
 
     def read(self, r0: int, r1: int) -> Strip:
         self._check_rows(r0, r1)

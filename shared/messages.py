@@ -221,11 +221,17 @@ def TRANSFORM(value: Any, path: str) -> None:
         raise MessageError(path, f"a pixel's area a*e - b*d must be finite and not 0, got {area}")
 
 
+def parse_datetime(text: str) -> datetime:
+    """An ISO 8601 date and time, `Z` for UTC included (Python 3.10's fromisoformat lacks it);
+    raises ValueError."""
+    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+
+
 def DATETIME(value: Any, path: str) -> None:
     """An ISO 8601 date and time with its UTC offset (`2026-12-02T10:31:07.123Z`)."""
     STR(value, path, MAX_DATETIME_CHARS)
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00", 1) if value.endswith("Z") else value)
+        parsed = parse_datetime(value)
     except ValueError:
         raise MessageError(path, f"expected an ISO 8601 date-time, got {quote(value)}") from None
     if parsed.tzinfo is None:

@@ -195,7 +195,18 @@ def test_stac_items_valid_with_footprint_datetime_model_and_decision(flight):
         assert item.bbox == pytest.approx([lon.min(), lat.min(), lon.max(), lat.max()])
         assert 14.99 < lon.min() < lon.max() < 15.03 and 46.9 < lat.min() < lat.max() < 47.0
         assert item.datetime.tzinfo is not None and item.datetime.year >= 2026
-    assert check_catalog(out / "ground" / "catalog.json")["valid"]
+    full = check_catalog(out / "ground" / "catalog.json")
+    assert full["valid"] and full["schema_validated"] == len(items) and full["rasters_checked"] >= 4   # mask + pixels of each
+    capped = check_catalog(out / "ground" / "catalog.json", full_checks=1)
+    assert capped["valid"] and capped["schema_validated"] == 1 and capped["items"] == len(items)
+    # a missing asset file is named, whichever item it is in
+    victim = products[sorted(products)[-1]][0] / "product.json"
+    victim.rename(victim.with_suffix(".gone"))
+    try:
+        broken = check_catalog(out / "ground" / "catalog.json", full_checks=0)
+        assert not broken["valid"] and "asset product missing" in broken["problems"][0]
+    finally:
+        victim.with_suffix(".gone").rename(victim)
 
 
 # ------------------------------------------------------------------------------ no daemon
@@ -280,3 +291,20 @@ def test_a_crs_the_bus_lets_through_but_proj_cannot_read_is_a_named_problem(tmp_
     (tmp_path / "mask.png").write_bytes(arrays["mask_png"].tobytes())
     item = product_item("f", body, gis, ["mask.png"])
     assert item.geometry is None and item.assets["mask"].href == "./mask.png"
+
+
+def test_a_safe_products_frames_carry_its_crs_and_sensing_time(tmp_path):
+    from test_sim_scenes import make_safe
+
+    from flight_sim.scenes import open_safe
+    safe = make_safe(tmp_path)
+    mtd = safe / "MTD_MSIL1C.xml"
+    mtd.write_text(mtd.read_text().replace(
+        "<n1:General_Info>", "<n1:General_Info><Product_Info>"
+        "<PRODUCT_START_TIME>2023-06-01T10:15:59.024Z</PRODUCT_START_TIME></Product_Info>"))
+    source = open_safe(safe, bands=["B02", "B03", "B04"])
+    frames = list(PushbroomCamera([source], CameraConfig(frame_lines=32, epoch_utc=EPOCH)).frames())
+    assert [f.georef["crs"] for f in frames] == ["EPSG:32632"] * 2
+    assert frames[1].georef["transform"] == [10.0, 0.0, 500000.0, 0.0, -10.0, 5100000.0 - 320.0]
+    # the frame's last line, counted from the product's sensing start (not the mission epoch)
+    assert frames[0].georef["datetime"] == "2023-06-01T10:15:59.066Z"      # + 32 x 1.33 ms
