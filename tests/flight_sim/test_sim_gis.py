@@ -308,3 +308,27 @@ def test_a_safe_products_frames_carry_its_crs_and_sensing_time(tmp_path):
     assert frames[1].georef["transform"] == [10.0, 0.0, 500000.0, 0.0, -10.0, 5100000.0 - 320.0]
     # the frame's last line, counted from the product's sensing start (not the mission epoch)
     assert frames[0].georef["datetime"] == "2023-06-01T10:15:59.066Z"      # + 32 x 1.33 ms
+
+
+def test_the_daemon_copies_the_frames_georef_into_its_decision_and_product():
+    """onboard.outcomes, the daemon's one place for outcome messages, fed a decoded FRAME."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from onboard.admission import FrameJob
+    from onboard.outcomes import FrameOutcome, decision, product
+    from onboard.store import SlotInfo
+    from shared.messages import Message, decode, encode
+
+    georef = {"crs": "EPSG:32633", "transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 5200000.0],
+              "datetime": "2026-06-01T10:00:00.171Z", "scene_id": "utm33"}
+    frame = decode(encode(Message("frame", {"frame_id": "f1", "bands": ["B02", "B04"], "scale": 1e-4,
+                                            "georef": georef}, {"data": np.zeros((2, 4, 4), np.uint16)})))
+    slot = SlotInfo("a", "cloud-test", 3, Path("."), {"output": {"classes": ["clear", "cloud"]}})
+    result = SimpleNamespace(keep=True, priority=1, reason="r", stats={}, tile_decisions=[],
+                             timings_ms={"total": 1.0}, products={})
+    outcome = FrameOutcome(FrameJob([b"p"], frame, 0.0), slot, result)
+    for msg in (decision(outcome, {}, "daemon"), product(outcome, "daemon")):
+        assert decode(encode(msg)).body["georef"] == georef
+    body = decode(encode(product(outcome, "daemon"))).body
+    assert body["bands"] == ["B02", "B04"] and body["scale"] == 1e-4
