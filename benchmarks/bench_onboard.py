@@ -1,23 +1,27 @@
-"""The on-board frame pipeline against bare OpenVINO inference and a torch-eager pipeline.
+"""The on-board frame pipeline against bare OpenVINO, an onnxruntime pipeline and torch eager.
 
-    .venv/bin/python benchmarks/bench_onboard.py                # 13-band 2048 x 2048 frames
+    .venv/bin/python benchmarks/bench_onboard.py                # 13-band 2048 x 2048 frames, f32 and bf16
     .venv/bin/python benchmarks/bench_onboard.py --frames 6 --json
-    .venv/bin/python benchmarks/bench_onboard.py --precision bf16   # OpenVINO's CPU default here
+    .venv/bin/python benchmarks/bench_onboard.py --precisions f32   # one precision only
 
-What runs (a TinyUNet, widths (8, 16, 32, 64), 13 bands in, exported to an FP16 IR; random
-weights: speed does not depend on them):
-- pipeline:  onboard.pipeline.FramePipeline.process on uint16 frames, every stage (validate,
+What runs (a TinyUNet, widths (8, 16, 32, 64), 13 bands in, exported to an FP16 IR and to ONNX;
+random weights: speed does not depend on them):
+- pipeline:  onboard.pipeline.FramePipeline.process on uint16 frames at each precision the daemon
+             runs here (fp32, and bf16 where the CPU has AVX512-BF16/AMX), every stage (validate,
              tile + infer + threshold, opening, statistics, policy, products);
-- bare:      the same IR, compiled the same way (same batch, same AsyncInferQueue size), on the
-             same frame's tiles cut beforehand, handed to the requests without a copy; twice:
-             with the scaling in the graph (uint16 tiles, as the pipeline runs it) and as the
-             plain IR on normalised float32 tiles. The floor compares with the faster of the two;
-- torch:     the same steps in torch eager (normalise, unfold into tiles, forward, softmax,
-             centre-stitch, threshold) and the same OpenCV/numpy code for opening, statistics,
-             policy and products.
+- bare:      the same IR compiled at the same precision (same batch, same AsyncInferQueue size),
+             on the same frame's tiles cut beforehand, handed to the requests without a copy;
+             twice: with runtime scaling in the graph (uint16 tiles) and as the plain IR on
+             normalised float32 tiles. The floor compares with the faster of the two;
+- onnxruntime: what ukis-csmask itself runs on: the same network's ONNX in an InferenceSession
+             (CPU execution provider, f32: its CPU kernels have no bf16 path on x86) with the
+             same steps around it in numpy (normalise, tile, infer batch by batch, softmax,
+             centre-stitch, threshold) and the same OpenCV/numpy opening, statistics, policy and
+             products (`pip install ".[benchmark]"`);
+- torch:     the same steps in torch eager.
 Pipeline and bare runs alternate frame by frame so that load from other processes falls on both
-alike. The OpenVINO part runs in a child process without torch: its peak RSS is what the
-daemon would need. Figures depend on the machine and its load (printed with them).
+alike. The OpenVINO and onnxruntime parts run in child processes without torch: their peak RSS is
+what a daemon would need. Figures depend on the machine and its load (printed with them).
 """
 from __future__ import annotations
 
@@ -43,12 +47,29 @@ WIDTHS = (8, 16, 32, 64)
 POLICY = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.6}, "then": "discard"},
                     {"if": {"class": "shadow", "fraction_above": 0.05}, "then": "keep", "priority": 1}],
           "default": {"then": "keep", "priority": 5}}
-FLOOR_VS_BARE, FLOOR_VS_TORCH = 0.85, 2.0
+FLOOR_VS_BARE, FLOOR_VS_ORT, FLOOR_VS_TORCH = 0.95, 1.0, 2.0
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
 
 
 def load_line() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def isa_line() -> str:
+    """The CPU's model name and the ISA flags that decide OpenVINO's kernels (lscpu's)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return f"{name}; " + " ".join(f for f in ISA_FLAGS if f in flags)
 
 
 def peak_rss_mb() -> float:
@@ -110,6 +131,9 @@ def build_bundle_dir(out: Path, seed: int) -> tuple[dict, Path, int]:
         tile_size=TILE, overlap=OVERLAP, threshold={"cloud": 0.5}, opening_radius=2, policy=POLICY,
         files={n: out / n for n in ("model.xml", "model.bin", "reference.npz")})
     torch.save(model.state_dict(), out / "model.pt")
+    torch.onnx.export(model, torch.zeros(1, 13, TILE, TILE), out / "model.onnx", dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
     return manifest, out, params
 
 
@@ -121,10 +145,11 @@ def _bare_model(model_dir: Path, dtype: str, args):
     import openvino as ov
 
     from onboard.runtime import DEFAULT_CONFIG, OpenVinoModel
-    config = {**DEFAULT_CONFIG, "INFERENCE_PRECISION_HINT": args.precision}
+    from shared.manifest import INFERENCE_HINTS
+    config = {**DEFAULT_CONFIG, "INFERENCE_PRECISION_HINT": INFERENCE_HINTS[args.precision]}
     if dtype == "uint16":
         m = OpenVinoModel(model_dir / "model.xml", num_requests=args.num_requests, tile=TILE,
-                          batch_size=args.batch_size, activation="softmax", config=config)
+                          batch_size=args.batch_size, activation="softmax", precision=args.precision)
         compiled, queue, _ = m._variant("uint16")
         return compiled, queue
     core = ov.Core()
@@ -157,14 +182,12 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     from tqdm import tqdm
 
     from onboard.pipeline import FramePipeline
-    from onboard.runtime import DEFAULT_CONFIG
     from shared.bands import S2_BANDS
     from shared.tiling import tile
 
-    config = {**DEFAULT_CONFIG, "INFERENCE_PRECISION_HINT": args.precision}
     rss_start = peak_rss_mb()       # python, numpy, openvino and the frames
     pipeline = FramePipeline(manifest, model_dir, batch_size=args.batch_size,
-                             num_requests=args.num_requests, config=config)
+                             num_requests=args.num_requests, precision=args.precision)
     self_test = pipeline.self_test(model_dir / "reference.npz")
     pipeline.process(frames[0], S2_BANDS, 1e-4)                      # warm-up: first-use compile
     rss_pipeline = peak_rss_mb()
@@ -176,7 +199,7 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     t_pipe = t_bare16 = t_bare32 = 0.0
     kept, masks = 0, []
     n_tiles = 0
-    for i in tqdm(range(args.frames), desc="openvino frames", unit="frame", file=sys.stderr):
+    for i in tqdm(range(args.frames), desc=f"openvino {args.precision} frames", unit="frame", file=sys.stderr):
         frame = frames[i % len(frames)]
         t0 = time.perf_counter()
         result = pipeline.process(frame, S2_BANDS, 1e-4)
@@ -212,19 +235,110 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
 
 
 # ------------------------------------------------------------------------------------------------
+# the baselines' steps after the class mask: the daemon's own OpenCV/numpy code
+
+def post_steps(frame: np.ndarray, mask: np.ndarray, lap) -> None:
+    """Opening, statistics, policy and products as the pipeline runs them; `lap(name)` times each."""
+    from onboard import products
+    from onboard.stats import frame_and_cell_stats
+    from shared.bands import S2_BANDS
+    from shared.policy import classes_needing_components, evaluate
+    from shared.postprocess import open_classes
+
+    open_classes(mask, 2, classes=range(1, len(CLASSES)))
+    lap("opening")
+    frame_stats, cells = frame_and_cell_stats(mask, CLASSES, TILE, classes_needing_components(POLICY))
+    lap("stats")
+    decision = evaluate(POLICY, frame_stats)
+    tile_keep = [evaluate(POLICY, c["stats"]).keep for c in cells]
+    lap("policy")
+    if decision.keep:
+        boxes = [(c["row"], c["col"], c["height"], c["width"]) for c, k in zip(cells, tile_keep) if k]
+        products.frame_products(frame, S2_BANDS, 1e-4, mask, boxes, TILE)
+    lap("products")
+
+
+class StageClock:
+    """Milliseconds per named stage, summed over frames."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self.t) * 1e3
+        self.t = now
+
+
+# ------------------------------------------------------------------------------------------------
+# onnxruntime baseline (child process: no torch)
+
+def ort_side(manifest: dict, model_dir: str, args, conn) -> None:
+    try:
+        conn.send(_ort_pipeline(manifest, Path(model_dir), make_frames(args.distinct, args.seed), args))
+    except BaseException as exc:  # noqa: BLE001 (reported by the parent)
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    conn.close()
+
+
+def _ort_pipeline(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
+    """What a ukis-csmask-style pipeline does: normalise the frame in float32, cut tiles, run an
+    onnxruntime session batch by batch, softmax, centre-stitch and threshold in numpy."""
+    import onnxruntime as ort
+
+    from onboard.pipeline import _owned_regions
+    from shared.postprocess import threshold, threshold_vector
+    from shared.tiling import tile
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    mean = np.asarray(manifest["input"]["scaling"]["mean"], np.float32)[:, None, None]
+    std = np.asarray(manifest["input"]["scaling"]["std"], np.float32)[:, None, None]
+    thr = threshold_vector(CLASSES, manifest["postprocess"]["threshold"])
+    clock, total, masks = StageClock(), 0.0, []
+    frames_run = max(1, args.ort_frames)
+    for i in range(frames_run):
+        frame = frames[i % len(frames)]
+        t0 = clock.t = time.perf_counter()
+        x = frame.astype(np.float32)
+        x *= np.float32(1e-4)
+        x -= mean
+        x /= std
+        tiles, grid = tile(x, TILE, OVERLAP)
+        del x
+        owned = _owned_regions(grid)
+        clock("normalise_tile")
+        mask = np.empty((H, W), np.uint8)
+        for start in range(0, len(tiles), args.batch_size):
+            logits = session.run(None, {"x": tiles[start:start + args.batch_size]})[0]
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = e / e.sum(axis=1, keepdims=True)
+            for j in range(len(probs)):
+                r0, r1, c0, c1, tr, tc = owned[start + j]
+                threshold(probs[j, :, tr:tr + r1 - r0, tc:tc + c1 - c0], thr, out=mask[r0:r1, c0:c1])
+        del tiles
+        clock("infer_stitch_threshold")
+        post_steps(frame, mask, clock)
+        total += time.perf_counter() - t0
+        if i < len(frames):
+            masks.append(mask)
+    return {"ort_mpix_s": frames_run * H * W / 1e6 / total, "ort_s_per_frame": total / frames_run,
+            "ort_version": ort.__version__, "ort_threads": options.intra_op_num_threads,
+            "ort_stages_ms_per_frame": {k: round(v / frames_run, 2) for k, v in clock.ms.items()},
+            "ort_peak_rss_mb": round(peak_rss_mb(), 1), "masks": masks}
+
+
+# ------------------------------------------------------------------------------------------------
 # torch-eager baseline (parent process)
 
 def torch_pipeline(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
     import torch
-    from tqdm import tqdm
 
     from ground.models.tiny_unet import TinyUNet
-    from onboard import products
     from onboard.pipeline import _owned_regions
-    from onboard.stats import frame_and_cell_stats
-    from shared.bands import S2_BANDS
-    from shared.policy import classes_needing_components, evaluate
-    from shared.postprocess import open_classes, threshold_vector
+    from shared.postprocess import threshold_vector
     from shared.tiling import TileGrid
 
     torch.set_num_threads(args.torch_threads or os.cpu_count())
@@ -238,131 +352,168 @@ def torch_pipeline(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     owned = _owned_regions(grid)
     nr, nc = grid.grid_shape
     hp, wp = grid.padded_shape
-    stages: dict[str, float] = {}
-    masks = []
-
-    def lap(name, t):
-        now = time.perf_counter()
-        stages[name] = stages.get(name, 0.0) + (now - t) * 1e3
-        return now
-
-    total = 0.0
-    for i in tqdm(range(args.torch_frames), desc="torch frames", unit="frame", file=sys.stderr):
+    clock, total, masks = StageClock(), 0.0, []
+    for i in range(args.torch_frames):
         frame = frames[i % len(frames)]
-        t0 = t = time.perf_counter()
+        t0 = clock.t = time.perf_counter()
         with torch.inference_mode():
             x = (torch.from_numpy(frame.astype(np.float32)) * 1e-4 - mean) / std
             x = torch.nn.functional.pad(x[None], (0, wp - W, 0, hp - H), mode="reflect")[0]
             tiles = x.unfold(1, TILE, grid.stride).unfold(2, TILE, grid.stride)      # C, nr, nc, t, t
             tiles = tiles.permute(1, 2, 0, 3, 4).reshape(nr * nc, 13, TILE, TILE).contiguous()
-            t = lap("normalise_tile", t)
+            clock("normalise_tile")
             probs = torch.cat([torch.softmax(model(tiles[s:s + args.batch_size]), dim=1)
                                for s in range(0, len(tiles), args.batch_size)])
-            t = lap("infer", t)
+            clock("infer")
             stitched = torch.empty((len(CLASSES), H, W))
             for n, (r0, r1, c0, c1, tr, tc) in enumerate(owned):
                 stitched[:, r0:r1, c0:c1] = probs[n, :, tr:tr + r1 - r0, tc:tc + c1 - c0]
             score = torch.where(stitched >= thr, stitched, torch.tensor(-float("inf")))
             mask = score.argmax(dim=0).to(torch.uint8).numpy()
-            t = lap("stitch_threshold", t)
-        open_classes(mask, 2, classes=range(1, len(CLASSES)))
-        t = lap("opening", t)
-        counted = classes_needing_components(POLICY)
-        frame_stats, cells = frame_and_cell_stats(mask, CLASSES, TILE, counted)
-        t = lap("stats", t)
-        decision = evaluate(POLICY, frame_stats)
-        tile_keep = [evaluate(POLICY, c["stats"]).keep for c in cells]
-        t = lap("policy", t)
-        if decision.keep:
-            boxes = [(c["row"], c["col"], c["height"], c["width"]) for c, k in zip(cells, tile_keep) if k]
-            products.frame_products(frame, S2_BANDS, 1e-4, mask, boxes, TILE)
-        lap("products", t)
+            clock("stitch_threshold")
+        post_steps(frame, mask, clock)
         total += time.perf_counter() - t0
         masks.append(mask)
     return {"torch_mpix_s": args.torch_frames * H * W / 1e6 / total,
             "torch_s_per_frame": total / args.torch_frames,
             "torch_threads": torch.get_num_threads(),
-            "torch_stages_ms_per_frame": {k: round(v / args.torch_frames, 2) for k, v in stages.items()},
+            "torch_stages_ms_per_frame": {k: round(v / args.torch_frames, 2) for k, v in clock.ms.items()},
             "masks": masks}
 
 
 # ------------------------------------------------------------------------------------------------
 
+def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    pairs = list(zip(a, b))
+    return float(np.mean([np.mean(x == y) for x, y in pairs])) if pairs else float("nan")
+
+
 def human(r: dict) -> str:
-    lines = [f"on-board pipeline benchmark: {r['frames']} frames of 13 x {H} x {W} uint16, "
-             f"TinyUNet{tuple(WIDTHS)} {r['params']:,} params, FP16 IR, tile {TILE} overlap {OVERLAP} "
-             f"({r['tiles_per_frame']} tiles/frame)",
-             f"  {r['load']}; OpenVINO {r['runtime']}",
-             f"  self-test on the bundle reference: {r['self_test']['message']}",
+    lines = [f"on-board pipeline benchmark: 13 x {H} x {W} uint16 frames, TinyUNet{tuple(WIDTHS)} "
+             f"{r['params']:,} params, FP16 IR, tile {TILE} overlap {OVERLAP} ({r['tiles_per_frame']} tiles/frame), "
+             f"batch {r['args']['batch_size']}",
+             f"  CPU: {r['isa']}",
+             f"  {r['load_before']} before, {r['load_after']} after",
              "",
-             f"  {'':34}{'MPix/s':>9}{'s/frame':>9}",
-             f"  {'pipeline (FramePipeline.process)':34}{r['pipeline_mpix_s']:9.2f}{r['pipeline_s_per_frame']:9.2f}",
-             f"  {'bare OpenVINO, scaling in graph':34}{r['bare_scaled_uint16_mpix_s']:9.2f}"
-             f"{H * W / 1e6 / r['bare_scaled_uint16_mpix_s']:9.2f}",
-             f"  {'bare OpenVINO, plain IR float32':34}{r['bare_plain_float32_mpix_s']:9.2f}"
-             f"{H * W / 1e6 / r['bare_plain_float32_mpix_s']:9.2f}",
-             f"  {'torch eager pipeline':34}{r['torch_mpix_s']:9.2f}{r['torch_s_per_frame']:9.2f}",
-             "",
-             f"  pipeline / best bare  = {r['ratio_vs_bare']:.3f}  (floor {FLOOR_VS_BARE}: "
-             f"{'met' if r['meets_floor_vs_bare'] else 'NOT met'})",
-             f"  pipeline / torch eager = {r['ratio_vs_torch']:.2f}x (floor {FLOOR_VS_TORCH}x: "
-             f"{'met' if r['meets_floor_vs_torch'] else 'NOT met'})",
-             f"  mask agreement torch vs OpenVINO pipeline: {r['mask_agreement_torch_vs_openvino']:.5f}",
-             f"  frames kept by the policy: {r['frames_kept']}/{r['frames']}",
-             "",
-             "  pipeline stages, ms per frame (the *_overlapped parts run inside tile_infer_threshold):",
-             "    " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_ms_per_frame"].items()),
-             "  torch stages, ms per frame:",
-             "    " + ", ".join(f"{k} {v:.1f}" for k, v in r["torch_stages_ms_per_frame"].items()),
-             f"  peak RSS of the OpenVINO process (no torch): {r['rss_mb']['peak_after_pipeline']:.0f} MB after "
-             f"the pipeline ran, {r['rss_mb']['peak_with_bare_tiles']:.0f} MB with the bare run's pre-cut tiles; "
-             f"parent with torch: {r['parent_peak_rss_mb']:.0f} MB"]
+             f"  {'':44}{'MPix/s':>8}{'s/frame':>9}{'peak RSS MB':>13}"]
+    for p, o in r["openvino"].items():
+        lines += [f"  {'pipeline ' + p + ' (FramePipeline.process, ' + str(r['frames']) + ' frames)':44}"
+                  f"{o['pipeline_mpix_s']:8.2f}{o['pipeline_s_per_frame']:9.2f}{o['rss_mb']['peak_after_pipeline']:13.0f}",
+                  f"  {'  bare OpenVINO ' + p + ', scaling in graph':44}{o['bare_scaled_uint16_mpix_s']:8.2f}"
+                  f"{H * W / 1e6 / o['bare_scaled_uint16_mpix_s']:9.2f}",
+                  f"  {'  bare OpenVINO ' + p + ', plain IR float32':44}{o['bare_plain_float32_mpix_s']:8.2f}"
+                  f"{H * W / 1e6 / o['bare_plain_float32_mpix_s']:9.2f}"]
+    if "ort_mpix_s" in r:
+        lines.append(f"  {'onnxruntime ' + r['ort_version'] + ' pipeline f32 (' + str(r['args']['ort_frames']) + ' frames)':44}"
+                     f"{r['ort_mpix_s']:8.2f}{r['ort_s_per_frame']:9.2f}{r['ort_peak_rss_mb']:13.0f}")
+    if r["args"]["torch_frames"]:
+        lines.append(f"  {'torch eager pipeline f32 (' + str(r['args']['torch_frames']) + ' frames)':44}"
+                     f"{r['torch_mpix_s']:8.2f}{r['torch_s_per_frame']:9.2f}")
+    lines.append("")
+    for p, o in r["openvino"].items():
+        lines.append(f"  pipeline / best bare at {p} = {o['ratio_vs_bare']:.3f}  (floor {FLOOR_VS_BARE}: "
+                     f"{'met' if o['ratio_vs_bare'] >= FLOOR_VS_BARE else 'NOT met'})")
+    for key, label in (("ratio_vs_ort_f32", "pipeline fp32 / onnxruntime f32"),
+                       ("ratio_best_vs_ort_best", f"pipeline {r.get('best_precision')} (the daemon's best) / "
+                                                  "onnxruntime's best (f32)")):
+        if key in r:
+            floor = f"  (floor {FLOOR_VS_ORT}: {'met' if r[key] >= FLOOR_VS_ORT else 'NOT met'})" \
+                if key == "ratio_vs_ort_f32" else ""
+            lines.append(f"  {label} = {r[key]:.2f}x{floor}")
+    if "ratio_vs_torch" in r:
+        lines.append(f"  pipeline fp32 / torch eager = {r['ratio_vs_torch']:.2f}x (floor {FLOOR_VS_TORCH}x: "
+                     f"{'met' if r['ratio_vs_torch'] >= FLOOR_VS_TORCH else 'NOT met'})")
+    for key, label in (("agreement_ort", "onnxruntime"), ("agreement_torch", "torch")):
+        if key in r:
+            lines.append(f"  mask agreement {label} vs OpenVINO fp32 pipeline: {r[key]:.5f}")
+    lines.append("")
+    for p, o in r["openvino"].items():
+        lines += [f"  pipeline {p} stages, ms per frame (*_overlapped run inside tile_infer_threshold); "
+                  f"self-test: {o['self_test']['message']}",
+                  "    " + ", ".join(f"{k} {v:.1f}" for k, v in o["stages_ms_per_frame"].items())]
+    for key, label in (("ort_stages_ms_per_frame", "onnxruntime"), ("torch_stages_ms_per_frame", "torch")):
+        if r.get(key):
+            lines += [f"  {label} stages, ms per frame:", "    " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items())]
+    lines.append("  peak RSS: each OpenVINO child (no torch) after its pipeline frames, before the bare runs' "
+                 f"pre-cut tiles; parent with torch {r['parent_peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def run_child(target, manifest: dict, model_dir: Path, args) -> dict:
+    """`target` in a spawned process (no torch there); its result dict."""
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=target, args=(manifest, str(model_dir), args, child_conn))
+    child.start()
+    result = parent_conn.recv()
+    child.join()
+    if "error" in result:
+        raise RuntimeError(f"{target.__name__} failed: {result['error']}")
+    return result
+
+
+def default_precisions() -> list[str]:
+    """fp32, and the CPU's fastest other precision the daemon can run (bf16 with AVX512-BF16/AMX,
+    fp16 where the CPU computes it natively)."""
+    from onboard.runtime import device_capabilities
+
+    caps = device_capabilities("CPU")
+    return ["fp32"] + [p for p, c in (("bf16", "BF16"), ("fp16", "FP16")) if c in caps][:1]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--frames", type=int, default=6, help="frames through the OpenVINO pipeline (default 6)")
-    ap.add_argument("--torch-frames", type=int, default=2,
-                    help="frames through the torch baseline (default 2; 0 skips it)")
+    ap.add_argument("--frames", type=int, default=6, help="frames through each OpenVINO pipeline (default 6)")
+    ap.add_argument("--ort-frames", type=int, default=2,
+                    help="frames through the onnxruntime baseline (default 2; 0 skips it)")
+    ap.add_argument("--torch-frames", type=int, default=1,
+                    help="frames through the torch baseline (default 1; 0 skips it)")
     ap.add_argument("--distinct", type=int, default=3, help="distinct synthetic frames, cycled (default 3)")
     ap.add_argument("--batch-size", type=int, default=2, help="tiles per inference request (default 2)")
     ap.add_argument("--num-requests", type=int, default=None,
                     help="AsyncInferQueue size (default: OpenVINO's optimal number)")
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
-                    help="OpenVINO INFERENCE_PRECISION_HINT (default f32, what the self-test expects)")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated daemon precisions (fp32, bf16, fp16; default: fp32 and the "
+                         "CPU's best other one)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = ap.parse_args(argv)
+    precisions = args.precisions.split(",") if args.precisions else default_precisions()
 
+    load_before = load_line()
+    result: dict = {"frames": args.frames, "isa": isa_line(), "openvino": {}}
+    ov_masks = {}
     with tempfile.TemporaryDirectory(prefix="bench_onboard_") as tmp:
         manifest, model_dir, params = build_bundle_dir(Path(tmp), args.seed)
-        ctx = mp.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=openvino_side, args=(manifest, str(model_dir), args, child_conn))
-        child.start()
-        ov_result = parent_conn.recv()
-        child.join()
-        if "error" in ov_result:
-            print(f"error: OpenVINO side failed: {ov_result['error']}", file=sys.stderr)
-            return 1
-        torch_result = (torch_pipeline(manifest, model_dir, make_frames(args.distinct, args.seed), args)
-                        if args.torch_frames else {"torch_mpix_s": float("nan"), "torch_s_per_frame": float("nan"),
-                                                   "torch_stages_ms_per_frame": {}, "masks": []})
-    ov_masks, torch_masks = ov_result.pop("masks"), torch_result.pop("masks")
-    pairs = list(zip(ov_masks, torch_masks))
-    agreement = float(np.mean([np.mean(a == b) for a, b in pairs])) if pairs else float("nan")
-    best_bare = max(ov_result["bare_scaled_uint16_mpix_s"], ov_result["bare_plain_float32_mpix_s"])
-    result = {"frames": args.frames, "params": params, "load": load_line(), **ov_result, **torch_result,
-              "ratio_vs_bare": ov_result["pipeline_mpix_s"] / best_bare,
-              "ratio_vs_torch": ov_result["pipeline_mpix_s"] / torch_result["torch_mpix_s"],
-              "mask_agreement_torch_vs_openvino": agreement,
-              "parent_peak_rss_mb": round(peak_rss_mb(), 1),
-              "args": vars(args)}
-    result["meets_floor_vs_bare"] = result["ratio_vs_bare"] >= FLOOR_VS_BARE
-    result["meets_floor_vs_torch"] = result["ratio_vs_torch"] >= FLOOR_VS_TORCH
+        for p in precisions:
+            args.precision = p
+            o = run_child(openvino_side, manifest, model_dir, args)
+            ov_masks[p] = o.pop("masks")
+            o["ratio_vs_bare"] = o["pipeline_mpix_s"] / max(o["bare_scaled_uint16_mpix_s"],
+                                                            o["bare_plain_float32_mpix_s"])
+            result["openvino"][p] = o
+            result["tiles_per_frame"] = o["tiles_per_frame"]
+        if args.ort_frames:
+            ort = run_child(ort_side, manifest, model_dir, args)
+            result["agreement_ort"] = agreement(ov_masks[precisions[0]], ort.pop("masks"))
+            result.update(ort)
+        if args.torch_frames:
+            tr = torch_pipeline(manifest, model_dir, make_frames(args.distinct, args.seed), args)
+            result["agreement_torch"] = agreement(ov_masks[precisions[0]], tr.pop("masks"))
+            result.update(tr)
+    first = result["openvino"][precisions[0]]
+    best = max(result["openvino"], key=lambda p: result["openvino"][p]["pipeline_mpix_s"])
+    result["best_precision"] = best
+    if args.ort_frames:
+        result["ratio_vs_ort_f32"] = first["pipeline_mpix_s"] / result["ort_mpix_s"]
+        result["ratio_best_vs_ort_best"] = result["openvino"][best]["pipeline_mpix_s"] / result["ort_mpix_s"]
+    if args.torch_frames:
+        result["ratio_vs_torch"] = first["pipeline_mpix_s"] / result["torch_mpix_s"]
+    result.update({"params": params, "load_before": load_before, "load_after": load_line(),
+                   "parent_peak_rss_mb": round(peak_rss_mb(), 1), "args": vars(args)})
+    result["meets_floor_vs_bare"] = all(o["ratio_vs_bare"] >= FLOOR_VS_BARE for o in result["openvino"].values())
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     else:

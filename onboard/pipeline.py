@@ -4,19 +4,25 @@
                     and every value still finite in float32 after scaling and normalisation
     tile + infer    tiles with overlap (shared.tiling's grid and reflect padding) are cut straight
                     from the frame into idle requests' input tensors, in the model's band order
-                    and the frame's dtype; OpenVINO scales ((value * scale - mean) / std), runs
-                    the network and its activation (see onboard.runtime)
-    stitch +        as each batch comes back (while the other requests still infer): every tile's
-    threshold       central part (shared.tiling's "center" stitching) is thresholded per class
-                    (shared.postprocess.threshold) straight into the frame's class mask
-    opening         each class but the background opened with disk(radius) (OpenCV)
+                    and the frame's dtype; the graph (onboard.runtime's frame graph) bins them
+                    to the manifest's processing GSD (`input.gsd_m`, mean of f x f blocks, f =
+                    gsd_m / 10), scales ((value * scale - mean) / std, constants OpenVINO folds
+                    into the first convolution), runs the network, its activation and the
+                    per-class thresholds (shared.postprocess.threshold's rule): uint8 out
+    stitch          as each batch comes back (while the other requests still infer): every tile's
+                    central part (shared.tiling's "center" stitching) is copied into the class
+                    mask at the processing GSD
+    opening         each class but the background opened with disk(radius) (OpenCV), at the
+                    processing GSD
+    upsample        (f > 1) the mask back to the frame's 10 m grid, nearest
     statistics      class fractions and, for the classes the policy counts, connected components,
-                    for the frame and for each tile_size x tile_size cell
+                    for the frame and for each cell (one model tile: f * tile_size frame pixels)
     policy          shared.policy.evaluate for the frame and for every cell
     products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles (or the
                     frame itself when every cell is kept: no copy)
 
-Cutting tiles and thresholding overlap with inference; no float copy of the frame is made.
+Cutting tiles and stitching overlap with inference; no float copy of the frame is made, and
+OpenVINO writes straight into preallocated input/output buffers (onboard.runtime).
 """
 from __future__ import annotations
 
@@ -38,9 +44,9 @@ from onboard.runtime import INPUT_DTYPES, OpenVinoModel, device_capabilities
 from onboard.stats import frame_and_cell_stats, summarise_components
 from shared.bands import UnknownBandError, canonical_band
 from shared.bundle import load_reference
-from shared.manifest import MODEL_XML, manifest_precision, validate_manifest
+from shared.manifest import MODEL_XML, gsd_factor, manifest_precision, validate_manifest
 from shared.policy import classes_needing_components, evaluate, validate_policy
-from shared.postprocess import open_classes, threshold, threshold_vector
+from shared.postprocess import open_classes, threshold, threshold_vector, upsample_mask
 from shared.tiling import TileGrid
 
 @dataclass
@@ -121,6 +127,8 @@ class FramePipeline:
         self.mean = np.asarray(inp["scaling"]["mean"], np.float32)
         self.std = np.asarray(inp["scaling"]["std"], np.float32)
         self.tile, self.overlap = int(inp["tile_size"]), int(inp["overlap"])
+        self.factor = gsd_factor(inp)              # frame pixels per model pixel, per axis
+        self.cell = self.tile * self.factor        # a model tile's side in frame pixels
         self.classes = tuple(out["classes"])
         self.thresholds = threshold_vector(self.classes, post["threshold"])
         self.opening_radius = int(post["opening_radius"])
@@ -140,6 +148,7 @@ class FramePipeline:
     def info(self) -> dict:
         return {"model_id": self.model_id, "version": self.version, "bands": list(self.bands),
                 "classes": list(self.classes), "tile_size": self.tile, "overlap": self.overlap,
+                "gsd_factor": self.factor,
                 "precision": self.precision.as_dict(), "runtime": self.model.properties()}
 
     def set_policy(self, policy: dict) -> None:
@@ -160,8 +169,11 @@ class FramePipeline:
             timer.ms.update(sub)
             open_classes(mask, self.opening_radius, classes=range(1, len(self.classes)))
             timer.lap("opening")
+            if self.factor > 1:
+                mask = upsample_mask(mask, self.factor, data.shape[1:])
+                timer.lap("upsample")
             counted = classes_needing_components(policy)
-            frame_stats, cells = frame_and_cell_stats(mask, self.classes, self.tile, counted)
+            frame_stats, cells = frame_and_cell_stats(mask, self.classes, self.cell, counted)
             timer.lap("stats")
             decision = evaluate(policy, frame_stats)
             tile_decisions = []
@@ -175,7 +187,7 @@ class FramePipeline:
             kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
             products = {}
             if decision.keep and make_products:
-                products = products_mod.frame_products(data, bands, scale, mask, kept, self.tile,
+                products = products_mod.frame_products(data, bands, scale, mask, kept, self.cell,
                                                        all_kept=len(kept) == len(cells))
             timer.lap("products")
             reason = f"{decision.reason}; {len(kept)}/{len(cells)} tiles kept"
@@ -259,51 +271,56 @@ class FramePipeline:
 
     def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float
                            ) -> tuple[np.ndarray, dict[str, float]]:
+        """The frame's class mask at the processing GSD (factor = gsd_m / 10: the tiles are cut
+        factor x larger and binned in the graph), from the graph's uint8 tile masks."""
         h, w = data.shape[1:]
-        t = self.tile
-        grid = TileGrid(h, w, t, self.overlap)
+        t, f = self.tile, self.factor
+        grid = TileGrid(-(-h // f), -(-w // f), t, self.overlap)        # at the processing GSD
         positions, owned = grid.positions, _owned_regions(grid)
         hp, wp = grid.padded_shape
+        side = t * f
         # shared.tiling pads the far edges with numpy's reflect: the same row/column lookup
-        rows = np.pad(np.arange(h), (0, hp - h), mode="reflect")
-        cols = np.pad(np.arange(w), (0, wp - w), mode="reflect")
+        rows = np.pad(np.arange(h), (0, hp * f - h), mode="reflect")
+        cols = np.pad(np.arange(w), (0, wp * f - w), mode="reflect")
         identity = select == list(range(data.shape[0]))
         sel = np.asarray(select)
-        mask = np.empty((h, w), np.uint8)
-        busy = {"tiling_overlapped": 0.0, "threshold_overlapped": 0.0}
-        thr = self.thresholds
+        mask = np.empty((grid.height, grid.width), np.uint8)
+        busy = {"tiling_overlapped": 0.0, "stitch_overlapped": 0.0}
 
         def fill(start: int, buf: np.ndarray) -> None:
             t0 = time.perf_counter()
             for j in range(len(buf)):
                 r, c = positions[start + j]
-                if r + t <= h and c + t <= w:
-                    window = data[:, r:r + t, c:c + t]
+                r, c = r * f, c * f
+                if r + side <= h and c + side <= w:
+                    window = data[:, r:r + side, c:c + side]
                     if identity:
                         buf[j] = window
                     else:
                         np.take(window, sel, axis=0, out=buf[j], mode="clip")
                 else:        # an edge tile reaching into the padding
-                    buf[j] = data[np.ix_(sel, rows[r:r + t], cols[c:c + t])]
+                    buf[j] = data[np.ix_(sel, rows[r:r + side], cols[c:c + side])]
             busy["tiling_overlapped"] += (time.perf_counter() - t0) * 1e3
 
-        def on_output(start: int, probs: np.ndarray) -> None:
+        def on_output(start: int, masks: np.ndarray) -> None:
             t0 = time.perf_counter()
-            for j in range(len(probs)):
+            for j in range(len(masks)):
                 r0, r1, c0, c1, tr, tc = owned[start + j]
-                threshold(probs[j, :, tr:tr + r1 - r0, tc:tc + c1 - c0], thr, out=mask[r0:r1, c0:c1])
-            busy["threshold_overlapped"] += (time.perf_counter() - t0) * 1e3
+                mask[r0:r1, c0:c1] = masks[j, tr:tr + r1 - r0, tc:tc + c1 - c0]
+            busy["stitch_overlapped"] += (time.perf_counter() - t0) * 1e3
 
         gain = (np.float32(scale) / self.std).astype(np.float32)
         offset = (-self.mean / self.std).astype(np.float32)
-        self.model.run(len(grid), data.dtype.name, fill, on_output, gain, offset)
+        self.model.run_masks(len(grid), data.dtype.name, fill, on_output, gain, offset,
+                             self.thresholds, f)
         busy = {k: round(v, 3) for k, v in busy.items()}
         return mask, busy
 
     # ---------------------------------------------------------------------------------------
     def self_test(self, reference_npz_path: str | Path) -> SelfTestResult:
         """Run the bundle's reference tiles and compare with the ground's outputs, within the
-        manifest's tolerances (max |difference| of the probabilities, agreement of the masks)."""
+        manifest's tolerances (max |difference| of the probabilities, agreement of the masks:
+        the lower of the thresholded probabilities' and the frame graph's)."""
         ref = self.manifest["reference"]
         tol, min_agree = float(ref["max_abs_diff"]), float(ref["min_mask_agreement"])
         try:
@@ -312,12 +329,16 @@ class FramePipeline:
             return SelfTestResult(False, math.inf, 0.0, f"reference unusable: {exc}")
         if len(tiles) == 0:
             return SelfTestResult(False, math.inf, 0.0, f"{reference_npz_path}: no reference tiles")
+        gain, offset = 1.0 / self.std, -self.mean / self.std
         with self._lock:
-            got = self.model.infer(tiles, gain=1.0 / self.std, offset=-self.mean / self.std)
+            got = self.model.infer(tiles, gain=gain, offset=offset)
+            # the masks through the graph frames run through too (thresholds in it)
+            masks = self.model.infer_masks(tiles, gain, offset, self.thresholds)
         diff = float(np.abs(got - expected).max())
         if not math.isfinite(diff):
             diff = math.inf
-        agreement = float(np.mean(threshold(got, self.thresholds) == threshold(expected, self.thresholds)))
+        want = threshold(expected, self.thresholds)
+        agreement = min(float(np.mean(threshold(got, self.thresholds) == want)), float(np.mean(masks == want)))
         ok = diff <= tol and agreement >= min_agree
         message = (f"{len(tiles)} reference tiles: max |diff| {diff:.3g} "
                    f"({'<=' if diff <= tol else '>'} {tol:g}), mask agreement {agreement:.4f} "

@@ -40,6 +40,7 @@ INPUT_DTYPES = ("uint16", "int16", "float32")
 # fp32 bundles), never from the plugin's default. `config` entries win over both.
 DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT"}
 PRECISION_HINT = "INFERENCE_PRECISION_HINT"
+MASK_VARIANTS = 2           # frame graphs kept compiled (one per scale/thresholds/binning seen)
 
 
 def device_capabilities(device: str, core=None) -> tuple[str, ...]:
@@ -109,6 +110,69 @@ def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
     return ov.Model(model.get_results(), [raw, gain, offset], model.get_friendly_name())
 
 
+def _class_mask(probs, thresholds: np.ndarray):
+    """(N, K, t, t) scores -> (N, 1, t, t) uint8 class indices, shared.postprocess.threshold's
+    rule in the graph: a thresholded class competes only where it reaches its threshold, the
+    running maximum over classes keeps the lower index on ties (strict ">"), and a pixel no
+    class is eligible for stays class 0. Elementwise opset1 ops only (2022.3 runs them)."""
+    k = len(thresholds)
+    parts = list(ov.ops.split(probs, ov.ops.constant(np.int64(1)), k).outputs()) if k > 1 else [probs.output(0)]
+    scores = []
+    for c, part in enumerate(parts):
+        if np.isnan(thresholds[c]):
+            scores.append(part)
+        else:
+            eligible = ov.ops.greater_equal(part, ov.ops.constant(np.float32(thresholds[c])))
+            scores.append(ov.ops.select(eligible, part, ov.ops.constant(np.float32(-np.inf))).output(0))
+    best, cls = scores[0], ov.ops.constant(np.zeros((1, 1, 1, 1), np.uint8)).output(0)
+    for c in range(1, k):
+        cls = ov.ops.select(ov.ops.greater(scores[c], best), ov.ops.constant(np.full((1, 1, 1, 1), c, np.uint8)),
+                            cls).output(0)
+        if c < k - 1:
+            best = ov.ops.maximum(best, scores[c]).output(0)
+    return cls
+
+
+def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: str, gain: np.ndarray,
+                   offset: np.ndarray, thresholds: np.ndarray, factor: int, scaling_inputs: bool = False):
+    """The graph frames run through: raw (batch, C, factor*tile, factor*tile) values of
+    `input_dtype` in, (batch, 1, tile, tile) uint8 class indices out. In the graph, where they
+    are cheapest: the mean over factor x factor blocks (binning to the model's ground sampling
+    distance), the scaling with constant gain and offset (OpenVINO folds the gain into the first
+    convolution), the activation and the per-class thresholds (OpenVINO's threads, not Python).
+    `scaling_inputs`: gain and offset as runtime inputs instead (an INT8 IR: OpenVINO's
+    low-precision passes take Convert(u16) -> Multiply(constant) for a dequantisation and fail)."""
+    model = model.clone()
+    channels = model.inputs[0].get_partial_shape()[1].get_length()
+    try:
+        model.reshape({model.inputs[0]: ov.PartialShape([batch, channels, tile, tile])})
+    except RuntimeError as exc:
+        raise ModelLoadError(f"input cannot take ({batch}, {channels}, {tile}, {tile}) tiles: "
+                             f"{str(exc).splitlines()[0]}") from None
+    old = model.get_parameters()[0]
+    side = tile * factor
+    raw = ov.ops.parameter([batch, channels, side, side], ov.Type(np.dtype(input_dtype)), name="raw")
+    x = raw if input_dtype == "float32" else ov.ops.convert(raw, "f32")
+    if factor > 1:
+        x = ov.ops.avg_pool(x, [factor, factor], [0, 0], [0, 0], [factor, factor], exclude_pad=True)
+    params = [raw]
+    if scaling_inputs:
+        params += [ov.ops.parameter([1, channels, 1, 1], ov.Type.f32, name=n) for n in ("gain", "offset")]
+        x = ov.ops.add(ov.ops.multiply(x, params[1]), params[2])
+    else:
+        x = ov.ops.add(ov.ops.multiply(x, ov.ops.constant(gain.reshape(1, -1, 1, 1))),
+                       ov.ops.constant(offset.reshape(1, -1, 1, 1)))
+    for target in list(old.output(0).get_target_inputs()):
+        target.replace_source_output(x.output(0))
+    scores = model.get_results()[0].input_value(0)
+    if activation == "softmax":
+        scores = ov.ops.softmax(scores, 1).output(0)
+    elif activation == "sigmoid":
+        scores = ov.ops.sigmoid(scores).output(0)
+    mask = _class_mask(scores, thresholds)
+    return ov.Model([ov.ops.result(mask)], params, model.get_friendly_name())
+
+
 @dataclass
 class _Buffers:
     """Input and output memory shared with OpenVINO (ov.Tensor over numpy, no copies)."""
@@ -119,9 +183,10 @@ class _Buffers:
     output_tensors: list
 
     @classmethod
-    def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple) -> "_Buffers":
+    def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple,
+             out_dtype: str = "float32") -> "_Buffers":
         inputs = [np.zeros(shape_in, dtype) for _ in range(n)]
-        outputs = [np.zeros(shape_out, np.float32) for _ in range(n)]
+        outputs = [np.zeros(shape_out, out_dtype) for _ in range(n)]
         return cls(inputs, outputs, [ov.shared_tensor(a) for a in inputs],
                    [ov.shared_tensor(a) for a in outputs])
 
@@ -164,28 +229,55 @@ class OpenVinoModel:
         self._config.update(config or {})
         self._num_requests = num_requests
         self._variants: dict[str, tuple] = {}
+        self._mask_variants: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
         self.num_classes = self._variant("float32")[0].outputs[0].get_partial_shape()[1].get_length()
 
     # -- compiled variants -------------------------------------------------------------------
+    def _compile(self, model, shape_in: tuple, dtype: str, out_dtype: str) -> tuple:
+        """(compiled model, AsyncInferQueue, buffer pool one larger than the queue)."""
+        try:
+            compiled = self._core.compile_model(model, self.device, self._config)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{self.xml_path}: cannot compile for {self.device}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        n = max(1, int(self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        shape_out = tuple(compiled.outputs[0].get_shape())
+        return (compiled, ov.AsyncInferQueue(compiled, n),
+                _Buffers.make(n + 1, shape_in, dtype, shape_out, out_dtype))
+
     def _variant(self, dtype: str):
-        """(compiled model, AsyncInferQueue, buffer pool) for raw input of `dtype`, built on first
-        use (under `run`'s lock, or at construction for float32)."""
+        """(compiled model, AsyncInferQueue, buffer pool) for raw input of `dtype` with runtime
+        gain/offset and probabilities out, built on first use (under `run`'s lock, or at
+        construction for float32)."""
         if dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
         if dtype not in self._variants:
             model = _prepare(self._model, self.tile, self.batch_size, dtype, self.activation)
-            try:
-                compiled = self._core.compile_model(model, self.device, self._config)
-            except RuntimeError as exc:
-                raise ModelLoadError(f"{self.xml_path}: cannot compile for {self.device}: "
-                                     f"{str(exc).splitlines()[0]}") from None
-            n = max(1, int(self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
             shape_in = (self.batch_size, self.channels, self.tile, self.tile)
-            shape_out = tuple(compiled.outputs[0].get_shape())
-            self._variants[dtype] = (compiled, ov.AsyncInferQueue(compiled, n),
-                                     _Buffers.make(n + 1, shape_in, dtype, shape_out))
+            self._variants[dtype] = self._compile(model, shape_in, dtype, "float32")
         return self._variants[dtype]
+
+    def _mask_variant(self, dtype: str, gain: np.ndarray, offset: np.ndarray,
+                      thresholds: np.ndarray, factor: int):
+        """The frame graph (`_prepare_masks`) for these constants, compiled on first use; the
+        last MASK_VARIANTS stay compiled (a daemon sees one scale, so one variant, in practice)."""
+        if dtype not in INPUT_DTYPES:
+            raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
+        key = (dtype, gain.tobytes(), offset.tobytes(), thresholds.tobytes(), factor)
+        if key not in self._mask_variants:
+            while len(self._mask_variants) >= MASK_VARIANTS:
+                self._mask_variants.pop(next(iter(self._mask_variants)))
+            model = _prepare_masks(self._model, self.tile, self.batch_size, dtype, self.activation,
+                                   gain, offset, thresholds, factor, scaling_inputs=self.precision == "int8")
+            side = self.tile * factor
+            variant = self._compile(model, (self.batch_size, self.channels, side, side), dtype, "uint8")
+            if self.precision == "int8":
+                for request in variant[1]:
+                    request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
+                    request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
+            self._mask_variants[key] = variant
+        return self._mask_variants[key]
 
     @property
     def num_requests(self) -> int:
@@ -236,44 +328,69 @@ class OpenVinoModel:
             for request in queue:           # all idle here: set this run's scaling once
                 request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
                 request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
-            # No Python callback on the queue: OpenVINO's own marks requests idle in completion
-            # order, and we collect a finished request's output when get_idle_request_id hands
-            # it back. (A Python callback makes OpenVINO threads take the GIL; destroying such a
-            # queue can then deadlock: openvinotoolkit/openvino#37073.)
-            # Input and output memory rotates through a pool one larger than the queue: the next
-            # batch is cut into a free input buffer before a request is free, a free request gets
-            # it and a fresh output buffer and starts at once, and only then is the output it had
-            # finished post-processed, while it runs again.
-            free_in, free_out = list(range(len(buffers.inputs))), list(range(len(buffers.outputs)))
-            pending: dict[int, tuple[int, int, int, int]] = {}   # request -> (start, count, in, out)
+            self._stream(queue, buffers, n_tiles, fill, on_output)
 
-            def collect(job: tuple[int, int, int, int]) -> None:
-                start, count, i, o = job
-                on_output(start, buffers.outputs[o][:count])
-                free_in.append(i)
-                free_out.append(o)
+    def run_masks(self, n_tiles: int, dtype: str, fill: Callable[[int, np.ndarray], None],
+                  on_output: Callable[[int, np.ndarray], None], gain: np.ndarray, offset: np.ndarray,
+                  thresholds: np.ndarray, factor: int = 1) -> None:
+        """Stream `n_tiles` raw tiles of (C, factor*tile, factor*tile) through the frame graph:
+        `fill(start, buf)` as in `run`; `on_output(start, masks)` gets (n, tile, tile) uint8 class
+        indices (shared.postprocess.threshold with `thresholds`, NaN: none) of the tiles binned
+        `factor` x `factor`, a view valid only during the call."""
+        gain, offset = np.asarray(gain, np.float32), np.asarray(offset, np.float32)
+        thresholds = np.asarray(thresholds, np.float32)
+        if gain.shape != (self.channels,) or offset.shape != (self.channels,):
+            raise ValueError(f"gain and offset need {self.channels} values (one per band), "
+                             f"got {gain.shape} and {offset.shape}")
+        if thresholds.shape != (self.num_classes,):
+            raise ValueError(f"{thresholds.size} thresholds for {self.num_classes} classes")
+        with self._lock:
+            _, queue, buffers = self._mask_variant(dtype, gain, offset, thresholds, int(factor))
+            self._stream(queue, buffers, n_tiles, fill, lambda start, out: on_output(start, out[:, 0]))
 
-            try:
-                for start in range(0, n_tiles, self.batch_size):
-                    count = min(self.batch_size, n_tiles - start)
-                    i = free_in.pop()
-                    fill(start, buffers.inputs[i][:count])
-                    rid = queue.get_idle_request_id()    # start_async takes this same request
-                    finished = pending.pop(rid, None)
-                    o = free_out.pop()
-                    request = queue[rid]
-                    request.set_input_tensor(0, buffers.input_tensors[i])
-                    request.set_output_tensor(0, buffers.output_tensors[o])
-                    queue.start_async()
-                    pending[rid] = (start, count, i, o)
-                    if finished is not None:
-                        collect(finished)
-                queue.wait_all()
-                for job in sorted(pending.values()):
-                    collect(job)
-            finally:
-                queue.wait_all()        # never leave a request writing into a buffer we dropped
-                pending.clear()
+    @staticmethod
+    def _stream(queue, buffers: _Buffers, n_tiles: int, fill: Callable, on_output: Callable) -> None:
+        """Batches through the queue, each cut by `fill` into a free input buffer and handed to
+        the next idle request; each finished one to `on_output` while the others infer."""
+        batch = buffers.inputs[0].shape[0]
+        # No Python callback on the queue: OpenVINO's own marks requests idle in completion
+        # order, and we collect a finished request's output when get_idle_request_id hands
+        # it back. (A Python callback makes OpenVINO threads take the GIL; destroying such a
+        # queue can then deadlock: openvinotoolkit/openvino#37073.)
+        # Input and output memory rotates through a pool one larger than the queue: the next
+        # batch is cut into a free input buffer before a request is free, a free request gets
+        # it and a fresh output buffer and starts at once, and only then is the output it had
+        # finished post-processed, while it runs again.
+        free_in, free_out = list(range(len(buffers.inputs))), list(range(len(buffers.outputs)))
+        pending: dict[int, tuple[int, int, int, int]] = {}   # request -> (start, count, in, out)
+
+        def collect(job: tuple[int, int, int, int]) -> None:
+            start, count, i, o = job
+            on_output(start, buffers.outputs[o][:count])
+            free_in.append(i)
+            free_out.append(o)
+
+        try:
+            for start in range(0, n_tiles, batch):
+                count = min(batch, n_tiles - start)
+                i = free_in.pop()
+                fill(start, buffers.inputs[i][:count])
+                rid = queue.get_idle_request_id()    # start_async takes this same request
+                finished = pending.pop(rid, None)
+                o = free_out.pop()
+                request = queue[rid]
+                request.set_input_tensor(0, buffers.input_tensors[i])
+                request.set_output_tensor(0, buffers.output_tensors[o])
+                queue.start_async()
+                pending[rid] = (start, count, i, o)
+                if finished is not None:
+                    collect(finished)
+            queue.wait_all()
+            for job in sorted(pending.values()):
+                collect(job)
+        finally:
+            queue.wait_all()        # never leave a request writing into a buffer we dropped
+            pending.clear()
 
     def infer(self, tiles: np.ndarray, gain: np.ndarray | None = None,
               offset: np.ndarray | None = None) -> np.ndarray:
@@ -291,4 +408,21 @@ class OpenVinoModel:
             out[start:start + len(probs)] = probs
 
         self.run(len(tiles), dtype, fill, on_output, gain, offset)
+        return out
+
+    def infer_masks(self, tiles: np.ndarray, gain: np.ndarray, offset: np.ndarray,
+                    thresholds: np.ndarray) -> np.ndarray:
+        """(N, C, t, t) tiles -> (N, t, t) uint8 class masks through the frame graph (unbinned)."""
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[1:] != (self.channels, self.tile, self.tile):
+            raise ValueError(f"tiles must be (N, {self.channels}, {self.tile}, {self.tile}), got {tiles.shape}")
+        out = np.zeros((len(tiles), self.tile, self.tile), np.uint8)
+
+        def fill(start: int, buf: np.ndarray) -> None:
+            buf[...] = tiles[start:start + len(buf)]
+
+        def on_output(start: int, masks: np.ndarray) -> None:
+            out[start:start + len(masks)] = masks
+
+        self.run_masks(len(tiles), tiles.dtype.name, fill, on_output, gain, offset, thresholds)
         return out

@@ -9,7 +9,11 @@ A manifest is a JSON object (format_version 1)::
     created         ISO 8601 time
     input           {bands: [canonical S2 names], dtype: "float32",
                      scaling: {mean: [..], std: [.. > 0]}  -> (reflectance 0..1 - mean) / std,
-                     tile_size: int, overlap: int < tile_size}
+                     tile_size: int, overlap: int < tile_size,
+                     gsd_m: optional processing ground sampling distance in metres, a whole
+                     multiple of FRAME_GSD_M (10 m): the daemon averages the frame's pixels
+                     in blocks of gsd_m / 10 to it and brings the mask back to 10 m.
+                     Absent: the frame's own 10 m}
     output          {classes: [names], activation: "softmax" | "sigmoid" | "none"}
     postprocess     {threshold: {class: 0..1} for thresholded classes, opening_radius: int >= 0}
     policy          the keep/discard policy (shared.policy)
@@ -24,6 +28,10 @@ A manifest is a JSON object (format_version 1)::
     reference       {file: "reference.npz", max_abs_diff: >= 0, min_mask_agreement: 0..1}
     lineage         free object (config, input hashes, run folder ...)
     files           {relative path: sha256 hex} of every file but manifest.json and manifest.sig
+                    (the file's own bytes, as it is extracted on board)
+    encoding        optional {relative path: "xz"}: files stored xz-compressed in the archive
+                    (decoded on reading, their sha256 checked on the decoded bytes); absent or
+                    unlisted: stored as they are. shared.bundle.build_bundle writes it.
 
 Every integer and string is bounded (shared.limits): `version` and `parent.version` 1..2^53-1,
 `model_id` and class names at most 64 characters, at most 64 bands and 256 classes, `tile_size`
@@ -70,6 +78,8 @@ DEFAULT_PRECISION = "fp32"     # what a manifest without `precision` was validat
 # the device capability (OPTIMIZATION_CAPABILITIES) it needs.
 INFERENCE_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 REQUIRED_CAPABILITY = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
+FRAME_GSD_M = 10.0        # the pixel size frames arrive at (Sentinel-2's 10 m bands)
+MAX_GSD_FACTOR = 8
 DEFAULT_REFERENCE = {"file": REFERENCE_NAME, "max_abs_diff": 1e-2, "min_mask_agreement": 0.99}
 
 _MODEL_ID = re.compile(r"^[a-z0-9._-]+$")
@@ -78,8 +88,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TOP_FIELDS = {
     "format_version", "model_id", "version", "parent", "created", "input", "output",
     "postprocess", "policy", "metrics", "reference", "lineage", "files", "precision", "profile",
+    "encoding",
 }
-_OPTIONAL_FIELDS = {"precision", "profile"}
+_OPTIONAL_FIELDS = {"precision", "profile", "encoding"}
+ENCODINGS = ("xz",)            # how a file may be stored in the archive (shared.bundle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +195,10 @@ def _numbers_tree(v: Any, field: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _check_input(inp: Any) -> None:
-    _obj(inp, "input", {"bands", "dtype", "scaling", "tile_size", "overlap"},
+    _obj(inp, "input", {"bands", "dtype", "scaling", "tile_size", "overlap", "gsd_m"},
          ("bands", "dtype", "scaling", "tile_size", "overlap"))
+    if "gsd_m" in inp:
+        gsd_factor(inp)
     bands = _unique_strings(inp["bands"], "input.bands", MAX_BANDS)
     for i, name in enumerate(bands):
         if name not in S2_BANDS:
@@ -248,6 +262,15 @@ def _check_files(files: Any) -> None:
             raise ManifestError("files", f"must list {name} (the OpenVINO IR)")
 
 
+def _check_encoding(enc: Any, files: dict) -> None:
+    _obj(enc, "encoding")
+    for name, how in enc.items():
+        if name not in files:
+            raise ManifestError(f"encoding[{name!r}]", "is not listed in files")
+        if how not in ENCODINGS:
+            raise ManifestError(f"encoding[{name!r}]", f"must be one of {', '.join(ENCODINGS)}, got {quote(how)}")
+
+
 def _check_reference(ref: Any, files: dict) -> None:
     _obj(ref, "reference", {"file", "max_abs_diff", "min_mask_agreement"},
          ("file", "max_abs_diff", "min_mask_agreement"))
@@ -256,6 +279,19 @@ def _check_reference(ref: Any, files: dict) -> None:
         raise ManifestError("reference.file", f"{name!r} is not listed in files")
     _num(ref["max_abs_diff"], "reference.max_abs_diff", lo=0.0)
     _num(ref["min_mask_agreement"], "reference.min_mask_agreement", 0.0, 1.0)
+
+
+def gsd_factor(inp: Mapping[str, Any]) -> int:
+    """The binning factor of a manifest's `input` (gsd_m / FRAME_GSD_M, 1 without gsd_m); raises
+    ManifestError unless it is a whole number 1..MAX_GSD_FACTOR."""
+    if "gsd_m" not in inp:
+        return 1
+    gsd = _num(inp["gsd_m"], "input.gsd_m")
+    factor = gsd / FRAME_GSD_M
+    if not (1 <= factor <= MAX_GSD_FACTOR and factor == int(factor)):
+        raise ManifestError("input.gsd_m", f"must be a whole multiple of {FRAME_GSD_M:g} m up to "
+                                           f"{MAX_GSD_FACTOR * FRAME_GSD_M:g} m, got {gsd!r}")
+    return int(factor)
 
 
 def validate_manifest(manifest: Any) -> dict:
@@ -292,6 +328,8 @@ def validate_manifest(manifest: Any) -> dict:
     _obj(m["lineage"], "lineage")
     _check_files(m["files"])
     _check_reference(m["reference"], m["files"])
+    if "encoding" in m:
+        _check_encoding(m["encoding"], m["files"])
     if "precision" in m and m["precision"] not in PRECISIONS:
         raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
                                          f"got {quote(m['precision'])}")
@@ -379,7 +417,8 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
                   reference: dict | None = None, lineage: dict | None = None,
                   parent: dict | None = None, created: str | None = None,
                   files: Mapping[str, str | os.PathLike] | None = None,
-                  precision: str = DEFAULT_PRECISION, profile: str = DEFAULT_PROFILE) -> dict:
+                  precision: str = DEFAULT_PRECISION, profile: str = DEFAULT_PROFILE,
+                  gsd_m: float | None = None) -> dict:
     """A validated manifest from plain arguments; band aliases (`B2`, `NIR`) become canonical,
     and `files` ({arcname: path}) is hashed. `precision` is the one the reference outputs and
     tolerances were computed at (one of PRECISIONS); `profile` the device profile the IR was checked
@@ -392,7 +431,8 @@ def make_manifest(*, model_id: str, version: int, bands: Iterable[str],
         "model_id": model_id, "version": version, "parent": parent,
         "input": {"bands": canon, "dtype": "float32",
                   "scaling": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
-                  "tile_size": tile_size, "overlap": overlap},
+                  "tile_size": tile_size, "overlap": overlap,
+                  **({} if gsd_m is None else {"gsd_m": float(gsd_m)})},
         "output": {"classes": list(classes), "activation": activation},
         "postprocess": {"threshold": dict(threshold or {}), "opening_radius": opening_radius},
         "precision": precision,

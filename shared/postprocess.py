@@ -131,3 +131,15 @@ def open_classes(mask: np.ndarray, radius: int, classes: Iterable[int] | None = 
         removed = cv2.subtract(binary, opened)
         np.copyto(mask, np.uint8(background), where=removed.view(np.bool_))
     return mask
+
+
+def upsample_mask(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """A class mask computed at `factor` x the frame's pixel size back on the frame's grid
+    (H, W) = `shape`: each pixel repeated factor x factor (nearest), the far edge cropped."""
+    import cv2   # noqa: PLC0415
+
+    h, w = shape
+    if mask.ndim != 2 or mask.shape != (-(-h // factor), -(-w // factor)):
+        raise ValueError(f"mask {mask.shape} is not a {factor}x binning of {shape}")
+    up = cv2.resize(mask, (mask.shape[1] * factor, mask.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+    return up[:h, :w] if up.shape != (h, w) else up

@@ -1,0 +1,98 @@
+"""The frame graph (thresholds, scaling constants and binning inside OpenVINO) and the processing
+ground sampling distance (`input.gsd_m`): the same masks as the plain stages, at 10 m and 20 m."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from onboard_models import (BANDS_6, CLASSES_3, make_test_manifest, make_test_model_files,  # noqa: E402
+                            synthetic_frame)
+from test_pipeline import boxes_frame, reference_mask  # noqa: E402
+
+from onboard.pipeline import FramePipeline  # noqa: E402
+from onboard.runtime import OpenVinoModel  # noqa: E402
+from shared.errors import ManifestError  # noqa: E402
+from shared.manifest import gsd_factor, validate_manifest  # noqa: E402
+from shared.postprocess import threshold, upsample_mask  # noqa: E402
+
+TILE, OVERLAP = 64, 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model6")
+    make_test_model_files(d, bands=BANDS_6, classes=CLASSES_3, tile=TILE)
+    return d
+
+
+@pytest.fixture(scope="module")
+def manifest(model_dir) -> dict:
+    files = {n: model_dir / n for n in ("model.xml", "model.bin", "reference.npz")}
+    return make_test_manifest(files, tile=TILE, overlap=OVERLAP, bands=BANDS_6, classes=CLASSES_3)
+
+
+def with_gsd(manifest: dict, gsd_m: float) -> dict:
+    return {**manifest, "input": {**manifest["input"], "gsd_m": gsd_m}}
+
+
+@pytest.mark.parametrize("thresholds", [[np.nan] * 3, [np.nan, 0.5, np.nan], [0.9, 0.9, 0.9],
+                                        [np.nan, 0.34, 0.34]])
+def test_frame_graph_thresholds_like_shared_postprocess(model_dir, thresholds):
+    model = OpenVinoModel(model_dir / "model.xml", batch_size=2, activation="softmax")
+    rng = np.random.default_rng(0)
+    tiles = rng.uniform(0, 0.6, (5, 6, TILE, TILE)).astype(np.float32)
+    tiles[0] = 0.3                     # flat tiles: every class near 1/3, ties and nothing eligible
+    gain, offset = np.full(6, 4.0, np.float32), np.full(6, -1.0, np.float32)
+    probs = model.infer(tiles, gain=gain, offset=offset)
+    masks = model.infer_masks(tiles, gain, offset, np.asarray(thresholds, np.float32))
+    assert masks.dtype == np.uint8 and masks.shape == (5, TILE, TILE)
+    assert np.array_equal(masks, threshold(probs, thresholds))
+
+
+def test_gsd_m_is_optional_and_a_whole_multiple_of_10_m(manifest):
+    assert gsd_factor(manifest["input"]) == 1
+    assert gsd_factor(validate_manifest(with_gsd(manifest, 20))["input"]) == 2
+    for bad in (15, 5, 0, -20, "20", 1000):
+        with pytest.raises(ManifestError, match="input.gsd_m"):
+            validate_manifest(with_gsd(manifest, bad))
+
+
+def test_upsample_mask_repeats_pixels_and_crops_the_far_edge():
+    mask = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert np.array_equal(upsample_mask(mask, 2, (3, 5)), np.repeat(np.repeat(mask, 2, 0), 2, 1)[:3, :5])
+    with pytest.raises(ValueError):
+        upsample_mask(mask, 2, (5, 5))
+
+
+def bin_frame(data: np.ndarray, f: int) -> np.ndarray:
+    c, h, w = data.shape
+    return data.astype(np.float32).reshape(c, h // f, f, w // f, f).mean(axis=(2, 4))
+
+
+@pytest.mark.parametrize("h,w,seed", [(300, 260, 0), (128, 128, 1)])
+def test_pipeline_at_20_m_is_the_plain_stages_on_the_binned_frame(manifest, model_dir, h, w, seed):
+    data, _ = boxes_frame(BANDS_6, h, w, seed)
+    p20 = FramePipeline(with_gsd(manifest, 20.0), model_dir, batch_size=2)
+    result = p20.process(data, BANDS_6, 1e-4)
+    assert p20.info()["gsd_factor"] == 2 and result.class_mask.shape == (h, w)
+    want = upsample_mask(reference_mask(manifest, bin_frame(data, 2), 1e-4, 2), 2, (h, w))
+    # binning in the graph (float32 sums in OpenVINO's order) vs numpy's mean: a pixel whose
+    # class sits on a threshold may flip; nothing else
+    assert np.mean(result.class_mask == want) > 0.999
+    # one policy cell per model tile: 2 * 64 frame pixels
+    cells = result.tile_decisions
+    assert {(c["height"], c["width"]) for c in cells if c["row"] == 0 and c["col"] == 0} == {(128, 128)}
+    assert len(cells) == -(-h // 128) * -(-w // 128)
+
+
+def test_pipeline_at_20_m_takes_odd_frames_and_finds_big_clouds(manifest, model_dir):
+    data, truth = synthetic_frame(BANDS_6, 257, 301, clouds=[(20, 180, 30, 250)])
+    result = FramePipeline(with_gsd(manifest, 20.0), model_dir).process(data, BANDS_6, 1e-4)
+    assert result.class_mask.shape == (257, 301)
+    inside = result.class_mask[30:170, 40:240]
+    assert (inside == 1).all() and (result.class_mask[200:, :] == 0).all()
+    assert result.stats["fractions"]["cloud"] == pytest.approx((truth == 1).mean(), abs=0.01)
