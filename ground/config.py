@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bands import canonical_band
+from shared.manifest import FRAME_GSD_M, MAX_GSD_FACTOR
 from ground.errors import ConfigError
 from ground.training.config import TrainConfig
 from ground.training.losses import LOSSES
@@ -72,6 +73,12 @@ class RunConfig:
     experiments: list
     raw: dict
     source: Path | None = None
+    gsd_m: float | None = None       # processing GSD: imagery and labels binned to it (None: 10 m)
+
+    @property
+    def gsd_factor(self) -> int:
+        """Pixels of the 10 m imagery per processing pixel, along each axis."""
+        return 1 if self.gsd_m is None else round(self.gsd_m / FRAME_GSD_M)
 
     @property
     def run_dir(self) -> Path:
@@ -112,12 +119,24 @@ def _feature_teacher(table) -> dict | None:
     return ft
 
 
+def _gsd_m(value) -> float | None:
+    """`data.gsd_m`: the ground sampling distance the student trains and flies at, a whole
+    multiple of 10 m (the bundle's manifest declares it; the daemon bins frames to it)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+            or value % FRAME_GSD_M or value / FRAME_GSD_M > MAX_GSD_FACTOR:
+        raise ConfigError(f"data.gsd_m: a whole multiple of {FRAME_GSD_M:g} m up to "
+                          f"{MAX_GSD_FACTOR * FRAME_GSD_M:g} m, got {value!r}")
+    return float(value)
+
+
 def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     top = _take(raw, "config", {"run": ..., "data": ..., "eval": {}, "teacher": ..., "feature_teacher": None,
                                 "student": ..., "train": {}, "experiment": ...})
     run = _take(top["run"], "run", {"name": ..., "out": "runs", "seed": 0, "cache": None, "deliver": None})
     data = _take(top["data"], "data", {"bands": ..., "classes": ..., "class_weights": "none",
-                                       "unlabelled": [], "labelled": []})
+                                       "unlabelled": [], "labelled": [], "gsd_m": None})
     ev = _take(top["eval"], "eval", {"data": None, "tile": 256, "overlap": 128, "opening_radius": 2,
                                      "calibrate": "auto"})
     teacher = _take(top["teacher"], "teacher", {"name": ..., "options": {}, "train": {}})
@@ -134,6 +153,7 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         data["bands"] = [canonical_band(b) for b in data["bands"]]
     except ValueError as exc:
         raise ConfigError(f"data.bands: {exc}") from None
+    gsd_m = _gsd_m(data["gsd_m"])
     if ev["calibrate"] not in ("auto", "labels", "teacher", "none"):
         raise ConfigError(f"eval.calibrate: one of auto, labels, teacher, none; got {ev['calibrate']!r}")
     if ev["data"] is not None and (not isinstance(ev["data"], dict) or "source" not in ev["data"]):
@@ -148,6 +168,11 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         raise ConfigError(f"experiment names must be unique: {names}")
     if run["deliver"] is not None and run["deliver"] not in names:
         raise ConfigError(f"run.deliver: {run['deliver']!r} is not an experiment name ({names})")
+    train_specs = data["unlabelled"] + data["labelled"]
+    lazy = [s for s in train_specs if s.get("source") == "scenes"]
+    if lazy and len(lazy) != len(train_specs):
+        raise ConfigError("data: 'scenes' sources (crops read lazily from scene files) cannot be mixed with "
+                          "in-memory sources in one run")
     if any(e.mode == "labels" or e.options.get("ce_weight") for e in experiments) and not data["labelled"]:
         raise ConfigError("data.labelled: experiments use labels but no labelled data is configured")
     if any(e.mode != "labels" for e in experiments) and not (data["unlabelled"] or data["labelled"]):
@@ -164,7 +189,7 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         tile=int(ev["tile"]), overlap=int(ev["overlap"]), opening_radius=int(ev["opening_radius"]),
         calibrate=ev["calibrate"], teacher=teacher, feature_teacher=ft,
         student={k: v for k, v in student.items() if v is not None}, train=train,
-        experiments=experiments, raw=raw, source=source)
+        experiments=experiments, raw=raw, source=source, gsd_m=gsd_m)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ground.config import RunConfig
 from ground.data.normalization import Normalization
-from ground.data.sample import Sample
+from ground.data.sample import Sample, bin_sample
 from ground.data.sources import load_source
 
 
@@ -31,10 +31,14 @@ class Data:
 
 
 def load_data(cfg: RunConfig) -> Data:
-    K = len(cfg.classes)
-    unlabelled = [s for spec in cfg.unlabelled for s in load_source(spec, cfg.bands, "train", K, labelled=False)]
-    labelled = [s for spec in cfg.labelled for s in load_source(spec, cfg.bands, "train", K)]
-    evals = load_source(cfg.eval_data, cfg.bands, "eval", K) if cfg.eval_data is not None else []
+    K, f = len(cfg.classes), cfg.gsd_factor
+    # at a processing GSD (data.gsd_m) every image and label map is binned as the daemon bins
+    # frames, before the teacher labels it and before the normalisation is fitted
+    unlabelled = [bin_sample(s, f) for spec in cfg.unlabelled
+                  for s in load_source(spec, cfg.bands, "train", K, labelled=False)]
+    labelled = [bin_sample(s, f) for spec in cfg.labelled for s in load_source(spec, cfg.bands, "train", K)]
+    evals = [bin_sample(s, f) for s in load_source(cfg.eval_data, cfg.bands, "eval", K)] \
+        if cfg.eval_data is not None else []
     ev = evals[0] if evals else None
     seen, train_imagery = set(), []
     for s in unlabelled + labelled:

@@ -222,7 +222,8 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},
                              opening_radius=int(point["opening_radius"]), policy=policy, metrics=metrics,
                              reference={"file": REFERENCE_NAME, **tolerance}, lineage=lineage, parent=parent,
-                             files=files, precision=precision, profile=target.name)
+                             files=files, precision=precision, profile=target.name,
+                             gsd_m=run.cfg.gsd_m)         # the daemon bins frames to it
     load_reference(ref_path, manifest)          # the daemon will read it this way
     out_path = Path(out) if out else run.run_dir / "bundles" / f"{model_id}-v{version}.tar"
     try:
