@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import types
 from pathlib import Path
 
 import nncf
 import numpy as np
 import openvino as ov
 import torch
+from nncf.torch.quantization import extensions as nncf_kernels
+from nncf.torch.quantization.reference import ReferenceBackendType, ReferenceQuantize
 
 from ground.errors import StageError
 
@@ -91,11 +94,25 @@ def quantize_ir_controlled(xml: str | Path, tiles: np.ndarray, masks: list[np.nd
     return _save(q, out_xml)
 
 
+def use_eager_cpu_kernels() -> None:
+    """NNCF's fake quantisers on the CPU use its reference torch functions, eagerly.
+
+    By default NNCF JIT-compiles C++ kernels with g++ on first use, behind a lock file that a killed
+    build leaves in ~/.cache/torch_extensions for good: every later QAT then waits 60 s and fails
+    (this ended a CI run). Its other fallback wraps the reference in torch.compile, another
+    compiler run of a minute. The reference functions are what NNCF tests its kernels against; for
+    ~100k-parameter students eager torch costs little. CUDA keeps NNCF's compiled kernels."""
+    reference = ReferenceQuantize(backend_type=ReferenceBackendType.TORCH)
+    nncf_kernels.QuantizedFunctionsCPU._loaded_namespace = types.SimpleNamespace(
+        Quantize_forward=reference.forward, Quantize_backward=reference.backward)
+
+
 def quantize_torch(model: torch.nn.Module, tiles: np.ndarray) -> torch.nn.Module:
     """`model` with NNCF's fake quantisers (initialised on `tiles`), trainable by ground.training's
     loop: quantisation-aware fine-tuning. The caller's model is modified in place and returned."""
     if len(tiles) == 0:
         raise StageError("quantisation-aware training needs at least one tile of the run's imagery")
+    use_eager_cpu_kernels()
     data = nncf.Dataset([torch.from_numpy(np.ascontiguousarray(tiles[i:i + 1], np.float32))
                          for i in range(len(tiles))])
     with _quietly():

@@ -17,7 +17,7 @@ pytest.importorskip("nncf")
 
 from shared.bundle import load_reference, verify_bundle  # noqa: E402
 from shared.keys import generate_keypair  # noqa: E402
-from ground.compression.quantize import int8_layers  # noqa: E402
+from ground.compression.quantize import int8_layers, use_eager_cpu_kernels  # noqa: E402
 from ground.errors import GroundError  # noqa: E402
 from ground.openvino import runtime  # noqa: E402
 from ground.openvino.runtime import compile_ir, softmax  # noqa: E402
@@ -75,6 +75,22 @@ def test_quantisation_aware_fine_tuning_gives_an_int8_ir(run_dir):
     rec = export(_open(run_dir), name="qat", precision="int8", qat_steps=2)
     assert rec["int8"]["method"] == "qat" and rec["int8"]["steps"] == 2
     assert int8_layers(run_dir / "export" / "qat" / "model.xml") > 0
+
+
+def test_fake_quantisers_use_eager_torch_not_a_compiled_extension(tmp_path, monkeypatch):
+    # A killed g++ build leaves NNCF's lock file behind for good: with a stale lock in the build
+    # folder, the compiled kernels would wait on it; the eager reference never looks there.
+    from nncf.torch.quantization.extensions import QuantizedFunctionsCPU
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "lock").touch()
+    use_eager_cpu_kernels()
+    x = torch.linspace(-2, 2, 101)
+    low, rng = torch.tensor(-1.0), torch.tensor(2.0)
+    y = QuantizedFunctionsCPU.get("Quantize_forward")(x, low, rng, 256)
+    step = 2.0 / 255
+    assert len(torch.unique(y)) < len(x)                       # snapped to a grid
+    assert float((y - x.clamp(-1, 1)).abs().max()) <= step      # within a step of the clipped input
+    assert not any(tmp_path.rglob("*.so"))
 
 
 def test_a_precision_this_cpu_cannot_compute_is_refused(run_dir, monkeypatch):
