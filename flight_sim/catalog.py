@@ -122,7 +122,7 @@ def _classes(asset: pystac.Asset, classes: list[str]) -> None:
 
 def _class_name(name: str) -> str:
     # classification:classes names are [0-9A-Za-z-_]+
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "class"
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_" for ch in name) or "class"
 
 
 class Catalogue:
