@@ -142,7 +142,8 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     teacher = _take(top["teacher"], "teacher", {"name": ..., "options": {}, "train": {}})
     student = _take(top["student"], "student", {"name": "tiny-unet", "params": None, "widths": None,
                                                 "separable": False, "upsample": "bilinear", "depth": None,
-                                                "multiple_of": None})
+                                                "multiple_of": None, "kernels": None, "skip": None,
+                                                "activation": None})   # the last three: search-unet
     for key in ("bands", "classes"):
         if not isinstance(data[key], list) or not data[key] or not all(isinstance(v, str) for v in data[key]):
             raise ConfigError(f"data.{key}: a non-empty list of names")

@@ -150,6 +150,26 @@ def find_scenes(spec: dict, bands) -> list[SceneOnDisk]:
     return out
 
 
+def sample_windows(scenes: list[SceneOnDisk], n: int, size: int, seed: int = 0,
+                   readers: Readers | None = None) -> list[tuple[SceneOnDisk, int, int, int, int, np.ndarray]]:
+    """`n` windows of `size` px (at least one per scene when n >= scenes), drawn in proportion to
+    the scenes' area from a generator seeded with `seed`: (scene, r, c, h, w, image (C, h, w))."""
+    if not scenes:
+        raise DataError("lazy imagery: no scenes")
+    readers = readers or Readers()
+    rng = np.random.default_rng([int(seed), 17])
+    area = np.array([s.height * s.width for s in scenes], np.float64)
+    order = list(range(len(scenes)))[:n] if n >= len(scenes) else []
+    order += [int(i) for i in rng.choice(len(scenes), n - len(order), p=area / area.sum())]
+    out = []
+    for i in order:
+        s = scenes[i]
+        h, w = min(size, s.height), min(size, s.width)
+        r, c = int(rng.integers(0, s.height - h + 1)), int(rng.integers(0, s.width - w + 1))
+        out.append((s, r, c, h, w, read_window(s, readers, r, c, h, w)))
+    return out
+
+
 def split_by_scene(scenes: list, val, seed: int = 0) -> tuple[list, list]:
     """(train, validation) scenes (anything with a `.name`: scenes on disk, in-memory samples):
     `val` is a fraction of the scenes (at least one when > 0) or a list of scene names. Whole

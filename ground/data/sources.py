@@ -1,7 +1,13 @@
 """Data sources, one registry by name: a config table such as `{source = "ukis", rows = [0, 256]}`,
 `{source = "patches", layout = "marida", path = "...", split = "train"}` or
 `{source = "scene", path = "scenes/*.tif"}` becomes a list of `Sample`. Relative paths are
-resolved against the config file's folder (ground.config does that before they get here)."""
+resolved against the config file's folder (ground.config does that before they get here).
+
+`{source = "scenes", layout = "geotiff", path = "archive/*.tif", windows = 16, window = 512}` is
+imagery at archive scale (ground.data.lazy): training reads random crops from the scene files by
+window (ground.stages.distill); what this registry returns for it is only `windows` sampled windows
+of `window` px (never a whole scene), from which the run computes its normalisation, class weights
+and operating point."""
 from __future__ import annotations
 
 import glob
@@ -13,6 +19,7 @@ import numpy as np
 from shared.datasets import UKIS_HELD_OUT_ROWS, load_eolearn, load_sen1floods11, load_ukis_chip
 from shared.scene import Scene, read_scene
 from ground.data.layouts import LAYOUT_DEFAULTS, PATCH_LAYOUTS, map_labels
+from ground.data.lazy import Readers, SceneOnDisk, find_scenes, sample_windows
 from ground.data.sample import Sample
 from ground.errors import DataError
 
@@ -103,8 +110,32 @@ def _patches(spec: dict, bands, role: str, num_classes: int | None = None) -> li
     return out
 
 
+LAZY_KEYS = ("source", "layout", "path", "scale", "file_bands", "windows", "window", "seed")
+
+
+def lazy_scenes(spec: dict, bands) -> list[SceneOnDisk]:
+    """The scene files a `scenes` source names (headers only)."""
+    unknown = sorted(set(spec) - set(LAZY_KEYS))
+    if unknown:
+        raise DataError(f"data source 'scenes': unknown key(s) {unknown}; allowed: {sorted(LAZY_KEYS)}")
+    return find_scenes(spec, bands)
+
+
+def _scenes(spec: dict, bands, role: str) -> list[Sample]:
+    """Sampled windows of the scene files (labels where the layout has them), named SCENE@r,c."""
+    scenes = lazy_scenes(spec, bands)
+    readers = Readers()
+    out = []
+    for s, r, c, h, w, image in sample_windows(scenes, int(spec.get("windows", 16)), int(spec.get("window", 512)),
+                                               int(spec.get("seed", 0)), readers):
+        labels = (readers.window(s.labels, (s.height, s.width), r, c, h, w).astype(np.uint8)
+                  if s.labels is not None else None)
+        out.append(Sample(image, labels, f"{s.name}@{r},{c}", list(s.files)))
+    return out
+
+
 SOURCES: dict[str, Callable] = {"ukis": _ukis, "sen1floods11": _sen1floods11, "eolearn": _eolearn,
-                                "scene": _scene, "patches": _patches}
+                                "scene": _scene, "patches": _patches, "scenes": _scenes}
 
 
 def load_source(spec: dict, bands, role: str = "train", num_classes: int | None = None,

@@ -14,6 +14,8 @@ import torch
 
 from ground.config import Experiment, RunConfig
 from ground.data.dataset import Data
+from ground.data.lazy import ProbsStore, SceneBatches, SceneCrops, validation_score
+from ground.data.sources import lazy_scenes
 from ground.data.normalization import class_weights
 from ground.errors import ConfigError
 from ground.evaluation.operating_point import OperatingPoint, calibration_source
@@ -81,6 +83,28 @@ def uses_labels(exp: Experiment) -> bool:
     return exp.mode == "labels" or bool(exp.options.get("ce_weight"))
 
 
+def scene_batches(run: Run, exp: Experiment, ctx: Distributed):
+    """Imagery at archive scale (`scenes` sources): (batches of crops read by window from the scene
+    files, validate | None, names of the scenes trained on). Validation is a split by scene; the
+    teacher's probabilities of every scene are stored once (ground.data.lazy.ProbsStore, keyed as
+    the teacher cache), each rank filling its share."""
+    cfg = run.cfg
+    specs = cfg.labelled if exp.mode == "labels" else cfg.unlabelled + cfg.labelled
+    scenes = list({s.name: s for spec in specs for s in lazy_scenes(spec, cfg.bands)}.values())
+    held = []
+    if cfg.train.val_every and cfg.train.validation:
+        scenes, held = split_samples(scenes, cfg.train.validation, cfg.seed)
+    probs = None
+    if exp.mode != "labels":
+        probs = ProbsStore(cfg.cache, run.teacher).fill(scenes + held, ctx, progress=run.progress and ctx.is_main)
+    crops = SceneCrops(scenes, cfg.train.crop, cfg.train.augment, probs)
+    cuda = Placement.of(cfg.train.device, cfg.train.precision).cuda
+    batches = SceneBatches(crops, cfg.train.batch, cfg.seed, cfg.train.workers, ctx, pin_memory=cuda)
+    norm = run.data.norm
+    validate = (lambda m: validation_score(m, held, norm, cfg.tile, 8, probs)) if held else None  # noqa: E731
+    return batches, validate, [s.name for s in scenes]
+
+
 def train_student(run: Run, exp: Experiment, feature=None, resume: bool = False):
     """One experiment's student: (model, history, checkpoint path, info)."""
     cfg, data = run.cfg, run.data
@@ -93,13 +117,18 @@ def train_student(run: Run, exp: Experiment, feature=None, resume: bool = False)
         samples = data.distill_samples(with_labels=bool(exp.options.get("ce_weight")))
         cache = TeacherCache(cfg.cache, run.teacher)
     ctx = Distributed.from_env()
-    validate = None
-    if cfg.train.val_every and cfg.train.validation:
-        # validation by scene: these images are scored during training, never trained on
-        samples, held = split_samples(samples, cfg.train.validation, cfg.seed)
-        validate = lambda m: agreement(m, held, data.norm, cache, cfg.tile, cfg.overlap)   # noqa: E731
-    sampler = BatchSampler(samples, cfg.train, cache)
-    sampler.warm(run.progress, ctx)
+    if any(s.get("source") == "scenes" for s in cfg.unlabelled + cfg.labelled):
+        sampler, validate, names = scene_batches(run, exp, ctx)
+    else:
+        validate = None
+        if cfg.train.val_every and cfg.train.validation:
+            # validation by scene: these images are scored during training, never trained on
+            samples, held = split_samples(samples, cfg.train.validation, cfg.seed)
+            validate = lambda m: agreement(m, held, data.norm, cache, cfg.tile, cfg.overlap)   # noqa: E731
+        sampler = BatchSampler(samples, cfg.train, cache)
+        sampler.warm(run.progress, ctx)
+        names = [s.name for s in samples]
+    # class weights from the in-memory imagery, or from the sampled windows of the scene files
     objective = _objective(cfg, exp, data, samples, cache)
     term = None
     if exp.mode == "feature":
@@ -115,7 +144,7 @@ def train_student(run: Run, exp: Experiment, feature=None, resume: bool = False)
         if term:
             term.close()
     return model, history, path, {"train_seconds": round(time.perf_counter() - t0, 1),
-                                  "cache": cache.stats() if cache else None, "samples": [s.name for s in samples]}
+                                  "cache": cache.stats() if cache else None, "samples": names}
 
 
 def _teacher_row(run: Run, t0: float) -> tuple[dict, dict, list]:
