@@ -103,6 +103,7 @@ def add_prune(p) -> None:
     p.add_argument("--name", help="output name (pruned/NAME.pt)")
     _prune_common(p)
     _finetune_args(p, 200)
+    add_device(p)
 
 
 def add_lowrank(p) -> None:
@@ -118,6 +119,7 @@ def add_lowrank(p) -> None:
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
     p.add_argument("--name", help="output name (lowrank/NAME.pt)")
     _finetune_args(p, 200)
+    add_device(p)
 
 
 def add_sweep(p) -> None:
@@ -143,6 +145,7 @@ def add_fp16(p) -> None:
                    help="FP16 emulation for the scores: round (fast) or half (torch float16 kernels)")
     p.add_argument("--lr", type=float, help="learning rate (default: a fifth of the run's)")
     p.add_argument("--name", help="output name (fp16/NAME.pt)")
+    add_device(p)
 
 
 def add_export(p) -> None:

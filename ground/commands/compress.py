@@ -1,6 +1,8 @@
 """`eoedge ground prune | sweep | fp16-finetune`: the compression stages on a run folder."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from shared.cliutil import emit
 from ground.stages.fp16_finetune import fp16_finetune, gap_markdown
 from ground.stages.lowrank import lowrank
@@ -15,6 +17,15 @@ def _scores_and_checkpoint(r: dict) -> list[str]:
         [f"checkpoint: {r['run_dir']}/{r['checkpoint']}"]
 
 
+def open_run(args) -> Run:
+    """The run folder, on --device/--precision when given (else the run's own [train] choice)."""
+    run = Run.open(args.run, progress=not args.json)
+    over = {k: getattr(args, k) for k in ("device", "precision") if getattr(args, k, None)}
+    if over:
+        run.cfg = replace(run.cfg, train=replace(run.cfg.train, **over))
+    return run
+
+
 def _prune_text(r: dict) -> str:
     lines = [f"{r['criterion']} ({r['scope']}, round_to={r['round_to']}): {r['before']['params']:,} -> "
              f"{r['after']['params']:,} params (-{r['params_reduction']:.1%}), MACs -{r['macs_reduction']:.1%}"]
@@ -22,11 +33,12 @@ def _prune_text(r: dict) -> str:
 
 
 def cmd_prune(args) -> int:
-    run = Run.open(args.run, progress=not args.json)
+    run = open_run(args)
     res = prune(run, args.criterion, args.target, by=args.by, round_to=args.round_to or None, steps=args.steps,
                 scope=args.scope, checkpoint=args.checkpoint, finetune_steps=args.finetune_steps,
                 finetune_with=args.finetune_with, name=args.name)
-    emit(res, args.json, _prune_text)
+    if not res.get("rank"):          # under torchrun rank 0 alone reports
+        emit(res, args.json, _prune_text)
     return 0
 
 
@@ -40,9 +52,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_fp16_finetune(args) -> int:
-    run = Run.open(args.run, progress=not args.json)
+    run = open_run(args)
     res = fp16_finetune(run, args.checkpoint, args.steps, args.finetune_with, args.mode, args.name, args.lr)
-    emit(res, args.json, lambda r: gap_markdown(r) + f"\ncheckpoint: {r['out']}")
+    if not res.get("rank"):
+        emit(res, args.json, lambda r: gap_markdown(r) + f"\ncheckpoint: {r['out']}")
     return 0
 
 
@@ -55,9 +68,10 @@ def _lowrank_text(r: dict) -> str:
 
 
 def cmd_lowrank(args) -> int:
-    run = Run.open(args.run, progress=not args.json)
+    run = open_run(args)
     res = lowrank(run, args.checkpoint, energy=args.energy, macs_target=args.macs_target,
                   round_to=args.round_to or None, finetune_steps=args.finetune_steps,
                   finetune_with=args.finetune_with, name=args.name)
-    emit(res, args.json, _lowrank_text)
+    if not res.get("rank"):
+        emit(res, args.json, _lowrank_text)
     return 0

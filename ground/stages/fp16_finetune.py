@@ -12,7 +12,7 @@ from ground.compression.fp16 import EMULATION_MODES, emulate_fp16, fp16_overflow
 from ground.errors import ConfigError
 from ground.lineage import StageRecord
 from ground.models.checkpoints import save_checkpoint
-from ground.stages.run import Run, point_of
+from ground.stages.run import Run, not_main, point_of
 
 GAP_LABELS = {"fp32": "FP32 (as trained)", "fp16_naive": "FP16, naive conversion",
               "fp16_aware": "FP16 after FP16-aware fine-tuning", "fp32_after": "(FP32 of the fine-tuned weights)"}
@@ -33,18 +33,23 @@ def fp16_finetune(run: Run, checkpoint: str = "student.pt", steps: int = 200, so
     - `fp16_naive`: the same weights run in emulated FP16 with that same operating point;
     - `fp16_aware`: after `steps` of FP16-aware fine-tuning (FP16 forward, FP32 masters),
       in emulated FP16, recalibrated;
-    - `fp32_after`: the fine-tuned weights in FP32 (separates more training from FP16-awareness)."""
+    - `fp32_after`: the fine-tuned weights in FP32 (separates more training from FP16-awareness).
+    Under torchrun every rank fine-tunes its share of each batch; rank 0 alone scores and writes."""
     if mode not in EMULATION_MODES:
         raise ConfigError(f"FP16 emulation mode must be one of {EMULATION_MODES}, got {mode!r}")
     model, norm, meta = run.load(checkpoint)
     name = name or f"{Path(checkpoint).stem}-fp16"
     tiles, where = run.tiles(2, norm)
     tiles = torch.from_numpy(tiles)
-    rows = {"fp32": run.evaluate(run.torch_predict(model, norm))}
-    rows["fp16_naive"] = run.evaluate(run.torch_predict(model, norm, fp16=mode), point_of(rows["fp32"]))
+    main = run.ctx.is_main
+    rows = {"fp32": run.evaluate(run.torch_predict(model, norm))} if main else {}
+    if main:
+        rows["fp16_naive"] = run.evaluate(run.torch_predict(model, norm, fp16=mode), point_of(rows["fp32"]))
     tuned = copy.deepcopy(model)
     history = run.finetune(tuned, steps, source, fp16=True, lr=lr, reference_model=model, norm=norm,
                            desc="FP16-aware fine-tune")
+    if not main:
+        return not_main(run)
     rows["fp16_aware"] = run.evaluate(run.torch_predict(tuned, norm, fp16=mode))
     rows["fp32_after"] = run.evaluate(run.torch_predict(tuned, norm))
     report = {"checkpoint": checkpoint, "mode": mode, "steps": steps, "source": source, "eval": run.eval_name,

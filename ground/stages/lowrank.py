@@ -20,16 +20,18 @@ def lowrank(run: Run, checkpoint: str = "student.pt", energy: float | None = Non
     all layers meeting `macs_target`, the share of the MACs to keep; ranks rounded up to a
     multiple of `round_to` if given), fine-tune it (distillation from the run's teacher by
     default; "self": the unfactorised model teaches; "labels"; "none"), score it before and after
-    on the held-out image, and write `lowrank/NAME.pt`."""
+    on the held-out image, and write `lowrank/NAME.pt`. Under torchrun every rank factorises alike and
+    fine-tunes its share of each batch; rank 0 alone scores and writes."""
     base, norm, meta = run.load(checkpoint)
     res = factorise(base, run.example(norm), energy=energy, macs_target=macs_target, round_to=round_to)
     name = name or default_name(energy, macs_target, round_to)
     metrics = {}
-    if run.evals:
+    scored = bool(run.evals) and run.ctx.is_main
+    if scored:
         metrics["original"] = run.evaluate(run.torch_predict(base, norm))
         metrics["factorised"] = run.evaluate(run.torch_predict(res.model, norm))
     history = run.finetune(res.model, finetune_steps, finetune_with, reference_model=base, norm=norm)
-    if run.evals:
+    if scored:
         metrics["fine_tuned"] = run.evaluate(run.torch_predict(res.model, norm))
     info = {"source": checkpoint, **res.as_dict(), "finetune": {"steps": finetune_steps, "with": finetune_with,
                                                                 "final_loss": history[-1]["loss"] if history else None}}

@@ -15,7 +15,8 @@ def prune(run: Run, criterion_name: str, target: float, by: str = "params",
     """Prune a checkpoint of the run to `target`, fine-tune it (pruning-aware distillation with the
     run's teacher by default; "self": the unpruned model teaches; "labels"; "none"), score it
     before and after on the held-out image, and write `pruned/NAME.pt`. With `steps` > 1 the
-    fine-tuning budget is spread over the steps."""
+    fine-tuning budget is spread over the steps. Under torchrun every rank prunes the same weights
+    alike and fine-tunes its share of each batch; rank 0 alone scores and writes."""
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     base, norm, meta = run.load(checkpoint)
@@ -29,7 +30,7 @@ def prune(run: Run, criterion_name: str, target: float, by: str = "params",
     loss_fn = run.loss_fn(norm, finetune_with, base) if get_criterion(criterion_name).needs_gradients else None
     res = prune_to_target(base, example, criterion_name, target, by=by, round_to=round_to, steps=steps,
                           loss_fn=loss_fn, between_steps=between if per_step else None, scope=scope)
-    scored = evaluate and bool(run.evals)
+    scored = evaluate and bool(run.evals) and run.ctx.is_main
     metrics = {}
     if scored:
         metrics["unpruned"] = run.evaluate(run.torch_predict(base, norm))

@@ -29,6 +29,8 @@ from ground.models.checkpoints import load_model, save_checkpoint
 from ground.teachers.cache import TeacherCache
 from ground.teachers.registry import build_teacher
 from ground.teachers.torch_teacher import TorchTeacher
+from ground.training.device import Placement
+from ground.training.distributed import Distributed
 from ground.training.loop import fit
 from ground.training.losses import Objective
 from ground.training.sources import batch_source
@@ -56,7 +58,7 @@ class Run:
     def __init__(self, cfg: RunConfig, folder: RunFolder, progress: bool = True):
         self.cfg, self.folder, self.progress = cfg, folder, progress
         self.run_dir = folder.path
-        self._data = self._teacher = self._teacher_masks = None
+        self._data = self._teacher = self._teacher_masks = self._ctx = None
 
     @classmethod
     def create(cls, cfg: RunConfig, progress: bool = True) -> "Run":
@@ -95,8 +97,16 @@ class Run:
         view._data, view._teacher = data, self.teacher
         return view
 
+    @property
+    def ctx(self) -> Distributed:
+        """torchrun's process group (or one process) on the run's device: every rank fine-tunes its
+        share of each batch; rank 0 alone evaluates and writes (checkpoints, lineage, reports)."""
+        if self._ctx is None:
+            self._ctx = Distributed.from_env(Placement.of(self.cfg.train.device, self.cfg.train.precision))
+        return self._ctx
+
     def log(self, msg: str) -> None:
-        if self.progress:
+        if self.progress and self.ctx.is_main:
             print(msg, file=sys.stderr)
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -156,7 +166,7 @@ class Run:
     def batches(self, source: str, train, reference_model=None, norm=None):
         teacher = self.teacher if source == "teacher" else None
         return batch_source(source, self.cfg, train, self.data, self.experiment, teacher, reference_model,
-                            norm, self.progress)
+                            norm, self.progress, self.ctx)
 
     def finetune(self, model: torch.nn.Module, steps: int, source: str = "teacher", fp16: bool = False,
                  lr: float | None = None, reference_model=None, norm=None, seed: int = 0,
@@ -236,7 +246,10 @@ METRIC_KEYS = ("miou", "f1", "accuracy", "agreement")
 def save_compressed(run: Run, kind: str, folder: str, name: str, model, arch: dict, norm: Normalization,
                     checkpoint: str, info: dict, metrics: dict, finetune_with: str) -> dict:
     """What every compression stage (prune, lowrank) ends with: `FOLDER/NAME.pt`, its lineage
-    record (label-free unless the fine-tuning used labels), and the stage's result."""
+    record (label-free unless the fine-tuning used labels), and the stage's result. Under torchrun
+    rank 0 alone writes; another rank returns {"rank": r} (its command prints nothing)."""
+    if not run.ctx.is_main:
+        return not_main(run)
     out = run.run_dir / folder / f"{name}.pt"
     save_checkpoint(out, model, arch, norm, meta={"name": name, "role": folder, kind: info})
     run.folder.add(StageRecord(f"{kind}:{name}", [out], inputs={"checkpoint": checkpoint}, params=info,
@@ -244,6 +257,11 @@ def save_compressed(run: Run, kind: str, folder: str, name: str, model, arch: di
                                label_free=run.label_free and finetune_with != "labels"))
     return {"checkpoint": str(out.relative_to(run.run_dir)), "run_dir": str(run.run_dir), **info,
             "metrics": metrics}
+
+
+def not_main(run: Run) -> dict:
+    """What a stage returns on a torchrun rank other than 0 (rank 0 writes and reports)."""
+    return {"rank": run.ctx.rank, "run_dir": str(run.run_dir)}
 
 
 def _loss(objective: Objective, model, x, probs, labels) -> torch.Tensor:

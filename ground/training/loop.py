@@ -64,18 +64,17 @@ def fit(model: torch.nn.Module, sampler: BatchSampler, objective, norm: Normaliz
     step, history, best = 0, [], {"score": None, "step": None, "bad": 0}
     if resume and checkpoint is not None and Path(checkpoint).exists():
         step, history, best = _resume(checkpoint, model, opt, sched, sampler, feature, scaler, best)
-    if step and hasattr(sampler, "seek"):     # a lazy scene loader: the crops of the steps still to come
+    if step and hasattr(sampler, "seek"):     # the crops of the steps still to come
         sampler.seek(step)
     net = ctx.wrap(model, place)
+    if ctx.enabled and hasattr(sampler, "shard"):      # each rank draws only its share of the batch
+        sampler.shard(ctx.rank, ctx.world_size)
     shard = ctx.shard(cfg.batch) if ctx.enabled and not getattr(sampler, "sharded", False) else slice(None)
 
     def save(path=checkpoint, weights_only=False):
         if path is None or not ctx.is_main:
             return
         m = dict(meta or {}, train=asdict(cfg), best={k: v for k, v in best.items() if k != "state"})
-        rng = getattr(sampler, "rng", None)
-        if rng is not None:
-            m["sampler_rng"] = rng.bit_generator.state
         if feature:
             m["adapters"] = feature.adapters.state_dict()
         m["scaler"] = scaler.state_dict()
@@ -179,8 +178,6 @@ def _resume(checkpoint, model, opt, sched, sampler: BatchSampler, feature: Featu
         sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     meta = state["meta"]
-    if "sampler_rng" in meta and getattr(sampler, "rng", None) is not None:
-        sampler.rng.bit_generator.state = meta["sampler_rng"]
     if feature and "adapters" in meta:
         feature.adapters.load_state_dict(meta["adapters"])
     if scaler is not None and meta.get("scaler"):

@@ -28,8 +28,9 @@ def teacher_class_weights(samples: list[Sample], cache: TeacherCache, num_classe
 
 def batch_source(source: str, cfg: RunConfig, train: TrainConfig, data: Data, experiment: Experiment,
                  teacher=None, reference_model=None, norm: Normalization | None = None,
-                 progress: bool = True) -> tuple[BatchSampler, Objective]:
-    """(BatchSampler, objective) for fine-tuning from `source` (see FINETUNE_SOURCES)."""
+                 progress: bool = True, ctx=None) -> tuple[BatchSampler, Objective]:
+    """(BatchSampler, objective) for fine-tuning from `source` (see FINETUNE_SOURCES). Under torchrun
+    (`ctx`, ground.training.distributed) each rank labels its share of the cache, then all wait."""
     if source not in FINETUNE_SOURCES or source == "none":
         raise ConfigError(f"fine-tuning source must be one of {FINETUNE_SOURCES[:-1]}, got {source!r}")
     if source == "labels":
@@ -46,7 +47,7 @@ def batch_source(source: str, cfg: RunConfig, train: TrainConfig, data: Data, ex
     samples = data.distill_samples(with_labels=False)
     cache = TeacherCache(cfg.cache, teacher)
     sampler = BatchSampler(samples, train, cache)
-    sampler.warm(progress)
+    sampler.warm(progress, ctx)
     if train.distill_class_weights != "none":
         # the run weighted its distillation term by class counts on the teacher's masks: the same here
         options["distill_weights"] = teacher_class_weights(samples, cache, len(cfg.classes),

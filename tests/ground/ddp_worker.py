@@ -40,7 +40,10 @@ class Slow:
     """The sampler, `seconds` slower per batch: time for the test to kill the run mid-way."""
 
     def __init__(self, sampler, seconds: float):
-        self.sampler, self.seconds, self.rng = sampler, seconds, sampler.rng
+        self.sampler, self.seconds = sampler, seconds
+
+    def __getattr__(self, name):          # shard, sharded, seek: the sampler's own
+        return getattr(self.sampler, name)
 
     def __call__(self):
         time.sleep(self.seconds)
