@@ -20,6 +20,8 @@ Figures (report.json keys):
   time from the first frame sent to the last outcome (meaningful when frames go as fast as
   possible).
 - `uplink`, `restarts`, `daemon`: installs and refusals, kill -9 and what came back.
+- `simulator`: its clock ("simulated" or "wall") and the simulated timeline, its own peak RSS
+  over the run, the most its downlink queue held on disk, its acknowledgements to the daemon.
 
 timeline.png: frames from send to outcome, kills and restarts, buffers; passes on mission time.
 masks.png: quicklook, truth and downlinked mask for a few frames.

@@ -40,10 +40,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from flight_sim.bus import Endpoints, plan_endpoints
-from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera
+from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera, safe_name
 from flight_sim.clock import SimulatedClock
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
@@ -68,6 +69,7 @@ ACK_EVERY_S = 1.0           # products received are acknowledged to the daemon t
 ACK_TIMEOUT_S = 1.0         # ... each try waiting this long (a stopped daemon must not stall us)
 ACK_BACKOFF_S = 5.0         # ... and after a try that got no answer, this long before the next
 MAX_ACK_IDS = 512           # frame ids per acknowledgement
+PARK_TRUTH_BYTES = 1 << 20  # a frame's truth this big waits for the report on disk, not in memory
 
 
 @dataclass
@@ -204,7 +206,7 @@ def _peak_rss_mb() -> float:
 def _fresh_run_folder(out_dir: str | Path) -> Path:
     """The run folder, rid of what an earlier run in it left (daemon, ground station, bus)."""
     out_dir = Path(out_dir).resolve()
-    for leftover in ("daemon", "ground", "bus", "downlink_queue"):
+    for leftover in ("daemon", "ground", "bus", "downlink_queue", "truth"):
         shutil.rmtree(out_dir / leftover, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -448,6 +450,7 @@ class _Flight:
         frame = self.camera.capture(*self.schedule[self.next_i])
         if not self.previews:
             frame.extra["preview"] = None     # a long soak keeps no pixels per frame
+        self._park_truth(frame)
         self.payload.add(frame)
         self.rec.release[frame.frame_id] = time.monotonic()
         self.rec.acquired_bytes += frame.nbytes
@@ -457,6 +460,19 @@ class _Flight:
         self.mission_now = max(self.mission_now, frame.acquired)
         self.next_i += 1
         return frame
+
+    def _park_truth(self, frame: CapturedFrame) -> None:
+        """A large frame's truth (labels, object ids) goes to the run folder and is read back
+        as a read-only memory map: the report scores it at the end, a full tile's would
+        otherwise sit in memory all flight long (17 MB a 512-line frame)."""
+        folder = self.rec.out_dir / "truth"
+        for name in ("truth", "objects"):
+            values = getattr(frame, name)
+            if values is not None and values.nbytes >= PARK_TRUTH_BYTES:
+                folder.mkdir(exist_ok=True)
+                path = folder / f"{safe_name(frame.frame_id)}.{name}.npy"
+                np.save(path, values)
+                setattr(frame, name, np.load(path, mmap_mode="r"))
 
     def _add_malformed(self, frame: CapturedFrame) -> None:
         """One malformed copy after every `malformed_every` good frames; any left after the last."""
