@@ -71,7 +71,7 @@ def _objective(cfg: RunConfig, exp: Experiment, data: Data, samples, cache):
     weights = class_weights(data.labelled, len(cfg.classes), cfg.class_weights) \
         if data.labelled and cfg.class_weights != "none" else None
     opts = dict(exp.options)
-    if weights is not None and exp.loss in ("ce", "weighted-mse") or opts.get("ce_weight"):
+    if weights is not None and exp.loss in ("ce", "ce-dice", "weighted-mse") or opts.get("ce_weight"):
         opts["class_weights"] = None if weights is None else weights.tolist()
     if cache is not None and cfg.train.distill_class_weights != "none":
         opts["distill_weights"] = teacher_class_weights(samples, cache, len(cfg.classes),

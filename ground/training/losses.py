@@ -7,6 +7,8 @@ Every objective has one call signature:
   weighted squared error between student and teacher probabilities.
 - `kl`: Hinton et al. (2015): KL(teacher_T || student_T) * T^2 at temperature T.
 - `ce`: cross-entropy on labels only (the student trained from scratch, and teachers).
+- `ce-dice`: `ce` + soft Dice of the foreground classes (Milletari et al. 2016): a loss that a rare
+  class (ships on 0.1-0.9 % of the pixels) cannot lower by predicting background everywhere.
 Any of them mixes in cross-entropy on labels with `ce_weight` (0..1) where labels exist:
     loss = (1 - ce_weight) * distillation + ce_weight * CE.
 Feature distillation (FitNets) lives in ground.training.features and adds to these.
@@ -117,7 +119,35 @@ class CrossEntropy(Objective):
         return ce, {"ce": float(ce.detach())}
 
 
-LOSSES: dict[str, Callable[..., Objective]] = {"weighted-mse": WeightedMSE, "kl": KL, "ce": CrossEntropy}
+def soft_dice(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice of the classes 1..K-1 over the labelled pixels of the batch (class 0 is the
+    background); a class absent from the batch and predicted absent counts as perfect."""
+    valid = (labels != IGNORE).unsqueeze(1)
+    probs = torch.softmax(logits, 1)[:, 1:] * valid
+    onehot = F.one_hot(labels.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:] * valid
+    inter = (probs * onehot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+
+class CrossEntropyDice(CrossEntropy):
+    """Labels only: CE + `dice_weight` x soft Dice of the foreground classes (rare positives)."""
+
+    def __init__(self, dice_weight: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.dice_weight = float(dice_weight)
+
+    def __call__(self, logits, teacher_probs=None, labels=None):
+        ce, parts = super().__call__(logits, teacher_probs, labels)
+        if labels is None or not bool((labels != IGNORE).any()):
+            return ce, parts
+        dice = soft_dice(logits, labels)
+        parts["dice"] = float(dice.detach())
+        return ce + self.dice_weight * dice, parts
+
+
+LOSSES: dict[str, Callable[..., Objective]] = {"weighted-mse": WeightedMSE, "kl": KL, "ce": CrossEntropy,
+                                               "ce-dice": CrossEntropyDice}
 
 
 def build_objective(name: str, **options) -> Objective:
