@@ -369,8 +369,10 @@ def _checks(r: dict) -> list[dict]:
         check("clear-cut frames decided as the policy says on the truth (overcast discarded, "
               "clear kept)", not wrong,
               f"{len(cut) - len(wrong)}/{len(cut)} right" + (f"; wrong: {wrong}" if wrong else ""))
-    if r["data"]["products_missing"]:
-        check("every kept frame's product arrived", False, f"missing {r['data']['products_missing']}")
+    missing, down = r["data"]["products_missing"], r["data"]
+    check("every kept frame's product arrived", not missing,
+          f"missing {missing}" if missing else f"{down['products']} products, none lost "
+          f"({sum(x.get('products_lost_reprocessed', 0) for x in r['restarts'])} processed again)")
     for name, ok, detail in soak_checks(r["soak"]) if r.get("soak") else ():
         check(name, ok, detail)
     if r["daemon"]["exit_code"] is not None:
