@@ -7,6 +7,11 @@ A bundle is one plain tar archive, members in this order::
                     exact bytes of manifest.json
     model.bin, model.xml, reference.npz, ...   every file listed in manifest["files"] with its sha256
 
+A file the manifest's `encoding` marks "xz" is stored xz-compressed (`build_bundle(compress=True)`
+does it where it saves bytes: an OpenVINO .xml shrinks about 20x, FP16 weights about 10%); its
+sha256 is the decoded file's, so a slot on board holds the same bytes as without compression and
+`verify_extracted` needs no encoding. The tar itself stays plain: header sizes are the sizes read.
+
 Reading treats the archive as hostile: every header is checked (safe relative name, regular file,
 no duplicates, member count and sizes within `ReadLimits`) before any content is read; then the
 signature, then the manifest, then each file's sha256 against the signed manifest. Every reason
@@ -20,6 +25,7 @@ import binascii
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import tarfile
@@ -47,6 +53,8 @@ from shared.units import format_bytes
 SIGNATURE_ALGORITHM = "ed25519"
 _CHUNK = 1 << 20
 MIB = 1 << 20
+XZ_PRESET = 9 | lzma.PRESET_EXTREME     # small files: the slowest preset costs well under a second
+XZ_MEMLIMIT = 128 * MIB                 # what decoding may allocate, whatever a stream declares
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +86,7 @@ class VerifiedBundle:
     key_id: str
     files: dict[str, int]            # arcname -> size in bytes (manifest and signature excluded)
     root: Path | None = None         # where extract_bundle put the files
+    stored: dict[str, int] | None = None   # arcname -> bytes in the archive (smaller when xz-encoded)
 
     @property
     def model_id(self) -> str:
@@ -90,7 +99,8 @@ class VerifiedBundle:
     def as_dict(self) -> dict:
         return {"verified": True, "path": str(self.path), "key_id": self.key_id,
                 "model_id": self.model_id, "version": self.version, "files": self.files,
-                "root": str(self.root) if self.root else None, "manifest": self.manifest}
+                "stored": self.stored, "root": str(self.root) if self.root else None,
+                "manifest": self.manifest}
 
 
 @dataclass
@@ -188,6 +198,38 @@ def _iter_member(tf: tarfile.TarFile, m: _Member, path: Path) -> Iterator[bytes]
         raise NotABundle(f"{path}: member {m.name!r} truncated ({n} of {m.size} bytes)")
 
 
+def _decoded(blocks: Iterator[bytes], encoding: str | None, name: str, path: Path,
+             limit: int) -> Iterator[bytes]:
+    """The file's bytes from its stored `blocks`: as they are, or xz-decoded in bounded pieces
+    (never more than `limit` bytes in all, nor XZ_MEMLIMIT of decoder state). A stream that does
+    not decode, ends early or carries trailing bytes does not hold the signed file:
+    ChecksumMismatch naming it."""
+    if encoding is None:
+        yield from blocks
+        return
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+    total = 0
+    try:
+        for block in blocks:
+            out = dec.decompress(block, max_length=_CHUNK)
+            while True:
+                total += len(out)
+                if total > limit:
+                    raise TooLarge(f"{path}: {name!r} decodes to more than {limit} bytes")
+                if out:
+                    yield out
+                if dec.eof or dec.needs_input:
+                    break
+                out = dec.decompress(b"", max_length=_CHUNK)
+        complete = dec.eof and not dec.unused_data
+    except (lzma.LZMAError, EOFError) as exc:
+        raise ChecksumMismatch(f"{path}: {name!r} does not decode as {encoding} ({exc}): "
+                               "it is not the file the manifest signed") from None
+    if not complete:
+        raise ChecksumMismatch(f"{path}: {name!r}: the {encoding} stream is truncated or has trailing "
+                               "bytes: it is not the file the manifest signed")
+
+
 def _parse_signature(data: bytes, path: Path) -> tuple[str, bytes]:
     try:
         doc = json.loads(data.decode("utf-8"))
@@ -264,14 +306,32 @@ def verify_bundle(path: str | os.PathLike, public_key: PublicKeyLike,
     """Check a bundle completely (headers, signature, manifest, version, every sha256) without
     writing anything. Raises the BundleError subclass of the first problem found."""
     path = Path(path)
+    sizes: dict[str, int] = {}
     with _open_tar(path, limits) as tf:
         manifest, kid, members = _manifest_and_members(tf, path, public_key, limits, min_version)
         for name, expected in sorted(manifest["files"].items()):
-            got = sha256_blocks(_iter_member(tf, members[name], path))
+            blocks = _file_blocks(tf, members[name], manifest, path, limits, sizes)
+            got = sha256_blocks(blocks)
             if got != expected:
                 raise _checksum_error(path, name, expected, got)
-    files = {n: m.size for n, m in members.items() if n not in RESERVED_NAMES}
-    return VerifiedBundle(path, manifest, kid, files)
+    return VerifiedBundle(path, manifest, kid, sizes, stored=_stored(members))
+
+
+def _stored(members: dict[str, _Member]) -> dict[str, int]:
+    return {n: m.size for n, m in members.items() if n not in RESERVED_NAMES}
+
+
+def _file_blocks(tf: tarfile.TarFile, m: _Member, manifest: dict, path: Path, limits: ReadLimits,
+                 sizes: dict[str, int]) -> Iterator[bytes]:
+    """A listed file's decoded bytes; records its size in `sizes` and bounds all files together
+    by limits.max_total_bytes once decoded."""
+    encoding = (manifest.get("encoding") or {}).get(m.name)
+    room = limits.max_total_bytes - sum(sizes.values())
+    sizes[m.name] = 0
+    for block in _decoded(_iter_member(tf, m, path), encoding, m.name, path,
+                          min(limits.max_member_bytes, room)):
+        sizes[m.name] += len(block)
+        yield block
 
 
 def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, public_key: PublicKeyLike,
@@ -293,13 +353,14 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, public_key:
         with _open_tar(path, limits) as tf:
             manifest, kid, members = _manifest_and_members(tf, path, public_key, limits, min_version)
             expected = dict(manifest["files"])
+            sizes: dict[str, int] = {}
             for name, m in members.items():
                 target = tmp.joinpath(*name.split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 h = hashlib.sha256()
                 # mode and owner are ours, never the archive's
                 with open(target, "xb") as out:
-                    for block in _iter_member(tf, m, path):
+                    for block in _file_blocks(tf, m, manifest, path, limits, sizes):
                         h.update(block)
                         out.write(block)
                     out.flush()
@@ -312,8 +373,8 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, public_key:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files = {n: m.size for n, m in members.items() if n not in RESERVED_NAMES}
-    return VerifiedBundle(path, manifest, kid, files, root=dest)
+    files = {n: size for n, size in sizes.items() if n not in RESERVED_NAMES}
+    return VerifiedBundle(path, manifest, kid, files, root=dest, stored=_stored(members))
 
 
 def verify_extracted(root: str | os.PathLike, public_key: PublicKeyLike) -> VerifiedBundle:
@@ -408,12 +469,14 @@ def _add(tf: tarfile.TarFile, name: str, fileobj: IO[bytes], size: int, mtime: i
 
 def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathLike],
                  manifest: Mapping[str, Any], private_key: PrivateKeyLike,
-                 max_bytes: int | None = None) -> Path:
+                 max_bytes: int | None = None, compress: bool = False) -> Path:
     """Hash `files` ({arcname: path}) into the manifest, validate it, sign it, write the tar.
 
     `manifest["files"]` is replaced by the hashes of `files`. The archive is written to a
     temporary file and renamed into place, so `out_path` is never left half-written; with
     `max_bytes`, a bundle over that size is refused (TooLarge naming the sizes) and not written.
+    `compress` stores each file xz-compressed where that is smaller, and says so in the signed
+    manifest's `encoding` (which is always this call's: any `encoding` given is replaced).
     """
     out_path = Path(out_path)
     key = load_private_key(private_key)
@@ -424,6 +487,10 @@ def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathL
             raise UnsafePath(f"arcname {name!r}: reserved for the bundle's own manifest/signature")
     m = json.loads(json.dumps(dict(manifest)))
     m["files"] = hash_files(files)
+    m.pop("encoding", None)
+    stored = {name: _encoded(Path(files[name])) if compress else None for name in files}
+    if any(v is not None for v in stored.values()):
+        m["encoding"] = {name: "xz" for name, v in sorted(stored.items()) if v is not None}
     validate_manifest(m)
     raw = manifest_bytes(m)
     sig = signature_document(key, raw)
@@ -438,12 +505,20 @@ def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathL
             _add(tf, MANIFEST_NAME, io.BytesIO(raw), len(raw), mtime)
             _add(tf, SIGNATURE_NAME, io.BytesIO(sig), len(sig), mtime)
             for name in sorted(files):
+                if stored[name] is not None:
+                    _add(tf, name, io.BytesIO(stored[name]), len(stored[name]), mtime)
+                    continue
                 with open(files[name], "rb") as f:
                     _add(tf, name, f, os.fstat(f.fileno()).st_size, mtime)
+            end = tf.offset + 2 * tarfile.BLOCKSIZE
+        # the end-of-archive blocks are the end: the padding to a 10 KiB tape record that tarfile
+        # adds carries nothing, and a reader (ours, GNU tar, tarfile) stops at those blocks
+        os.truncate(tmp, end)
         size = tmp.stat().st_size
         if max_bytes is not None and size > max_bytes:
-            parts = ", ".join(f"{n} {format_bytes(Path(p).stat().st_size)}" for n, p in
-                              sorted(files.items(), key=lambda kv: -Path(kv[1]).stat().st_size))
+            sizes = {n: len(v) if v is not None else Path(files[n]).stat().st_size for n, v in stored.items()}
+            parts = ", ".join(f"{n} {format_bytes(b)}{' (xz)' if stored[n] is not None else ''}"
+                              for n, b in sorted(sizes.items(), key=lambda kv: -kv[1]))
             raise TooLarge(f"{out_path}: bundle would be {size} bytes ({format_bytes(size)}), over "
                            f"max_bytes {max_bytes} ({format_bytes(max_bytes)}); files: {parts}")
         os.replace(tmp, out_path)
@@ -453,17 +528,54 @@ def build_bundle(out_path: str | os.PathLike, files: Mapping[str, str | os.PathL
     return out_path
 
 
+def _encoded(path: Path) -> bytes | None:
+    """The file xz-compressed, or None when that saves nothing (already compressed data)."""
+    raw = path.read_bytes()
+    packed = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=XZ_PRESET)
+    return packed if len(packed) < len(raw) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference tiles (reference.npz) for the daemon's self-test
 # ---------------------------------------------------------------------------------------------
 
 REFERENCE_KEYS = ("tiles", "probabilities")
+# The grids an array is stored on when it lies on one exactly (the ground puts it there with
+# `on_grid`): uint16 steps instead of float32, half the bytes before compression, and the
+# compressor sees the repeats. Reflectance: Sentinel-2 L1C digital numbers (DN / 10000), so a
+# tile of real imagery is stored losslessly; probabilities: 2^-10, exact in float16 and float32.
+REFLECTANCE_STEP = 1e-4
+PROBABILITY_STEP = 2.0 ** -10
+_GRIDS = {"tiles": REFLECTANCE_STEP, "probabilities": PROBABILITY_STEP}
+
+
+def _from_grid(q: np.ndarray, step: float) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(step)
+
+
+def on_grid(a: np.ndarray, step: float) -> np.ndarray:
+    """`a` as float32 rounded to the nearest of `step`'s multiples in 0..65535 steps: the values
+    load_reference gives back for it, bit for bit (compute expectations from these)."""
+    q = np.clip(np.round(np.asarray(a, np.float64) / step), 0, 65535).astype(np.uint16)
+    return _from_grid(q, step)
+
+
+def _stored_array(key: str, a: np.ndarray) -> dict[str, np.ndarray]:
+    """{key: uint16, key_step: scalar} when `a` lies on its grid exactly, else {key: float32 a}."""
+    step = _GRIDS[key]
+    q = np.clip(np.round(a.astype(np.float64) / step), 0, 65535).astype(np.uint16)
+    if np.array_equal(_from_grid(q, step), a):
+        return {key: q, f"{key}_step": np.float32(step)}
+    return {key: a}
 
 
 def save_reference(path: str | os.PathLike, tiles: np.ndarray, probabilities: np.ndarray) -> Path:
     """Write reference.npz: `tiles` (N, C, t, t) float32 reflectance 0..1 in the manifest's band
     order, *before* normalisation; `probabilities` (N, K, t, t) float32, the model's output after
-    the manifest's activation, as computed on the ground."""
+    the manifest's activation, as computed on the ground. Lossless: load_reference gives back
+    these very arrays; one that lies on its grid (`on_grid`: REFLECTANCE_STEP for tiles,
+    PROBABILITY_STEP for probabilities) is stored as uint16 steps, which is what makes a
+    reference small."""
     tiles = np.ascontiguousarray(tiles, dtype=np.float32)
     probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
     if tiles.ndim != 4 or probabilities.ndim != 4:
@@ -472,10 +584,11 @@ def save_reference(path: str | os.PathLike, tiles: np.ndarray, probabilities: np
         raise ValueError(f"tiles {tiles.shape} and probabilities {probabilities.shape} disagree "
                          "on N or the tile size")
     path = Path(path)
+    arrays = {**_stored_array("tiles", tiles), **_stored_array("probabilities", probabilities)}
     # LZMA-compressed members with fixed timestamps: small (the uplink budget counts every byte)
     # and the same bytes for the same arrays; numpy.load reads it as any .npz
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as z:
-        for key, a in zip(REFERENCE_KEYS, (tiles, probabilities)):
+        for key, a in arrays.items():
             buf = io.BytesIO()
             np.save(buf, a, allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -484,10 +597,24 @@ def save_reference(path: str | os.PathLike, tiles: np.ndarray, probabilities: np
     return path
 
 
+def _read_array(z, key: str, path: Path) -> np.ndarray:
+    """A float32 array of reference.npz: stored as it is, or uint16 steps of `key_step`."""
+    a = z[key]
+    step_key = f"{key}_step"
+    if step_key not in z.files:
+        return a
+    step = z[step_key]
+    if a.dtype != np.uint16 or step.shape != () or step.dtype != np.float32 or not np.isfinite(step) or step <= 0:
+        raise ValueError(f"{path}: {key} on a grid must be uint16 with a positive float32 {step_key}, "
+                         f"got {a.dtype} and {step.dtype} {step.shape}")
+    return _from_grid(a, float(step))
+
+
 def load_reference(path: str | os.PathLike, manifest: Mapping[str, Any] | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(tiles, probabilities) from reference.npz (no pickles); with `manifest`, shapes are
-    checked against its bands, classes and tile size. Errors name the file and the array."""
+    """(tiles, probabilities) from reference.npz (no pickles), float32 whichever way they were
+    stored; with `manifest`, shapes are checked against its bands, classes and tile size. Errors
+    name the file and the array."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -495,7 +622,7 @@ def load_reference(path: str | os.PathLike, manifest: Mapping[str, Any] | None =
             if missing:
                 raise ValueError(f"{path}: missing array(s) {', '.join(missing)} "
                                  f"(has {', '.join(z.files) or 'none'})")
-            tiles, probs = z["tiles"], z["probabilities"]
+            tiles, probs = (_read_array(z, k, path) for k in REFERENCE_KEYS)
     except (OSError, EOFError) as exc:
         raise ValueError(f"{path}: not a readable .npz ({exc})") from None
     for name, a in (("tiles", tiles), ("probabilities", probs)):

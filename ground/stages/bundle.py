@@ -15,11 +15,16 @@ the self-test tolerance is at least the profile's (f16 devices move probabilitie
 manifest records it (`profile`).
 
 Budget: a bundle over `max_bytes` (default 5 MB, the CloudScout uplink figure) is refused, naming
-the sizes. The reference is the part that can be made small without losing anything: its tiles
-are stored at float16 precision (the expectations are computed *from* the rounded tiles), its
-probabilities on a 2^-10 grid (error at most 2^-11, well inside the self-test tolerance), in an
-LZMA-compressed .npz. For a tight budget, `reference_window` keeps a real patch of each tile and
-fills the rest with the band means.
+the sizes. Its files are stored xz-compressed where that saves bytes (`compress`, on by default:
+the IR's XML shrinks ~20x, FP16 weights ~10%; the daemon's slot holds them decoded). The reference
+is the part that can be made small without losing anything: its tiles are stored as uint16
+Sentinel-2 digital numbers (reflectance x 10^4: lossless for L1C imagery; the expectations are
+computed *from* the stored tiles), its probabilities as uint16 steps of 2^-10 (error at most
+2^-11, well inside the self-test tolerance), in an LZMA-compressed .npz. For a tight budget,
+`reference_window` replaces whole tiles by `reference_windows` small windows per tile, picked
+from the run's training imagery (ground.data.reference.pick_windows: every class the model
+predicts, then the most decision-boundary pixels, where a wrong model differs first), laid on a
+grid in the tile with the band means (a zero input) elsewhere.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.bundle import TooLarge, build_bundle, load_reference, save_reference, verify_bundle
+from shared.bundle import (PROBABILITY_STEP, REFLECTANCE_STEP, TooLarge, build_bundle, load_reference,
+                           on_grid, save_reference, verify_bundle)
 from shared.hashing import sha256_file
 from shared.keys import load_private_key
 from shared.manifest import MODEL_BIN, MODEL_XML, REFERENCE_NAME, make_manifest
@@ -39,6 +45,7 @@ from shared.profiles import DEFAULT_PROFILE, DeviceProfile, get_profile
 from shared.units import parse_bytes
 from ground.compression.fp16 import emulate_fp16
 from ground.data.normalization import Normalization
+from ground.data.reference import PRESENT, mosaic, pick_windows
 from ground.errors import ConfigError, RunFolderError
 from ground.evaluation.operating_point import OperatingPoint
 from ground.lineage import StageRecord
@@ -48,13 +55,9 @@ from ground.stages.run import Run
 
 DEFAULT_MAX_BYTES = 5_000_000          # CloudScout's uplink budget for a model update
 MIN_TOLERANCE = 1e-2                   # self-test: max |p_onboard - p_ground| at least this
-PROB_STEP = 2.0 ** -10                 # expected probabilities are stored on this grid (exact in fp16/fp32)
+PROB_STEP = PROBABILITY_STEP           # expected probabilities are stored on this grid (exact in fp16/fp32)
+CANDIDATE_TILES = 32                   # reference windows are picked among this many tiles of the imagery
 METRIC_KEYS = ("miou", "f1", "accuracy", "agreement", "argmax_miou", "iou")
-
-
-def compact(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to float16 precision (the low mantissa bits zero: they compress)."""
-    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
 
 
 def read_export(run: Run, export: str) -> tuple[dict, Path, Path]:
@@ -121,30 +124,46 @@ def retiled_metrics(run: Run, xml: Path, record: dict, point: dict, tile: int, o
 
 
 def reference_for(run: Run, xml: Path, norm: dict, n: int, tile: int, window: int | None = None,
-                  precision: str = "fp32") -> dict:
-    """`n` tiles of the run's training imagery at float16 precision and the IR's probabilities.
+                  precision: str = "fp32", windows: int = 1) -> dict:
+    """`n` reference tiles of the run's training imagery on the stored grid and the IR's
+    probabilities for them (as the daemon will compute them).
 
-    `window` < tile keeps only a real `window` x `window` patch in each tile and fills the rest
-    with the normalisation mean (a zero input after normalisation): every weight is still
-    exercised, and the constant part costs almost nothing compressed (a real 256x256 6-band tile
-    is ~0.5 MB however it is compressed)."""
+    `window` < tile: each tile instead holds `windows` real `window` x `window` patches picked
+    among the first CANDIDATE_TILES tiles of the imagery (every class the IR predicts, then the
+    most decision-boundary pixels), on a grid, with the normalisation mean (a zero input after
+    normalisation) elsewhere: every weight is still exercised, the constant part costs almost
+    nothing compressed (a real 256x256 6-band tile is ~0.5 MB however it is compressed)."""
     if n < 1:
         raise ConfigError(f"reference_tiles must be >= 1, got {n}")
-    tiles, where = run.tiles(n, None, tile)
+    if windows < 1:
+        raise ConfigError(f"reference_windows must be >= 1, got {windows}")
     m = np.asarray(norm["mean"], np.float32)[None, :, None, None]
     s = np.asarray(norm["std"], np.float32)[None, :, None, None]
-    if window is not None:
+    model = compile_ir(xml, precision=precision)
+
+    def probabilities(tiles: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(model(((tiles - m) / s).astype(np.float32))[0]))
+
+    if window is None:
+        tiles, where = run.tiles(n, None, tile)
+    else:
         if not 8 <= window <= tile:
             raise ConfigError(f"reference window must be within 8..{tile} (the tile), got {window}")
-        filled = np.broadcast_to(m, tiles.shape).copy()
-        filled[:, :, :window, :window] = tiles[:, :, :window, :window]
-        tiles = filled
-    tiles = compact(tiles)
+        candidates, origin = run.tiles(CANDIDATE_TILES, None, tile)
+        candidates = on_grid(candidates, REFLECTANCE_STEP)
+        picks = pick_windows(np.concatenate([probabilities(c[None]) for c in candidates]), window, n * windows)
+        tiles, placed = mosaic(candidates, picks, window, windows, m[0, :, 0, 0])
+        where = [{**origin[p["tile"]], "window": {"row": origin[p["tile"]]["row"] + p["row"],
+                                                  "col": origin[p["tile"]]["col"] + p["col"], "size": window},
+                  "in_reference": at, "boundary": round(p["boundary"], 3),
+                  "classes": [int(k) for k in np.flatnonzero(p["shares"] >= PRESENT)]}
+                 for p, at in zip(picks, placed)]
+    tiles = on_grid(tiles, REFLECTANCE_STEP)
     normalised = ((tiles - m) / s).astype(np.float32)
-    probs = softmax(np.asarray(compile_ir(xml, precision=precision)(normalised)[0]))   # as the daemon will
-    # on a 2^-10 grid (error <= 2^-11, a twentieth of the least tolerance): a third of the bytes
+    probs = probabilities(tiles)
+    # on a 2^-10 grid (error <= 2^-11, a twentieth of the least tolerance): stored as uint16 steps
     return {"tiles": tiles, "normalised": normalised, "where": where,
-            "probabilities": (np.round(probs / PROB_STEP) * PROB_STEP).astype(np.float32)}
+            "probabilities": on_grid(probs, PROBABILITY_STEP)}
 
 
 def self_test_tolerance(model, ref: dict, precision: str = "fp32",
@@ -168,13 +187,14 @@ def self_test_tolerance(model, ref: dict, precision: str = "fp32",
 
 
 def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, window: int | None,
-                     spread: dict) -> dict:
+                     spread: dict, windows: int = 1) -> dict:
     """What the bundle says it came from: run, checkpoint, export, hashes, the reference tiles."""
     return {"run": run.run_dir.name, "checkpoint": record["checkpoint"], "export": str(export),
             "label_free": bool(record.get("label_free")), "lineage_sha256": sha256_file(run.folder.lineage_path),
             "git_commit": run.folder.record.get("git_commit"), "inputs": run.folder.record.get("inputs", {}),
             "fp16_weights": bool(record.get("fp16")),
-            "reference_tiles": {"count": len(tiles_from), "window": window, "tiles": tiles_from,
+            "reference_tiles": {"count": len(tiles_from), "window": window,
+                                "windows_per_tile": windows if window else None, "tiles": tiles_from,
                                 "from": "the run's training imagery (never the held-out evaluation data)",
                                 "spread_vs_other_implementation": spread}}
 
@@ -182,14 +202,16 @@ def manifest_lineage(run: Run, record: dict, export: str, tiles_from: list, wind
 def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | None = None,
            max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
            parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
-           tile_size: int | None = None, overlap: int | None = None, profile: str | None = None) -> dict:
+           tile_size: int | None = None, overlap: int | None = None, profile: str | None = None,
+           reference_windows: int = 1, compress: bool = True) -> dict:
     """Build, sign and verify the bundle of `export` (a folder the export stage wrote in the run).
 
     `tile_size`/`overlap` default to the tiling the model was scored with; another tiling is
     scored again on the held-out image so the manifest's metrics are the ones the daemon's tiling
     gives. `profile` defaults to the export's; the IR is checked against it before anything is
     signed (IncompatibleIR names the op). Raises shared.bundle.TooLarge (sizes named) when over
-    `max_bytes`."""
+    `max_bytes`. `reference_window`/`reference_windows`: see reference_for; `compress`: files
+    stored xz-compressed where that is smaller (shared.bundle.build_bundle)."""
     record, xml, binf = read_export(run, export)
     target = get_profile(profile or record.get("profile", DEFAULT_PROFILE))
     require_compatible(xml, target)
@@ -209,14 +231,14 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     staging = run.run_dir / "bundles" / f".{model_id}-v{version}"
     staging.mkdir(parents=True, exist_ok=True)
     precision = record.get("precision", "fp32")
-    ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window, precision)
+    ref = reference_for(run, xml, norm, reference_tiles, tile, reference_window, precision, reference_windows)
     ref_path = save_reference(staging / REFERENCE_NAME, ref["tiles"], ref["probabilities"])
     model, _, _ = run.load(record["checkpoint"])
     tolerance, spread, agree = self_test_tolerance(model, ref, precision, target)
     classes = record["classes"]
     files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
     lineage = manifest_lineage(run, record, export, ref["where"], reference_window,
-                               {"max_abs_diff": spread, "mask_agreement": agree})
+                               {"max_abs_diff": spread, "mask_agreement": agree}, reference_windows)
     manifest = make_manifest(model_id=model_id, version=int(version), bands=record["bands"], mean=norm["mean"],
                              std=norm["std"], classes=classes, tile_size=tile, overlap=ov, activation="softmax",
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},
@@ -227,7 +249,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     load_reference(ref_path, manifest)          # the daemon will read it this way
     out_path = Path(out) if out else run.run_dir / "bundles" / f"{model_id}-v{version}.tar"
     try:
-        build_bundle(out_path, files, manifest, sk, max_bytes=budget)
+        build_bundle(out_path, files, manifest, sk, max_bytes=budget, compress=compress)
     except TooLarge as exc:
         hint = "" if reference_window else " (the reference can shrink: --reference-tiles 1 --reference-window 48)"
         raise TooLarge(f"{exc}{hint}") from None
@@ -239,7 +261,8 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
                                params={"key_id": verified.key_id, "max_bytes": budget, "files": verified.files,
                                        "profile": target.name},
                                metrics={"bytes": size}, label_free=lineage["label_free"]))
-    return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files, "precision": precision,
+    return {"bundle": str(out_path), "bytes": size, "max_bytes": budget, "files": verified.files,
+            "stored": verified.stored, "precision": precision,
             "profile": target.name,
             "key_id": verified.key_id, "model_id": model_id, "version": int(version), "tile_size": tile,
             "overlap": ov, "reference": {"file": REFERENCE_NAME, **tolerance}, "metrics": metrics,

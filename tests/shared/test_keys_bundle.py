@@ -481,3 +481,68 @@ def test_random_damage_is_rejected_or_harmless(built, keys, tmp_path, data):
         return
     assert v.manifest == built["manifest"]
     assert v.files == {n: Path(p).stat().st_size for n, p in built["files"].items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed members and compact references
+# ---------------------------------------------------------------------------------------------
+
+def test_compressed_members_verify_extract_the_signed_bytes_and_are_smaller(built, keys, tmp_path):
+    files, manifest = built["files"], built["manifest"]
+    packed = B.build_bundle(tmp_path / "xz.tar", files, {**manifest, "encoding": {"model.bin": "xz"}},
+                            keys["priv"], compress=True)
+    plain = B.build_bundle(tmp_path / "plain.tar", files, {**manifest, "encoding": {"model.bin": "xz"}},
+                           keys["priv"])
+    assert packed.stat().st_size < plain.stat().st_size
+    v = B.verify_bundle(packed, keys["pub"])
+    # the encoding is the builder's: the XML is smaller xz-encoded, the LZMA .npz is not
+    assert v.manifest["encoding"].get("model.xml") == "xz" and "reference.npz" not in v.manifest["encoding"]
+    assert v.files["model.xml"] == Path(files["model.xml"]).stat().st_size > v.stored["model.xml"]
+    assert "encoding" not in B.verify_bundle(plain, keys["pub"]).manifest      # a plain build says plain
+    root = B.extract_bundle(packed, tmp_path / "slot", keys["pub"]).root
+    for name, src in files.items():
+        assert (root / name).read_bytes() == Path(src).read_bytes()
+    assert B.verify_extracted(root, keys["pub"]).files == v.files
+    # the tar stops at its end-of-archive blocks (no tape-record padding) and tarfile reads it
+    members = read_members(packed)
+    assert [m[0].name for m in members][:2] == ["manifest.json", "manifest.sig"]
+
+
+def test_a_corrupt_or_oversized_compressed_member_is_refused(built, keys, tmp_path):
+    packed = B.build_bundle(tmp_path / "xz.tar", built["files"], built["manifest"], keys["priv"], compress=True)
+
+    def flip(members):
+        info_data = member(members, "model.xml")
+        data = bytearray(info_data[1])
+        data[len(data) // 2] ^= 0xFF
+        info_data[1] = bytes(data)
+    members = read_members(packed)
+    flip(members)
+    with pytest.raises(B.ChecksumMismatch, match="model.xml"):
+        B.verify_bundle(write_members(tmp_path / "bad.tar", members), keys["pub"])
+    # a member that decodes to more than the limits allow stops there, whatever the archive's size
+    big = tmp_path / "big.xml"
+    big.write_bytes(b"\0" * (8 << 20))                  # 8 MiB that xz stores in about a kilobyte
+    bomb = B.build_bundle(tmp_path / "bomb.tar", {**built["files"], "model.xml": big}, built["manifest"],
+                          keys["priv"], compress=True)
+    limit = max(B.inspect_bundle(bomb)["members"].values())           # every stored member fits
+    assert limit < 8 << 20
+    with pytest.raises(B.TooLarge, match="model.xml.*decodes to more than"):
+        B.verify_bundle(bomb, keys["pub"], limits=B.ReadLimits(max_member_bytes=limit))
+
+
+def test_references_on_their_grids_are_stored_as_uint16_and_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    tiles = B.on_grid(rng.uniform(0, 0.6, (1, 6, 64, 64)), B.REFLECTANCE_STEP)
+    probs = rng.dirichlet(np.ones(3), (1, 64, 64)).transpose(0, 3, 1, 2)
+    probs = B.on_grid(probs, B.PROBABILITY_STEP)
+    small = B.save_reference(tmp_path / "grid.npz", tiles, probs)
+    with np.load(small) as z:
+        assert z["tiles"].dtype == np.uint16 and z["probabilities"].dtype == np.uint16
+    got_tiles, got_probs = B.load_reference(small)
+    assert np.array_equal(got_tiles, tiles) and np.array_equal(got_probs, probs)
+    assert got_tiles.dtype == got_probs.dtype == np.float32
+    # off the grid: stored as float32, as before, and still exact
+    off = tiles + np.float32(1e-6)
+    big = B.save_reference(tmp_path / "off.npz", off, probs)
+    assert np.array_equal(B.load_reference(big)[0], off) and small.stat().st_size < big.stat().st_size
