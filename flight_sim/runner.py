@@ -391,6 +391,8 @@ class _Flight:
         self.burst = (range(burst["after_frames"], burst["after_frames"] + burst["frames"])
                       if burst else range(0))
         self.product_wait_until: float | None = None
+        self.link_down_after = self.faults.get("products_link_down_after_frames")
+        self.link_down = False            # the products socket disconnected (a fault)
         self.durable = bool(S["daemon"].get("spill"))  # the daemon keeps products until acknowledged
         self.unacked: list[str] = []                   # products received, not yet acknowledged
         self.next_ack = 0.0
@@ -502,6 +504,9 @@ class _Flight:
         if not self.daemon.alive():
             _restart_after_crash(self.rec, self.daemon, self.payload, self.start_timeout_s,
                                  self._take_products, self.durable)
+        if self.link_down_after is not None and self._sent_frames() >= self.link_down_after:
+            self.link_down_after = None
+            self._products_link(up=False)
         if self.kills and self._sent_frames() >= self.kills[0]:
             self.kills.pop(0)
             self._restart("kill -9")
@@ -515,6 +520,22 @@ class _Flight:
         _kill_and_restart(self.rec, self.daemon, self.link, self.payload,
                           float(self.faults["restart_after_s"]), self.start_timeout_s,
                           self._take_products, cause, self.durable)
+        self._products_link(up=True)
+
+    def _products_link(self, up: bool) -> None:
+        """The fault products_link_down_after_frames: the simulator's products socket leaves the
+        daemon (what reached it is taken first), so kept products wait in the daemon; it comes
+        back after the next restart or once every frame has its outcome."""
+        if up == (not self.link_down):
+            return
+        endpoint = self.rec.endpoints["products"]
+        if up:
+            self.products.connect(endpoint)
+        else:
+            self._take_products()
+            self.products.disconnect(endpoint)
+        self.link_down = not up
+        self.rec.event("products_link_up" if up else "products_link_down")
 
     def _sent_frames(self) -> int:
         return sum(1 for s in self.payload.states.values() if s.attempts > 0)
@@ -638,6 +659,7 @@ class _Flight:
         are waited for PRODUCT_WAIT_S, then named missing."""
         if self.next_i < len(self.schedule) or self.malformed or self.payload.unresolved:
             return False
+        self._products_link(up=True)
         kept = [f for f, s in self.payload.states.items()
                 if s.outcome == "decision" and s.body.get("keep")]
         missing = [f for f in kept if f not in self.downlink.products]

@@ -19,7 +19,9 @@
                 passes_after_end
     [faults]    kill_daemon_after_frames = [N, ...], restart_after_s, unsigned_bundle,
                 corrupt_bundle, corrupt_chunks = [i, ...], interrupt_uplink_after_chunks,
-                malformed = ["band_count", ...], malformed_every, burst = {after_frames, frames};
+                malformed = ["band_count", ...], malformed_every, burst = {after_frames, frames},
+                products_link_down_after_frames (the simulator stops pulling products until the
+                next restart: kept products die with a killed daemon unless it spilled them);
                 the soak's (flight_sim.soak): kill_every_s, sigstop_at_s = [t, ...], disk_mb,
                 fill_disk_at_s, fill_disk_for_s, corrupt_state_at_s = [t, ...]
     [report]    targets (model classes whose true pixels are the value), mask_examples,
@@ -134,6 +136,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "corrupt_chunks": (_int_list, []), "interrupt_uplink_after_chunks": (_num(1, integer=True), None),
                "malformed": (_malformed, []), "malformed_every": (_num(1, integer=True), 3),
                "burst": (_burst, None),
+               "products_link_down_after_frames": (_num(0, integer=True), None),
                "kill_every_s": (_num(0, lo_open=True), None), "sigstop_at_s": (_num_list, []),
                "disk_mb": (_num(1, integer=True), None), "fill_disk_at_s": (_num(0), None),
                "fill_disk_for_s": (_num(0, lo_open=True), 60.0),

@@ -4,7 +4,8 @@ The bundle is built from tests/onboard_models.py (a small real OpenVINO IR that 
 brightness: bright -> cloud, dark -> shadow), signed with a key made here. The scene is
 generated with a known truth: clear land and sea at the start of the track, overcast at its end.
 Faults: a chunk corrupted in transit and the uplink lost midway (resumed), an unsigned and a
-corrupted bundle, kill -9 of the daemon mid-flight and its restart, malformed frames, a burst of
+corrupted bundle, kill -9 of the daemon mid-flight while the downlink is not pulling (kept products
+wait in the daemon and die with it) and its restart, malformed frames, a burst of
 frames faster than the daemon takes them.
 """
 import json
@@ -53,7 +54,8 @@ pass_duration_s = 1.0
 rate_mbps = 80
 passes_after_end = 3
 [faults]
-kill_daemon_after_frames = [3]
+kill_daemon_after_frames = [5]
+products_link_down_after_frames = 0     # kept products wait in the daemon when it is killed
 restart_after_s = 0.3
 unsigned_bundle = true
 corrupt_bundle = true
@@ -134,6 +136,7 @@ def test_no_kept_product_lost_to_kill_9(flight):
     down = {json.loads(p.read_text())["frame_id"] for p in out.glob("ground/pass-*/*/product.json")}
     assert kept and kept <= down and report["data"]["products_missing"] == []
     (restart,) = report["restarts"]
+    assert restart["products_awaited_from_spill"] >= 1     # the kill took some kept products
     assert restart["products_lost_reprocessed"] == 0
     assert report["simulator"]["acks"]["pending"] == 0
     assert not list(out.glob("daemon/spill/*.product"))      # the ground acknowledged them all
