@@ -10,6 +10,11 @@ there, while numpy would need extra passes over every tile:
 - the output activation (softmax / sigmoid from the manifest), so requests hand back
   probabilities.
 
+Frames go through a second graph (`run_masks`, `_prepare_masks`): raw tiles cut f x larger in,
+binned f x f to the manifest's processing GSD (AvgPool), scaled by constants OpenVINO folds into
+the first convolution, the activation and the per-class thresholds: uint8 class indices out, one
+byte per pixel back to Python. `run`/`infer` (probabilities, runtime scaling) serve the self-test.
+
 The model is compiled at one precision of the bundle contract (onboard.precision): its
 INFERENCE_PRECISION_HINT (fp32 and int8 -> f32, fp16 -> f16, bf16 -> bf16), on every device that
 takes the hint. `device_capabilities` asks OpenVINO which precisions a device runs.
@@ -197,7 +202,9 @@ class OpenVinoModel:
     `precision` (fp32, fp16, bf16, int8) picks the inference precision hint (INFERENCE_HINTS).
     `infer(tiles)` takes (N, C, t, t) tiles: float32 already normalised (the plain IR's input),
     or raw values with `gain`/`offset` (per band) to normalise inside the graph. One compiled
-    variant per input dtype, compiled on first use.
+    variant per input dtype, compiled on first use. `run_masks` / `infer_masks`: the frame graph
+    (uint8 class masks), one compiled variant per dtype, scaling, thresholds and binning factor
+    (the last MASK_VARIANTS kept).
     """
 
     def __init__(self, xml_path: str | Path, device: str = "CPU", num_requests: int | None = None,
