@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -118,7 +119,7 @@ def spill_product(folder: Path, frame_id: str, parts: Sequence) -> Path:
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(msgpack.packb([bytes(p) for p in parts]))
+            _write_msgpack_parts(fh, parts)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -127,6 +128,23 @@ def spill_product(folder: Path, frame_id: str, parts: Sequence) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+def _write_msgpack_parts(fh, parts: Sequence) -> None:
+    """`msgpack.packb([bytes(p) for p in parts])`, streamed: headers packed, each part's buffer
+    written as it is, so a kept frame's pixels are never copied on their way to disk."""
+    views = [_byte_view(p) for p in parts]
+    fh.write(msgpack.Packer().pack_array_header(len(views)))
+    for view in views:
+        n = view.nbytes          # msgpack's bin 8/16/32 header (the Packer has none for bin)
+        fh.write(struct.pack(">BB", 0xC4, n) if n < 1 << 8 else
+                 struct.pack(">BH", 0xC5, n) if n < 1 << 16 else struct.pack(">BI", 0xC6, n))
+        fh.write(view)
+
+
+def _byte_view(part) -> memoryview:
+    view = memoryview(part)
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -166,3 +166,17 @@ def test_kept_product_spilled_before_its_decision_survives_kill_9(make_daemon, t
         payload.close()
         if downlink is not None:
             downlink.close(linger=0)
+
+
+def test_spilled_product_is_the_packed_message_parts(tmp_path):
+    # Streamed to disk part by part (no copy of a kept frame's pixels), read back as msgpack.
+    import msgpack
+    import numpy as np
+    from onboard.products import read_spilled, spill_product
+    frame = np.arange(3 * 70_000, dtype=np.uint16).reshape(3, 70_000)
+    parts = [b"header", frame, frame[:, ::2], zmq.Frame(b"x" * 300), b""]
+    path = spill_product(tmp_path, "kept/1", parts)
+    expected = [b"header", frame.tobytes(), frame[:, ::2].tobytes(), b"x" * 300, b""]
+    assert read_spilled(path) == expected
+    assert path.read_bytes() == msgpack.packb(expected)
+    assert not list(tmp_path.glob(".*tmp"))
