@@ -7,11 +7,18 @@ The embedded default (`RECIPE`), every step a call into the package that owns it
     2. imagery    generated 13-band L1C scenes, clear to overcast, land and sea  flight_sim.generator
     3. distil     the ukis-csmask teacher (PyPI, 6 bands, clear/cloud/shadow,   ground.stages.distill
                   run by OpenVINO) labels them; a ~100k-parameter TinyUNet
-                  learns its outputs (KL, T = 2); no human label anywhere
+                  learns its outputs by the factory's recipe (KL at T = 1,
+                  half the crops centred on a class drawn uniformly, the KL
+                  weighted per class by 1/ln(1.02 + f)) mixed with cross-entropy
+                  on the generated scenes' own truth (ce_weight 0.5: the
+                  factory's output + labels recipe; the teacher alone leaves
+                  the generator's shadows under-predicted); no human label
     4. export     FP16 OpenVINO IR, parity against torch, operating point,     ground.stages.export
                   latency
     5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.stages.bundle
-                  lineage), reference tiles, Ed25519 signature, 5 MB budget
+                  lineage), a reference tile holding 4 windows of 32x32 picked
+                  for every class and decision-boundary pixels, files xz-
+                  compressed, Ed25519 signature, a 250 KB budget
     6. fly        scenarios/demo.toml with that bundle: daemon as a process,    flight_sim.runner
                   every socket CURVE-authenticated with a throwaway key set
                   made for the flight, uplink, faults, passes, report            flight_sim.report
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from shared.bands import S2_BANDS
 from shared.bundle import BundleError, verify_bundle
@@ -60,8 +68,10 @@ POLICY = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.7}, "then": "d
           "default": {"then": "keep", "priority": 5}}
 RECIPE = {"scenes": len(TRAINING_SCENES), "scene_size": 512, "teacher": "ukis-csmask-6b-l1c",
           "student": "tiny-unet", "params": "100k", "steps": 200, "batch": 16, "crop": 128, "lr": 5e-3,
-          "loss": "kl", "temperature": 2.0, "tile": 256, "overlap": 64, "model_id": "cloudmask-demo",
-          "policy": POLICY}
+          "loss": "kl", "temperature": 1.0, "ce_weight": 0.5, "balance": 0.5, "distill_class_weights": "log",
+          "tile": 256, "overlap": 64, "model_id": "cloudmask-demo", "policy": POLICY,
+          # the self-test's reference: 4 windows of 32x32 in one tile (ground.stages.bundle)
+          "reference_tiles": 1, "reference_window": 32, "reference_windows": 4, "max_bytes": "250KB"}
 
 
 def log(msg: str, quiet: bool = False) -> None:
@@ -77,16 +87,28 @@ def ensure_keys(out: Path) -> tuple[Path, Path]:
     return generate_keypair(out / "keys", "uplink", overwrite=True)
 
 
+# The generator's truth in the model's classes (a `pairs` patch source's label_map)
+TRUTH_TO_CLASSES = {str(TRUTH_CLASSES.index(t)): CLASSES.index(c) for t, c in
+                    (("land", "clear"), ("water", "clear"), ("ship", "clear"), ("cloud", "cloud"),
+                     ("shadow", "shadow"))}
+
+
 def write_training_scenes(folder: Path, size: int) -> list[Path]:
-    """The generated imagery the teacher labels, as .npz (uint16 DN, 13 bands, with truth)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The generated imagery the teacher labels, as .npz (uint16 DN, 13 bands, with truth), and
+    the same scenes as GeoTIFF pairs with their truth (folder/labelled/{images,masks}/)."""
+    for sub in ("images", "masks"):
+        (folder / "labelled" / sub).mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, cover, water, ships in TRAINING_SCENES:
         path = folder / f"train-{seed}.npz"
-        if not path.is_file():
+        image, mask = (folder / "labelled" / sub / f"train-{seed}.tif" for sub in ("images", "masks"))
+        if not (path.is_file() and image.is_file() and mask.is_file()):
             win = SceneGenerator(size, size, seed, cloud_cover=cover, water_fraction=water, ships=ships).window()
-            np.savez(path, data=quantise(win.reflectance, "uint16")[0], bands=np.array(S2_BANDS),
+            dn = quantise(win.reflectance, "uint16")[0]
+            np.savez(path, data=dn, bands=np.array(S2_BANDS),
                      truth=win.truth, ships=win.ships, classes=np.array(TRUTH_CLASSES))
+            tifffile.imwrite(image, dn)
+            tifffile.imwrite(mask, win.truth)
         paths.append(path)
     return paths
 
@@ -95,14 +117,18 @@ def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
     r = RECIPE
     return {"run": {"name": "distil", "out": str(out / "ground"), "seed": 0, "deliver": "distilled"},
             "data": {"bands": TEACHER_BANDS, "classes": CLASSES,
-                     "unlabelled": [{"source": "scene", "path": str(p), "scale": 1e-4} for p in scenes]},
-            "eval": {"tile": r["tile"], "overlap": r["overlap"], "opening_radius": 2, "calibrate": "teacher"},
+                     "unlabelled": [{"source": "scene", "path": str(p), "scale": 1e-4} for p in scenes],
+                     # the same scenes with the generator's truth (the cross-entropy term's labels)
+                     "labelled": [{"source": "patches", "layout": "pairs", "path": str(scenes[0].parent / "labelled"),
+                                   "scale": 1e-4, "label_map": TRUTH_TO_CLASSES}]},
+            "eval": {"tile": r["tile"], "overlap": r["overlap"], "opening_radius": 2, "calibrate": "labels"},
             "teacher": {"name": r["teacher"]},
             "student": {"name": r["student"], "params": r["params"]},
             "train": {"steps": steps, "batch": r["batch"], "crop": r["crop"], "lr": r["lr"],
-                      "augment": ["flip", "rot90", "crop"]},
+                      "augment": ["flip", "rot90", "crop"], "balance": r["balance"],
+                      "distill_class_weights": r["distill_class_weights"]},
             "experiment": [{"name": "distilled", "mode": "distill", "loss": r["loss"],
-                            "temperature": r["temperature"]}]}
+                            "temperature": r["temperature"], "ce_weight": r["ce_weight"]}]}
 
 
 def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
@@ -126,7 +152,10 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
     policy_path.write_text(json.dumps(POLICY, indent=1))
     log("bundle: manifest, reference tiles, signature", quiet)
     t = time.perf_counter()
-    bundled = bundle(run, "export/student", sk, RECIPE["model_id"], 1, policy=policy_path)
+    r = RECIPE
+    bundled = bundle(run, "export/student", sk, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
+                     reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
+                     reference_windows=r["reference_windows"])
     # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
     shutil.copyfile(bundled["bundle"], out / "bundle.tar")
     bundle_s = time.perf_counter() - t
