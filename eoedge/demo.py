@@ -16,7 +16,7 @@ The embedded default (`RECIPE`), every step a call into the package that owns it
     4. export     FP16 OpenVINO IR, parity against torch, operating point,     ground.stages.export
                   latency
     5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.stages.bundle
-                  lineage), a reference tile holding 4 windows of 32x32 picked
+                  lineage), a reference tile holding 4 windows of 28x28 picked
                   for every class and decision-boundary pixels, files xz-
                   compressed, Ed25519 signature, a 250 KB budget
     6. fly        scenarios/demo.toml with that bundle: daemon as a process,    flight_sim.runner
@@ -70,8 +70,8 @@ RECIPE = {"scenes": len(TRAINING_SCENES), "scene_size": 512, "teacher": "ukis-cs
           "student": "tiny-unet", "params": "100k", "steps": 200, "batch": 16, "crop": 128, "lr": 5e-3,
           "loss": "kl", "temperature": 1.0, "ce_weight": 0.5, "balance": 0.5, "distill_class_weights": "log",
           "tile": 256, "overlap": 64, "model_id": "cloudmask-demo", "policy": POLICY,
-          # the self-test's reference: 4 windows of 32x32 in one tile (ground.stages.bundle)
-          "reference_tiles": 1, "reference_window": 32, "reference_windows": 4, "max_bytes": "250KB"}
+          # the self-test's reference: 4 windows of 28x28 in one tile (ground.stages.bundle; docs/ground.md)
+          "reference_tiles": 1, "reference_window": 28, "reference_windows": 4, "max_bytes": "250KB"}
 
 
 def log(msg: str, quiet: bool = False) -> None:

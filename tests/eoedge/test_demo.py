@@ -61,7 +61,7 @@ def test_ground_config_and_policy_are_valid(tmp_path):
 @pytest.mark.slow
 def test_the_demo_bundle_fits_250_kb_with_its_reference(tmp_path):
     """The demo's bundle (its ~100k student, FP16 IR xz-compressed, one reference tile holding 4
-    windows of 32x32) within 250 KB: built by the demo's own steps 2-5 on smaller scenes and 2
+    windows of 28x28) within 250 KB: built by the demo's own steps 2-5 on smaller scenes and 2
     distillation steps (size does not depend on how long it learnt), in a process of its own."""
     pytest.importorskip("torch")
     code = ("import json, sys; from pathlib import Path; from eoedge import demo; "
