@@ -24,7 +24,9 @@ for spec in "$@"; do
             --json > "$OUT/$profile-v$v.json"
         cp "$OUT/mini/bundles/cloud-$profile-v$v.tar" "$OUT/$profile-v$v.tar"    # --out must stay in the run
     done
-    rm -rf "$OUT/$profile-v1" && mkdir -p "$OUT/$profile-v1" && tar -xf "$OUT/$profile-v1.tar" -C "$OUT/$profile-v1"
+    rm -rf "$OUT/$profile-v1"        # verified and decoded (members may be stored xz-compressed)
+    "$BIN/python" -c "import sys; from shared.bundle import extract_bundle
+extract_bundle(sys.argv[1], sys.argv[2], sys.argv[3])" "$OUT/$profile-v1.tar" "$OUT/$profile-v1" "$OUT/keys/uplink.pub"
     "$BIN/python" .ci/refdiff.py write "$OUT/$profile-v1" "$OUT/$profile-v1.host.npz"
     echo "bundles for $profile ($precision): $OUT/$profile-v1.tar, $OUT/$profile-v2.tar"
 done

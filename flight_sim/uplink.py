@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -151,17 +152,19 @@ def newer_version_copy(bundle: str | Path, out: str | Path, private_key) -> Path
     daemon would install, so a corruption of it is refused for its checksum, not its age."""
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(bundle, "r:") as tf:
         manifest = json.loads(tf.extractfile(MANIFEST_NAME).read())
+        encoding = manifest.get("encoding") or {}          # files stored xz-compressed
         files = {}
         for m in tf.getmembers():
             if m.isfile() and m.name not in (MANIFEST_NAME, "manifest.sig"):
                 path = Path(tmp) / m.name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(tf.extractfile(m).read())
+                data = tf.extractfile(m).read()
+                path.write_bytes(lzma.decompress(data) if encoding.get(m.name) == "xz" else data)
                 files[m.name] = path
         manifest["parent"] = {"model_id": manifest["model_id"], "version": manifest["version"]}
         manifest["version"] += 1
         manifest["created"] = utc_now()
-        return build_bundle(out, files, manifest, private_key)
+        return build_bundle(out, files, manifest, private_key, compress=bool(encoding))
 
 
 def corrupt_copy(bundle: str | Path, out: str | Path, member: str = "model.bin") -> Path:

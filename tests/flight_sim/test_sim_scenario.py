@@ -127,6 +127,12 @@ def test_bad_bundle_copies_are_refused_by_the_contract(tmp_path):
     assert newer.version == 2 and newer.manifest["parent"] == {"model_id": "cloud-test", "version": 1}
     with pytest.raises(ChecksumMismatch):
         verify_bundle(corrupt_copy(tmp_path / "n.tar", tmp_path / "nc.tar"), pk, min_version=1)
+    # a bundle whose files are stored xz-compressed: the newer copy holds the same decoded files
+    packed = build_bundle(tmp_path / "x.tar", files, make_test_manifest(files, tile=32, overlap=4), sk,
+                          compress=True)
+    assert verify_bundle(packed, pk).manifest.get("encoding")
+    newer = verify_bundle(newer_version_copy(packed, tmp_path / "xn.tar", sk), pk)
+    assert newer.version == 2 and newer.manifest["files"] == verify_bundle(packed, pk).manifest["files"]
 
 
 # ----------------------------------------------------------------------------- CLI
