@@ -89,9 +89,8 @@ def read_model(xml_path: str | Path, core=None):
     return model
 
 
-def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
-    """Fix the input shape to (batch, C, tile, tile), put `x * gain + offset` in front of the
-    network (raw values of `input_dtype` in) and the activation behind it."""
+def _fixed_tiles(model, tile: int, batch: int):
+    """A copy of `model` whose input is fixed to (batch, C, tile, tile); (copy, C)."""
     model = model.clone()
     channels = model.inputs[0].get_partial_shape()[1].get_length()
     try:
@@ -99,6 +98,22 @@ def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
     except RuntimeError as exc:
         raise ModelLoadError(f"input cannot take ({batch}, {channels}, {tile}, {tile}) tiles: "
                              f"{str(exc).splitlines()[0]}") from None
+    return model, channels
+
+
+def _activated(logits, activation: str):
+    """The network's logits through the manifest's activation ("none" leaves them)."""
+    if activation == "softmax":
+        return ov.ops.softmax(logits, 1).output(0)
+    if activation == "sigmoid":
+        return ov.ops.sigmoid(logits).output(0)
+    return logits
+
+
+def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
+    """Fix the input shape to (batch, C, tile, tile), put `x * gain + offset` in front of the
+    network (raw values of `input_dtype` in) and the activation behind it."""
+    model, channels = _fixed_tiles(model, tile, batch)
     old = model.get_parameters()[0]
     raw = ov.ops.parameter([batch, channels, tile, tile], ov.Type(np.dtype(input_dtype)), name="raw")
     gain = ov.ops.parameter([1, channels, 1, 1], ov.Type.f32, name="gain")
@@ -109,9 +124,7 @@ def _prepare(model, tile: int, batch: int, input_dtype: str, activation: str):
         target.replace_source_output(x.output(0))
     result = model.get_results()[0]
     if activation != "none":
-        logits = result.input_value(0)
-        act = ov.ops.softmax(logits, 1) if activation == "softmax" else ov.ops.sigmoid(logits)
-        result.input(0).replace_source_output(act.output(0))
+        result.input(0).replace_source_output(_activated(result.input_value(0), activation))
     return ov.Model(model.get_results(), [raw, gain, offset], model.get_friendly_name())
 
 
@@ -147,13 +160,7 @@ def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: s
     convolution), the activation and the per-class thresholds (OpenVINO's threads, not Python).
     `scaling_inputs`: gain and offset as runtime inputs instead (an INT8 IR: OpenVINO's
     low-precision passes take Convert(u16) -> Multiply(constant) for a dequantisation and fail)."""
-    model = model.clone()
-    channels = model.inputs[0].get_partial_shape()[1].get_length()
-    try:
-        model.reshape({model.inputs[0]: ov.PartialShape([batch, channels, tile, tile])})
-    except RuntimeError as exc:
-        raise ModelLoadError(f"input cannot take ({batch}, {channels}, {tile}, {tile}) tiles: "
-                             f"{str(exc).splitlines()[0]}") from None
+    model, channels = _fixed_tiles(model, tile, batch)
     old = model.get_parameters()[0]
     side = tile * factor
     raw = ov.ops.parameter([batch, channels, side, side], ov.Type(np.dtype(input_dtype)), name="raw")
@@ -169,12 +176,7 @@ def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: s
                        ov.ops.constant(offset.reshape(1, -1, 1, 1)))
     for target in list(old.output(0).get_target_inputs()):
         target.replace_source_output(x.output(0))
-    scores = model.get_results()[0].input_value(0)
-    if activation == "softmax":
-        scores = ov.ops.softmax(scores, 1).output(0)
-    elif activation == "sigmoid":
-        scores = ov.ops.sigmoid(scores).output(0)
-    mask = _class_mask(scores, thresholds)
+    mask = _class_mask(_activated(model.get_results()[0].input_value(0), activation), thresholds)
     return ov.Model([ov.ops.result(mask)], params, model.get_friendly_name())
 
 
