@@ -9,18 +9,14 @@ wait in the daemon and die with it) and its restart, malformed frames, a burst o
 frames faster than the daemon takes them.
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-
 pytest.importorskip("openvino")
 pytest.importorskip("zmq")
 
-from onboard_models import make_test_manifest, make_test_model_files  # noqa: E402
+from sim_flight import fly, make_flight_bundle  # noqa: E402
 
 SCENARIO = """
 name = "e2e"
@@ -69,20 +65,11 @@ burst = {after_frames = 5, frames = 3}
 
 @pytest.fixture(scope="module")
 def flight(tmp_path_factory):
-    from shared.bundle import build_bundle
-    from shared.keys import generate_keypair
-
     root = tmp_path_factory.mktemp("e2e")
-    sk, _ = generate_keypair(root / "keys")
-    files = make_test_model_files(root / "model", tile=64)
-    build_bundle(root / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=8), sk)
+    make_flight_bundle(root)
     (root / "scenario.toml").write_text(SCENARIO)
     out = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / "scenario.toml"),
-                           "--out", str(out), "--json", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    proc, report = fly(root / "scenario.toml", out)
     return proc, report, out
 
 

@@ -2,18 +2,14 @@
 daemon processes, kill -9 included) downlinks the same products in the same passes, byte for byte;
 and the clock's own arithmetic."""
 import json
-import subprocess
-import sys
 
 import pytest
-
-from conftest import REPO
 
 pytest.importorskip("openvino")
 pytest.importorskip("zmq")
 
 from flight_sim.clock import INFINITY, SimulatedClock  # noqa: E402
-from onboard_models import make_test_manifest, make_test_model_files  # noqa: E402
+from sim_flight import fly, make_flight_bundle  # noqa: E402
 
 SLOW_S = 1.0          # what the slowed daemon adds to every frame
 
@@ -54,24 +50,15 @@ restart_after_s = 0.3
 
 def _fly(root, name: str, delay: float) -> dict:
     (root / f"{name}.toml").write_text(SCENARIO.format(delay=delay))
-    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / f"{name}.toml"),
-                           "--out", str(root / name), "--json", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    _, report = fly(root / f"{name}.toml", root / name)
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
     return report
 
 
 @pytest.fixture(scope="module")
 def flights(tmp_path_factory):
-    from shared.bundle import build_bundle
-    from shared.keys import generate_keypair
-
     root = tmp_path_factory.mktemp("clock")
-    sk, _ = generate_keypair(root / "keys")
-    files = make_test_model_files(root / "model", tile=64)
-    build_bundle(root / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=8), sk)
+    make_flight_bundle(root)
     return _fly(root, "normal", 0.0), _fly(root, "slowed", SLOW_S), root
 
 

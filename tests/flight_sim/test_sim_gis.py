@@ -6,21 +6,17 @@ The STAC items are validated offline: their core against the JSON schemas pystac
 jsonschema), their projection and classification fields through pystac's extension classes
 (those extensions' schemas are only online)."""
 import json
-import subprocess
-import sys
 from datetime import datetime
 
 import numpy as np
 import pytest
-
-from conftest import REPO
 
 pytest.importorskip("openvino")
 pytest.importorskip("zmq")
 rasterio = pytest.importorskip("rasterio")
 pystac = pytest.importorskip("pystac")
 
-from onboard_models import make_test_manifest, make_test_model_files  # noqa: E402
+from sim_flight import fly, make_flight_bundle  # noqa: E402
 
 from flight_sim.camera import CameraConfig, PushbroomCamera  # noqa: E402
 from flight_sim.catalog import check_catalog, footprint  # noqa: E402
@@ -67,21 +63,12 @@ def clear_scene(rows: int = 256, cols: int = 192) -> Scene:
 
 @pytest.fixture(scope="module")
 def flight(tmp_path_factory):
-    from shared.bundle import build_bundle
-    from shared.keys import generate_keypair
-
     root = tmp_path_factory.mktemp("gis")
-    sk, _ = generate_keypair(root / "keys")
-    files = make_test_model_files(root / "model", tile=64)
-    build_bundle(root / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=8), sk)
+    make_flight_bundle(root)
     write_geotiff(root / "scene.tif", clear_scene(), compress="deflate")
     (root / "scenario.toml").write_text(SCENARIO)
     out = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / "scenario.toml"),
-                           "--out", str(out), "--json", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    proc, report = fly(root / "scenario.toml", out)
     products = {}
     for path in sorted(out.glob("ground/pass-*/*/product.json")):
         record = json.loads(path.read_text())

@@ -8,7 +8,6 @@ tiles, signed with a key made there) for scenarios/soak*.toml:
 
     python tests/flight_sim/test_soak.py runs/soak
 """
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from onboard_models import BANDS_6, make_test_manifest, make_test_model_files  # noqa: E402
+from sim_flight import fly, make_flight_bundle  # noqa: E402
 
 
 def make_soak_bundle(out: Path) -> Path:
     """out/bundle.tar signed with out/keys/uplink.key (one 64 x 64 tile per frame)."""
-    from shared.bundle import build_bundle
-    from shared.keys import generate_keypair
-    sk, _ = generate_keypair(out / "keys")
-    files = make_test_model_files(out / "model", bands=BANDS_6, tile=64)
-    return build_bundle(out / "bundle.tar", files, make_test_manifest(files, tile=64, overlap=0), sk)
+    return make_flight_bundle(out, overlap=0)
 
 
 def can_mount() -> bool:
@@ -55,11 +50,8 @@ def soak(tmp_path_factory):
     text = text.replace("../runs/soak/", "")          # the bundle and key made here
     (root / "soak_short.toml").write_text(text)
     out = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "eoedge", "sim", "run", str(root / "soak_short.toml"),
-                           "--out", str(out), "--json", "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    return proc, json.loads(proc.stdout), out
+    proc, report = fly(root / "soak_short.toml", out, timeout=600)
+    return proc, report, out
 
 
 def test_every_check_passes(soak):

@@ -9,30 +9,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from onboard_models import (BANDS_6, CLASSES_3, make_test_manifest, make_test_model_files,  # noqa: E402
-                            synthetic_frame)
-from test_pipeline import boxes_frame, reference_mask  # noqa: E402
+from onboard_models import BANDS_6, synthetic_frame  # noqa: E402
+# the module's IR and manifest are test_pipeline's fixtures
+from test_pipeline import TILE, boxes_frame, manifest, model_dir, reference_mask  # noqa: E402,F401
 
 from onboard.pipeline import FramePipeline  # noqa: E402
 from onboard.runtime import OpenVinoModel  # noqa: E402
 from shared.errors import ManifestError  # noqa: E402
 from shared.manifest import gsd_factor, validate_manifest  # noqa: E402
 from shared.postprocess import threshold, upsample_mask  # noqa: E402
-
-TILE, OVERLAP = 64, 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model6")
-    make_test_model_files(d, bands=BANDS_6, classes=CLASSES_3, tile=TILE)
-    return d
-
-
-@pytest.fixture(scope="module")
-def manifest(model_dir) -> dict:
-    files = {n: model_dir / n for n in ("model.xml", "model.bin", "reference.npz")}
-    return make_test_manifest(files, tile=TILE, overlap=OVERLAP, bands=BANDS_6, classes=CLASSES_3)
 
 
 def with_gsd(manifest: dict, gsd_m: float) -> dict:
