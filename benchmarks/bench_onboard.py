@@ -171,14 +171,6 @@ def _run_bare(queue, tiles: np.ndarray, batch: int, extra: dict) -> tuple[float,
     return ((time.perf_counter() - t0) * len(tiles) / n, (time.process_time() - c0) * len(tiles) / n)
 
 
-def openvino_side(manifest: dict, model_dir: str, args, conn) -> None:
-    try:
-        conn.send(_openvino_side(manifest, Path(model_dir), make_frames(args.distinct, args.seed), args))
-    except BaseException as exc:  # noqa: BLE001 (reported by the parent)
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
-    conn.close()
-
-
 def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
     from tqdm import tqdm
 
@@ -289,14 +281,6 @@ class StageClock:
 
 # ------------------------------------------------------------------------------------------------
 # onnxruntime baseline (child process: no torch)
-
-def ort_side(manifest: dict, model_dir: str, args, conn) -> None:
-    try:
-        conn.send(_ort_pipeline(manifest, Path(model_dir), make_frames(args.distinct, args.seed), args))
-    except BaseException as exc:  # noqa: BLE001 (reported by the parent)
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
-    conn.close()
-
 
 def _ort_pipeline(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
     """What a ukis-csmask-style pipeline does: normalise the frame in float32, cut tiles, run an
@@ -459,16 +443,25 @@ def human(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_child(target, manifest: dict, model_dir: Path, args) -> dict:
-    """`target` in a spawned process (no torch there); its result dict."""
+def _child(measure, manifest: dict, model_dir: str, args, conn) -> None:
+    try:
+        conn.send(measure(manifest, Path(model_dir), make_frames(args.distinct, args.seed), args))
+    except BaseException as exc:  # noqa: BLE001 (reported by the parent)
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    conn.close()
+
+
+def run_child(measure, manifest: dict, model_dir: Path, args) -> dict:
+    """`measure(manifest, model_dir, frames, args)` in a spawned process (no torch there); its
+    result dict."""
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=target, args=(manifest, str(model_dir), args, child_conn))
+    child = ctx.Process(target=_child, args=(measure, manifest, str(model_dir), args, child_conn))
     child.start()
     result = parent_conn.recv()
     child.join()
     if "error" in result:
-        raise RuntimeError(f"{target.__name__} failed: {result['error']}")
+        raise RuntimeError(f"{measure.__name__} failed: {result['error']}")
     return result
 
 
@@ -509,14 +502,14 @@ def main(argv=None) -> int:
         manifest, model_dir, params = build_bundle_dir(Path(tmp), args.seed)
         for p in precisions:
             args.precision = p
-            o = run_child(openvino_side, manifest, model_dir, args)
+            o = run_child(_openvino_side, manifest, model_dir, args)
             ov_masks[p] = o.pop("masks")
             o["ratio_vs_bare"] = o["pipeline_mpix_s"] / max(o["bare_scaled_uint16_mpix_s"],
                                                             o["bare_plain_float32_mpix_s"])
             result["openvino"][p] = o
             result["tiles_per_frame"] = o["tiles_per_frame"]
         if args.ort_frames:
-            ort = run_child(ort_side, manifest, model_dir, args)
+            ort = run_child(_ort_pipeline, manifest, model_dir, args)
             result["agreement_ort"] = agreement(ov_masks[precisions[0]], ort.pop("masks"))
             result.update(ort)
         if args.torch_frames:
