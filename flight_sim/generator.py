@@ -19,6 +19,12 @@ interpolated, evaluated at any coordinates, so a window or a shifted copy costs 
   elevation and azimuth), darkening the surface towards the atmospheric path reflectance;
 - ships: oriented rectangles (4..30 px, 40..300 m at 10 m) on open water, each an instance.
 
+Where and when (`place=True`): a scene drawn from its seed lies off a real port (SITES, in the
+port's UTM zone: an EPSG code, a north-up transform at `gsd_m`, its corner on the 10 m grid within
++-10 km of the port) and was sensed on a day of ACQUISITION_YEAR at Sentinel-2's 10:30 mean local
+solar time (a descending node), so its frames, products, COGs and STAC items have a place and a
+time. The draws come from a stream of their own: placing a scene changes none of its pixels.
+
 Reflectances: per-band typical L1C (top-of-atmosphere) spectra below, for the 13 bands, mixed
 linearly. They follow published typical curves (vegetation red edge, water absorption in the NIR,
 cloud flat in the visible and lower in the SWIR, B09/B10 absorption bands) and were checked against
@@ -28,13 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Sequence
 
 import numpy as np
 
 from flight_sim.errors import SceneSpecError
 from shared.bands import S2_BANDS
-from shared.scene import Scene
+from shared.scene import GeoRef, Scene
 
 # Truth classes of generated scenes (uint8 values = index).
 CLASSES: tuple[str, ...] = ("land", "water", "cloud", "shadow", "ship")
@@ -73,6 +80,17 @@ CLOUD_OCTAVES = 7
 CLOUD_TEXTURE = (128, 5, 0.6, 0.7)     # (cell px, octaves, gain, amplitude) of cloud brightness
 # Truth: a pixel is cloud from this opacity on (thin cloud counts: you cannot see the ground well)
 CLOUD_TRUTH_OPACITY = 0.25   # share of the surface signal left in a full cloud shadow
+
+
+# Ports a placed scene lies off: (name, UTM EPSG code, easting, northing) of open water nearby.
+SITES: tuple[tuple[str, int, float, float], ...] = (
+    ("genoa", 32632, 492_000, 4_914_000), ("rotterdam", 32631, 565_000, 5_759_000),
+    ("busan", 32652, 504_500, 3_878_500), ("singapore", 32648, 372_000, 132_500),
+    ("gibraltar", 32630, 284_000, 3_992_000), ("santos", 32723, 368_000, 7_343_000),
+    ("durban", 32736, 312_000, 6_690_500), ("halifax", 32620, 456_500, 4_941_000))
+ACQUISITION_YEAR = 2026
+PLACE_STREAM = 0x6E0            # the seed sequence's second word for the placement draws
+SITE_JITTER_M = 10_000.0
 
 
 def spectrum(name: str, bands: Sequence[str] = S2_BANDS) -> np.ndarray:
@@ -238,6 +256,10 @@ class SceneGenerator:
     noise_sigma: float = 0.004         # sensor noise, reflectance units
     feature_scale: float = 1.0         # >1: larger lakes, fields and clouds
     name: str = ""
+    place: bool = False                # True: a georeference and a sensing time drawn from the seed
+    georef: GeoRef | None = field(init=False, default=None)
+    sensing_time: datetime | None = field(init=False, default=None)   # UTC of row 0
+    site: str | None = field(init=False, default=None)
     _ships: list[Ship] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -252,6 +274,8 @@ class SceneGenerator:
             v = getattr(self, attr)
             if not 0 <= v <= 1:
                 raise SceneSpecError(f"generator.{attr}: must be in 0..1, got {v!r}")
+        if not isinstance(self.place, bool):
+            raise SceneSpecError(f"generator.place: true or false expected, got {self.place!r}")
         if self.ships < 0:
             raise SceneSpecError(f"generator.ships: must be >= 0, got {self.ships!r}")
         if not 0 < self.sun_elevation_deg <= 90:
@@ -291,6 +315,8 @@ class SceneGenerator:
         self._cloud_width = 0.08
         self._cloud_quantiles = _coarse_quantiles(self._cloud, h, w, _QUANTILE_GRID)
         self._ships = self._place_ships(rng)
+        if self.place:
+            self.site, self.georef, self.sensing_time = placement(self.seed, self.rows, self.cols, self.gsd_m)
 
     # ---------------------------------------------------------------- layout
     def cover_at(self, ys: np.ndarray) -> np.ndarray:
@@ -442,13 +468,41 @@ class SceneGenerator:
     def scene(self) -> tuple[Scene, GeneratedWindow]:
         """The whole scene as a `Scene` (reflectance) and its truth."""
         win = self.window(0, self.rows)
-        return Scene(win.reflectance, S2_BANDS, None, self.name), win
+        return Scene(win.reflectance, S2_BANDS, self.georef, self.name), win
+
+    def bounds(self) -> tuple[float, float, float, float] | None:
+        """(left, bottom, right, top) of the placed scene in its CRS (rasterio's order), or None."""
+        if self.georef is None:
+            return None
+        a, _, c, _, e, f = self.georef.transform
+        return (c, f + e * self.rows, c + a * self.cols, f)
 
     def describe(self) -> dict:
-        return {"kind": "generated", "name": self.name, "rows": self.rows, "cols": self.cols,
-                "seed": self.seed, "cloud_cover": self._profile.tolist(),
-                "water_fraction": self.water_fraction, "ships": len(self._ships),
-                "shadow_shift_px": [round(v, 1) for v in self.shadow_shift]}
+        out = {"kind": "generated", "name": self.name, "rows": self.rows, "cols": self.cols,
+               "seed": self.seed, "cloud_cover": self._profile.tolist(),
+               "water_fraction": self.water_fraction, "ships": len(self._ships),
+               "shadow_shift_px": [round(v, 1) for v in self.shadow_shift]}
+        if self.georef is not None:
+            out.update(site=self.site, crs=self.georef.crs, transform=list(self.georef.transform),
+                       sensing_time=self.sensing_time.isoformat().replace("+00:00", "Z"))
+        return out
+
+
+def placement(seed: int, rows: int, cols: int, gsd_m: float = 10.0) -> tuple[str, GeoRef, datetime]:
+    """(site, GeoRef, UTC sensing time of row 0) of scene `seed`: a port of SITES, the scene's
+    centre within SITE_JITTER_M of it, its corner on the gsd grid; a day of ACQUISITION_YEAR at
+    10:30 mean local solar time at the zone's central meridian (Sentinel-2's descending node)."""
+    rng = np.random.default_rng([int(seed), PLACE_STREAM])
+    site, epsg, east, north = SITES[int(rng.integers(len(SITES)))]
+    dx, dy = rng.uniform(-SITE_JITTER_M, SITE_JITTER_M, 2)
+    x0 = gsd_m * round((east + dx - cols * gsd_m / 2) / gsd_m)
+    y0 = gsd_m * round((north + dy + rows * gsd_m / 2) / gsd_m)
+    central_meridian = (epsg % 100) * 6 - 183
+    day = int(rng.integers(365))
+    minutes = 10.5 * 60 - central_meridian * 4 + float(rng.uniform(-5, 5))   # 4 min of time per degree
+    when = (datetime(ACQUISITION_YEAR, 1, 1, tzinfo=timezone.utc)
+            + timedelta(days=day, minutes=minutes)).replace(microsecond=0)
+    return site, GeoRef(f"EPSG:{epsg}", (gsd_m, 0.0, x0, 0.0, -gsd_m, y0)), when
 
 
 def generate_scene(rows: int, cols: int, seed: int = 0, **kwargs) -> tuple[Scene, GeneratedWindow]:

@@ -83,6 +83,8 @@ class GeneratedSource(SceneSource):
         self.bands = S2_BANDS
         self.truth_classes = CLASSES
         self.object_class = "ship"
+        # a placed scene (`place = true`) knows where and when it was seen
+        self.georef, self.sensing_time = generator.georef, generator.sensing_time
 
     def read(self, r0: int, r1: int) -> Strip:
         self._check_rows(r0, r1)
@@ -325,7 +327,7 @@ def dataset_source(name: str, root: Path | None = None) -> ArraySource:
 
 GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ships", "urban_fraction",
                   "cloud_height_m", "sun_elevation_deg", "sun_azimuth_deg", "noise_sigma",
-                  "feature_scale", "name"}
+                  "feature_scale", "name", "place"}
 COMMON_KEYS = {"kind", "crop_rows", "repeat", "georef"}
 FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
 SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"}}   # by kind
