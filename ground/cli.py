@@ -40,6 +40,8 @@ COMMANDS = {
                                               "latency, bytes", a.add_gap),
     "bundle": Command(_lazy("deploy", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
                       a.add_bundle),
+    "chain": Command(_lazy("chain", "cmd_chain"), "a signed model chain from step bundles: a gate, then models "
+                                                  "that run only where it allows", a.add_chain),
     "search": Command(_lazy("search", "cmd_search"), "architecture search on the device's own clock: the Pareto "
                                                     "front of mIoU against ms per tile", a.add_search),
     "build": Command(_lazy("search", "cmd_build"), "config -> the smallest signed bundle within a latency budget and "

@@ -27,6 +27,7 @@ BundleError` still works). Each keeps its old builtin base, so `except ValueErro
 | KeyFileError | invalid_key_file | ValueError | shared.keys |
 | DataMissing | data_missing | FileNotFoundError | shared.datasets |
 | BundleError and one subclass per reason | not_a_bundle, bad_signature, ... | | shared.bundle |
+| ChainStepRefused | the step's own reason (wrong_key, checksum_mismatch, ...) | BundleError | shared.chain |
 """
 from __future__ import annotations
 
@@ -229,6 +230,18 @@ class BundleManifestError(BundleError, ManifestError):
 
     def __init__(self, exc: ManifestError):
         ManifestError.__init__(self, exc.field, str(exc).split(": ", 1)[1] if exc.field else str(exc))
+
+
+class ChainStepRefused(BundleError):
+    """One step of a chain bundle refused: `.step` names it, `code` is the step's own reason
+    (wrong_key, checksum_mismatch, invalid_manifest, ...), the message names the step and file."""
+    code = "chain_step_refused"
+
+    def __init__(self, step: str, cause: BundleError | ManifestError):
+        super().__init__(f"chain step {step!r}: {cause}", code=cause.code)
+        self.reason = cause.code
+        self.step = step
+        self.cause = cause
 
 
 class MessageError(EoedgeError, ValueError):

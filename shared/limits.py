@@ -24,6 +24,8 @@ unbounded string echoed back (an id, a name) costs memory and log lines for ever
     MAX_TILE_SIZE             a manifest's tile_size: 8192
     MAX_OPENING_RADIUS        a manifest's opening radius: 64 (a kernel of (2r+1)^2 pixels)
     MAX_TREE_DEPTH/ITEMS      a free object (metrics, lineage, stats): 32 levels, 10,000 values
+    MIN/MAX_CHAIN_STEPS       the models of a chain bundle (shared.chain): 2..4
+    MAX_STEP_NAME_CHARS       a chain step's name ([a-z0-9_-]): 32
     ECHO_CHARS                what an error reply or a log line repeats of a peer's input: 64
 
 `quote(value)` is how input is repeated anywhere (replies, logs): at most ECHO_CHARS characters,
@@ -50,6 +52,9 @@ MAX_TILE_SIZE = 8192
 MAX_OPENING_RADIUS = 64
 MAX_TREE_DEPTH = 32
 MAX_TREE_ITEMS = 10_000
+MIN_CHAIN_STEPS = 2
+MAX_CHAIN_STEPS = 4
+MAX_STEP_NAME_CHARS = 32
 ECHO_CHARS = 64
 MAX_REPLY_MESSAGE_CHARS = 1024     # the `message`/`error` text of an ERROR or a refused ACK
 

@@ -39,6 +39,25 @@ Every integer and string is bounded (shared.limits): `version` and `parent.versi
 lineage) integers in int64, finite floats, strings of at most 4096 characters, 32 levels: a
 signed manifest the daemon could not put in a reply is refused by build, verify and install alike.
 
+A **chain** manifest (issue 16: a gate model, then models that run only where the earlier ones
+allow) carries `chain` in place of `input`, `output`, `postprocess`, `reference`, `precision`
+and `profile`; each step is an ordinary single-model bundle, extracted under `steps/<name>/`
+with its own signed manifest.json and manifest.sig, all listed in `files`::
+
+    chain           {"steps": [{"name": "cloud", "dir": "steps/cloud"},
+                               {"name": "ship", "dir": "steps/ship",
+                                "run_if": {"class": "cloud", "fraction_below": 0.5}}]}
+                    2..4 steps (MIN/MAX_CHAIN_STEPS), names [a-z0-9_-]{1,32} and unique, `dir`
+                    exactly "steps/<name>"; the first step (the gate) has no `run_if`, every later
+                    one has one shared.policy `if` block (same condition kinds)
+    policy          the keep/discard policy over the classes of every step
+    files           every file of every step folder (steps/<name>/manifest.json, .sig, model.xml,
+                    ...); nothing outside them
+    metrics, lineage, encoding   optional, as above
+
+What needs the steps' own manifests (class names unique across steps, a `run_if` naming a
+class of an earlier step, the policy's classes) is checked by `shared.chain.check_chain`.
+
 `validate_manifest` raises `ManifestError` whose message starts with the path of the offending
 field (`input.scaling.std[3]: must be > 0`). `make_manifest` fills defaults and file hashes.
 """
@@ -55,8 +74,9 @@ from typing import Any, Iterable, Mapping
 from shared.bands import S2_BANDS, canonical_band
 from shared.errors import ManifestError, PolicyError, UnknownBandError
 from shared.hashing import sha256_file
-from shared.limits import (MAX_BANDS, MAX_CLASSES, MAX_NAME_CHARS, MAX_OPENING_RADIUS,
-                           MAX_SOURCE_CHARS, MAX_TILE_SIZE, MAX_VERSION, quote, str_problem,
+from shared.limits import (MAX_BANDS, MAX_CHAIN_STEPS, MAX_CLASSES, MAX_NAME_CHARS,
+                           MAX_OPENING_RADIUS, MAX_SOURCE_CHARS, MAX_STEP_NAME_CHARS,
+                           MAX_TILE_SIZE, MAX_VERSION, MIN_CHAIN_STEPS, quote, str_problem,
                            tree_problem)
 from shared.policy import DEFAULT_POLICY, validate_policy
 from shared.profiles import DEFAULT_PROFILE, PROFILES
@@ -91,6 +111,13 @@ _TOP_FIELDS = {
     "encoding",
 }
 _OPTIONAL_FIELDS = {"precision", "profile", "encoding"}
+_CHAIN_FIELDS = {
+    "format_version", "model_id", "version", "parent", "created", "chain", "policy", "files",
+    "encoding", "metrics", "lineage",
+}
+_CHAIN_OPTIONAL_FIELDS = {"encoding", "metrics", "lineage"}
+STEPS_DIR = "steps"                 # a chain bundle's step folders: steps/<name>/
+_STEP_NAME = re.compile(r"^[a-z0-9_-]+$")
 ENCODINGS = ("xz",)            # how a file may be stored in the archive (shared.bundle)
 
 
@@ -247,7 +274,7 @@ def _check_postprocess(post: Any, classes: list[str]) -> None:
     _int(post["opening_radius"], "postprocess.opening_radius", minimum=0, maximum=MAX_OPENING_RADIUS)
 
 
-def _check_files(files: Any) -> None:
+def _check_files(files: Any, required: Iterable[str] = (MODEL_XML, MODEL_BIN)) -> None:
     _obj(files, "files")
     for name, digest in files.items():
         field = f"files[{name!r}]"
@@ -257,9 +284,10 @@ def _check_files(files: Any) -> None:
             raise ManifestError(field, f"{name} is not listed in files (it holds them)")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise ManifestError(field, f"must be a lowercase sha256 hex digest, got {quote(digest)}")
-    for name in (MODEL_XML, MODEL_BIN):
+    for name in required:
         if name not in files:
-            raise ManifestError("files", f"must list {name} (the OpenVINO IR)")
+            what = "the OpenVINO IR" if name in (MODEL_XML, MODEL_BIN) else "a chain step's signed manifest"
+            raise ManifestError("files", f"must list {name} ({what})")
 
 
 def _check_encoding(enc: Any, files: dict) -> None:
@@ -295,11 +323,35 @@ def gsd_factor(inp: Mapping[str, Any]) -> int:
 
 
 def validate_manifest(manifest: Any) -> dict:
-    """Check every field of a manifest; raise ManifestError naming the first bad one.
+    """Check every field of a manifest (a single model's, or a chain's: `chain` present);
+    raise ManifestError naming the first bad one.
 
     Returns the manifest unchanged (so `m = validate_manifest(json.loads(...))` reads well).
     """
+    if isinstance(manifest, dict) and "chain" in manifest:
+        return _validate_chain_manifest(manifest)
     m = _obj(manifest, "", _TOP_FIELDS, sorted(_TOP_FIELDS - _OPTIONAL_FIELDS))
+    _check_header(m)
+    _check_input(m["input"])
+    classes = _check_output(m["output"])
+    _check_postprocess(m["postprocess"], classes)
+    _check_policy(m["policy"], classes)
+    _numbers_tree(_obj(m["metrics"], "metrics"), "metrics")
+    _obj(m["lineage"], "lineage")
+    _check_files(m["files"])
+    _check_reference(m["reference"], m["files"])
+    if "encoding" in m:
+        _check_encoding(m["encoding"], m["files"])
+    if "precision" in m and m["precision"] not in PRECISIONS:
+        raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
+                                         f"got {quote(m['precision'])}")
+    _check_profile(m.get("profile", DEFAULT_PROFILE), manifest_precision(m))
+    _check_bounds(m)
+    return m
+
+
+def _check_header(m: dict) -> None:
+    """format_version, model_id, version, parent, created: the same for a model and a chain."""
     fv = _int(m["format_version"], "format_version")
     if fv != FORMAT_VERSION:
         raise ManifestError("format_version", f"unsupported format version {fv} (this reads {FORMAT_VERSION})")
@@ -317,28 +369,108 @@ def validate_manifest(manifest: Any) -> dict:
             raise ManifestError("parent.version",
                                 f"{pv} must be older than this bundle's version {version}")
     parse_time(m["created"])
-    _check_input(m["input"])
-    classes = _check_output(m["output"])
-    _check_postprocess(m["postprocess"], classes)
+
+
+def _check_policy(policy: Any, classes: Iterable[str] | None, field: str = "policy") -> None:
     try:
-        validate_policy(m["policy"], classes=classes, field="policy")
+        validate_policy(policy, classes=classes, field=field)
     except PolicyError as exc:
         raise ManifestError(exc.field, str(exc).split(": ", 1)[1]) from None
-    _numbers_tree(_obj(m["metrics"], "metrics"), "metrics")
-    _obj(m["lineage"], "lineage")
-    _check_files(m["files"])
-    _check_reference(m["reference"], m["files"])
-    if "encoding" in m:
-        _check_encoding(m["encoding"], m["files"])
-    if "precision" in m and m["precision"] not in PRECISIONS:
-        raise ManifestError("precision", f"must be one of {', '.join(PRECISIONS)}, "
-                                         f"got {quote(m['precision'])}")
-    _check_profile(m.get("profile", DEFAULT_PROFILE), manifest_precision(m))
-    # The sections above check meaning; this sweep bounds every other value (metrics, lineage).
+
+
+def _check_bounds(m: dict) -> None:
+    # The sections check meaning; this sweep bounds every other value (metrics, lineage).
     problem = tree_problem(m, max_items=MAX_MANIFEST_VALUES)
     if problem:
         raise ManifestError(problem[0].lstrip(".") or "manifest", problem[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains
+# ---------------------------------------------------------------------------------------------
+
+def run_if_policy(run_if: Mapping[str, Any]) -> dict:
+    """A chain step's `run_if` (one shared.policy `if` block) as a policy whose decision is
+    "keep" exactly where it holds: validation and evaluation are shared.policy's own."""
+    return {"rules": [{"if": dict(run_if), "then": "keep"}], "default": {"then": "discard"}}
+
+
+def check_run_if(run_if: Any, field: str, classes: Iterable[str] | None = None) -> None:
+    """ManifestError naming `field` (`chain.steps[1].run_if.class`) unless `run_if` is one
+    `if` block (over `classes` when given)."""
+    if not isinstance(run_if, dict):
+        raise ManifestError(field, f"must be an object (one policy `if` block), got {quote(run_if)}")
+    inner = f"{field}.rules[0].if"
+    try:
+        validate_policy(run_if_policy(run_if), classes=classes, field=field)
+    except PolicyError as exc:
+        where = field + exc.field[len(inner):] if exc.field.startswith(inner) else exc.field
+        raise ManifestError(where, str(exc).split(": ", 1)[1]) from None
+
+
+def chain_steps(m: Mapping[str, Any]) -> list[dict]:
+    """The steps of a (validated) chain manifest, gate first."""
+    return list(m["chain"]["steps"])
+
+
+def _check_chain(chain: Any) -> list[dict]:
+    _obj(chain, "chain", {"steps"}, ("steps",))
+    steps = chain["steps"]
+    if not isinstance(steps, list) or not MIN_CHAIN_STEPS <= len(steps) <= MAX_CHAIN_STEPS:
+        got = len(steps) if isinstance(steps, list) else quote(steps)
+        raise ManifestError("chain.steps", f"must be a list of {MIN_CHAIN_STEPS}..{MAX_CHAIN_STEPS} "
+                                           f"steps, got {got}")
+    seen: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        field = f"chain.steps[{i}]"
+        _obj(step, field, {"name", "dir", "run_if"}, ("name", "dir"))
+        name = _str(step["name"], f"{field}.name", MAX_STEP_NAME_CHARS)
+        if not _STEP_NAME.match(name):
+            raise ManifestError(f"{field}.name", f"{name!r} may only use a-z 0-9 _ -")
+        if name in seen:
+            raise ManifestError(f"{field}.name", f"duplicate step name {name!r} (step {seen[name]})")
+        seen[name] = i
+        if step["dir"] != f"{STEPS_DIR}/{name}":
+            raise ManifestError(f"{field}.dir", f"must be {STEPS_DIR}/{name!r}, got {quote(step['dir'])}")
+        if i == 0 and "run_if" in step:
+            raise ManifestError(f"{field}.run_if", "the first step (the gate) runs on the whole "
+                                                   "frame: it takes no run_if")
+        if i > 0:
+            if "run_if" not in step:
+                raise ManifestError(f"{field}.run_if", "missing (every step after the gate says "
+                                                       "where it runs)")
+            check_run_if(step["run_if"], f"{field}.run_if")
+    return steps
+
+
+def _check_chain_files(files: dict, steps: list[dict]) -> None:
+    dirs = [step["dir"] + "/" for step in steps]
+    _check_files(files, required=[d + name for d in dirs for name in RESERVED_NAMES])
+    for name in files:
+        if not any(name.startswith(d) for d in dirs):
+            raise ManifestError(f"files[{name!r}]", f"outside the step folders ({', '.join(dirs)}): "
+                                                    "a chain carries only its steps")
+
+
+def _validate_chain_manifest(manifest: dict) -> dict:
+    m = _obj(manifest, "", _CHAIN_FIELDS, sorted(_CHAIN_FIELDS - _CHAIN_OPTIONAL_FIELDS))
+    _check_header(m)
+    steps = _check_chain(m["chain"])
+    _check_policy(m["policy"], None)        # its classes: shared.chain.check_chain, with the steps
+    if "metrics" in m:
+        _numbers_tree(_obj(m["metrics"], "metrics"), "metrics")
+    if "lineage" in m:
+        _obj(m["lineage"], "lineage")
+    _check_chain_files(m["files"], steps)
+    if "encoding" in m:
+        _check_encoding(m["encoding"], m["files"])
+    _check_bounds(m)
     return m
+
+
+def is_chain(manifest: Mapping[str, Any]) -> bool:
+    """Whether a (validated) manifest declares a model chain rather than one model."""
+    return "chain" in manifest
 
 
 def _check_profile(name: Any, precision: str) -> None:

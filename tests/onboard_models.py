@@ -4,7 +4,9 @@ The model is a per-pixel 1x1 convolution that reads brightness: it undoes the ma
 normalisation inside its weights, so its logits depend on the mean reflectance B of the bands:
 
     class 0 (e.g. "clear")            logit 0
-    "cloud"                           GAIN * (B - CLOUD_REFLECTANCE)     bright   -> cloud
+    "cloud", "ship"                   GAIN * (B - CLOUD_REFLECTANCE)     bright   -> cloud
+                                                                         (a ship model reads one
+                                                                         band: `band_weights`)
     "shadow" / "cloud_shadow"         GAIN * (SHADOW_REFLECTANCE - B)    dark     -> shadow
     any other class                   -10                                never wins
 
@@ -31,6 +33,7 @@ BANDS_6 = ("B02", "B03", "B04", "B08", "B11", "B12")
 BANDS_13 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 CLASSES_2 = ("clear", "cloud")
 CLASSES_3 = ("clear", "cloud", "shadow")
+BRIGHT_CLASSES = ("cloud", "ship")        # classes the brightness model sees where B is high
 
 GAIN = 40.0
 CLOUD_REFLECTANCE = 0.30
@@ -62,7 +65,7 @@ def weights(classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
     for k, name in enumerate(classes):
         if k == 0:
             continue
-        if name == "cloud":
+        if name in BRIGHT_CLASSES:
             w[k], b[k] = gain * w_b, gain * (m_b - CLOUD_REFLECTANCE)
         elif name in ("shadow", "cloud_shadow"):
             w[k], b[k] = -gain * w_b, gain * (SHADOW_REFLECTANCE - m_b)

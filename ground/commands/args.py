@@ -199,6 +199,23 @@ def add_bundle(p) -> None:
     _profile_arg(p, None, "the device the bundle is for (default: the export's); checked before signing")
 
 
+def add_chain(p) -> None:
+    p.add_argument("--step", action="append", required=True, metavar="NAME=BUNDLE",
+                   help="a step's signed bundle, in chain order: the first is the gate (2..4 steps)")
+    p.add_argument("--run-if", action="append", metavar="NAME=JSON",
+                   help='where a later step runs: one policy `if` block on an earlier step\'s classes, per '
+                        'cell, e.g. ship=\'{"class": "cloud", "fraction_below": 0.5}\'')
+    p.add_argument("--policy", required=True,
+                   help="the chain's keep/discard policy over every step's classes: a JSON file, or the JSON")
+    p.add_argument("--key", required=True, help="Ed25519 private key (eoedge shared keygen); the steps must "
+                                                "be signed with it too")
+    p.add_argument("--model-id", required=True, help="the chain's model id ([a-z0-9._-])")
+    p.add_argument("--version", type=POSITIVE, required=True, help="the chain's version (grows with every bundle)")
+    p.add_argument("--parent", type=POSITIVE, help="the version of this chain that this one replaces")
+    p.add_argument("--out", required=True, help="the chain bundle to write (.tar)")
+    p.add_argument("--max-bytes", type=byte_size, help="uplink budget (5MB = 5,000,000 bytes); none by default")
+
+
 def add_gap(p) -> None:
     _run_arg(p)
     p.add_argument("--checkpoint", default="student.pt", help="checkpoint in the run folder")
