@@ -26,6 +26,7 @@ import logging
 import queue
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from onboard.bus import peek_parts
 from onboard.config import DaemonConfig
@@ -55,9 +56,9 @@ class FrameJob:
         return self.msg.body["frame_id"]
 
 
-def check_frame(msg: Message, manifest: dict) -> None:
-    """Cheap checks against the model (shape against bands, bands the model needs); the
-    pipeline checks the values themselves (NaN, Inf) in the worker."""
+def check_frame(msg: Message, needed: Sequence[str]) -> None:
+    """Cheap checks against the model (shape against bands, the bands it needs: a chain's, of
+    every step); the pipeline checks the values themselves (NaN, Inf) in the worker."""
     data, bands = msg.arrays["data"], msg.body["bands"]
     if data.shape[0] != len(bands):
         raise FrameRefused(INVALID_FRAME, f"data has {data.shape[0]} bands (shape {list(data.shape)}) "
@@ -68,7 +69,7 @@ def check_frame(msg: Message, manifest: dict) -> None:
         have = {canonical_band(b) for b in bands}
     except UnknownBandError as exc:
         raise FrameRefused(INVALID_FRAME, str(exc), "body.bands") from None
-    missing = [b for b in manifest["input"]["bands"] if b not in have]
+    missing = [b for b in needed if b not in have]
     if missing:
         raise FrameRefused(INVALID_FRAME, f"the model needs bands {', '.join(missing)} which the "
                                           f"frame lacks (it has {', '.join(bands)})", "body.bands")
@@ -142,7 +143,7 @@ class Admission:
         if model is None:
             raise FrameRefused(NO_MODEL, "no active model: "
                                          f"{self.serving.error or 'install a bundle first'}")
-        check_frame(msg, model[0].manifest)
+        check_frame(msg, model[1].bands)
         depth = len(self.pending)
         if depth >= self.config.max_frames:
             raise FrameRefused(QUEUE_FULL, f"{depth} frames pending, the limit is "

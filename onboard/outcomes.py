@@ -1,10 +1,12 @@
 """A frame's one outcome, as the messages that carry it.
 
     decision    DECISION {frame_id, keep, priority, reason, stats, tile_decisions, timings_ms, model,
-                georef (the FRAME's, when it had one)}
+                georef (the FRAME's, when it had one), chain (a model chain's steps: name,
+                model_id, version, cells_run, cells_total, ms)}
                 to the payload (ref = the FRAME's id)
     product     a kept frame's PRODUCT {frame_id, priority, reason, stats, classes, tiles, model,
-                scene, index, acquired, georef, bands, scale} + its arrays (mask, quicklook, tiles) to the downlink
+                scene, index, acquired, georef, bands, scale, chain} + its arrays (mask, quicklook,
+                tiles; a chain's later steps' masks `mask_<step>`) to the downlink
     error       ERROR {code, message, frame_id} to the payload, when the pipeline refused the
                 frame's values, failed, or the drain ran out of time (message at most 1024
                 characters: shared.limits.clip)
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onboard.admission import FrameJob
+from onboard.chain import NOT_RUN, ChainResult
 from onboard.store import SlotInfo
 from shared.jsonable import jsonable
 from shared.limits import clip
@@ -62,19 +65,35 @@ def decision(outcome: FrameOutcome, timings: dict, source: str) -> Message:
             "model": model_ref(outcome.slot)}
     if "georef" in job.msg.body:
         body["georef"] = job.msg.body["georef"]
+    if isinstance(result, ChainResult):
+        body["chain"] = {"steps": jsonable(result.chain)}
     return job.msg.reply("decision", body, source=source)
 
 
+def chain_product(result: ChainResult) -> dict:
+    """A chain PRODUCT's `chain`: per step its accounting, its classes and its mask's part (the
+    gate's is `mask_png`, a later step's `mask_<step>`: PNG, NOT_RUN = 255 where it did not run)."""
+    steps = [{**step, "classes": list(result.step_classes[step["name"]]),
+              "mask": "mask_png" if i == 0 else f"mask_{step['name']}"}
+             for i, step in enumerate(jsonable(result.chain))]
+    return {"steps": steps, "nodata": NOT_RUN}
+
+
 def product(outcome: FrameOutcome, source: str) -> Message:
+    """`classes` are what `mask_png` holds: the model's, or a chain's gate's (`chain` says each
+    step's)."""
     job, result = outcome.job, outcome.result
     body = {"frame_id": job.frame_id, "priority": int(result.priority), "reason": str(result.reason),
             "stats": jsonable(result.stats),
-            "classes": list(outcome.slot.manifest["output"]["classes"]),
+            "classes": (list(result.class_mask_classes) if isinstance(result, ChainResult)
+                        else list(outcome.slot.manifest["output"]["classes"])),
             "tiles": [t for t in jsonable(result.tile_decisions) if t.get("keep", True)],
             "model": model_ref(outcome.slot)}
     for key in PRODUCT_KEYS_FROM_FRAME:
         if key in job.msg.body:
             body[key] = job.msg.body[key]
+    if isinstance(result, ChainResult):
+        body["chain"] = chain_product(result)
     return Message("product", body, dict(result.products or {}), ref=job.msg.id, source=source)
 
 

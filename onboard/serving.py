@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from onboard.chain import ChainPipeline
 from onboard.errors import BAD_ARGS, NO_MODEL, POLICY_NOT_STORED, CommandFailed, StoreError
 from onboard.store import ModelStore, SlotInfo
 from shared.policy import PolicyError, validate_policy
@@ -42,8 +43,11 @@ class Serving:
         if model is None:
             return None
         info, pipeline = model
-        return {"id": info.model_id, "version": info.version, "slot": info.slot,
-                "precision": pipeline.precision.as_dict()}
+        out = {"id": info.model_id, "version": info.version, "slot": info.slot,
+               "precision": pipeline.precision.as_dict()}
+        if isinstance(pipeline, ChainPipeline):       # each step's cells run of cells seen
+            out["chain"] = pipeline.counters.as_dict()
+        return out
 
     def load(self) -> None:
         """Bring back the active model at start-up; if its slot fails its checks, fall back to
@@ -95,7 +99,7 @@ class Serving:
         info, pipeline = model
         effective = info.manifest.get("policy") if policy is None else policy
         try:
-            validate_policy(effective, info.manifest["output"]["classes"])
+            validate_policy(effective, pipeline.classes)     # a chain's: every step's
         except PolicyError as exc:
             raise CommandFailed(f"args.{exc}", code=BAD_ARGS) from None
         try:                            # on disk first: what serves must survive a restart

@@ -11,6 +11,13 @@ and only then becomes active, at one atomic step. Installing is
        leaves either the old or the new state, never half of one
     -> the model that was active becomes `previous`, kept for `rollback()`.
 
+A chain bundle (shared.chain: a gate model, then models that run only where it allows) is one
+slot: after the chain's own archive checks, each step folder is verified with the same key
+(shared.chain.verify_chain_steps: a tampered step file or a step signed by another key is
+refused naming the step and the file), loaded and self-tested on its own reference tiles, and
+the steps serve together as one onboard.chain.ChainPipeline; activation, rollback and restart
+are a single model's.
+
 Any failure removes the staged slot and leaves the active model untouched and serving; the
 InstallResult says which check refused the bundle and why. A restart (even after kill -9)
 reopens state.json and comes back with the same active model after re-checking its files.
@@ -46,10 +53,13 @@ from onboard.errors import (ACTIVATION_FAILED, BAD_STATE, BUSY, EXTRACT_FAILED, 
                             LOAD_FAILED, NO_MODEL, NO_PREVIOUS, NOT_FOUND, PRECISION_UNSUPPORTED,
                             ROLLED_BACK, SELF_TEST_FAILED, SLOT_CORRUPT, SLOT_UNREADABLE,
                             STORE_IN_USE, PrecisionUnsupported, StoreError)
+from onboard.chain import ChainPipeline
 from onboard.pipeline import FramePipeline
 from onboard.precision import AUTO
 from shared.bundle import BundleError, extract_bundle, verify_extracted
+from shared.chain import verify_chain_steps
 from shared.keys import load_public_key
+from shared.manifest import ManifestError, is_chain
 
 log = logging.getLogger("onboard.store")
 
@@ -371,28 +381,57 @@ class ModelStore:
             raise StoreError(SLOT_CORRUPT, f"slot {info.slot} failed its check: {exc}") from None
 
     def _load_and_test(self, info: SlotInfo) -> tuple[Any, dict]:
-        """Build the pipeline for a slot and self-test it; raise StoreError saying why not."""
+        """Build the pipeline for a slot and self-test it (a chain: each step); raise
+        StoreError saying why not."""
+        if is_chain(info.manifest):
+            return self._load_chain(info)
+        return self._load_model(info.manifest, info.path, f"model {info.model_id} v{info.version}")
+
+    def _load_model(self, manifest: dict, path: Path, label: str, where: str = "") -> tuple[Any, dict]:
+        """One model (a slot, or a chain's step folder: `where` prefixes its messages)."""
         try:
-            pipeline = self.pipeline_factory(info.manifest, info.path)
+            pipeline = self.pipeline_factory(manifest, path)
         except PrecisionUnsupported as exc:
-            raise StoreError(PRECISION_UNSUPPORTED, f"model {info.model_id} v{info.version} "
-                                                    f"refused: {exc}") from None
+            raise StoreError(PRECISION_UNSUPPORTED, f"{where}{label} refused: {exc}") from None
         except Exception as exc:       # OpenVINO raises plain RuntimeError for a bad IR or device
-            raise StoreError(LOAD_FAILED, f"model {info.model_id} v{info.version} did not load "
-                                            f"on {self.device}: {exc}") from None
-        reference = (info.manifest.get("reference") or {}).get("file", "reference.npz")
+            raise StoreError(LOAD_FAILED, f"{where}{label} did not load on {self.device}: {exc}") from None
+        reference = (manifest.get("reference") or {}).get("file", "reference.npz")
         try:
-            result = pipeline.self_test(info.path / reference)
+            result = pipeline.self_test(path / reference)
         except Exception as exc:
-            raise StoreError(SELF_TEST_FAILED, f"self-test could not run: {exc}") from None
+            raise StoreError(SELF_TEST_FAILED, f"{where}self-test could not run: {exc}") from None
         report = {"ok": bool(result.ok), "max_abs_diff": float(result.max_abs_diff),
                   "mask_agreement": float(result.mask_agreement), "message": result.message,
                   "precision": pipeline.precision.running}
         if not result.ok:
-            error = StoreError(SELF_TEST_FAILED, f"self-test on the reference tiles failed: {result.message}")
+            error = StoreError(SELF_TEST_FAILED, f"{where}self-test on the reference tiles failed: "
+                                                 f"{result.message}")
             error.self_test = report
             raise error
         return pipeline, report
+
+    def _load_chain(self, info: SlotInfo) -> tuple[ChainPipeline, dict]:
+        """Each step folder verified with the uplink key, loaded and self-tested; the steps as
+        one ChainPipeline. The report holds each step's self-test."""
+        label = f"chain {info.model_id} v{info.version}"
+        try:
+            steps = verify_chain_steps(info.path, info.manifest, self.public_key)
+        except (BundleError, ManifestError) as exc:      # ChainStepRefused names the step
+            raise StoreError(exc.code, f"{label} refused: {exc}") from None
+        loaded, reports = [], {}
+        for step in steps:
+            where = f"{label}, step {step.name!r}: "
+            pipeline, reports[step.name] = self._load_model(
+                step.manifest, step.root, f"model {step.manifest['model_id']} v{step.manifest['version']}",
+                where)
+            loaded.append((step, pipeline))
+        try:
+            chain = ChainPipeline(info.manifest, loaded)
+        except (ValueError, KeyError) as exc:
+            raise StoreError(LOAD_FAILED, f"{label} did not load: {exc}") from None
+        report = {"ok": True, "steps": reports, "precision": chain.precision.running,
+                  "message": "; ".join(f"{name}: {r['message']}" for name, r in reports.items())}
+        return chain, report
 
     # ------------------------------------------------------------------ install / rollback
     def install(self, bundle_path: str | os.PathLike) -> InstallResult:

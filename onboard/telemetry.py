@@ -54,6 +54,29 @@ class LatencyTracker:
         return out
 
 
+class StepCounters:
+    """Per step of a model chain, since it was loaded: frames decided, and cells run of the cells
+    seen (telemetry and status `model.chain`; each step's latency is `latency_ms.step_<name>`).
+    Written by the frame worker, read by the poller: a lock keeps each step's counts together."""
+
+    def __init__(self, names: list[str]):
+        self._counts = {name: {"frames": 0, "cells_run": 0, "cells_total": 0} for name in names}
+        self._lock = threading.Lock()
+
+    def add(self, steps: list[dict]) -> None:
+        """One frame's accounting: [{name, cells_run, cells_total, ...}]."""
+        with self._lock:
+            for step in steps:
+                counts = self._counts[step["name"]]
+                counts["frames"] += 1
+                counts["cells_run"] += int(step["cells_run"])
+                counts["cells_total"] += int(step["cells_total"])
+
+    def as_dict(self) -> list[dict]:
+        with self._lock:
+            return [{"name": name, **counts} for name, counts in self._counts.items()]
+
+
 class FrameCounters:
     """How many frames were accepted, decided, errored (after acceptance) and rejected at the door."""
 

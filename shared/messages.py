@@ -35,9 +35,9 @@ import msgpack
 import numpy as np
 
 from shared.errors import MessageError
-from shared.limits import (INT64_MAX, INT64_MIN, MAX_BANDS, MAX_ID_CHARS,
-                           MAX_NAME_CHARS, MAX_SOURCE_CHARS, MAX_TEXT_CHARS, int_problem, quote,
-                           str_problem, tree_problem)
+from shared.limits import (INT64_MAX, INT64_MIN, MAX_BANDS, MAX_CHAIN_STEPS, MAX_CLASSES,
+                           MAX_ID_CHARS, MAX_NAME_CHARS, MAX_SOURCE_CHARS, MAX_TEXT_CHARS,
+                           int_problem, quote, str_problem, tree_problem)
 
 SCHEMA_VERSION = 1
 
@@ -277,6 +277,16 @@ def list_of(item: Validator, nonempty: bool = False, max_items: int | None = Non
     return check
 
 
+# A model chain's accounting (DECISION and PRODUCT `chain`): per step, in chain order, its
+# model, the cells it ran on of the frame's cells and its milliseconds; a PRODUCT adds each
+# step's classes and the part holding its mask, and the value of a cell it did not run on.
+CHAIN_STEP = record({"name": NAME, "model_id": NAME, "version": NONNEG_INT, "cells_run": NONNEG_INT,
+                     "cells_total": NONNEG_INT, "ms": FLOAT},
+                    {"classes": list_of(NAME, max_items=MAX_CLASSES), "mask": NAME})
+CHAIN = record({"steps": list_of(CHAIN_STEP, nonempty=True, max_items=MAX_CHAIN_STEPS)},
+               {"nodata": NONNEG_INT})
+
+
 def optional(inner: Validator) -> Validator:
     """`inner`, or None."""
     def check(value: Any, path: str) -> None:
@@ -331,20 +341,21 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
         optional={"scene": SHORT, "index": INT, "acquired": FLOAT, "georef": GEOREF},
         arrays={"data": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=3)},
     ),
-    # Daemon -> payload: the outcome of an accepted frame.
+    # Daemon -> payload: the outcome of an accepted frame (`chain`: a model chain's steps).
     "decision": BodySchema(
         required={"frame_id": ID, "keep": BOOL, "priority": INT, "reason": STR},
         optional={"stats": DICT, "tile_decisions": list_of(DICT), "timings_ms": DICT,
-                  "model": optional(DICT), "georef": GEOREF},
+                  "model": optional(DICT), "georef": GEOREF, "chain": CHAIN},
         other_arrays=True,
     ),
-    # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook).
+    # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook; a chain's
+    # later steps' masks `mask_<step>`, named in `chain`).
     "product": BodySchema(
         required={"frame_id": ID, "priority": INT},
         optional={"scene": SHORT, "index": INT, "reason": STR, "stats": DICT, "classes": list_of(STR),
                   "tiles": list_of(DICT), "model": optional(DICT), "acquired": FLOAT,
                   "georef": GEOREF, "bands": list_of(NAME, max_items=MAX_BANDS),
-                  "scale": POSITIVE_FLOAT},
+                  "scale": POSITIVE_FLOAT, "chain": CHAIN},
         other_arrays=True,
     ),
     # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).
