@@ -21,9 +21,17 @@ message may go when its peer is away (its last send was unroutable), or when it 
 frame's only outcome (an ACK: the DECISION or ERROR follows). A connected payload's outcomes
 are never dropped while it reads; one that has taken nothing for outbox_max_age_s (its pipe
 full all along) counts as away. The products outbox is bounded by admission
-(queue.max_pending_products) instead. Products spilled to disk by an earlier process and not yet
-acknowledged by the ground (`resend_spilled`, at start-up) wait as paths and are read into the
-products outbox a few at a time, so a long backlog costs no memory.
+(queue.max_pending_products) instead.
+
+Products go to libzmq one at a time: the next is handed over only once libzmq has let go of
+the previous one's buffers (a MessageTracker), because CURVE encrypts each part into a copy of
+its own (libzmq's curve_encoding_t::encode: a plaintext copy and the box), so a product costs
+three times its bytes while it is encrypted, and libzmq's pipe (SNDHWM) would otherwise hold
+several kept frames' pixels for a downlink that reads slowly. With a spill folder a kept
+frame's product waits as its path on the on-board store (`push_spilled`; and at start-up,
+`resend_spilled`: an earlier process's, not yet acknowledged) and is read back
+(onboard.products.read_spilled, one buffer) only when its turn comes: a backlog costs disk, not
+memory, and a frame's pixels are freed with its outcome.
 
 A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
 with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
@@ -31,8 +39,6 @@ with an error reply naming it (`internal`), never an exit: the daemon keeps serv
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -57,28 +63,9 @@ POLL_MS = 100                 # longest the loop sleeps: bounds how late a timer
 BACKLOG_POLL_MS = 20          # ... and while an outbox holds messages
 MAX_BURST = 64                # messages read from one socket per loop turn (others stay served)
 OUTBOX_RETRY_S = 0.25         # unroutable replies are retried this often
-RESEND_IN_MEMORY = 2          # spilled products read back into the products outbox at a time
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
-
-
-M_MMAP_THRESHOLD = -3        # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 128 << 10
-
-
-def return_large_buffers() -> bool:
-    """Make glibc give every buffer over 128 KiB back to the system when it is freed.
-
-    Received messages are allocated by libzmq's I/O thread; glibc raises its mmap threshold
-    after the first large free, and then keeps later megabyte-sized messages in its heaps: a
-    burst of 1,000 one-MB messages from clients that left raised the daemon's memory by ~140 MB
-    for good. A fixed threshold turns that off (glibc only; elsewhere a no-op, False)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def peek_header(frame: Any) -> tuple[str | None, str | None]:
@@ -147,6 +134,11 @@ class Outbox:
         self.items.append(item)
         self._count(item, +1)
 
+    def pop_first(self) -> Pending:
+        item = self.items.popleft()
+        self._count(item, -1)
+        return item
+
     def take_all(self) -> collections.deque:
         items, self.items = self.items, collections.deque()
         self.bytes, self.peer_bytes = 0, {}
@@ -197,6 +189,16 @@ class Outbox:
                 "away": len(self.away), "dropped": dict(self.dropped)}
 
 
+def send_tracked(sock: zmq.Socket, parts: list) -> zmq.MessageTracker:
+    """Send a multipart message without copying it; the tracker is done once libzmq has let go
+    of every part's buffer. Raises zmq.Again (nothing sent) when the socket cannot take it."""
+    trackers = []
+    for i, part in enumerate(parts):
+        more = zmq.SNDMORE if i < len(parts) - 1 else 0
+        trackers.append(sock.send(part, zmq.NOBLOCK | more, copy=False, track=True))
+    return zmq.MessageTracker(*trackers)
+
+
 def unencodable_reply(msg: Message, exc: MessageError) -> Message:
     """What answers `msg` when `msg` itself cannot be encoded: an ACK refusing with `internal`,
     or for a frame's outcome an ERROR `internal` (still its one outcome)."""
@@ -223,9 +225,10 @@ class Bus:
         self.outboxes = {"frames": Outbox("frames", bounds), "commands": Outbox("commands", bounds),
                          "products": Outbox("products")}
         self.unencodable = 0           # replies answered `internal` because they could not be encoded
-        self.resend: collections.deque[Path] = collections.deque()   # spilled products to send again
-        self.resent = 0                # spilled products sent again since start-up
-        return_large_buffers()
+        # spilled products waiting to go, oldest first: (path, spilled by an earlier process)
+        self.spilled: collections.deque[tuple[Path, bool]] = collections.deque()
+        self.resent = 0                # an earlier process's spilled products sent since start-up
+        self.in_flight: zmq.MessageTracker | None = None   # the product libzmq still holds
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -357,7 +360,9 @@ class Bus:
     def outbox_status(self) -> dict:
         """Each outbox's messages, bytes, peers and what its bounds dropped (status, telemetry)."""
         out = {name: box.status() for name, box in self.outboxes.items()}
-        out["products"].update(spilled_to_resend=len(self.resend), spilled_resent=self.resent)
+        out["products"].update(spilled_waiting=len(self.spilled),
+                               spilled_to_resend=sum(again for _, again in self.spilled),
+                               spilled_resent=self.resent)
         out["unencodable_replies"] = self.unencodable
         return out
 
@@ -371,26 +376,33 @@ class Bus:
         self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
                                                  time.monotonic()))
 
+    def push_spilled(self, path: Path) -> None:
+        """Queue a kept frame's PRODUCT that is on the on-board store (spill_product): read
+        back when its turn comes."""
+        self.spilled.append((Path(path), False))
+
     def resend_spilled(self, paths: list[Path]) -> None:
         """Products an earlier process spilled and the ground has not acknowledged: they go
         again, oldest first, after whatever is queued now (the ground ignores a duplicate)."""
-        self.resend.extend(paths)
+        self.spilled.extend((Path(p), True) for p in paths)
 
-    def _read_back_spilled(self) -> None:
-        """Top the products outbox up from the resend list (a file gone meanwhile was
-        acknowledged; an unreadable one is logged and left on disk)."""
+    def _read_back_spilled(self) -> bool:
+        """Put the next spilled product into the (empty) products outbox; False when none is
+        left. A file gone meanwhile was acknowledged; an unreadable one is logged and left on
+        disk."""
         outbox = self.outboxes["products"]
-        while self.resend and len(outbox) < RESEND_IN_MEMORY:
-            path = self.resend.popleft()
+        while self.spilled and not outbox.items:
+            path, again = self.spilled.popleft()
             try:
                 parts = read_spilled(path)
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, msgpack.UnpackException) as exc:
-                log.error("spilled product %s not sent again: %s", path, clip(str(exc), 200))
+            except (OSError, ValueError) as exc:
+                log.error("spilled product %s not sent: %s", path, clip(str(exc), 200))
                 continue
             outbox.append(Pending([], parts, sum(len(p) for p in parts), time.monotonic()))
-            self.resent += 1
+            self.resent += again
+        return bool(outbox.items)
 
     def publish(self, msg: Message) -> None:
         """TELEMETRY: sent if the socket takes it now, else dropped (PUB's own rule)."""
@@ -408,10 +420,10 @@ class Bus:
             pass
 
     def pending(self, name: str) -> int:
-        return len(self.outboxes[name]) + (len(self.resend) if name == "products" else 0)
+        return len(self.outboxes[name]) + (len(self.spilled) if name == "products" else 0)
 
     def backlog(self) -> bool:
-        return bool(self.resend) or any(len(box) for box in self.outboxes.values())
+        return bool(self.spilled) or any(len(box) for box in self.outboxes.values())
 
     def flush_all(self) -> None:
         for name in self.outboxes:
@@ -419,24 +431,14 @@ class Bus:
 
     def flush(self, name: str) -> None:
         """Send what an outbox holds, keeping (in order) what cannot go yet; then drop what is
-        past the outbox's bounds and may go. The products outbox is refilled from the resend
-        list while everything goes."""
-        self._flush_once(name)
-        while name == "products" and self.resend and not self.outboxes[name].items:
-            self._flush_once(name)
-
-    def _flush_once(self, name: str) -> None:
+        past the outbox's bounds and may go. Products: `_flush_products`."""
+        if name == "products":
+            return self._flush_products()
         outbox = self.outboxes[name]
-        if name == "products" and self.resend:
-            self._read_back_spilled()
         if not outbox.items or time.monotonic() < outbox.next_try:
             return
         sock = self.sockets[name]
-        blocked = False
         for item in outbox.take_all():
-            if blocked and name == "products":
-                outbox.append(item)
-                continue
             try:
                 sock.send_multipart([*item.route, *item.parts], zmq.NOBLOCK, copy=False)
                 outbox.away.discard(item.peer)
@@ -445,7 +447,6 @@ class Bus:
                 outbox.append(item)
                 outbox.away.discard(item.peer)   # connected, its pipe full: may still read
                 outbox.stalled.setdefault(item.peer, time.monotonic())
-                blocked = True           # PUSH: nobody pulling or HWM reached; keep the order
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EHOSTUNREACH:
                     outbox.append(item)   # the payload is away: retry when it is back
@@ -458,6 +459,27 @@ class Bus:
             outbox.away.clear()
             outbox.stalled.clear()
         outbox.next_try = time.monotonic() + OUTBOX_RETRY_S if outbox.items else 0.0
+
+    def _flush_products(self) -> None:
+        """Hand products to libzmq in order, each once libzmq has let go of the one before
+        (`in_flight`); a spilled one is read back from disk only then."""
+        outbox, sock = self.outboxes["products"], self.sockets["products"]
+        while self.in_flight is None or self.in_flight.done:
+            self.in_flight = None
+            if not outbox.items and not self._read_back_spilled():
+                return
+            if time.monotonic() < outbox.next_try:
+                return
+            item = outbox.items[0]
+            try:
+                self.in_flight = send_tracked(sock, item.parts)
+            except zmq.Again:                 # nobody pulling, or its pipe is full: later
+                outbox.next_try = time.monotonic() + OUTBOX_RETRY_S
+                return
+            except zmq.ZMQError as exc:
+                log.error("products: message not sent: %s", exc)
+            outbox.pop_first()
+            outbox.next_try = 0.0
 
     # ------------------------------------------------------------------ close
     def flush_until(self, deadline: float) -> None:

@@ -49,6 +49,7 @@ from onboard.bus import CLOSE_LINGER_MS, Bus, peek_parts
 from onboard.config import DaemonConfig
 from onboard.errors import (BUSY, DISK_FULL, SHUTDOWN, SPILL_FAILED, TIMEOUT, CommandFailed,
                             is_disk_full)
+from onboard.memory import release_memory, tune_allocator
 from onboard.outcomes import FrameOutcome
 from onboard.products import remove_spilled, spill_product, spilled_products
 from onboard.serving import Serving
@@ -75,6 +76,7 @@ class Daemon:
     request_shutdown (onboard.telecommands)."""
 
     def __init__(self, config: DaemonConfig, store: ModelStore | None = None):
+        tune_allocator()           # before OpenVINO's and libzmq's threads exist (onboard.memory)
         self.config = config
         self.store = store or ModelStore(config.store_root, config.public_key, device=config.device,
                                          num_requests=config.num_requests or None, exclusive=True,
@@ -211,11 +213,15 @@ class Daemon:
         self.bus.send("commands", route, Message("ack", body, ref=ref, source=self.config.name))
 
     def _collect_results(self) -> None:
+        frames = 0
         for item in self.workers.results():
             if isinstance(item, CommandDone):
                 self._ack(item.route, item.msg.id, item.body)
             else:
                 self._frame_outcome(item)
+                frames += 1
+        if frames:
+            release_memory()       # what the frame's small allocations left (onboard.memory)
 
     def _frame_outcome(self, outcome: FrameOutcome) -> None:
         """Send a frame's one outcome (a late or second one is ignored)."""
@@ -226,11 +232,12 @@ class Daemon:
             self.counters.errored += 1
             self.bus.send("frames", route, outcomes.error(outcome, source))
             return
+        spilled = None
         if outcome.result.keep and self.config.spill_dir is not None:
-            spill_error = self._spill(outcome)
-            if spill_error is not None:
+            spilled = self._spill(outcome)
+            if isinstance(spilled, FrameOutcome):
                 self.counters.errored += 1
-                self.bus.send("frames", route, outcomes.error(spill_error, source))
+                self.bus.send("frames", route, outcomes.error(spilled, source))
                 return
         self.counters.decided += 1
         timings = outcomes.timings_ms(outcome.job, outcome.result, time.monotonic())
@@ -238,16 +245,18 @@ class Daemon:
         self.bus.send("frames", route, outcomes.decision(outcome, timings, source))
         if outcome.result.keep:
             self.counters.kept += 1
-            self.bus.push_product(outcomes.product(outcome, source))
+            if spilled is not None:     # read back from the store when its turn comes (bus)
+                self.bus.push_spilled(spilled)
+            else:
+                self.bus.push_product(outcomes.product(outcome, source))
 
-    def _spill(self, outcome: FrameOutcome) -> FrameOutcome | None:
-        """Write a kept frame's product to the spill folder; an ERROR outcome naming the file
-        when the disk is full (or the write fails), else None."""
+    def _spill(self, outcome: FrameOutcome) -> Path | FrameOutcome:
+        """Write a kept frame's product to the spill folder: its path, or an ERROR outcome
+        naming the folder when the disk is full (or the write fails)."""
         job = outcome.job
         try:
-            spill_product(self.config.spill_dir, job.frame_id,
-                          encode(outcomes.product(outcome, self.config.name)))
-            return None
+            return spill_product(self.config.spill_dir, job.frame_id,
+                                 encode(outcomes.product(outcome, self.config.name)))
         except OSError as exc:
             what = "disk full" if is_disk_full(exc) else "write failed"
             log.error("product of frame %s not spilled to %s: %s", job.frame_id,

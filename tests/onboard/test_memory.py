@@ -1,0 +1,81 @@
+"""The daemon's memory (issue 13): a frame is let go once its outcome is out, products go to
+libzmq one at a time while a backlog waits on the on-board store, and glibc's allocator is set
+by the daemon itself."""
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+import zmq
+
+from onboard.admission import FrameJob
+from onboard.memory import release_memory, tune_allocator
+from onboard.outcomes import FrameOutcome
+from onboard.workers import Workers
+from shared.messages import Message
+from test_daemon import Payload, bundles, command, connect, frame, make_daemon, products  # noqa: F401
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_the_frame_worker_lets_go_of_a_frame_once_its_outcome_is_handed_back():
+    # Held by the worker while it waits for the next frame, a frame's pixels (and products)
+    # would stay alive until that next frame had arrived: two frames in memory at once.
+    jobs: queue.Queue = queue.Queue()
+    woken = threading.Event()
+    workers = Workers(jobs, lambda job: FrameOutcome(job, code="x"), lambda msg, cmd: {}, woken.set)
+    workers.start()
+    try:
+        pixels = np.zeros((4, 64, 64), np.uint16)
+        alive = weakref.ref(pixels)
+        job = FrameJob([b"p"], Message("frame", {"frame_id": "f1", "bands": [], "scale": 1.0},
+                                       {"data": pixels}), time.monotonic())
+        jobs.put(job)
+        assert woken.wait(10)
+        (outcome,) = list(workers.results())
+        assert outcome.job is job
+        del job, outcome, pixels
+        gc.collect()
+        assert alive() is None, "the idle frame worker still holds the last frame"
+    finally:
+        workers.stop()
+        assert workers.join(5)
+
+
+def test_the_allocator_settings_take_on_glibc():
+    # mallopt(M_MMAP_THRESHOLD) and mallopt(M_ARENA_MAX) accepted, malloc_trim callable
+    assert tune_allocator() is True
+    assert release_memory() in (True, False)
+
+
+def test_a_product_backlog_waits_on_the_store_with_one_product_in_memory(make_daemon, tmp_path):
+    """A downlink that connects but does not read: kept frames' products wait as spilled files
+    (pending_products counts them, admission's bound applies), at most one is read back into
+    memory, none sits in libzmq's queue beyond the one it is writing; once the downlink reads,
+    every product arrives, in order."""
+    spill = tmp_path / "spill"
+    daemon = make_daemon([1], supervision={"spill_dir": str(spill)},
+                         queue={"max_frames": 2, "max_pending_products": 32}).start()
+    payload = Payload(daemon.endpoints["frames"])
+    downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink", RCVHWM=1, RCVBUF=65536)
+    try:
+        data = frame("clear", 1024)[0]                   # 12.6 MB products: more than a socket buffer
+        ids = [f"backlog-{i}" for i in range(5)]
+        for frame_id in ids:
+            decided = payload.outcome(payload.send(frame_id, data))
+            assert decided.type == "decision" and decided.body["keep"], decided.body
+        status = command(daemon.endpoints["commands"], "status")["result"]
+        box = status["outboxes"]["products"]
+        assert status["pending_products"] >= 2, status["outboxes"]
+        assert box["messages"] <= 1 and box["spilled_waiting"] == status["pending_products"] - box["messages"]
+        got = products(downlink, len(ids), timeout=60)
+        assert [p.body["frame_id"] for p in got] == ids
+        assert all(p.arrays["frame"].shape == data.shape for p in got)
+    finally:
+        payload.close()
+        downlink.close(linger=0)
