@@ -29,6 +29,7 @@ import numpy as np
 
 from flight_sim.errors import SceneSpecError
 from flight_sim.generator import CLASSES, SceneGenerator
+from flight_sim.harbour import SKY_KEYS, cloudy_harbour
 from flight_sim.truth import IGNORE
 from shared import datasets
 from shared.bands import RESOLUTION_M, S2_BANDS, band_from_filename
@@ -330,7 +331,8 @@ GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ship
                   "feature_scale", "name", "place"}
 COMMON_KEYS = {"kind", "crop_rows", "repeat", "georef"}
 FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
-SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"}}   # by kind
+SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"},   # by kind
+              "harbour": {"port", *SKY_KEYS}}
 
 
 def _crop(source: SceneSource, rows: Any, where: str) -> SceneSource:
@@ -366,7 +368,7 @@ def check_scene_spec(spec: Any, where: str = "scenes[0]") -> None:
         raise SceneSpecError(f"{where}: expected a table, got {type(spec).__name__}")
     kind = spec.get("kind")
     if kind not in SCENE_KEYS:
-        raise SceneSpecError(f"{where}.kind: one of generated, file, dataset expected, got {kind!r}")
+        raise SceneSpecError(f"{where}.kind: one of generated, file, dataset, harbour expected, got {kind!r}")
     unknown = set(spec) - SCENE_KEYS[kind] - COMMON_KEYS
     if unknown:
         raise SceneSpecError(f"{where}.{sorted(unknown)[0]}: unknown key for a {kind} scene "
@@ -379,6 +381,8 @@ def check_scene_spec(spec: Any, where: str = "scenes[0]") -> None:
         raise SceneSpecError(f"{where}.name: a dataset name expected (ukis, sen1floods11, eolearn:N)")
     elif kind == "file" and not isinstance(spec.get("path"), str):
         raise SceneSpecError(f"{where}.path: a file or folder path expected")
+    elif kind == "harbour" and not isinstance(spec.get("port"), str):
+        raise SceneSpecError(f"{where}.port: a sen2ships harbour expected ({', '.join(datasets.SHIP_PORTS)})")
 
 
 def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0]") -> SceneSource:
@@ -388,6 +392,8 @@ def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0
         {kind = "file", path, bands?, scale?, truth?, truth_classes?}     (tif, band folder, npz,
                                                                            npy, SAFE, .zip, .jp2s)
         {kind = "dataset", name = "ukis" | "sen1floods11" | "eolearn:N"}
+        {kind = "harbour", port = "genoa", seed, cloud_cover, ...}        (flight_sim.harbour: a
+                                                                           real harbour, generated sky)
     any of them with crop_rows = [first, end), and georef = {crs = "EPSG:32633", transform =
     [10, 0, 500000, 0, -10, 5200000]} to place it on Earth (a generated scene; or a file's own
     georeference replaced).
@@ -398,6 +404,8 @@ def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0
         source = _generated_source(spec, where)
     elif spec["kind"] == "dataset":
         source = dataset_source(spec["name"])
+    elif spec["kind"] == "harbour":
+        source = harbour_source(spec, where)
     else:
         source = _file_source(spec, base_dir, where)
     if "georef" in spec:
@@ -414,6 +422,17 @@ def _spec_georef(value: Any, where: str) -> GeoRef:
         return GeoRef(value["crs"], tuple(value["transform"]))
     except (TypeError, ValueError) as exc:
         raise SceneSpecError(f"{where}: {exc}") from None
+
+
+def harbour_source(spec: dict, where: str = "scenes[0]") -> ArraySource:
+    """A sen2ships harbour under a generated sky (flight_sim.harbour): its real georeference, truth
+    in the generator's CLASSES, the visible vessels as the objects."""
+    args = {k: v for k, v in spec.items() if k in SKY_KEYS}
+    try:
+        h = cloudy_harbour(spec["port"], **args)
+    except (TypeError, ValueError) as exc:
+        raise SceneSpecError(f"{where}: {exc}") from None
+    return ArraySource(h.scene, h.truth, CLASSES, name=h.scene.name, objects=h.ships, object_class="ship")
 
 
 def _generated_source(spec: dict, where: str) -> GeneratedSource:

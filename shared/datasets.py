@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 
 UKIS_DIR, SEN1FLOODS11_DIR, EOLEARN_DIR = "ukis_csmask_s2", "sen1floods11_sample", "eolearn_testeopatch"
+SHIPS_DIR = "sen2ships_ports"
 
 # ukis-csmask chip: Blue, Green, Red, NIR, SWIR16, SWIR22, i.e. B2 B3 B4 B8 B11 B12.
 UKIS_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
@@ -41,6 +42,11 @@ EOLEARN_LULC_CLASSES = {0: "no data", 1: "cultivated land", 2: "forest", 3: "gra
                         4: "shrubland", 8: "artificial surface"}
 # s2cloudless mean cloud probability of REFERENCE_SCENES: [0.97, 0.75, 0.03, 0.02, 0.01]
 EOLEARN_CLOUDY_SCENES = (0, 1)
+
+# sen2ships harbours: L2A, uint16 = reflectance x 65535 (Sentinel Hub's 16-bit output), EPSG:3857
+SHIP_PORTS = ("casablanca", "honolulu", "busan", "algiers", "cartagena", "genoa")
+SHIP_BANDS = ("B02", "B03", "B04", "B08", "B11")
+SHIPS_SCALE = 65535.0
 
 
 def data_root() -> Path:
@@ -125,3 +131,41 @@ def load_eolearn(root: Path | None = None) -> tuple[list[Scene], np.ndarray]:
         raise ValueError(f"{lulc_path}: shape {lulc.shape} does not match the scenes "
                          f"{cube.shape[1:3]}")
     return scenes, lulc
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO uncompressed RLE (column-major counts) -> (H, W) uint8 mask."""
+    h, w = rle["size"]
+    m = np.zeros(h * w, np.uint8)
+    pos, v = 0, 0
+    for c in rle["counts"]:
+        m[pos:pos + c] = v
+        pos += c
+        v ^= 1
+    return m.reshape(w, h).T
+
+
+def load_ships_port(city: str, root: Path | None = None) -> tuple[Scene, np.ndarray, list[str]]:
+    """One sen2ships harbour: (Scene 5 bands B02 B03 B04 B08 B11, float32 L2A reflectance (DN /
+    65535), EPSG:3857 georeference from its GeoTIFFs; vessel instances (H, W) int32, 0 background,
+    1..N hand-drawn vessels (touching instances: the first keeps the pixel); the files read)."""
+    if city not in SHIP_PORTS:
+        raise ValueError(f"sen2ships: unknown port {city!r}; known: {', '.join(SHIP_PORTS)}")
+    folder = _file(root, SHIPS_DIR, city)
+    files = sorted(str(f) for f in folder.glob("*_(Raw).tiff"))
+    if len(files) != len(SHIP_BANDS):
+        raise ValueError(f"{folder}: expected {len(SHIP_BANDS)} band files *_(Raw).tiff, found {len(files)}")
+    raw = read_scene(folder, bands=SHIP_BANDS)
+    scene = Scene(raw.data.astype(np.float32) / np.float32(SHIPS_SCALE), raw.bands, raw.georef, city)
+    coco_path = folder / f"{city}_coco.json"
+    try:
+        anns = json.loads(coco_path.read_text())["annotations"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{coco_path}: {exc}") from None
+    instances = np.zeros((scene.rows, scene.cols), np.int32)
+    for i, a in enumerate(anns, 1):
+        m = rle_decode(a["segmentation"])
+        if m.shape != instances.shape:
+            raise ValueError(f"{coco_path}: instance {i} has size {m.shape}, the bands {instances.shape}")
+        instances[(m > 0) & (instances == 0)] = i
+    return scene, instances, files + [str(coco_path)]

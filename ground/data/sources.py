@@ -21,6 +21,7 @@ from shared.scene import Scene, read_scene
 from ground.data.layouts import LAYOUT_DEFAULTS, PATCH_LAYOUTS, map_labels
 from ground.data.lazy import Readers, SceneOnDisk, find_scenes, sample_windows
 from ground.data.sample import Sample
+from ground.data.ships import SHIP_BANDS, SHIP_PORTS, load_port
 from ground.errors import DataError
 
 
@@ -110,6 +111,21 @@ def _patches(spec: dict, bands, role: str, num_classes: int | None = None) -> li
     return out
 
 
+def _ships(spec: dict, bands, role: str) -> list[Sample]:
+    """The sen2ships harbours named in `ports` (each a whole chip with its hand-drawn vessels, labels
+    0 background / 1 ship; ground.data.ships). A config holds a harbour out simply by not naming it
+    here: only the ports listed are read."""
+    ports = spec.get("ports")
+    if not isinstance(ports, list) or not ports or any(p not in SHIP_PORTS for p in ports):
+        raise DataError(f"data source 'ships': ports must be a non-empty list of {list(SHIP_PORTS)}, got {ports!r}")
+    out = []
+    for city in ports:
+        sample, _instances = load_port(city)
+        sample.image = _select(sample.image, SHIP_BANDS, bands, f"sen2ships {city}")
+        out.append(sample)
+    return out
+
+
 LAZY_KEYS = ("source", "layout", "path", "scale", "file_bands", "windows", "window", "seed")
 
 
@@ -135,7 +151,7 @@ def _scenes(spec: dict, bands, role: str) -> list[Sample]:
 
 
 SOURCES: dict[str, Callable] = {"ukis": _ukis, "sen1floods11": _sen1floods11, "eolearn": _eolearn,
-                                "scene": _scene, "patches": _patches, "scenes": _scenes}
+                                "scene": _scene, "patches": _patches, "scenes": _scenes, "ships": _ships}
 
 
 def load_source(spec: dict, bands, role: str = "train", num_classes: int | None = None,
