@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -24,19 +25,57 @@ from shared.bands import UnknownBandError, canonical_band
 
 QUICKLOOK_BANDS = ("B04", "B03", "B02")
 QUICKLOOK_MAX_REFLECTANCE = 0.3     # reflectance shown as white: keeps land readable, clouds clip
-# Class masks are long runs of one value: zlib's RLE strategy without PNG row filters is ~8x
-# faster than OpenCV's defaults on a 2048 x 2048 mask and gives a smaller file.
+# Class masks are long runs of one value: zlib's RLE strategy at level 1 without PNG row filters
+# is ~8x faster than OpenCV's PNG defaults on a 2048 x 2048 mask and gives a smaller file.
 JPEG_QUALITY = 85
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_ROWS_PER_CALL = 256         # rows filtered and compressed at a time (bounded scratch memory)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+class MaskPng:
+    """A class mask (H, W) uint8 as an 8-bit greyscale PNG, encoded band by band as its rows
+    become final (the pipeline feeds it while later tiles still infer): `add(rows)` top to
+    bottom, then `finish()` -> the PNG's bytes. zlib (the standard library's) does the
+    compression, RLE strategy, level 1, filter type 0 on every row; any PNG reader decodes it
+    (OpenCV's encoder cannot be fed row by row)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width, self.rows = int(height), int(width), 0
+        self._zlib = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+        self._parts = [PNG_SIGNATURE, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height,
+                                                                      8, 0, 0, 0, 0))]
+
+    def add(self, rows: np.ndarray) -> None:
+        if rows.ndim != 2 or rows.dtype != np.uint8 or rows.shape[1] != self.width \
+                or self.rows + len(rows) > self.height:
+            raise ValueError(f"rows {rows.dtype} {rows.shape} do not continue a {self.height} x {self.width} "
+                             f"uint8 mask at row {self.rows}")
+        for start in range(0, len(rows), PNG_ROWS_PER_CALL):
+            part = rows[start:start + PNG_ROWS_PER_CALL]
+            filtered = np.empty((len(part), self.width + 1), np.uint8)
+            filtered[:, 0] = 0                  # each row's filter type: none
+            filtered[:, 1:] = part
+            data = self._zlib.compress(filtered)
+            if data:
+                self._parts.append(_png_chunk(b"IDAT", data))
+        self.rows += len(rows)
+
+    def finish(self) -> bytes:
+        if self.rows != self.height:
+            raise ValueError(f"{self.rows} of the mask's {self.height} rows added")
+        self._parts += [_png_chunk(b"IDAT", self._zlib.flush()), _png_chunk(b"IEND", b"")]
+        return b"".join(self._parts)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-    if hasattr(cv2, "IMWRITE_PNG_FILTER"):      # OpenCV 4.12+; the Myriad stack (numpy < 1.25) has 4.11
-        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
-    ok, buf = cv2.imencode(".png", mask, params)
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the class mask as PNG")
-    return buf.tobytes()
+    """The class mask (H, W) uint8 as a lossless PNG (MaskPng, all rows at once)."""
+    png = MaskPng(*mask.shape)
+    png.add(mask)
+    return png.finish()
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
@@ -90,8 +129,12 @@ def kept_tiles(data: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], til
 
 
 def frame_products(data: np.ndarray, bands: Sequence[str], scale: float, mask: np.ndarray,
-                   tile_boxes: Sequence[tuple[int, int, int, int]], tile: int, all_kept: bool = False) -> dict:
-    out = {"mask_png": mask_png(mask), "quicklook_jpg": quicklook_jpg(data, bands, scale),
+                   tile_boxes: Sequence[tuple[int, int, int, int]], tile: int, all_kept: bool = False,
+                   *, png: bytes | None = None, quicklook: bytes | None = None) -> dict:
+    """The products of a kept frame (the module's table). `png` / `quicklook`: the mask's PNG
+    and the quicklook when already made (the pipeline makes them while tiles still infer)."""
+    out = {"mask_png": mask_png(mask) if png is None else png,
+           "quicklook_jpg": quicklook_jpg(data, bands, scale) if quicklook is None else quicklook,
            "tile_boxes": np.asarray(tile_boxes, dtype=np.int32).reshape(len(tile_boxes), 4)}
     if all_kept:
         out["frame"] = data            # a copy into tiles would only rearrange the same pixels
