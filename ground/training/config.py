@@ -33,6 +33,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0          # DataLoader worker processes of the lazy scene dataset (0: in the trainer)
+    # torch CPU threads while training (0: torch's default, one per core). On a shared, loaded machine
+    # one thread is several times faster than two spinning against other jobs (docs/ground.md)
+    threads: int = 0
     # validation (a split by scene) every val_every steps (0: none); stop after `patience` validations
     # without improvement (0: never); the best weights are kept and restored
     val_every: int = 0
@@ -47,7 +50,7 @@ class TrainConfig:
             raise ConfigError(f"training: lr must be > 0, got {self.lr}")
         if not 0.0 <= float(self.balance) <= 1.0:
             raise ConfigError(f"training: balance must be within 0..1, got {self.balance}")
-        for name in ("workers", "val_every", "patience"):
+        for name in ("workers", "threads", "val_every", "patience"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"training: {name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.validation, (int, float)) and not 0.0 <= float(self.validation) < 1.0:

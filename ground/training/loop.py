@@ -18,6 +18,7 @@ import copy
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,28 @@ def fit(model: torch.nn.Module, sampler: BatchSampler, objective, norm: Normaliz
 
     With `checkpoint`, state is saved every cfg.checkpoint_every steps and at the end; `resume=True`
     picks up from that file (same config) instead of starting over. `device`/`precision` override
-    cfg.device/cfg.precision; the model comes back on the device it came from."""
+    cfg.device/cfg.precision; the model comes back on the device it came from. `cfg.threads` (when
+    not 0) sets torch's CPU threads for the training only."""
+    with cpu_threads(int(cfg.threads)):
+        return _fit(model, sampler, objective, norm, cfg, checkpoint, arch, resume, feature, meta, progress, desc,
+                    device, precision, validate)
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op CPU threads set to `n` inside the block (0: left as they are), then restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
+def _fit(model, sampler, objective, norm, cfg: TrainConfig, checkpoint, arch, resume, feature, meta, progress,
+         desc, device, precision, validate) -> list[dict]:
     place = Placement.of(device or cfg.device, precision or cfg.precision)
     ctx = Distributed.from_env(place)
     home = next(model.parameters()).device
