@@ -7,9 +7,12 @@ cells the earlier ones pass. One frame in, one decision out, read top to bottom 
                 (gate.cell frame pixels, one gate tile) are the chain's cells
     run_if      for each later step, per cell, its `run_if` (one shared.policy `if` block) on the
                 statistics of the steps already run on that cell
-    target      the step runs on each horizontal run of contiguous passing cells, cut as a view of
-                the frame (no copy): its own tiles, reflect-padded at the run's edges as at the
-                frame's; its mask is 255 (nodata) where it did not run
+    target      the step runs on each horizontal run of contiguous passing cells, stacked with the
+                runs of the same columns below it into a box (`passing_boxes`: fewer, larger
+                calls), cut as a view of the frame (no copy): its own tiles from the box's corner,
+                reflect-padded at the box's edges as at a frame's, opened per box (an object cut
+                by a box's edge is opened as at a frame's edge); every cell passing, the box is
+                the whole frame. Its mask is 255 (nodata) where it did not run
     statistics  per cell and per frame, the union of the steps' fractions (a class of a step that
                 did not run on a cell: 0.0) and the components the policy counts
     policy      shared.policy.evaluate per cell and per frame, over the classes of every step
@@ -86,6 +89,22 @@ def passing_runs(passing: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
+def passing_boxes(passing: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first col, end col) in cells: the horizontal runs of True cells,
+    each stacked with the runs of the same columns in the rows below it. One model call per
+    box: a lone cell is one tile whose inference no other tile overlaps, so fewer, larger
+    views run faster (the same cells, the same mask but at the boxes' edges)."""
+    open_boxes: dict[tuple[int, int], int] = {}      # (first col, end col) -> first row
+    boxes = []
+    for i in range(passing.shape[0] + 1):
+        row = {(a, b) for r, a, b in passing_runs(passing[i:i + 1])} if i < passing.shape[0] else set()
+        for span in [s for s in open_boxes if s not in row]:
+            boxes.append((open_boxes.pop(span), i, *span))
+        for span in row:
+            open_boxes.setdefault(span, i)
+    return sorted(boxes)
+
+
 def step_stats(mask: np.ndarray, classes: Sequence[str], cell: int, counted: Sequence[str],
                partial: bool) -> tuple[dict, list[dict]]:
     """shared.policy statistics of one step's mask for the frame and each cell. `partial`: the
@@ -139,6 +158,16 @@ class ChainPipeline:
                 "steps": [{"name": name, "run_if": self.manifest["chain"]["steps"][i].get("run_if"),
                            **pipeline.info()} for i, (name, pipeline, _) in enumerate(self.steps)]}
 
+    def everywhere(self) -> "ChainPipeline":
+        """The same steps with every run_if dropped: each model on the whole frame (what a chain
+        saves is measured against this: benchmarks/bench_chain.py)."""
+        other = object.__new__(ChainPipeline)
+        other.__dict__.update(self.__dict__)
+        other.steps = [(name, pipeline, None) for name, pipeline, _ in self.steps]
+        other.counters = StepCounters([name for name, _, _ in self.steps])
+        other._lock = threading.Lock()
+        return other
+
     def set_policy(self, policy: dict) -> None:
         """Replace the chain's policy (PolicyError naming the field): classes of every step."""
         self.policy = validate_policy(policy, classes=self.classes)
@@ -153,18 +182,18 @@ class ChainPipeline:
             self._check_bands(bands)
             counted = set(classes_needing_components(policy))
             for _, _, run_if in self.steps[1:]:
-                counted.update(classes_needing_components(run_if))
+                counted.update(classes_needing_components(run_if) if run_if else ())
             timings: dict[str, float] = {}
             masks: dict[str, np.ndarray] = {}
             frame_stats = {"fractions": {}, "components": {}}
             cells: list[dict] = []
             chain: list[dict] = []
             steps_run: list[list[str]] = []
-            for name, pipeline, run_if in self.steps:
+            for i, (name, pipeline, run_if) in enumerate(self.steps):
                 t0 = time.perf_counter()
                 classes = self.step_classes[name]
                 mine = [c for c in classes if c in counted]
-                if run_if is None:                    # the gate: the whole frame
+                if i == 0:                            # the gate: the whole frame
                     mask, sub = class_mask(pipeline, data, bands, scale)
                     timings.update({f"{name}.{k}": v for k, v in sub.items()
                                     if k in ("validate", "tile_infer_threshold", "opening")})
@@ -174,7 +203,7 @@ class ChainPipeline:
                     cells = [{**c, "stats": {"fractions": {}, "components": {}}} for c in step_cells]
                     steps_run = [[] for _ in cells]
                 else:
-                    ran = self._passing(run_if, cells, ran.shape)
+                    ran = self._passing(run_if, cells, ran.shape) if run_if else np.ones_like(ran)
                     mask = self._run_where(pipeline, data, bands, scale, ran)
                     stats, step_cells = step_stats(mask, classes, self.cell, mine, partial=True)
                 masks[name] = mask
@@ -242,8 +271,7 @@ class ChainPipeline:
         h, w = data.shape[1:]
         mask = np.full((h, w), NOT_RUN, np.uint8)
         cell = self.cell
-        for i, j0, j1 in passing_runs(passing):
-            r0, c0 = i * cell, j0 * cell
-            r1, c1 = min(r0 + cell, h), min(j1 * cell, w)
+        for i0, i1, j0, j1 in passing_boxes(passing):
+            r0, r1, c0, c1 = i0 * cell, min(i1 * cell, h), j0 * cell, min(j1 * cell, w)
             mask[r0:r1, c0:c1], _ = class_mask(pipeline, data[:, r0:r1, c0:c1], bands, scale)
         return mask

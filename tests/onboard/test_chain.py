@@ -20,7 +20,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from onboard_models import BANDS_6, CLASSES_3, make_test_manifest, make_test_model_files, synthetic_frame  # noqa: E402
-from onboard.chain import NOT_RUN, ChainPipeline, passing_runs  # noqa: E402
+from onboard.chain import NOT_RUN, ChainPipeline, passing_boxes, passing_runs  # noqa: E402
 from onboard.pipeline import FramePipeline  # noqa: E402
 from onboard.products import decode_mask_png  # noqa: E402
 from onboard.store import ModelStore  # noqa: E402
@@ -182,9 +182,17 @@ def chain_pipeline(tmp_path_factory, factory) -> ChainPipeline:
     s.close()
 
 
-def test_passing_runs_are_horizontal_runs_of_cells():
-    passing = np.array([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
-    assert passing_runs(passing) == [(0, 0, 2), (0, 3, 4), (2, 0, 4)]
+def test_passing_cells_make_horizontal_runs_stacked_into_boxes():
+    passing = np.array([[1, 1, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    assert passing_runs(passing) == [(0, 0, 2), (0, 3, 4), (1, 3, 4), (2, 0, 4), (3, 0, 4), (4, 0, 2)]
+    assert passing_boxes(passing) == [(0, 1, 0, 2), (0, 2, 3, 4), (2, 4, 0, 4), (4, 5, 0, 2)]
+    assert passing_boxes(np.ones((3, 3), bool)) == [(0, 3, 0, 3)]        # all: the whole frame
+    boxes = passing_boxes(passing)
+    covered = np.zeros_like(passing)
+    for i0, i1, j0, j1 in boxes:
+        assert not covered[i0:i1, j0:j1].any()
+        covered[i0:i1, j0:j1] = True
+    assert np.array_equal(covered, passing)
 
 
 def test_the_target_runs_only_on_the_cells_the_gate_passes(chain_pipeline):
