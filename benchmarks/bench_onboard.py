@@ -174,7 +174,7 @@ def _run_bare(queue, tiles: np.ndarray, batch: int, extra: dict) -> tuple[float,
 def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
     from tqdm import tqdm
 
-    from onboard.pipeline import FramePipeline
+    from onboard.pipeline import GRAPH_INPUT_DTYPE, FramePipeline
     from shared.bands import S2_BANDS
     from shared.tiling import tile
 
@@ -190,13 +190,16 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     scaling = {1: (np.float32(1e-4) / std).reshape(1, 13, 1, 1), 2: (-mean / std).reshape(1, 13, 1, 1)}
     stage_sums: dict[str, float] = {}
     t_pipe = t_bare16 = t_bare32 = 0.0
-    cpu = {"pipeline": 0.0, "bare16": 0.0, "bare32": 0.0, "graph": 0.0}   # CPU seconds: robust to other load
-    t_graph = 0.0
+    cpu = {"pipeline": 0.0, "bare16": 0.0, "bare32": 0.0, "graph_uint16": 0.0,
+           "graph_float32": 0.0}                   # CPU seconds: robust to other load
     # the pipeline's own frame graph (scaling constants, thresholds, uint8 out) on pre-cut tiles:
-    # what the pipeline's Python work (cutting, stitching, post-processing) adds to it
-    graph_queue = pipeline.model._mask_variant(
-        "uint16", (np.float32(1e-4) / pipeline.std).astype(np.float32),
+    # what the pipeline's Python work (cutting, stitching, post-processing) adds to it; with
+    # uint16 and float32 tiles in (the pipeline feeds the one GRAPH_INPUT_DTYPE names)
+    graph_queues = {dtype: pipeline.model._mask_variant(
+        dtype, (np.float32(1e-4) / pipeline.std).astype(np.float32),
         (-pipeline.mean / pipeline.std).astype(np.float32), pipeline.thresholds, 1)[1]
+        for dtype in ("uint16", "float32")}
+    t_graph = dict.fromkeys(graph_queues, 0.0)
     kept, masks = 0, []
     n_tiles = 0
     for i in tqdm(range(args.frames), desc=f"openvino {args.precision} frames", unit="frame", file=sys.stderr):
@@ -214,10 +217,15 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
         n_tiles = len(tiles16)
         wall, c = _run_bare(bare16[1], tiles16, args.batch_size, scaling)
         t_bare16, cpu["bare16"] = t_bare16 + wall, cpu["bare16"] + c
-        wall, c = _run_bare(graph_queue, tiles16, args.batch_size, {})
-        t_graph, cpu["graph"] = t_graph + wall, cpu["graph"] + c
-        tiles32 = (tiles16.astype(np.float32) * np.float32(1e-4) - mean) / std
+        wall, c = _run_bare(graph_queues["uint16"], tiles16, args.batch_size, {})
+        t_graph["uint16"], cpu["graph_uint16"] = t_graph["uint16"] + wall, cpu["graph_uint16"] + c
+        tiles32 = tiles16.astype(np.float32)
         del tiles16
+        wall, c = _run_bare(graph_queues["float32"], tiles32, args.batch_size, {})
+        t_graph["float32"], cpu["graph_float32"] = t_graph["float32"] + wall, cpu["graph_float32"] + c
+        tiles32 *= np.float32(1e-4)
+        tiles32 -= mean
+        tiles32 /= std
         wall, c = _run_bare(bare32[1], tiles32, args.batch_size, {})
         t_bare32, cpu["bare32"] = t_bare32 + wall, cpu["bare32"] + c
         del tiles32
@@ -229,7 +237,8 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
         "pipeline_mpix_s": mpix / t_pipe,
         "bare_scaled_uint16_mpix_s": mpix / t_bare16,
         "bare_plain_float32_mpix_s": mpix / t_bare32,
-        "frame_graph_mpix_s": mpix / t_graph,
+        "frame_graph_mpix_s": {dtype: mpix / t for dtype, t in t_graph.items()},
+        "graph_input_dtype": GRAPH_INPUT_DTYPE,
         "pipeline_s_per_frame": t_pipe / args.frames,
         "cpu_s_per_frame": {k: round(v / args.frames, 3) for k, v in cpu.items()},
         "cpu_ratio_vs_bare": min(cpu["bare16"], cpu["bare32"]) / cpu["pipeline"],
@@ -403,8 +412,8 @@ def human(r: dict) -> str:
                   f"{H * W / 1e6 / o['bare_scaled_uint16_mpix_s']:9.2f}",
                   f"  {'  bare OpenVINO ' + p + ', plain IR float32':44}{o['bare_plain_float32_mpix_s']:8.2f}"
                   f"{H * W / 1e6 / o['bare_plain_float32_mpix_s']:9.2f}",
-                  f"  {'  the pipeline frame graph alone, pre-cut':44}{o['frame_graph_mpix_s']:8.2f}"
-                  f"{H * W / 1e6 / o['frame_graph_mpix_s']:9.2f}"]
+                  ] + [f"  {'  the frame graph alone, pre-cut ' + dtype + (' *' if dtype == o['graph_input_dtype'] else ''):44}"
+                       f"{v:8.2f}{H * W / 1e6 / v:9.2f}" for dtype, v in o["frame_graph_mpix_s"].items()]
     if "ort_mpix_s" in r:
         lines.append(f"  {'onnxruntime ' + r['ort_version'] + ' pipeline f32 (' + str(r['args']['ort_frames']) + ' frames)':44}"
                      f"{r['ort_mpix_s']:8.2f}{r['ort_s_per_frame']:9.2f}{r['ort_peak_rss_mb']:13.0f}")
@@ -431,6 +440,7 @@ def human(r: dict) -> str:
         if key in r:
             lines.append(f"  mask agreement {label} vs OpenVINO fp32 pipeline: {r[key]:.5f}")
     lines.append("")
+    lines.append("  (* the frame graph's input the pipeline feeds: onboard.pipeline.GRAPH_INPUT_DTYPE)")
     for p, o in r["openvino"].items():
         lines += [f"  pipeline {p} stages, ms per frame (*_overlapped run inside tile_infer_threshold); "
                   f"self-test: {o['self_test']['message']}",

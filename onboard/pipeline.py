@@ -3,26 +3,30 @@
     validate        dtype, dimensions, band names vs data, bands the model needs, NaN/Inf, scale,
                     and every value still finite in float32 after scaling and normalisation
     tile + infer    tiles with overlap (shared.tiling's grid and reflect padding) are cut straight
-                    from the frame into idle requests' input tensors, in the model's band order
-                    and the frame's dtype; the graph (onboard.runtime's frame graph) bins them
-                    to the manifest's processing GSD (`input.gsd_m`, mean of f x f blocks, f =
-                    gsd_m / 10), scales ((value * scale - mean) / std, constants OpenVINO folds
-                    into the first convolution), runs the network, its activation and the
-                    per-class thresholds (shared.postprocess.threshold's rule): uint8 out
+                    from the frame into idle requests' input tensors, in the model's band order,
+                    as float32 (GRAPH_INPUT_DTYPE); the graph (onboard.runtime's frame graph)
+                    bins them to the manifest's processing GSD (`input.gsd_m`, mean of f x f
+                    blocks, f = gsd_m / 10), scales ((value * scale - mean) / std, constants
+                    OpenVINO folds into the first convolution), runs the network, its activation
+                    and the per-class thresholds (shared.postprocess.threshold's rule): uint8 out
     stitch          as each batch comes back (while the other requests still infer): every tile's
                     central part (shared.tiling's "center" stitching) is copied into the class
                     mask at the processing GSD
+    --- band by band, as each row of tiles is stitched (while later tiles still infer) ---
     opening         each class but the background opened with disk(radius) (OpenCV), at the
-                    processing GSD
+                    processing GSD (shared.postprocess.RowwiseOpening: the whole-mask opening)
     upsample        (f > 1) the mask back to the frame's 10 m grid, nearest
-    statistics      class fractions and, for the classes the policy counts, connected components,
-                    for the frame and for each cell (one model tile: f * tile_size frame pixels)
+    statistics      class counts per cell (one model tile: f * tile_size frame pixels) and, for
+                    the classes the policy counts, each cell's connected components
+    products        (when products are wanted) the mask's PNG rows; the quicklook JPEG once
+    --- after the last row of tiles ---
+    statistics      the frame's fractions (the cells' counts) and components (the whole mask)
     policy          shared.policy.evaluate for the frame and for every cell
     products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles (or the
                     frame itself when every cell is kept: no copy)
 
-Cutting tiles and stitching overlap with inference; no float copy of the frame is made, and
-OpenVINO writes straight into preallocated input/output buffers (onboard.runtime).
+Cutting tiles, stitching and post-processing overlap with inference; no float copy of the frame
+is made, and OpenVINO writes straight into preallocated input/output buffers (onboard.runtime).
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 
 from onboard import products as products_mod
@@ -41,13 +46,22 @@ from onboard.errors import (BAD_SCALE, BAND_MISMATCH, DUPLICATE_BAND, EMPTY_FRAM
                             NOT_FINITE, UNKNOWN_BAND, WRONG_DTYPE, WRONG_SHAPE, ModelLoadError)
 from onboard.precision import AUTO, choose_precision
 from onboard.runtime import INPUT_DTYPES, OpenVinoModel, device_capabilities
-from onboard.stats import frame_and_cell_stats, summarise_components
+from onboard.stats import CellStats, summarise_components
 from shared.bands import UnknownBandError, canonical_band
 from shared.bundle import load_reference
 from shared.manifest import MODEL_XML, gsd_factor, manifest_precision, validate_manifest
 from shared.policy import classes_needing_components, evaluate, validate_policy
-from shared.postprocess import open_classes, threshold, threshold_vector, upsample_mask
+from shared.postprocess import RowwiseOpening, threshold, threshold_vector, upsample_rows
 from shared.tiling import TileGrid
+
+# The frame graph takes float32 tiles at every precision: numpy converts uint16/int16 frames
+# while it cuts their tiles into the input buffers (on the Python thread, while the requests
+# infer), where OpenVINO's CPU plugin converts u16 with a reference kernel inside the graph, on
+# the inference threads (PERF_COUNT: Convert "ref_u16", 2-2.6 ms of a 33-37 ms bf16 batch of two
+# 13 x 256 x 256 tiles, about 5 ms at f32; numpy's conversion adds ~0.2 ms per batch to the
+# copy). bench_onboard times the frame graph alone on pre-cut uint16 and float32 tiles.
+GRAPH_INPUT_DTYPE = "float32"
+
 
 @dataclass
 class FrameResult:
@@ -107,6 +121,61 @@ class _Timer:
         return self.ms
 
 
+class _MaskRows:
+    """The frame's class mask, post-processed band by band as tile rows complete, while later
+    tiles still infer: each band is opened (shared.postprocess.RowwiseOpening: the whole-mask
+    opening, bit for bit), brought back to 10 m (f > 1), counted per policy cell
+    (onboard.stats.CellStats) and, with `products`, added to the mask's PNG; the quicklook
+    (the frame's alone) is made at the first band. What the last tile row decides is done
+    after inference. For a frame then discarded the PNG and quicklook are wasted: ~20 ms of CPU
+    on a 13 x 2048 x 2048 frame, off the critical path."""
+
+    def __init__(self, pipeline: "FramePipeline", frame_shape: tuple[int, int], counted: Sequence[str],
+                 quicklook: Callable[[], bytes] | None = None):
+        f = pipeline.factor
+        self.factor, self.frame_shape = f, tuple(frame_shape)
+        self.mask = np.empty((-(-frame_shape[0] // f), -(-frame_shape[1] // f)), np.uint8)
+        self.full = self.mask if f == 1 else np.empty(frame_shape, np.uint8)   # at 10 m
+        self.opening = RowwiseOpening(self.mask, pipeline.opening_radius, range(1, len(pipeline.classes)))
+        self.stats = CellStats(frame_shape, pipeline.classes, pipeline.cell, counted)
+        self.png = products_mod.MaskPng(*frame_shape) if quicklook is not None else None
+        self._quicklook, self.quicklook = quicklook, None
+        self.upsampled = 0              # rows of `mask` brought back to 10 m
+        self.busy = {"opening_overlapped": 0.0, "stats_overlapped": 0.0, "products_overlapped": 0.0}
+
+    def advance(self, final: int) -> None:
+        """Rows 0 .. `final` - 1 of `mask` are stitched."""
+        t0 = time.perf_counter()
+        opened = self.opening.advance(final)
+        self.upsample_rows(opened)
+        t1 = time.perf_counter()
+        self.stats.advance(self.full, min(opened * self.factor, self.frame_shape[0]))
+        t2 = time.perf_counter()
+        self.encode(min(opened * self.factor, self.frame_shape[0]))
+        self.busy["opening_overlapped"] += (t1 - t0) * 1e3
+        self.busy["stats_overlapped"] += (t2 - t1) * 1e3
+        self.busy["products_overlapped"] += (time.perf_counter() - t2) * 1e3
+
+    def upsample_rows(self, opened: int) -> None:
+        if self.factor > 1 and opened > self.upsampled:
+            upsample_rows(self.mask, self.factor, self.full, self.upsampled, opened)
+            self.upsampled = opened
+
+    def encode(self, final: int) -> None:
+        """Rows of the 10 m mask up to `final` into the PNG; the quicklook once."""
+        if self.png is None:
+            return
+        if self.quicklook is None:
+            self.quicklook = self._quicklook()
+        self.png.add(self.full[self.png.rows:final])
+
+    def open_rest(self) -> None:
+        self.opening.advance(self.mask.shape[0])
+
+    def upsample_rest(self) -> None:
+        self.upsample_rows(self.mask.shape[0])
+
+
 class FramePipeline:
     """A bundle's model and rules, ready to process frames (one at a time).
 
@@ -144,6 +213,10 @@ class FramePipeline:
             raise ModelLoadError(f"{self.model.xml_path}: model outputs {self.model.num_classes} "
                                  f"classes, manifest lists {len(self.classes)}")
         self._lock = threading.Lock()
+        # The opening, statistics and products run beside OpenVINO's inference threads (one per
+        # core): a second OpenCV thread there only doubles their CPU (opening a 2048 x 2048 mask
+        # took 8-10 ms of CPU on one thread, 19-21 ms on two, load 10 on 2 cores).
+        cv2.setNumThreads(1)
 
     def info(self) -> dict:
         return {"model_id": self.model_id, "version": self.version, "bands": list(self.bands),
@@ -164,16 +237,19 @@ class FramePipeline:
             timer = _Timer()
             select = self._validate(data, bands, scale)
             timer.lap("validate")
-            mask, sub = self._tile_infer_stitch(data, select, scale)
+            counted = classes_needing_components(policy)
+            quicklook = (lambda: products_mod.quicklook_jpg(data, bands, scale)) if make_products else None
+            rows = _MaskRows(self, data.shape[1:], counted, quicklook)
+            sub = self._tile_infer_stitch(data, select, scale, rows)
             timer.lap("tile_infer_threshold")
             timer.ms.update(sub)
-            open_classes(mask, self.opening_radius, classes=range(1, len(self.classes)))
+            rows.open_rest()
             timer.lap("opening")
             if self.factor > 1:
-                mask = upsample_mask(mask, self.factor, data.shape[1:])
+                rows.upsample_rest()
                 timer.lap("upsample")
-            counted = classes_needing_components(policy)
-            frame_stats, cells = frame_and_cell_stats(mask, self.classes, self.cell, counted)
+            mask = rows.full
+            frame_stats, cells = rows.stats.result(mask)
             timer.lap("stats")
             decision = evaluate(policy, frame_stats)
             tile_decisions = []
@@ -187,8 +263,10 @@ class FramePipeline:
             kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
             products = {}
             if decision.keep and make_products:
+                rows.encode(mask.shape[0])
                 products = products_mod.frame_products(data, bands, scale, mask, kept, self.cell,
-                                                       all_kept=len(kept) == len(cells))
+                                                       all_kept=len(kept) == len(cells),
+                                                       png=rows.png.finish(), quicklook=rows.quicklook)
             timer.lap("products")
             reason = f"{decision.reason}; {len(kept)}/{len(cells)} tiles kept"
             return FrameResult(decision.keep, decision.priority, reason, summarise_components(frame_stats),
@@ -269,10 +347,12 @@ class FramePipeline:
         mean, std = abs(float(self.mean[band])), float(self.std[band])
         return max(reflectance, reflectance / std + mean / std)
 
-    def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float
-                           ) -> tuple[np.ndarray, dict[str, float]]:
-        """The frame's class mask at the processing GSD (factor = gsd_m / 10: the tiles are cut
-        factor x larger and binned in the graph), from the graph's uint8 tile masks."""
+    def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float,
+                           post: _MaskRows) -> dict[str, float]:
+        """Stitch the frame's class mask at the processing GSD (factor = gsd_m / 10: the tiles
+        are cut factor x larger and binned in the graph) into `post.mask` from the graph's uint8
+        tile masks, and hand `post` each band of rows as its tile row completes; the times
+        spent inside inference (ms)."""
         h, w = data.shape[1:]
         t, f = self.tile, self.factor
         grid = TileGrid(-(-h // f), -(-w // f), t, self.overlap)        # at the processing GSD
@@ -284,8 +364,13 @@ class FramePipeline:
         cols = np.pad(np.arange(w), (0, wp * f - w), mode="reflect")
         identity = select == list(range(data.shape[0]))
         sel = np.asarray(select)
-        mask = np.empty((grid.height, grid.width), np.uint8)
+        mask = post.mask
         busy = {"tiling_overlapped": 0.0, "stitch_overlapped": 0.0}
+        # tiles still out per tile row; a band of mask rows is final once every tile row down
+        # to the one that owns its last row is stitched (requests finish in any order)
+        per_row = grid.grid_shape[1]
+        pending = [per_row] * grid.grid_shape[0]
+        complete = [0]                  # tile rows complete from the top
 
         def fill(start: int, buf: np.ndarray) -> None:
             t0 = time.perf_counter()
@@ -308,14 +393,20 @@ class FramePipeline:
             for j in range(len(masks)):
                 r0, r1, c0, c1, tr, tc = owned[start + j]
                 mask[r0:r1, c0:c1] = masks[j, tr:tr + r1 - r0, tc:tc + c1 - c0]
+                pending[(start + j) // per_row] -= 1
             busy["stitch_overlapped"] += (time.perf_counter() - t0) * 1e3
+            done = complete[0]
+            while done < len(pending) and pending[done] == 0:
+                done += 1
+            if done > complete[0]:
+                complete[0] = done
+                post.advance(owned[(done - 1) * per_row][1])
 
         gain = (np.float32(scale) / self.std).astype(np.float32)
         offset = (-self.mean / self.std).astype(np.float32)
-        self.model.run_masks(len(grid), data.dtype.name, fill, on_output, gain, offset,
-                             self.thresholds, f)
-        busy = {k: round(v, 3) for k, v in busy.items()}
-        return mask, busy
+        self.model.run_masks(len(grid), GRAPH_INPUT_DTYPE, fill, on_output, gain, offset, self.thresholds, f)
+        busy.update(post.busy)
+        return {k: round(v, 3) for k, v in busy.items()}
 
     # ---------------------------------------------------------------------------------------
     def self_test(self, reference_npz_path: str | Path) -> SelfTestResult:

@@ -66,25 +66,57 @@ def frame_and_cell_stats(mask: np.ndarray, classes: Sequence[str], cell: int,
                          component_classes: Sequence[str] = ()) -> tuple[dict, list[dict]]:
     """Policy statistics of the whole mask and of each cell (row-major list of
     {row, col, height, width, stats}), from one count per class."""
-    h, w = mask.shape
-    counts = cell_class_counts(mask, len(classes), cell)
-    total = counts.sum(axis=(0, 1))
-    frame = {"fractions": {name: float(total[k]) / mask.size for k, name in enumerate(classes)},
-             "components": {name: component_sizes(mask, list(classes).index(name))
-                            for name in component_classes}}
-    cells = []
-    for i, r in enumerate(cell_edges(h, cell)):
-        for j, c in enumerate(cell_edges(w, cell)):
-            ch, cw = min(cell, h - r), min(cell, w - c)
-            n = ch * cw
-            stats = {"fractions": {name: float(counts[i, j, k]) / n for k, name in enumerate(classes)},
-                     "components": {}}
-            if component_classes:
-                sub = mask[r:r + ch, c:c + cw]
-                for name in component_classes:
-                    stats["components"][name] = component_sizes(sub, list(classes).index(name))
-            cells.append({"row": int(r), "col": int(c), "height": int(ch), "width": int(cw), "stats": stats})
-    return frame, cells
+    return CellStats(mask.shape, classes, cell, component_classes).result(mask)
+
+
+class CellStats:
+    """`frame_and_cell_stats` over a mask whose rows become final top to bottom: `advance(mask,
+    final)` counts every row of cells that lies in rows < `final` (while later tiles still
+    infer), `result(mask)` the rest, then the frame (its fractions add the cells' counts; its
+    components need the whole mask)."""
+
+    def __init__(self, shape: tuple[int, int], classes: Sequence[str], cell: int,
+                 component_classes: Sequence[str] = ()):
+        self.shape, self.classes, self.cell = tuple(shape), tuple(classes), int(cell)
+        self.component_classes = tuple(component_classes)
+        self.rows, self.cols = cell_edges(self.shape[0], cell), cell_edges(self.shape[1], cell)
+        self.counts = np.zeros((len(self.rows), len(self.cols), len(self.classes)), np.int64)
+        self.cells: list[dict] = []
+        self.counted = 0                        # rows of cells counted so far
+
+    def advance(self, mask: np.ndarray, final: int) -> None:
+        h, w = self.shape
+        stop = self.counted
+        while stop < len(self.rows) and min(self.rows[stop] + self.cell, h) <= final:
+            stop += 1
+        if stop == self.counted:
+            return
+        top, bottom = self.rows[self.counted], min(self.rows[stop - 1] + self.cell, h)
+        self.counts[self.counted:stop] = cell_class_counts(mask[top:bottom], len(self.classes), self.cell)
+        index = {name: self.classes.index(name) for name in self.component_classes}
+        for i in range(self.counted, stop):
+            r = self.rows[i]
+            for j, c in enumerate(self.cols):
+                ch, cw = min(self.cell, h - r), min(self.cell, w - c)
+                n = ch * cw
+                stats = {"fractions": {name: float(self.counts[i, j, k]) / n for k, name in enumerate(self.classes)},
+                         "components": {}}
+                if index:
+                    sub = mask[r:r + ch, c:c + cw]
+                    for name, k in index.items():
+                        stats["components"][name] = component_sizes(sub, k)
+                self.cells.append({"row": int(r), "col": int(c), "height": int(ch), "width": int(cw),
+                                   "stats": stats})
+        self.counted = stop
+
+    def result(self, mask: np.ndarray) -> tuple[dict, list[dict]]:
+        """(frame stats, cells) once every row of `mask` is final."""
+        self.advance(mask, self.shape[0])
+        total = self.counts.sum(axis=(0, 1))
+        frame = {"fractions": {name: float(total[k]) / mask.size for k, name in enumerate(self.classes)},
+                 "components": {name: component_sizes(mask, self.classes.index(name))
+                                for name in self.component_classes}}
+        return frame, self.cells
 
 
 def summarise_components(stats: dict, keep: int = 32) -> dict:

@@ -13,6 +13,8 @@ The rules:
   pixel gets class 0, the background. Ties go to the lower class index, as with `argmax`.
 - `open_classes`: a binary opening with `disk(radius)` of each class's mask but the
   background; the pixels an opening removes (specks thinner than the disk) become background.
+  `RowwiseOpening` gives the same mask band by band, as rows become final (the daemon opens
+  each row of tiles while later tiles still infer).
 """
 from __future__ import annotations
 
@@ -111,35 +113,90 @@ def open_classes(mask: np.ndarray, radius: int, classes: Iterable[int] | None = 
     """Open each class of a class mask (H, W) uint8 in place; removed pixels become `background`.
 
     `classes`: the class indices to open (default: every class present but the background).
-    Returns `mask`.
+    Each class is opened from the mask as it came (a pixel another class's opening removed
+    becomes the background, never this class). Returns `mask`.
     """
-    import cv2   # noqa: PLC0415
-
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise ValueError(f"mask must be a 2-D uint8 class mask, got {mask.dtype} {mask.shape}")
-    if radius == 0:
-        disk(radius)
-        return mask
-    kernel = disk(radius)
     if classes is None:
         present = np.flatnonzero(np.bincount(mask.ravel(), minlength=1))
         classes = [int(c) for c in present if c != background]
-    for c in classes:
-        binary = (mask == c).view(np.uint8)
-        opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
-        # opened is a subset of binary: the difference is what the opening removed
-        removed = cv2.subtract(binary, opened)
-        np.copyto(mask, np.uint8(background), where=removed.view(np.bool_))
+    RowwiseOpening(mask, radius, classes, background).advance(mask.shape[0])
     return mask
+
+
+class RowwiseOpening:
+    """`open_classes` on a mask whose rows become final top to bottom (tiles stitched row by
+    row while later tiles still infer): `advance(final)` opens, in place, every row whose
+    opening the rows < `final` already decide, and returns how many rows from the top are
+    opened. The result is the whole-mask opening, bit for bit: a pixel's opening with a disk
+    of radius r depends on the rows within 2r of it (erosion, then dilation), so rows up to
+    `final - 2r` are decided, and each band is opened with 2r rows of margin on both sides,
+    above it the rows as they were before their own opening (kept aside); the mask's top and
+    bottom edges are the same edges as in the whole-mask call (OpenCV: they neither erode
+    nor grow a class).
+    """
+
+    def __init__(self, mask: np.ndarray, radius: int, classes: Iterable[int], background: int = 0):
+        if mask.ndim != 2 or mask.dtype != np.uint8:
+            raise ValueError(f"mask must be a 2-D uint8 class mask, got {mask.dtype} {mask.shape}")
+        self.kernel = disk(radius)
+        self.mask, self.margin = mask, 2 * int(radius)
+        self.classes, self.background = [int(c) for c in classes], np.uint8(background)
+        self.done = 0                                  # rows opened so far
+        self._above = mask[:0].copy()                  # rows done - margin .. done as they came
+
+    def advance(self, final: int) -> int:
+        """Rows 0 .. `final` - 1 hold their final classes; open what they decide."""
+        import cv2   # noqa: PLC0415
+
+        h = self.mask.shape[0]
+        final = min(int(final), h)
+        end = h if final == h else final - self.margin
+        if end <= self.done:
+            return self.done
+        if self.margin == 0 or not self.classes:
+            self.done = end
+            return end
+        lo = max(0, self.done - self.margin)
+        if self.done == 0:          # nothing opened yet: work in place (no copy of a whole mask)
+            src = self.mask[:final]
+        else:                       # the margin above as it was before its own opening
+            src = self.mask[lo:final].copy()
+            src[:self.done - lo] = self._above
+        # kept before this band changes them: the next band's margin above
+        self._above = src[max(0, end - self.margin) - lo:end - lo].copy()
+        band = self.mask[self.done:end]
+        for c in self.classes:
+            binary = (src == c).view(np.uint8)
+            opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, self.kernel)
+            # opened is a subset of binary: the difference is what the opening removed
+            removed = cv2.subtract(binary, opened)[self.done - lo:end - lo]
+            np.copyto(band, self.background, where=removed.view(np.bool_))
+        self.done = end
+        return end
 
 
 def upsample_mask(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     """A class mask computed at `factor` x the frame's pixel size back on the frame's grid
     (H, W) = `shape`: each pixel repeated factor x factor (nearest), the far edge cropped."""
-    import cv2   # noqa: PLC0415
-
     h, w = shape
     if mask.ndim != 2 or mask.shape != (-(-h // factor), -(-w // factor)):
         raise ValueError(f"mask {mask.shape} is not a {factor}x binning of {shape}")
-    up = cv2.resize(mask, (mask.shape[1] * factor, mask.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
-    return up[:h, :w] if up.shape != (h, w) else up
+    out = np.empty(shape, np.uint8)
+    upsample_rows(mask, factor, out, 0, mask.shape[0])
+    return out
+
+
+def upsample_rows(mask: np.ndarray, factor: int, out: np.ndarray, row0: int, row1: int) -> None:
+    """`upsample_mask` for rows `row0` .. `row1` - 1 of `mask` only, written into `out` (the
+    frame-sized mask) at rows row0 * factor .. min(row1 * factor, H) - 1: a mask coming back
+    band by band."""
+    import cv2   # noqa: PLC0415
+
+    if row1 <= row0:
+        return
+    band = mask[row0:row1]
+    up = cv2.resize(band, (band.shape[1] * factor, band.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+    rows = min(row1 * factor, out.shape[0]) - row0 * factor
+    out[row0 * factor:row0 * factor + rows] = up[:rows, :out.shape[1]]
