@@ -15,6 +15,13 @@ that), so every product that came down is in the catalogue.
 `datetime` is the frame's acquisition time from its georef, else the time it was received.
 The decision is in properties under `eoedge:` (model id and version, keep, priority, reason, scene,
 the frame's class fractions); `check_catalog` is the check a test and the report run.
+
+A model chain's product (its body's `chain.steps`) has one mask asset per step: `mask` (the gate's,
+mask.tif) and `mask-STEP` (mask-STEP.tif; `mask_STEP` as the raw PNG when the product has no
+georeference), each with that step's classes and, as asset fields, `eoedge:step`,
+`eoedge:model_id` and `eoedge:model_version` (the step's own model); the item's `eoedge:model_id`
+and `eoedge:model_version` are the chain's, and `eoedge:chain` lists each step's model, the
+cells it ran on of the frame's and its milliseconds.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from rasterio.warp import transform_geom
 
-from flight_sim.products_gis import GisFile, GisProducts
+from flight_sim.products_gis import GisFile, GisProducts, chain_steps, step_mask_part
 from shared.messages import parse_datetime
 from shared.scene import GeoRef
 
@@ -80,7 +87,8 @@ def product_item(frame_id: str, body: dict, gis: GisProducts, raw_files: list[st
              "eoedge:keep": True, "eoedge:priority": body.get("priority"),
              "eoedge:reason": body.get("reason"), "eoedge:scene": body.get("scene"),
              "eoedge:fractions": (body.get("stats") or {}).get("fractions"),
-             "eoedge:tiles_kept": len(body.get("tiles") or [])}
+             "eoedge:tiles_kept": len(body.get("tiles") or []),
+             "eoedge:chain": [{k: s.get(k) for k in STEP_FIELDS if k in s} for s in chain_steps(body)] or None}
     item = pystac.Item(frame_id, geometry, bbox, _acquired(body, received),
                        {k: v for k, v in props.items() if v is not None})
     if georef is not None and shape:
@@ -88,15 +96,20 @@ def product_item(frame_id: str, body: dict, gis: GisProducts, raw_files: list[st
     for f in gis.files:
         _add_raster_asset(item, f, body.get("classes") or [])
     roles_written = {f.role for f in gis.files}
+    raw_steps = {step_mask_part(s, i).removesuffix("_png"): s for i, s in enumerate(chain_steps(body))}
     for name in raw_files:
         key, _, suffix = name.rpartition(".")
         role = {"mask": "mask", "quicklook": "quicklook", "tiles": "tile", "frame": "frame"}.get(key)
+        if key in raw_steps:
+            role = "mask"
         if role is None or role in roles_written:      # superseded by a GeoTIFF, or not data
             continue
         asset = pystac.Asset(f"./{name}", media_type=RAW_MEDIA_TYPES.get(suffix), roles=ROLES[role])
         item.add_asset(key, asset)
         if role == "mask":
-            _classes(asset, body.get("classes") or [])
+            step = raw_steps.get(key)
+            _classes(asset, (step or {}).get("classes") or body.get("classes") or [])
+            _step_fields(asset, step)
     item.add_asset("product", pystac.Asset("./product.json", media_type="application/json",
                                            roles=["metadata"], title="the PRODUCT body as received"))
     return item
@@ -109,7 +122,18 @@ def _add_raster_asset(item: pystac.Item, f: GisFile, classes: list[str]) -> None
     if f.georef is not None:
         _proj(asset, f.georef, f.shape)
     if f.role == "mask":
-        _classes(asset, classes)
+        _classes(asset, (f.step or {}).get("classes") or classes)
+        _step_fields(asset, f.step)
+
+
+STEP_FIELDS = ("name", "model_id", "version", "cells_run", "cells_total", "ms")
+
+
+def _step_fields(asset: pystac.Asset, step: dict | None) -> None:
+    """A chain step's mask asset names its step and the step's own model."""
+    if step:
+        asset.extra_fields.update({"eoedge:step": step.get("name"), "eoedge:model_id": step.get("model_id"),
+                                   "eoedge:model_version": step.get("version")})
 
 
 def _classes(asset: pystac.Asset, classes: list[str]) -> None:

@@ -10,7 +10,8 @@ ends go down in priority order (smaller number first, then oldest), each as its 
 while the pass's byte budget lasts. A product bigger than what is left waits for the next pass,
 and smaller ones behind it may still go (no head-of-line blocking). What goes down, the
 `GroundStation` writes to disk: one folder per product with its body (product.json), the class
-mask PNG, the quicklook JPEG, the kept tiles or whole frame and their boxes (.npy).
+mask PNG (and a model chain's later steps' masks, mask_<step>.png), the quicklook JPEG, the kept
+tiles or whole frame and their boxes (.npy).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from flight_sim.products_gis import write_gis
 from shared.messages import Limits, MessageError, decode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-KEPT_AFTER_DOWNLINK = ("mask_png", "tile_boxes")
+KEPT_AFTER_DOWNLINK = ("mask_png", "tile_boxes")   # and a chain's step masks (mask_<step>)
 KEPT_ON_RECEIPT = ("tile_boxes",)      # in memory while the product waits on disk (the report's)
 NOT_READY = float("inf")               # a product whose ready time the clock does not know yet
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -284,7 +285,8 @@ class Downlink:
         item.arrays = dict(msg.arrays)
         self.station.receive(item, index, pass_, t_s)
         self.downlinked[item.frame_id] = (index, t_s)
-        item.arrays = {k: np.array(v) for k, v in item.arrays.items() if k in KEPT_AFTER_DOWNLINK}
+        item.arrays = {k: np.array(v) for k, v in item.arrays.items()
+                       if k in KEPT_AFTER_DOWNLINK or k.startswith("mask_")}
         item.path.unlink(missing_ok=True)
         item.path = None
         self.stored_bytes -= item.nbytes

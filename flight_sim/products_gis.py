@@ -7,6 +7,10 @@ turns it into files a GIS and rasterio open at their right place on Earth:
 
     mask.tif         the class mask, a COG: uint8, one class index per pixel, nodata 255, the
                      class names in the band's tags (CLASS_0=clear, ... and CLASSES, a JSON list)
+    mask-STEP.tif    a model chain's later steps (the PRODUCT's `chain.steps`): one COG per step's
+                     mask, the same grid, nodata 255 where that step did not run, the step's own
+                     class names and its name and model in the tags (STEP, MODEL_ID, MODEL_VERSION);
+                     mask.tif is the gate's (step 1)
     tile-NNN.tif     each kept tile, a COG of the frame's own values (all bands, band names as
     frame.tif        descriptions, nodata 0: Sentinel-2's no-data DN), cropped to the frame (no
                      padding), its transform the frame's moved to the tile's first pixel; or the
@@ -55,6 +59,7 @@ class GisFile:
     shape: tuple[int, int]         # rows, cols
     media_type: str
     box: tuple[int, int, int, int] | None = None   # a tile's row, col, height, width in the frame
+    step: dict | None = None       # a chain's mask: its step ({name, model_id, version, classes, ...})
 
 
 @dataclass
@@ -107,10 +112,48 @@ def class_tags(classes: Sequence[str]) -> dict:
             **{f"CLASS_{i}": name for i, name in enumerate(classes)}}
 
 
-def write_mask(folder: Path, png: bytes, georef: GeoRef | None, classes: Sequence[str]) -> GisFile:
+def write_mask(folder: Path, png: bytes, georef: GeoRef | None, classes: Sequence[str],
+               step: dict | None = None, name: str = "mask.tif") -> GisFile:
     mask = decode_image(png)[:1]
-    media = write_cog(folder / "mask.tif", mask, georef, MASK_NODATA, ["class"], class_tags(classes))
-    return GisFile("mask.tif", "mask", georef, mask.shape[1:], media)
+    tags = class_tags(classes)
+    if step is not None:
+        tags.update(STEP=str(step.get("name")), MODEL_ID=str(step.get("model_id")),
+                    MODEL_VERSION=str(step.get("version")))
+    media = write_cog(folder / name, mask, georef, MASK_NODATA, ["class"], tags)
+    return GisFile(name, "mask", georef, mask.shape[1:], media, step=step)
+
+
+def chain_steps(body: dict) -> list[dict]:
+    """A chain PRODUCT's steps, each with the part its mask came in (`mask`: mask_png for the
+    gate, mask_<step> for a later one) and its classes; [] for a single model's product."""
+    steps = (body.get("chain") or {}).get("steps")
+    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("name"), str)] \
+        if isinstance(steps, list) else []
+
+
+def step_mask_part(step: dict, index: int) -> str:
+    """The PRODUCT array holding a chain step's mask."""
+    return str(step.get("mask") or ("mask_png" if index == 0 else f"mask_{step['name']}"))
+
+
+def step_mask_file(step: dict, index: int) -> str:
+    """The COG a chain step's mask is written to: the gate's is mask.tif."""
+    return "mask.tif" if index == 0 else f"mask-{step['name']}.tif"
+
+
+def write_masks(folder: Path, body: dict, arrays: dict, georef: GeoRef | None) -> list[GisFile]:
+    """mask.tif, and for a chain one mask-STEP.tif per later step (the module's table)."""
+    steps = chain_steps(body)
+    if not steps:
+        return [write_mask(folder, _blob(arrays["mask_png"]), georef, body.get("classes") or [])] \
+            if "mask_png" in arrays else []
+    out = []
+    for i, step in enumerate(steps):
+        part = step_mask_part(step, i)
+        if part in arrays:
+            classes = step.get("classes") or (body.get("classes") if i == 0 else None) or []
+            out.append(write_mask(folder, _blob(arrays[part]), georef, classes, step, step_mask_file(step, i)))
+    return out
 
 
 def write_tiles(folder: Path, arrays: dict, georef: GeoRef | None, bands: Sequence[str] | None
@@ -174,11 +217,8 @@ def write_gis(folder: Path, body: dict, arrays: dict) -> GisProducts:
     out = GisProducts(georef, None, problems=problems)
     if georef is None:
         return out
-    steps = []
-    if "mask_png" in arrays:
-        steps.append(("mask", lambda: [write_mask(folder, _blob(arrays["mask_png"]), georef,
-                                                  body.get("classes") or [])]))
-    steps.append(("tiles", lambda: write_tiles(folder, arrays, georef, body.get("bands"))))
+    steps = [("mask", lambda: write_masks(folder, body, arrays, georef)),
+             ("tiles", lambda: write_tiles(folder, arrays, georef, body.get("bands")))]
     for what, step in steps:
         try:
             out.files += step()

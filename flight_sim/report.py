@@ -13,7 +13,10 @@ Figures (report.json keys):
   (flight_sim.truth.expected_decision): agreement (a quality figure), the frames where they
   differ, and the clear-cut frames (truth >= 95% cloud, or <= 5% cloud with targets) on which
   a check demands agreement.
-- `masks`: class masks that came down against the truth: confusion, per-class IoU, mIoU.
+- `masks`: class masks that came down against the truth: confusion, per-class IoU, mIoU (a model
+  chain: the gate's, with every step's in `masks.steps`).
+- `chain` (a chain bundle; flight_sim.chain_report): per step cells run / total, milliseconds, its
+  mask against the truth where it ran; per frame the same; the time the gate saved (estimated).
 - `latency_ms`: daemon-side total per frame and payload round trip, p50/p90/p99/max.
 - `realtime`: acquisition time of the frames over the daemon's processing time for them (its
   per-frame time less the wait in its queue; > 1: it keeps up with the orbit), and over the wall
@@ -40,6 +43,7 @@ import numpy as np
 from flight_sim.camera import preview_rgb
 from flight_sim.runner import RunRecord
 from flight_sim.soak import soak_checks
+from flight_sim.chain_report import StepMasks, chain_checks, chain_section, md_chain, model_info
 from flight_sim.truth import IGNORE, default_targets, expected_decision, to_model_classes
 from shared.jsonable import jsonable
 from shared.metrics import SegmentationScores, confusion_matrix
@@ -75,8 +79,8 @@ def _region(frame_shape: tuple[int, int], arrays: dict) -> np.ndarray:
 
 def build_report(rec: RunRecord) -> dict:
     """The report (figures as in the module docstring), its checks and `ok` when all pass."""
-    man = rec.manifest
-    classes = list(man["output"]["classes"])
+    model = model_info(rec)            # a chain's classes: every step's, gate first
+    classes = model["classes"]
     targets = rec.scenario.sections["report"].get("targets") or default_targets(classes)
     states = list(rec.payload.states.values()) if rec.payload else []
     normal = [s for s in states if s.frame.kind == "frame"]
@@ -84,8 +88,7 @@ def build_report(rec: RunRecord) -> dict:
     report = {
         "scenario": rec.scenario.name, "description": rec.scenario.description,
         "out_dir": str(rec.out_dir),
-        "model": {"id": man["model_id"], "version": man["version"], "classes": classes,
-                  "bands": man["input"]["bands"], "tile": man["input"].get("tile_size")},
+        "model": model, "chain": chain_section(rec, normal, masks),
         "scenes": rec.scenes, "camera": rec.camera,
         "accounting": rec.payload.accounting() if rec.payload else {},
         "malformed": _malformed(states),
@@ -100,7 +103,7 @@ def build_report(rec: RunRecord) -> dict:
         "timed_out": rec.timed_out,
         "wall_s": round(rec.t_end - rec.t0, 3),
     }
-    report["checks"] = _checks(report)
+    report["checks"] = _checks(report) + chain_checks(report, rec.downlink.station.received if rec.downlink else [])
     report["ok"] = all(c["ok"] for c in report["checks"])
     report["_examples"] = examples          # not written to JSON; for masks.png
     return report
@@ -174,7 +177,9 @@ def _score_against_truth(rec: RunRecord, normal: list, classes: list[str],
     """(value, decisions, masks, mask examples): every frame with truth scored once."""
     value = _ValueTally(targets, [classes.index(t) for t in targets if t in classes])
     decisions = _DecisionTally(classes, rec.manifest.get("policy"))
-    masks = _MaskTally(classes, rec.scenario.sections["report"]["mask_examples"])
+    n_examples = rec.scenario.sections["report"]["mask_examples"]
+    # a chain: each step's mask in its own classes where it ran (the gate's is the report's `masks`)
+    masks = StepMasks(rec.chain["steps"], n_examples) if rec.chain else _MaskTally(classes, n_examples)
     for seen in _frames_with_truth(rec, normal, classes):
         value.add(seen)
         decisions.add(seen)
@@ -422,7 +427,7 @@ def markdown(r: dict) -> str:
     """report.md: the headline, then checks, frames, data and value, decisions, timing, uplink."""
     L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
          "```", headline(r), "```", ""]
-    L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_stac(r) + _md_decisions(r) + _md_timing(r)
+    L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_stac(r) + _md_decisions(r) + md_chain(r) + _md_timing(r)
     L += _md_uplink_and_daemon(r) + _md_soak(r)
     return "\n".join(L)
 
@@ -581,7 +586,7 @@ def write_report(r: dict, rec: RunRecord, out_dir: Path | None = None) -> dict[s
     plot_timeline(rec, paths["timeline"])
     if r.get("_examples"):
         paths["masks"] = out_dir / "masks.png"
-        plot_masks(r["_examples"], r["model"]["classes"], paths["masks"])
+        plot_masks(r["_examples"], r["masks"].get("classes") or r["model"]["classes"], paths["masks"])
     paths["markdown"].write_text(markdown(r))
     return paths
 

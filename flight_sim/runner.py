@@ -55,6 +55,8 @@ from flight_sim.scenes import open_source
 from flight_sim.soak import Soak
 from flight_sim.uplink import Uplink, corrupt_copy, newer_version_copy, unsigned_copy
 from shared.bundle import BundleError, verify_bundle
+from shared.chain import verify_chain_bundle
+from shared.manifest import is_chain
 from shared.client import CommandClient
 from shared.curve import client_keys, generate_key_set
 from shared.messages import MessageError, decode
@@ -79,6 +81,7 @@ class RunRecord:
     scenario: Scenario
     out_dir: Path
     manifest: dict = field(default_factory=dict)
+    chain: dict | None = None                    # a chain bundle: shared.chain.verify_chain_bundle's description
     camera: dict = field(default_factory=dict)
     scenes: list[dict] = field(default_factory=list)
     endpoints: dict = field(default_factory=dict)
@@ -235,6 +238,8 @@ def _verified_bundle(scenario: Scenario, rec: RunRecord) -> Path:
     public_key = scenario.path("bundle", "public_key")
     try:
         rec.manifest = verify_bundle(bundle, public_key).manifest
+        if is_chain(rec.manifest):               # and each step with the same key, as the daemon does
+            rec.chain = verify_chain_bundle(bundle, public_key)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         raise ScenarioFailed(f"bundle.path: {bundle} does not verify with bundle.public_key "
                              f"{public_key}: {exc}") from None
