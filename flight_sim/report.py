@@ -403,6 +403,12 @@ def headline(r: dict) -> str:
     if lat.get("n"):
         parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms; real-time factor "
                      f"{rt['factor']} ({'keeps up' if rt['keeps_up'] else 'falls behind'})")
+    c = r.get("chain")
+    if c:
+        saved = c["gate"].get("saved_share")
+        parts.append("chain: " + ", ".join(f"{s['name']} on {s['cells_run']}/{s['cells_total']} cells "
+                                           f"({s['ms_total']:.0f} ms)" for s in c["steps"])
+                     + (f"; the gate saved ~{_fmt_pct(saved)} of model time (estimated)" if saved is not None else ""))
     dec = r["decisions"]
     if dec["with_truth"]:
         parts.append(f"decisions agree with the policy on the truth: {dec['agree']}/{dec['with_truth']}"
