@@ -43,6 +43,10 @@ from shared.manifest import run_if_policy
 from shared.policy import classes_needing_components, evaluate, validate_policy
 
 NOT_RUN = 255                  # a later step's mask where it did not run (nodata)
+# A later step's FramePipeline runs batches of one tile: it runs on boxes of a few tiles, where
+# a batch of two pads a lone tile to two and leaves a core idle (benchmarks/bench_chain.py:
+# a 1024 x 1024 frame at 30% cloud, ship model on 48 of 64 cells, 388 ms at batch 2, 196 ms at 1).
+LATER_STEP_BATCH = 1
 # What a step's own FramePipeline decides is not used (the chain's policy decides): the
 # cheapest policy it can evaluate, no products.
 MASK_ONLY_POLICY = {"rules": [], "default": {"then": "keep"}}

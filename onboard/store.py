@@ -53,7 +53,7 @@ from onboard.errors import (ACTIVATION_FAILED, BAD_STATE, BUSY, EXTRACT_FAILED, 
                             LOAD_FAILED, NO_MODEL, NO_PREVIOUS, NOT_FOUND, PRECISION_UNSUPPORTED,
                             ROLLED_BACK, SELF_TEST_FAILED, SLOT_CORRUPT, SLOT_UNREADABLE,
                             STORE_IN_USE, PrecisionUnsupported, StoreError)
-from onboard.chain import ChainPipeline
+from onboard.chain import LATER_STEP_BATCH, ChainPipeline
 from onboard.pipeline import FramePipeline
 from onboard.precision import AUTO
 from shared.bundle import BundleError, extract_bundle, verify_extracted
@@ -128,10 +128,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def default_pipeline_factory(device: str = "CPU", num_requests: int | None = None,
                              precision: str = AUTO, capabilities: tuple[str, ...] | None = None
-                             ) -> Callable[[dict, Path], Any]:
-    def factory(manifest: dict, model_dir: Path) -> Any:
+                             ) -> Callable[..., Any]:
+    """`factory(manifest, model_dir)` -> FramePipeline; a chain's later steps also pass
+    `batch_size` (onboard.chain.LATER_STEP_BATCH)."""
+    def factory(manifest: dict, model_dir: Path, batch_size: int = 2) -> Any:
         return FramePipeline(manifest, model_dir, device=device, num_requests=num_requests,
-                             precision=precision, capabilities=capabilities)
+                             precision=precision, capabilities=capabilities, batch_size=batch_size)
     return factory
 
 
@@ -143,7 +145,8 @@ class ModelStore:
     `device` with `num_requests` infer requests, None = OpenVINO's choice, at the manifest's
     precision or `precision` unless "auto", checked against `capabilities`, None = OpenVINO's
     list); it must offer `.self_test(reference_path)` and `.precision` (onboard.precision's
-    Precision) like onboard.pipeline.FramePipeline.
+    Precision) like onboard.pipeline.FramePipeline. For a chain's later steps it is called with
+    `batch_size` too.
     `exclusive=True` takes an advisory lock on the store for this object's lifetime (the daemon
     and the offline CLI do), so an offline install cannot race a running daemon's.
     """
@@ -387,10 +390,12 @@ class ModelStore:
             return self._load_chain(info)
         return self._load_model(info.manifest, info.path, f"model {info.model_id} v{info.version}")
 
-    def _load_model(self, manifest: dict, path: Path, label: str, where: str = "") -> tuple[Any, dict]:
-        """One model (a slot, or a chain's step folder: `where` prefixes its messages)."""
+    def _load_model(self, manifest: dict, path: Path, label: str, where: str = "",
+                    **options) -> tuple[Any, dict]:
+        """One model (a slot, or a chain's step folder: `where` prefixes its messages; `options`
+        go to the pipeline factory)."""
         try:
-            pipeline = self.pipeline_factory(manifest, path)
+            pipeline = self.pipeline_factory(manifest, path, **options)
         except PrecisionUnsupported as exc:
             raise StoreError(PRECISION_UNSUPPORTED, f"{where}{label} refused: {exc}") from None
         except Exception as exc:       # OpenVINO raises plain RuntimeError for a bad IR or device
@@ -419,11 +424,11 @@ class ModelStore:
         except (BundleError, ManifestError) as exc:      # ChainStepRefused names the step
             raise StoreError(exc.code, f"{label} refused: {exc}") from None
         loaded, reports = [], {}
-        for step in steps:
+        for i, step in enumerate(steps):
             where = f"{label}, step {step.name!r}: "
             pipeline, reports[step.name] = self._load_model(
                 step.manifest, step.root, f"model {step.manifest['model_id']} v{step.manifest['version']}",
-                where)
+                where, **({"batch_size": LATER_STEP_BATCH} if i else {}))
             loaded.append((step, pipeline))
         try:
             chain = ChainPipeline(info.manifest, loaded)
