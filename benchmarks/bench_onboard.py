@@ -238,7 +238,7 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
         "bare_scaled_uint16_mpix_s": mpix / t_bare16,
         "bare_plain_float32_mpix_s": mpix / t_bare32,
         "frame_graph_mpix_s": {dtype: mpix / t for dtype, t in t_graph.items()},
-        "graph_input_dtype": GRAPH_INPUT_DTYPE,
+        "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
         "pipeline_s_per_frame": t_pipe / args.frames,
         "cpu_s_per_frame": {k: round(v / args.frames, 3) for k, v in cpu.items()},
         "cpu_ratio_vs_bare": min(cpu["bare16"], cpu["bare32"]) / cpu["pipeline"],

@@ -4,11 +4,12 @@
                     and every value still finite in float32 after scaling and normalisation
     tile + infer    tiles with overlap (shared.tiling's grid and reflect padding) are cut straight
                     from the frame into idle requests' input tensors, in the model's band order,
-                    as float32 (GRAPH_INPUT_DTYPE); the graph (onboard.runtime's frame graph)
-                    bins them to the manifest's processing GSD (`input.gsd_m`, mean of f x f
-                    blocks, f = gsd_m / 10), scales ((value * scale - mean) / std, constants
-                    OpenVINO folds into the first convolution), runs the network, its activation
-                    and the per-class thresholds (shared.postprocess.threshold's rule): uint8 out
+                    as float32 or in the frame's dtype (GRAPH_INPUT_DTYPE); the graph
+                    (onboard.runtime's frame graph) bins them to the manifest's processing GSD
+                    (`input.gsd_m`, mean of f x f blocks, f = gsd_m / 10), scales ((value * scale
+                    - mean) / std, constants OpenVINO folds into the first convolution), runs the
+                    network, its activation and the per-class thresholds
+                    (shared.postprocess.threshold's rule): uint8 out
     stitch          as each batch comes back (while the other requests still infer): every tile's
                     central part (shared.tiling's "center" stitching) is copied into the class
                     mask at the processing GSD
@@ -54,13 +55,17 @@ from shared.policy import classes_needing_components, evaluate, validate_policy
 from shared.postprocess import RowwiseOpening, threshold, threshold_vector, upsample_rows
 from shared.tiling import TileGrid
 
-# The frame graph takes float32 tiles at every precision: numpy converts uint16/int16 frames
-# while it cuts their tiles into the input buffers (on the Python thread, while the requests
-# infer), where OpenVINO's CPU plugin converts u16 with a reference kernel inside the graph, on
-# the inference threads (PERF_COUNT: Convert "ref_u16", 2-2.6 ms of a 33-37 ms bf16 batch of two
-# 13 x 256 x 256 tiles, about 5 ms at f32; numpy's conversion adds ~0.2 ms per batch to the
-# copy). bench_onboard times the frame graph alone on pre-cut uint16 and float32 tiles.
-GRAPH_INPUT_DTYPE = "float32"
+# The frame graph's input per precision the model runs at, where that leaves every mask as it
+# was with the frame's own dtype (else the frame's dtype: uint16, int16 or float32).
+# float32 at fp32: numpy converts uint16/int16 frames while it cuts their tiles into the input
+# buffers (on the Python thread, while the requests infer) for ~0.2 ms more per batch of two
+# 13 x 256 x 256 tiles than the plain copy, where OpenVINO's CPU plugin converts u16 with a
+# reference kernel on the inference threads (PERF_COUNT: Convert "ref_u16", i32 alike), about
+# 5 ms of a 160 ms f32 batch; the masks are identical. Not at bf16: OpenVINO then fuses the
+# scaling differently (a bf16 snippet after the u16 Convert, f32 on float32 tiles), which moved
+# 0.03% of a 20 m student's pixels at 10 m and 0.1% with the 2x2 binning in the graph.
+# bench_onboard times the frame graph alone on pre-cut uint16 and float32 tiles.
+GRAPH_INPUT_DTYPE = {"fp32": "float32"}
 
 
 @dataclass
@@ -126,8 +131,8 @@ class _MaskRows:
     tiles still infer: each band is opened (shared.postprocess.RowwiseOpening: the whole-mask
     opening, bit for bit), brought back to 10 m (f > 1), counted per policy cell
     (onboard.stats.CellStats) and, with `products`, added to the mask's PNG; the quicklook
-    (the frame's alone) is made at the first band. What the last tile row decides is done
-    after inference. For a frame then discarded the PNG and quicklook are wasted: ~20 ms of CPU
+    (the frame's alone) is made when the first batch comes back. What the last tile row
+    decides is done after inference. For a frame then discarded the PNG and quicklook are wasted: ~20 ms of CPU
     on a 13 x 2048 x 2048 frame, off the critical path."""
 
     def __init__(self, pipeline: "FramePipeline", frame_shape: tuple[int, int], counted: Sequence[str],
@@ -162,12 +167,16 @@ class _MaskRows:
             self.upsampled = opened
 
     def encode(self, final: int) -> None:
-        """Rows of the 10 m mask up to `final` into the PNG; the quicklook once."""
-        if self.png is None:
-            return
-        if self.quicklook is None:
+        """Rows of the 10 m mask up to `final` into the PNG."""
+        if self.png is not None:
+            self.png.add(self.full[self.png.rows:final])
+
+    def make_quicklook(self) -> None:
+        """The quicklook, once (a batch came back: the requests are busy again)."""
+        if self._quicklook is not None and self.quicklook is None:
+            t0 = time.perf_counter()
             self.quicklook = self._quicklook()
-        self.png.add(self.full[self.png.rows:final])
+            self.busy["products_overlapped"] += (time.perf_counter() - t0) * 1e3
 
     def open_rest(self) -> None:
         self.opening.advance(self.mask.shape[0])
@@ -263,6 +272,7 @@ class FramePipeline:
             kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
             products = {}
             if decision.keep and make_products:
+                rows.make_quicklook()
                 rows.encode(mask.shape[0])
                 products = products_mod.frame_products(data, bands, scale, mask, kept, self.cell,
                                                        all_kept=len(kept) == len(cells),
@@ -395,6 +405,7 @@ class FramePipeline:
                 mask[r0:r1, c0:c1] = masks[j, tr:tr + r1 - r0, tc:tc + c1 - c0]
                 pending[(start + j) // per_row] -= 1
             busy["stitch_overlapped"] += (time.perf_counter() - t0) * 1e3
+            post.make_quicklook()
             done = complete[0]
             while done < len(pending) and pending[done] == 0:
                 done += 1
@@ -404,7 +415,8 @@ class FramePipeline:
 
         gain = (np.float32(scale) / self.std).astype(np.float32)
         offset = (-self.mean / self.std).astype(np.float32)
-        self.model.run_masks(len(grid), GRAPH_INPUT_DTYPE, fill, on_output, gain, offset, self.thresholds, f)
+        dtype = GRAPH_INPUT_DTYPE.get(self.precision.running, data.dtype.name)
+        self.model.run_masks(len(grid), dtype, fill, on_output, gain, offset, self.thresholds, f)
         busy.update(post.busy)
         return {k: round(v, 3) for k, v in busy.items()}
 

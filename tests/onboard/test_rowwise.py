@@ -180,3 +180,27 @@ def test_pipeline_products_made_during_inference_are_the_frame_products(manifest
     assert r.keep and np.array_equal(decode_mask_png(r.products["mask_png"]), r.class_mask)
     assert r.products["quicklook_jpg"] == quicklook_jpg(data, BANDS_6, 1e-4)
     assert r.timings_ms["products_overlapped"] > 0
+
+
+def test_frame_graph_input_dtype_per_precision_leaves_the_masks(manifest, model_dir, monkeypatch):
+    """fp32 feeds float32 tiles (numpy converts while cutting), the same masks as tiles in the
+    frame's dtype; a precision GRAPH_INPUT_DTYPE does not name keeps the frame's dtype."""
+    import onboard.pipeline as pipeline_mod
+    from onboard.runtime import OpenVinoModel
+
+    seen = []
+    run_masks = OpenVinoModel.run_masks
+
+    def spy(self, n_tiles, dtype, *args, **kwargs):
+        seen.append(dtype)
+        return run_masks(self, n_tiles, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(OpenVinoModel, "run_masks", spy)
+    data, _ = boxes_frame(BANDS_6, 200, 150, 5)
+    pipeline = FramePipeline(manifest, model_dir, batch_size=2, precision="fp32")
+    as_float = pipeline.process(data, BANDS_6, 1e-4)
+    monkeypatch.setattr(pipeline_mod, "GRAPH_INPUT_DTYPE", {})
+    as_frame = pipeline.process(data, BANDS_6, 1e-4)
+    assert seen == ["float32", "uint16"]
+    assert np.array_equal(as_float.class_mask, as_frame.class_mask)
+    assert as_float.stats == as_frame.stats and as_float.tile_decisions == as_frame.tile_decisions
