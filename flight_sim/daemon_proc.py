@@ -6,6 +6,11 @@ throwaway CURVE key set: shared.curve.generate_key_set), starts
 `python -m onboard run --config FILE --json` and reads the one JSON line the daemon prints
 once its sockets are bound (pid, endpoints, active model). Its log (stderr) goes to a file in
 the run folder. Nothing of `onboard` is imported here.
+
+Memory: while a daemon runs, a thread reads its peak resident set (VmHWM in /proc/PID/status,
+the kernel's own high-water mark, so no peak between two reads is missed) every
+PEAK_POLL_S; the peak of each process goes into its `killed`, `stopped` or `exited` event as
+`peak_rss_mb` (MB of 10^6 bytes), and the report lists those events.
 """
 from __future__ import annotations
 
@@ -27,6 +32,19 @@ from flight_sim.errors import DaemonStartError
 __all__ = ["DaemonEvent", "DaemonProcess", "DaemonStartError", "write_daemon_config"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PEAK_POLL_S = 0.2
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """The peak resident set of process `pid` so far (VmHWM), in MB; None where /proc has none."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _die_with_parent() -> None:
@@ -97,6 +115,7 @@ class DaemonProcess:
         self.events: list[DaemonEvent] = []
         self.starts = 0
         self.env: dict[str, str] = {}       # added to its environment (a supervisor's NOTIFY_SOCKET)
+        self.peak_rss_mb: float | None = None   # the running process's VmHWM, last read
 
     @property
     def pid(self) -> int | None:
@@ -134,10 +153,26 @@ class DaemonProcess:
         self.starts += 1
         # anything more it prints goes to the log, so a full pipe can never block it
         threading.Thread(target=self._drain_stdout, args=(self.proc,), daemon=True).start()
+        self.peak_rss_mb = None
+        threading.Thread(target=self._watch_peak, args=(self.proc,), daemon=True).start()
         self.events.append(DaemonEvent(time.monotonic(), "started",
                                        {"pid": self.proc.pid, "model": self.ready.get("model"),
                                         "start_s": round(time.monotonic() - t0, 3)}))
         return self.ready
+
+    def _watch_peak(self, proc: subprocess.Popen) -> None:
+        while proc.poll() is None:
+            peak = vm_hwm_mb(proc.pid)
+            if peak is not None and proc is self.proc:
+                self.peak_rss_mb = round(peak, 1)
+            time.sleep(PEAK_POLL_S)
+
+    def _peak(self) -> dict:
+        """{"peak_rss_mb": ...} of the process now ending (read once more while it still runs)."""
+        peak = vm_hwm_mb(self.proc.pid) if self.alive() else None
+        if peak is not None:
+            self.peak_rss_mb = round(peak, 1)
+        return {"peak_rss_mb": self.peak_rss_mb}
 
     def _drain_stdout(self, proc: subprocess.Popen) -> None:
         try:
@@ -187,9 +222,11 @@ class DaemonProcess:
         if not self.alive():
             return None
         pid = self.proc.pid
+        peak = self._peak()
         os.kill(pid, signal.SIGKILL)
         code = self.proc.wait()
-        self.events.append(DaemonEvent(time.monotonic(), "killed", {"pid": pid, "signal": "SIGKILL"}))
+        self.events.append(DaemonEvent(time.monotonic(), "killed", {"pid": pid, "signal": "SIGKILL",
+                                                                    **peak}))
         return code
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -197,6 +234,7 @@ class DaemonProcess:
         if not self.alive():
             return self.proc.returncode if self.proc else None
         pid = self.proc.pid
+        peak = self._peak()
         self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout_s)
@@ -205,7 +243,7 @@ class DaemonProcess:
             os.kill(pid, signal.SIGKILL)
             code = self.proc.wait()
             kind = "killed_after_timeout"
-        self.events.append(DaemonEvent(time.monotonic(), kind, {"pid": pid, "exit_code": code}))
+        self.events.append(DaemonEvent(time.monotonic(), kind, {"pid": pid, "exit_code": code, **peak}))
         return code
 
     def wait_exit(self, timeout_s: float = 30.0) -> int | None:
@@ -217,6 +255,7 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             return self.stop()
         self.events.append(DaemonEvent(time.monotonic(), "exited", {"pid": self.proc.pid,
-                                                                    "exit_code": code}))
+                                                                    "exit_code": code,
+                                                                    "peak_rss_mb": self.peak_rss_mb}))
         return code
 

@@ -27,11 +27,12 @@ Products go to libzmq one at a time: the next is handed over only once libzmq ha
 the previous one's buffers (a MessageTracker), because CURVE encrypts each part into a copy of
 its own (libzmq's curve_encoding_t::encode: a plaintext copy and the box), so a product costs
 three times its bytes while it is encrypted, and libzmq's pipe (SNDHWM) would otherwise hold
-several kept frames' pixels for a downlink that reads slowly. With a spill folder a kept
-frame's product waits as its path on the on-board store (`push_spilled`; and at start-up,
-`resend_spilled`: an earlier process's, not yet acknowledged) and is read back
-(onboard.products.read_spilled, one buffer) only when its turn comes: a backlog costs disk, not
-memory, and a frame's pixels are freed with its outcome.
+several kept frames' pixels for a downlink that reads slowly; and the frame worker waits for
+that encryption before its next frame (`wait_product_encrypted`), so the two take turns. With a
+spill folder a kept frame's product that would wait behind another waits as its path on the
+on-board store (`push_spilled`; and at start-up, `resend_spilled`: an earlier process's, not
+yet acknowledged) and is read back (onboard.products.read_spilled, one buffer) only when its
+turn comes: a backlog costs disk, not memory.
 
 A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
 with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
@@ -63,6 +64,7 @@ POLL_MS = 100                 # longest the loop sleeps: bounds how late a timer
 BACKLOG_POLL_MS = 20          # ... and while an outbox holds messages
 MAX_BURST = 64                # messages read from one socket per loop turn (others stay served)
 OUTBOX_RETRY_S = 0.25         # unroutable replies are retried this often
+PRODUCT_WAIT_S = 1.0          # longest a frame waits for the product libzmq is encrypting
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
@@ -229,6 +231,7 @@ class Bus:
         self.spilled: collections.deque[tuple[Path, bool]] = collections.deque()
         self.resent = 0                # an earlier process's spilled products sent since start-up
         self.in_flight: zmq.MessageTracker | None = None   # the product libzmq still holds
+        self._waited: zmq.MessageTracker | None = None     # (frame worker) the last one waited for
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -375,6 +378,21 @@ class Bus:
             return
         self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
                                                  time.monotonic()))
+
+    def wait_product_encrypted(self, timeout_s: float = PRODUCT_WAIT_S) -> None:
+        """Frame worker, before a frame: wait until libzmq has let go of the product it was
+        last handed (CURVE has encrypted it), at most `timeout_s` and once per product (a
+        downlink that does not read leaves it unencrypted in libzmq's pipe: frames go on).
+        The encryption's two copies and a frame's processing then take turns instead of
+        adding up; the encryption itself runs no slower on the core inference leaves it."""
+        tracker = self.in_flight
+        if tracker is None or tracker is self._waited:
+            return
+        self._waited = tracker
+        try:
+            tracker.wait(timeout_s)
+        except zmq.NotDone:
+            pass
 
     def push_spilled(self, path: Path) -> None:
         """Queue a kept frame's PRODUCT that is on the on-board store (spill_product): read

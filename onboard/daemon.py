@@ -146,10 +146,12 @@ class Daemon:
         return 0
 
     def _decide(self, job) -> FrameOutcome:
-        """Frame worker: the test hooks (off unless configured), then the pipeline."""
+        """Frame worker: the test hooks (off unless configured), then, once libzmq has
+        encrypted the last product handed to it, the pipeline."""
         self._test_hook(job)
         if self._test_delay_s:
             time.sleep(self._test_delay_s)
+        self.bus.wait_product_encrypted()     # its copies and this frame take turns (bus)
         return decide(self.serving, job)
 
     def _supervise(self, now: float) -> bool:
@@ -245,8 +247,8 @@ class Daemon:
         self.bus.send("frames", route, outcomes.decision(outcome, timings, source))
         if outcome.result.keep:
             self.counters.kept += 1
-            if spilled is not None:     # read back from the store when its turn comes (bus)
-                self.bus.push_spilled(spilled)
+            if spilled is not None and self.bus.pending("products"):
+                self.bus.push_spilled(spilled)     # behind others: read back when its turn comes
             else:
                 self.bus.push_product(outcomes.product(outcome, source))
 

@@ -4,6 +4,7 @@ by the daemon itself."""
 from __future__ import annotations
 
 import gc
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,15 @@ def test_the_frame_worker_lets_go_of_a_frame_once_its_outcome_is_handed_back():
     finally:
         workers.stop()
         assert workers.join(5)
+
+
+def test_the_simulator_reads_a_process_peak_resident_set():
+    from flight_sim.daemon_proc import vm_hwm_mb
+    here = vm_hwm_mb(os.getpid())
+    assert here is not None and here > 1
+    ballast = np.ones(50_000_000, np.uint8)           # touched: the high-water mark rises
+    assert vm_hwm_mb(os.getpid()) >= here + 40 and ballast[-1] == 1
+    assert vm_hwm_mb(2**22 + 12345) is None            # no such process
 
 
 def test_the_allocator_settings_take_on_glibc():
