@@ -162,6 +162,10 @@ def cmd_upload(args) -> int:
 # ------------------------------------------------------------------------------------ status
 def _human_model(model: dict) -> str:
     p = model.get("precision") or {}
+    if "chain" in model:                # a model chain: each step's precision and cells run
+        steps = ", ".join(f"{s['name']} at {p.get(s['name'], {}).get('running', '?')} on {s['cells_run']}/"
+                          f"{s['cells_total']} cells" for s in model["chain"])
+        return f"model chain {model['id']} v{model['version']}: {steps}"
     forced = f" (forced; bundle validated at {p.get('declared')})" if p.get("overridden") else ""
     return f"model {model['id']} v{model['version']} at {p.get('running', '?')}{forced}"
 

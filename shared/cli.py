@@ -119,9 +119,14 @@ def _inspect_text(r: dict) -> str:
     lines = [f"{r['path']}  ({format_bytes(r['archive_bytes'])})  {r['note']}",
              f"model:    {m.get('model_id')} version {m.get('version')} (parent {m.get('parent')}),"
              f" created {m.get('created')}",
-             f"input:    bands {' '.join(map(str, inp.get('bands', [])))}, tile {inp.get('tile_size')}"
-             f" overlap {inp.get('overlap')}",
-             f"output:   {', '.join(map(str, out.get('classes', [])))} ({out.get('activation')})",
+             *(["chain:    " + " -> ".join(f"{s.get('name')}" + (f" where {json.dumps(s['run_if'])}"
+                                                                if s.get("run_if") else "")
+                                          for s in (m["chain"].get("steps") or []) if isinstance(s, dict))
+                + " (each step a bundle in steps/<name>/: eoedge ground chain)"]
+              if isinstance(m.get("chain"), dict) else
+              [f"input:    bands {' '.join(map(str, inp.get('bands', [])))}, tile {inp.get('tile_size')}"
+               f" overlap {inp.get('overlap')}",
+               f"output:   {', '.join(map(str, out.get('classes', [])))} ({out.get('activation')})"]),
              f"signed:   {'yes, claims key ' + str(r['claimed_key_id']) if r['signed'] else 'NO'}",
              f"manifest: {'valid' if r['manifest_error'] is None else 'INVALID: ' + r['manifest_error']}",
              "members:"]

@@ -28,7 +28,7 @@ from shared.bundle import build_bundle, extract_bundle  # noqa: E402
 from shared.chain import build_chain_bundle, chain_manifest  # noqa: E402
 from shared.keys import generate_keypair  # noqa: E402
 from shared.messages import decode  # noqa: E402
-from test_daemon import DaemonProcess, Payload, connect, offline_install, products  # noqa: E402
+from test_daemon import KEY_DIR, DaemonProcess, Payload, cli, command, connect, offline_install, products  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -266,6 +266,18 @@ def test_a_daemon_flies_the_chain_decision_product_and_telemetry(tmp_path, facto
         assert "step_ship" in body["latency_ms"] and "step_cloud" in body["latency_ms"]
         counts = {s["name"]: s for s in body["model"]["chain"]}
         assert counts["ship"]["cells_run"] == CELLS - 4 and counts["ship"]["cells_total"] == CELLS
+        assert set(body["model"]["precision"]) == {"cloud", "ship"}
+        # the operator's status names the chain, each step's precision and cells run
+        status = cli("status", "--config", str(daemon.config_path), "--keys", str(KEY_DIR))
+        assert status.returncode == 0, status.stderr
+        assert "model chain harbour-chain v2: cloud at fp32 on 16/16 cells, ship at fp32 on 12/16 cells" in status.stdout
+        # a policy set by command may name any step's class; an unknown one is refused naming it
+        ep = daemon.endpoints["commands"]
+        keep_ships = {"rules": [{"if": {"class": "ship", "fraction_above": 0.5}, "then": "keep"}]}
+        assert command(ep, "set_policy", {"policy": keep_ships})["ok"]
+        refused = command(ep, "set_policy", {"policy": {"rules": [{"if": {"class": "boat", "fraction_above": 0.5},
+                                                                   "then": "keep"}]}})
+        assert refused["ok"] is False and "boat" in refused["error"] and refused["code"] == "bad_args"
     finally:
         for sock in (payload, downlink, telemetry):
             if sock is not None:

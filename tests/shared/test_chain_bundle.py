@@ -190,3 +190,22 @@ def test_ground_chain_arguments_are_named_when_wrong(bundles, steps, run_if, say
     with pytest.raises(CommandError) as exc:
         parse_steps(step_args, run_if)
     assert str(exc.value).startswith(says)
+
+
+# ------------------------------------------------------------------------ on the wire
+def test_decision_and_product_chain_fields_are_validated_by_name():
+    from shared.messages import MessageError, validate_body
+    step = {"name": "ship", "model_id": "ship", "version": 1, "cells_run": 12, "cells_total": 16, "ms": 3.5}
+    decision = {"frame_id": "f", "keep": True, "priority": 1, "reason": "r", "chain": {"steps": [step]}}
+    validate_body("decision", decision)
+    validate_body("product", {"frame_id": "f", "priority": 1, "chain": {
+        "steps": [{**step, "classes": ["sea", "ship"], "mask": "mask_ship"}], "nodata": 255}})
+    for broken, field in ((dict(step, cells_run=-1), "body.chain.steps[0].cells_run"),
+                          ({k: v for k, v in step.items() if k != "ms"}, "body.chain.steps[0].ms"),
+                          (dict(step, extra=1), "body.chain.steps[0].extra")):
+        with pytest.raises(MessageError) as exc:
+            validate_body("decision", dict(decision, chain={"steps": [broken]}))
+        assert exc.value.field == field
+    with pytest.raises(MessageError) as exc:
+        validate_body("decision", dict(decision, chain={"steps": [step] * 5}))
+    assert exc.value.field == "body.chain.steps"
