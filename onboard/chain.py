@@ -38,11 +38,10 @@ from onboard.pipeline import FramePipeline, FrameResult
 from onboard.stats import cell_edges, frame_and_cell_stats, summarise_components
 from onboard.telemetry import StepCounters
 from shared.bands import UnknownBandError, canonical_band
-from shared.chain import ChainStep, chain_bands, chain_classes
+from shared.chain import NOT_RUN, ChainStep, chain_bands, chain_classes
 from shared.manifest import run_if_policy
 from shared.policy import classes_needing_components, evaluate, validate_policy
 
-NOT_RUN = 255                  # a later step's mask where it did not run (nodata)
 # A later step's FramePipeline runs batches of one tile: it runs on boxes of a few tiles, where
 # a batch of two pads a lone tile to two and leaves a core idle (benchmarks/bench_chain.py:
 # a 1024 x 1024 frame at 30% cloud, ship model on 48 of 64 cells, 388 ms at batch 2, 196 ms at 1).

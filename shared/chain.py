@@ -33,6 +33,7 @@ from shared.manifest import (FORMAT_VERSION, RESERVED_NAMES, STEPS_DIR, chain_st
 from shared.policy import validate_policy
 
 StepSpec = tuple[str, "str | os.PathLike", "Mapping[str, Any] | None"]
+NOT_RUN = 255          # a later step's mask value where it did not run (nodata), on board and down
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ def check_chain(manifest: Mapping[str, Any], step_manifests: Sequence[Mapping[st
         if is_chain(sm):
             raise ManifestError(f"chain.steps[{i}]", f"step {step['name']!r} is itself a chain: "
                                                      "a step is one model")
+        if i > 0 and len(sm["output"]["classes"]) >= NOT_RUN:
+            raise ManifestError(f"chain.steps[{i}]", f"step {step['name']!r} has "
+                                f"{len(sm['output']['classes'])} classes: a later step has at most "
+                                f"{NOT_RUN} ({NOT_RUN} marks the pixels where it did not run)")
         for cls in sm["output"]["classes"]:
             if cls in owner:
                 raise ManifestError(f"chain.steps[{i}]", f"class {cls!r} of step {step['name']!r} is "

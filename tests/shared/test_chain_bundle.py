@@ -96,6 +96,12 @@ def test_run_if_naming_its_own_or_a_later_steps_class_is_refused(bundles, tmp_pa
     assert "step 'last'" in str(exc.value) and "earlier steps' classes (clear, cloud, shadow)" in str(exc.value)
 
 
+def test_a_later_step_with_255_classes_is_refused():
+    m = chain_manifest([("gate", None, None), ("many", None, GATE_IF)], {"rules": []}, "c", 1)
+    with pytest.raises(ManifestError, match=r"^chain\.steps\[1\]: step 'many' has 255 classes"):
+        check_chain(m, [_fake_manifest(CLASSES_3), _fake_manifest([f"c{i}" for i in range(255)])])
+
+
 def _fake_manifest(classes) -> dict:
     return {"output": {"classes": list(classes)}, "input": {"bands": list(BANDS_6)}}
 
