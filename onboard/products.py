@@ -224,6 +224,47 @@ def remove_spilled(folder: Path, frame_ids: Sequence[str]) -> tuple[int, int]:
     return removed, len(frame_ids) - removed
 
 
-def read_spilled(path: Path) -> list[bytes]:
-    """The message parts `spill_product` wrote (decode them with shared.messages.decode)."""
-    return msgpack.unpackb(Path(path).read_bytes())
+def read_spilled(path: Path) -> list[memoryview]:
+    """The message parts `spill_product` wrote (decode them with shared.messages.decode), as
+    views of one buffer the file is read into: a product read back for the downlink costs its
+    bytes once (msgpack.unpackb would copy every part). Raises OSError, or ValueError when the
+    file is not a msgpack array of bin parts."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = bytearray(size)
+        if fh.readinto(buf) != size:
+            raise ValueError(f"{path}: shorter than its size ({size} bytes)")
+    view = memoryview(buf)
+    count, pos = _msgpack_header(view, 0, _ARRAY_HEADERS, "array")
+    parts = []
+    for _ in range(count):
+        n, pos = _msgpack_header(view, pos, _BIN_HEADERS, "bin")
+        if pos + n > size:
+            raise ValueError(f"{path}: a part of {n} bytes runs past the end of the file")
+        parts.append(view[pos:pos + n])
+        pos += n
+    if pos != size:
+        raise ValueError(f"{path}: {size - pos} bytes after the last part")
+    return parts
+
+
+# msgpack's array and bin headers: first byte -> (length bytes, big-endian format); fixarray
+# (0x90..0x9f) holds its count in the low nibble
+_ARRAY_HEADERS = {0xDC: ">H", 0xDD: ">I"}
+_BIN_HEADERS = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
+
+
+def _msgpack_header(view: memoryview, pos: int, formats: dict, what: str) -> tuple[int, int]:
+    """(the count or length a msgpack `what` header at `pos` gives, the position after it)."""
+    if pos >= len(view):
+        raise ValueError(f"truncated: a msgpack {what} header expected at byte {pos}")
+    first = view[pos]
+    if what == "array" and 0x90 <= first <= 0x9F:
+        return first & 0x0F, pos + 1
+    if first not in formats:
+        raise ValueError(f"byte {pos}: 0x{first:02x} is not a msgpack {what} header")
+    fmt = formats[first]
+    end = pos + 1 + struct.calcsize(fmt)
+    if end > len(view):
+        raise ValueError(f"truncated: a msgpack {what} header at byte {pos}")
+    return struct.unpack(fmt, view[pos + 1:end])[0], end

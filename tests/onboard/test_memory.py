@@ -1,6 +1,6 @@
 """The daemon's memory (issue 13): a frame is let go once its outcome is out, products go to
-libzmq one at a time while a backlog waits on the on-board store, and glibc's allocator is set
-by the daemon itself."""
+libzmq one at a time while a backlog waits on the on-board store, a spilled product is read back
+into one buffer, and glibc's allocator is set by the daemon itself."""
 from __future__ import annotations
 
 import gc
@@ -17,6 +17,7 @@ import zmq
 from onboard.admission import FrameJob
 from onboard.memory import release_memory, tune_allocator
 from onboard.outcomes import FrameOutcome
+from onboard.products import read_spilled, spill_product
 from onboard.workers import Workers
 from shared.messages import Message
 from test_daemon import Payload, bundles, command, connect, frame, make_daemon, products  # noqa: F401
@@ -46,6 +47,19 @@ def test_the_frame_worker_lets_go_of_a_frame_once_its_outcome_is_handed_back():
     finally:
         workers.stop()
         assert workers.join(5)
+
+
+def test_a_spilled_product_is_read_back_as_views_of_one_buffer(tmp_path):
+    frame_ = np.arange(3 * 70_000, dtype=np.uint16).reshape(3, 70_000)
+    path = spill_product(tmp_path, "kept-1", [b"header", frame_, b"", b"x" * 300])
+    parts = read_spilled(path)
+    assert parts == [b"header", frame_.tobytes(), b"", b"x" * 300]
+    assert all(isinstance(p, memoryview) for p in parts)
+    assert len({id(p.obj) for p in parts}) == 1           # one read, no copy per part
+    for bad in (path.read_bytes()[:-1], path.read_bytes() + b"\0", b"\x92\xa3abc\xc4\x00", b""):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError):
+            read_spilled(path)
 
 
 def test_the_simulator_reads_a_process_peak_resident_set():
