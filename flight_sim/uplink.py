@@ -167,8 +167,15 @@ def newer_version_copy(bundle: str | Path, out: str | Path, private_key) -> Path
         return build_bundle(out, files, manifest, private_key, compress=bool(encoding))
 
 
-def corrupt_copy(bundle: str | Path, out: str | Path, member: str = "model.bin") -> Path:
-    """The bundle with bytes of one file flipped after signing (its checksum no longer holds)."""
+def corrupt_copy(bundle: str | Path, out: str | Path, member: str | None = None) -> Path:
+    """The bundle with bytes of one file flipped after signing (its checksum no longer holds):
+    `member`, by default model.bin (a model chain's: its first step's, steps/NAME/model.bin)."""
+    if member is None:
+        with tarfile.open(bundle, "r:") as tf:
+            names = tf.getnames()
+        member = next((n for n in names if n == "model.bin"), None) or \
+            next((n for n in names if n.endswith("/model.bin")), "model.bin")
+
     def change(m: tarfile.TarInfo, data: bytes) -> bytes:
         if m.name != member or not data:
             return data
