@@ -1,10 +1,12 @@
-"""`eoedge demo`: the main job. On a fresh machine (no ../shared needed): build a bundle from the
-embedded default, fly a scenario with it, print the report's headline.
+"""`eoedge demo`: the main job. On a fresh machine (no ../shared needed): build a model chain from
+the embedded default, fly a scenario with it, print the report's headline and the chain's figures.
 
-The embedded default (`RECIPE`), every step a call into the package that owns it:
+The embedded default (`RECIPE`, `SHIP_RECIPE`, the chain), every step a call into the package
+that owns it:
 
     1. keys       an Ed25519 pair in OUT/keys (kept between runs)              shared.keys
     2. imagery    generated 13-band L1C scenes, clear to overcast, land and sea  flight_sim.generator
+                  with ships, and four harbour scenes crowded with ships
     3. distil     the ukis-csmask teacher (PyPI, 6 bands, clear/cloud/shadow,   ground.stages.distill
                   run by OpenVINO) labels them; a ~100k-parameter TinyUNet
                   learns its outputs by the factory's recipe (KL at T = 1,
@@ -18,19 +20,35 @@ The embedded default (`RECIPE`), every step a call into the package that owns it
     5. bundle     manifest (bands, normalisation, thresholds, policy, metrics,  ground.stages.bundle
                   lineage), a reference tile holding 4 windows of 28x28 picked
                   for every class and decision-boundary pixels, files xz-
-                  compressed, Ed25519 signature, a 250 KB budget
-    6. fly        scenarios/demo.toml with that bundle: daemon as a process,    flight_sim.runner
-                  every socket CURVE-authenticated with a throwaway key set
-                  made for the flight, uplink, faults, passes, report            flight_sim.report
+                  compressed, Ed25519 signature, a 250 KB budget (OUT/bundle.tar)
+    6. ships      a ~24k-parameter TinyUNet (4 bands at 10 m) trained on the    ground.stages.distill
+                  generated truth's ship class alone (labels, ce-dice, 80 %       .train_student,
+                  balanced crops, no opening), exported and bundled the same    export, bundle
+                  way (OUT/ships.tar)
+    7. chain      one signed chain bundle (OUT/chain.tar): the cloud student    shared.chain
+                  gates every cell, the ship student runs only where the cell
+                  is under half cloud (SHIP_RUN_IF), CHAIN_POLICY keeps cells
+                  with ships under clear sky first and discards overcast ones
+    8. fly        scenarios/demo.toml with the chain: its two scenes placed     flight_sim.runner
+                  off two ports (a UTM georeference and a time from the seed),
+                  daemon as a process, every socket CURVE-authenticated with a
+                  throwaway key set made for the flight, uplink, faults, passes;
+                  the ground station writes COGs per step and a STAC catalogue
+    9. report     the headline and checks, each step's cells run and ms, the    flight_sim.report,
+                  cells by policy rule, the gate's mask against the generated   ship_scores here
+                  truth (shadow IoU), the ship step's against it (pixels and
+                  objects), the STAC catalogue's path
 
-Steps 2-5 are skipped when OUT/bundle.tar exists and verifies with OUT/keys (`--rebuild` forces
-them). Parity and the bundle's reference tiles come from the run's own imagery (the generated
-scenes), and the bundle's lineage says so; nothing here needs ../shared/data.
+Steps 2-5 and 6 are each skipped when their bundle exists and verifies with OUT/keys, and step 7
+when both were (`--rebuild` forces them). Parity and the bundles' reference tiles come from the
+runs' own imagery (the generated scenes), and their lineage says so; nothing here needs
+../shared/data.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,19 +56,23 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from scipy import ndimage
 
 from shared.bands import S2_BANDS
 from shared.bundle import BundleError, verify_bundle
+from shared.chain import build_chain_bundle
 from shared.cliutil import CommandError, add_json_flag, emit, run_cli
 from shared.keys import generate_keypair
+from shared.metrics import airbus_f2
 from flight_sim.camera import quantise
 from flight_sim.generator import CLASSES as TRUTH_CLASSES, SceneGenerator
-from flight_sim.report import build_report, headline, write_report
+from flight_sim.report import build_report, decode_png, headline, write_report
 from flight_sim.runner import run_scenario
 from flight_sim.scenario import load_scenario
 from ground.config import parse_config
+from ground.lineage import StageRecord
 from ground.stages.bundle import bundle
-from ground.stages.distill import distill
+from ground.stages.distill import distill, train_student
 from ground.stages.export import export
 from ground.stages.run import Run
 
@@ -66,6 +88,29 @@ TRAINING_SCENES = [(101, 0.0, 0.3, 6), (102, 0.2, 0.5, 8), (103, 0.4, 0.2, 4), (
 POLICY = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.7}, "then": "discard"},
                     {"if": {"class": "clear", "fraction_above": 0.6}, "then": "keep", "priority": 1}],
           "default": {"then": "keep", "priority": 5}}
+# The ship student (the chain's target): supervised on the generated truth's `ship` class, over the
+# cloud student's training scenes and four harbour scenes crowded with ships (seed, cover, water, ships)
+SHIP_SCENES = [(201, 0.1, 0.6, 40), (202, 0.0, 0.5, 40), (203, 0.2, 0.7, 40), (204, 0.05, 0.55, 40)]
+SHIP_BANDS = ["B02", "B03", "B04", "B08"]                          # the 10 m bands
+SHIP_CLASSES = ["no_ship", "ship"]
+SHIP_POLICY = {"rules": [{"if": {"class": "ship", "components_at_least": {"count": 1, "min_size": 4}},
+                          "then": "keep", "priority": 1}], "default": {"then": "discard"}}
+SHIP_RECIPE = {"student": "tiny-unet", "params": "25k", "depth": 3, "steps": 200, "batch": 16, "crop": 64,
+               "lr": 5e-3, "loss": "ce-dice", "class_weights": "log", "balance": 0.8,
+               "threads": 1,          # a 24k model on 64 px crops: a second thread only waits
+               # no opening: a disk(2) opening erases hulls under 5 px wide
+               "tile": 128, "overlap": 32, "opening_radius": 0, "model_id": "ships-demo",
+               "reference_tiles": 1, "reference_window": 28, "reference_windows": 4, "max_bytes": "150KB"}
+# The chain flown: the cloud student gates every cell (256 px); the ship student runs only on cells
+# under half cloud; the policy keeps cells with ships under clear sky first, discards overcast ones
+CHAIN_ID = "harbour-chain-demo"
+SHIP_RUN_IF = {"class": "cloud", "fraction_below": 0.5}
+CHAIN_POLICY = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.7}, "then": "discard"},
+                          {"if": {"class": "ship", "components_at_least": {"count": 1, "min_size": 4}},
+                           "then": "keep", "priority": 1},
+                          {"if": {"class": "clear", "fraction_above": 0.6}, "then": "keep", "priority": 2}],
+                "default": {"then": "keep", "priority": 5}}
+CHAIN_RULES = ("overcast", "ships under clear sky", "clear ground")      # CHAIN_POLICY's rules, in order
 RECIPE = {"scenes": len(TRAINING_SCENES), "scene_size": 512, "teacher": "ukis-csmask-6b-l1c",
           "student": "tiny-unet", "params": "100k", "steps": 200, "batch": 16, "crop": 128, "lr": 5e-3,
           "loss": "kl", "temperature": 1.0, "ce_weight": 0.5, "balance": 0.5, "distill_class_weights": "log",
@@ -93,13 +138,17 @@ TRUTH_TO_CLASSES = {str(TRUTH_CLASSES.index(t)): CLASSES.index(c) for t, c in
                      ("shadow", "shadow"))}
 
 
-def write_training_scenes(folder: Path, size: int) -> list[Path]:
+# ... and in the ship student's: a ship is a ship, everything else is not
+TRUTH_TO_SHIPS = {str(i): SHIP_CLASSES.index("ship" if t == "ship" else "no_ship") for i, t in enumerate(TRUTH_CLASSES)}
+
+
+def write_training_scenes(folder: Path, size: int, scenes: list = TRAINING_SCENES) -> list[Path]:
     """The generated imagery the teacher labels, as .npz (uint16 DN, 13 bands, with truth), and
     the same scenes as GeoTIFF pairs with their truth (folder/labelled/{images,masks}/)."""
     for sub in ("images", "masks"):
         (folder / "labelled" / sub).mkdir(parents=True, exist_ok=True)
     paths = []
-    for seed, cover, water, ships in TRAINING_SCENES:
+    for seed, cover, water, ships in scenes:
         path = folder / f"train-{seed}.npz"
         image, mask = (folder / "labelled" / sub / f"train-{seed}.tif" for sub in ("images", "masks"))
         if not (path.is_file() and image.is_file() and mask.is_file()):
@@ -111,6 +160,13 @@ def write_training_scenes(folder: Path, size: int) -> list[Path]:
             tifffile.imwrite(mask, win.truth)
         paths.append(path)
     return paths
+
+
+def train_threads() -> int:
+    """torch's CPU threads for the cloud student: one when other jobs already hold the cores (two
+    threads then spin against them: a step of it took 2x longer with two at load 12 on 2 cores),
+    torch's default (0) on a quiet machine. The lineage's config records which."""
+    return 1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else 0
 
 
 def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
@@ -126,9 +182,67 @@ def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
             "student": {"name": r["student"], "params": r["params"]},
             "train": {"steps": steps, "batch": r["batch"], "crop": r["crop"], "lr": r["lr"],
                       "augment": ["flip", "rot90", "crop"], "balance": r["balance"],
-                      "distill_class_weights": r["distill_class_weights"]},
+                      "distill_class_weights": r["distill_class_weights"], "threads": train_threads()},
             "experiment": [{"name": "distilled", "mode": "distill", "loss": r["loss"],
                             "temperature": r["temperature"], "ce_weight": r["ce_weight"]}]}
+
+
+def ship_config(out: Path, folders: list[Path], steps: int) -> dict:
+    """The ship student's run: supervised (mode "labels") on the generated truth of `folders`
+    (GeoTIFF pairs), no teacher: its name is never resolved (ground.stages.distill.distill wants
+    one for every run, hence `train_ship_student`)."""
+    r = SHIP_RECIPE
+    return {"run": {"name": "ships", "out": str(out / "ground"), "seed": 0},
+            "data": {"bands": SHIP_BANDS, "classes": SHIP_CLASSES, "class_weights": r["class_weights"],
+                     "labelled": [{"source": "patches", "layout": "pairs", "path": str(f / "labelled"),
+                                   "scale": 1e-4, "label_map": TRUTH_TO_SHIPS} for f in folders]},
+            "eval": {"tile": r["tile"], "overlap": r["overlap"], "opening_radius": r["opening_radius"],
+                     "calibrate": "labels"},
+            "teacher": {"name": "none (labels only)"},
+            "student": {"name": r["student"], "params": r["params"], "depth": r["depth"]},
+            "train": {"steps": steps, "batch": r["batch"], "crop": r["crop"], "lr": r["lr"],
+                      "augment": ["flip", "rot90", "crop"], "balance": r["balance"], "threads": r["threads"]},
+            "experiment": [{"name": "ships", "mode": "labels", "loss": r["loss"]}]}
+
+
+def train_ship_student(out: Path, steps: int, quiet: bool) -> Run:
+    """The factory's training of one experiment (ground.stages.distill.train_student) on the
+    generated truth, its checkpoint delivered as the run's student.pt with its lineage."""
+    folders = [out / "scenes", out / "scenes-ships"]
+    write_training_scenes(folders[0], RECIPE["scene_size"])
+    write_training_scenes(folders[1], RECIPE["scene_size"], SHIP_SCENES)
+    cfg = parse_config(ship_config(out, folders, steps))
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    run = Run.create(cfg, progress=not quiet)
+    run.folder.add_inputs(run.data.inputs)
+    [exp] = cfg.experiments
+    _, _, path, info = train_student(run, exp)
+    shutil.copyfile(path, run.run_dir / "student.pt")
+    (run.run_dir / "normalization.json").write_text(json.dumps(run.data.norm.as_dict(), indent=2))
+    run.folder.add(StageRecord("train:ships", ["student.pt", "normalization.json"],
+                               params={"deliver": exp.name, "train_seconds": info["train_seconds"]},
+                               label_free=False))
+    return run
+
+
+def build_ship_bundle(out: Path, steps: int, quiet: bool) -> dict:
+    """The chain's target: ship student -> FP16 IR -> signed bundle (OUT/ships.tar)."""
+    t0 = time.perf_counter()
+    sk, _ = ensure_keys(out)
+    r = SHIP_RECIPE
+    log(f"ships: {r['student']} {r['params']} on the generated truth, {steps} steps", quiet)
+    run = train_ship_student(out, steps, quiet)
+    exported = export(run, "student.pt", name="student")
+    policy_path = out / "ship-policy.json"
+    policy_path.write_text(json.dumps(SHIP_POLICY, indent=1))
+    bundled = bundle(run, "export/student", sk, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
+                     reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
+                     reference_windows=r["reference_windows"])
+    shutil.copyfile(bundled["bundle"], out / "ships.tar")
+    return {"bundle": str(out / "ships.tar"), "bytes": bundled["bytes"], "model_id": bundled["model_id"],
+            "version": bundled["version"], "params": exported.get("params"),
+            "operating_point": exported.get("operating_point"), "run_dir": str(run.run_dir),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
@@ -169,8 +283,9 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
                         "bundle": round(bundle_s, 1), "total": round(time.perf_counter() - t0, 1)}}
 
 
-def existing_bundle(out: Path) -> dict | None:
-    bundle, pk = out / "bundle.tar", out / "keys" / "uplink.pub"
+def existing_bundle(out: Path, name: str = "bundle.tar") -> dict | None:
+    """OUT/NAME when it verifies with OUT/keys (reused: `--rebuild` to redo), else None."""
+    bundle, pk = out / name, out / "keys" / "uplink.pub"
     if not (bundle.is_file() and pk.is_file()):
         return None
     try:
@@ -181,16 +296,95 @@ def existing_bundle(out: Path) -> dict | None:
             "version": v.version, "reused": True}
 
 
+def build_chain(out: Path, steps: int, ship_steps: int, rebuild: bool, quiet: bool) -> dict:
+    """Step 5b: the cloud bundle (OUT/bundle.tar) and the ship bundle (OUT/ships.tar), each built
+    unless one verifies, packed as one signed chain (OUT/chain.tar): the cloud student gates, the
+    ship student runs where SHIP_RUN_IF holds, CHAIN_POLICY decides over both."""
+    built = {}
+    for key, name, make in (("cloud", "bundle.tar", lambda: build_bundle(out, steps, quiet)),
+                            ("ship", "ships.tar", lambda: build_ship_bundle(out, ship_steps, quiet))):
+        built[key] = None if rebuild else existing_bundle(out, name)
+        if built[key]:
+            log(f"{key}: reusing {built[key]['bundle']} ({built[key]['model_id']} v{built[key]['version']}; "
+                "--rebuild to redo)", quiet)
+        else:
+            built[key] = make()
+            log(f"{key}: {built[key]['bundle']} ({built[key]['bytes']:,} bytes)", quiet)
+    chain = None if rebuild or not all(b.get("reused") for b in built.values()) else existing_bundle(out, "chain.tar")
+    if chain is None:
+        sk, _ = ensure_keys(out)
+        path = build_chain_bundle(out / "chain.tar", [("cloud", out / "bundle.tar", None),
+                                                      ("ship", out / "ships.tar", SHIP_RUN_IF)],
+                                  CHAIN_POLICY, sk, CHAIN_ID, 1)
+        chain = {"bundle": str(path), "bytes": path.stat().st_size, "model_id": CHAIN_ID, "version": 1}
+        log(f"chain: {path} (cloud -> ship where {json.dumps(SHIP_RUN_IF)}; {chain['bytes']:,} bytes)", quiet)
+    return {**chain, "steps": built, "run_if": {"ship": SHIP_RUN_IF}, "policy": CHAIN_POLICY}
+
+
 def fly(out: Path, scenario_path: Path, quiet: bool):
     scenario = load_scenario(scenario_path)
-    # the scenario flies the bundle built here, whatever its file says
-    scenario.sections["bundle"].update(path=str(out / "bundle.tar"), public_key=str(out / "keys" / "uplink.pub"),
+    # the scenario flies the chain built here, whatever its file says
+    scenario.sections["bundle"].update(path=str(out / "chain.tar"), public_key=str(out / "keys" / "uplink.pub"),
                                        private_key=str(out / "keys" / "uplink.key"))
     scenario.base_dir = scenario_path.resolve().parent
     record = run_scenario(scenario, out / "flight", progress=not quiet)
     report = build_report(record)
     paths = write_report(report, record)
-    return report, paths
+    return report, paths, record
+
+
+def decided_frames(record) -> list:
+    """The payload's states of the flight's real frames (malformed ones left out) that got a DECISION."""
+    states = record.payload.states.values() if record.payload else []
+    return [s for s in states if s.frame.kind == "frame" and s.outcome == "decision"]
+
+
+def cell_decisions(record) -> dict:
+    """The chain's policy over the flight: frames kept and discarded, and cells by what decided
+    them (CHAIN_POLICY's rule, the default, or discarded), with the steps that ran on them. (What
+    each step cost, cells run and ms, is the report's `chain`.)"""
+    cells: dict[str, int] = {}
+    frames = {"kept": 0, "discarded": 0}
+    for s in decided_frames(record):
+        frames["kept" if s.body.get("keep") else "discarded"] += 1
+        for cell in s.body.get("tile_decisions", []):
+            rule = cell.get("rule")
+            name = CHAIN_RULES[rule] if isinstance(rule, int) and 0 <= rule < len(CHAIN_RULES) else None
+            how = "kept by default" if rule is None else f"{'kept' if cell.get('keep') else 'discarded'}: {name}"
+            key = f"{how} ({'+'.join(cell.get('steps_run') or []) or 'no step'})"
+            cells[key] = cells.get(key, 0) + 1
+    return {"frames": frames, "cells": dict(sorted(cells.items()))}
+
+
+def ship_scores(record, step: str = "ship") -> dict:
+    """The ship step's downlinked masks (`mask_<step>.png`, 255 where it did not run) against the
+    generated truth of their frames: pixel IoU, precision and recall of the ship class, and the
+    Airbus object F2 (IoU 0.5..0.95) averaged over the frames that hold a ship or a detection."""
+    states = {s.frame.frame_id: s for s in decided_frames(record)}
+    station = record.downlink.station if record.downlink else None
+    tp = fp = fn = 0
+    f2, found, visible = [], 0, 0
+    for got in (station.received if station else []):
+        state = states.get(got["frame_id"])
+        path = Path(got["folder"]) / f"mask_{step}.png"
+        if state is None or state.frame.truth is None or not path.is_file():
+            continue
+        frame = state.frame
+        pred = decode_png(path.read_bytes()) == SHIP_CLASSES.index("ship")
+        truth = np.asarray(frame.truth) == list(frame.truth_classes).index("ship")
+        tp, fp, fn = tp + int((pred & truth).sum()), fp + int((pred & ~truth).sum()), fn + int((~pred & truth).sum())
+        objects = np.asarray(frame.objects, np.int64)
+        detections, n = ndimage.label(pred, structure=np.ones((3, 3), bool))
+        ids = np.unique(objects[objects > 0])
+        visible += len(ids)
+        found += sum(1 for i in ids if pred[objects == i].mean() >= 0.5)
+        if len(ids) or n:
+            f2.append(airbus_f2(objects, detections))
+    return {"frames_scored": len(f2), "iou": round(tp / (tp + fp + fn), 3) if tp + fp + fn else None,
+            "precision": round(tp / (tp + fp), 3) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 3) if tp + fn else None,
+            "ships_visible": visible, "ships_found": found,
+            "object_f2": round(float(np.mean(f2)), 3) if f2 else None}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -199,26 +393,44 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     quiet = args.json or args.quiet
-    built = None if args.rebuild else existing_bundle(out)
-    if built:
-        log(f"bundle: reusing {built['bundle']} ({built['model_id']} v{built['version']}; --rebuild to redo)", quiet)
-    else:
-        built = build_bundle(out, args.steps, quiet)
-        log(f"bundle: {built['bundle']} ({built['bytes']:,} bytes) in {built['seconds']['total']} s", quiet)
+    built = build_chain(out, args.steps, args.ship_steps, args.rebuild, quiet)
     scenario = Path(args.scenario) if args.scenario else DEMO_SCENARIO
     if not scenario.is_file():
         raise CommandError(f"scenario {scenario} not found")
     log(f"fly: {scenario}", quiet)
-    report, paths = fly(out, scenario, quiet)
+    report, paths, record = fly(out, scenario, quiet)
+    shadow = ((report.get("masks") or {}).get("per_class") or {}).get("shadow") or {}
     result = {"ok": report["ok"], "headline": headline(report), "bundle": built,
               "report": {k: str(p) for k, p in paths.items()},
               "checks": report["checks"], "seconds_total": round(time.perf_counter() - t0, 1),
+              "chain": report.get("chain"), "decisions": cell_decisions(record), "ships": ship_scores(record),
+              "shadow_iou": shadow.get("iou"), "stac": (report.get("stac") or {}).get("catalog"),
               "figures": {k: report[k] for k in ("accounting", "realtime", "latency_ms", "value", "masks")},
               "data": {k: v for k, v in report["data"].items() if k != "passes"}}
-    emit(result, args.json, lambda r: r["headline"] + "\n" + "\n".join(
-        f"  {'pass' if c['ok'] else 'FAIL'}  {c['name']}" for c in r["checks"])
-        + f"\nreport: {r['report']['markdown']}  ({r['seconds_total']} s in all)")
+    emit(result, args.json, human)
     return 0 if report["ok"] else 1
+
+
+def human(r: dict) -> str:
+    """The demo's closing text: the report's headline and checks, what each step of the chain
+    did, the shadow and ship scores against the generated truth, where the report and STAC are."""
+    c, d, sh = r["chain"] or {"steps": [], "gate": {}}, r["decisions"], r["ships"]
+    steps = "; ".join(f"{st['name']} ran on {st['cells_run']}/{st['cells_total']} cells ({st['ms_total']:.0f} ms)"
+                      for st in c["steps"])
+    if c["gate"].get("saved_share") is not None:
+        steps += f"; the gate saved ~{100 * c['gate']['saved_share']:.0f}% of the model time (estimated)"
+    cells = ", ".join(f"{k} {v}" for k, v in d["cells"].items())
+    shadow = "n/a" if r["shadow_iou"] is None else f"{r['shadow_iou']:.3f}"
+    ship = (f"ship IoU {sh['iou']}, precision {sh['precision']}, recall {sh['recall']}; "
+            f"{sh['ships_found']}/{sh['ships_visible']} visible ships found; object F2 {sh['object_f2']} "
+            f"over {sh['frames_scored']} frames") if sh["iou"] is not None else "no ship mask came down"
+    return "\n".join([r["headline"],
+                      *(f"  {'pass' if x['ok'] else 'FAIL'}  {x['name']}" for x in r["checks"]),
+                      f"chain: {steps}",
+                      f"frames kept {d['frames']['kept']}, discarded {d['frames']['discarded']}; cells: {cells}",
+                      f"against the generated truth: shadow IoU {shadow}; {ship}",
+                      f"STAC catalogue: {r['stac'] or 'none'}",
+                      f"report: {r['report']['markdown']}  ({r['seconds_total']} s in all)"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=RECIPE["steps"],
                    help=f"distillation steps (default {RECIPE['steps']})")
-    p.add_argument("--rebuild", action="store_true", help="build the bundle even if OUT/bundle.tar verifies")
+    p.add_argument("--ship-steps", type=int, default=SHIP_RECIPE["steps"],
+                   help=f"the ship student's training steps (default {SHIP_RECIPE['steps']})")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build the bundles even if OUT/bundle.tar, OUT/ships.tar and OUT/chain.tar verify")
     p.add_argument("--scenario", help="fly this scenario instead of scenarios/demo.toml")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_json_flag(p)
