@@ -13,6 +13,9 @@ random weights: speed does not depend on them):
              on the same frame's tiles cut beforehand, handed to the requests without a copy;
              twice: with runtime scaling in the graph (uint16 tiles) and as the plain IR on
              normalised float32 tiles. The floor compares with the faster of the two;
+- the frame graph alone: the pipeline's own graph (scaling constants, thresholds, uint8 out) on
+             the same pre-cut tiles, uint16 and float32 (what each input type costs OpenVINO;
+             * marks the one the pipeline feeds at that precision);
 - onnxruntime: what ukis-csmask itself runs on: the same network's ONNX in an InferenceSession
              (CPU execution provider, f32: its CPU kernels have no bf16 path on x86) with the
              same steps around it in numpy (normalise, tile, infer batch by batch, softmax,
@@ -20,7 +23,7 @@ random weights: speed does not depend on them):
              products (`pip install ".[benchmark]"`);
 - torch:     the same steps in torch eager.
 Pipeline and bare runs alternate frame by frame so that load from other processes falls on both
-alike. The OpenVINO and onnxruntime parts run in child processes without torch: their peak RSS is
+alike; CPU seconds per frame (every thread of the process) are printed beside wall time. The OpenVINO and onnxruntime parts run in child processes without torch: their peak RSS is
 what a daemon would need. Figures depend on the machine and its load (printed with them).
 """
 from __future__ import annotations
@@ -404,19 +407,19 @@ def human(r: dict) -> str:
              f"  CPU: {r['isa']}",
              f"  {r['load_before']} before, {r['load_after']} after",
              "",
-             f"  {'':44}{'MPix/s':>8}{'s/frame':>9}{'peak RSS MB':>13}"]
+             f"  {'':44}{'MPix/s':>8}{'s/frame':>9}{'CPU s':>7}{'peak RSS MB':>13}"]
     for p, o in r["openvino"].items():
-        lines += [f"  {'pipeline ' + p + ' (FramePipeline.process, ' + str(r['frames']) + ' frames)':44}"
-                  f"{o['pipeline_mpix_s']:8.2f}{o['pipeline_s_per_frame']:9.2f}{o['rss_mb']['peak_after_pipeline']:13.0f}",
-                  f"  {'  bare OpenVINO ' + p + ', scaling in graph':44}{o['bare_scaled_uint16_mpix_s']:8.2f}"
-                  f"{H * W / 1e6 / o['bare_scaled_uint16_mpix_s']:9.2f}",
-                  f"  {'  bare OpenVINO ' + p + ', plain IR float32':44}{o['bare_plain_float32_mpix_s']:8.2f}"
-                  f"{H * W / 1e6 / o['bare_plain_float32_mpix_s']:9.2f}",
-                  ] + [f"  {'  the frame graph alone, pre-cut ' + dtype + (' *' if dtype == o['graph_input_dtype'] else ''):44}"
-                       f"{v:8.2f}{H * W / 1e6 / v:9.2f}" for dtype, v in o["frame_graph_mpix_s"].items()]
+        cpu = o["cpu_s_per_frame"]
+        rows = [("pipeline " + p + " (FramePipeline.process, " + str(r["frames"]) + " frames)",
+                 o["pipeline_mpix_s"], cpu["pipeline"], f"{o['rss_mb']['peak_after_pipeline']:13.0f}"),
+                ("  bare OpenVINO " + p + ", scaling in graph", o["bare_scaled_uint16_mpix_s"], cpu["bare16"], ""),
+                ("  bare OpenVINO " + p + ", plain IR float32", o["bare_plain_float32_mpix_s"], cpu["bare32"], "")]
+        rows += [("  the frame graph alone, pre-cut " + dtype + (" *" if dtype == o["graph_input_dtype"] else ""),
+                  v, cpu["graph_" + dtype], "") for dtype, v in o["frame_graph_mpix_s"].items()]
+        lines += [f"  {label:44}{mpix:8.2f}{H * W / 1e6 / mpix:9.2f}{c:7.2f}{rss}" for label, mpix, c, rss in rows]
     if "ort_mpix_s" in r:
         lines.append(f"  {'onnxruntime ' + r['ort_version'] + ' pipeline f32 (' + str(r['args']['ort_frames']) + ' frames)':44}"
-                     f"{r['ort_mpix_s']:8.2f}{r['ort_s_per_frame']:9.2f}{r['ort_peak_rss_mb']:13.0f}")
+                     f"{r['ort_mpix_s']:8.2f}{r['ort_s_per_frame']:9.2f}{'':7}{r['ort_peak_rss_mb']:13.0f}")
     if r["args"]["torch_frames"]:
         lines.append(f"  {'torch eager pipeline f32 (' + str(r['args']['torch_frames']) + ' frames)':44}"
                      f"{r['torch_mpix_s']:8.2f}{r['torch_s_per_frame']:9.2f}")
