@@ -232,6 +232,19 @@ def test_the_policy_keeps_a_ship_under_clear_sky_and_never_looks_under_the_cloud
     assert not hidden.keep and hidden.products == {}
 
 
+def test_a_ship_cut_by_the_edge_of_the_cells_run_keeps_its_part_undiminished(chain_pipeline):
+    """Half a ship under the cloud's cell, half in the clear cell beside it: the ship model runs
+    on the clear half alone, and the opening does not erode it at the cut (the box's edge is
+    treated as the frame's: no erosion from beyond it), only at its free sides."""
+    straddling = (40, 46, 58, 70)                       # cols 58..63 cloudy cell, 64..69 clear cell
+    result = chain_pipeline.process(chain_frame(ships=(straddling,)), BANDS_6, 1e-4)
+    mask = result.step_masks["ship"]
+    assert (mask[:64, :64] == NOT_RUN).all()
+    assert (mask[41:45, 64] == 1).all()                 # the cut column: kept
+    assert (mask[41:45, 64:67] == 1).all()
+    assert mask[40, 69] != 1                            # a free corner: opened away as usual
+
+
 def test_a_frame_without_a_later_steps_band_is_refused_naming_it(chain_pipeline):
     from onboard.errors import FrameError
     with pytest.raises(FrameError) as exc:
