@@ -82,3 +82,12 @@ def test_cloudy_harbour_keeps_the_harbour_place_and_its_visible_ships(harbours):
     assert np.median(h.scene.band("B08")[thick]) > 0.3
     dark = (h.shadow > 0.5) & (h.cloud_opacity < 0.05)
     assert dark.any() and np.median(h.scene.band("B08")[dark]) < np.median(clear.band("B08")[dark])
+
+
+def test_a_harbour_scene_names_what_is_wrong():
+    from flight_sim.errors import SceneSpecError
+    from flight_sim.scenes import check_scene_spec
+    with pytest.raises(SceneSpecError, match=r"scenes\[0\]\.port"):
+        check_scene_spec({"kind": "harbour", "seed": 1})
+    with pytest.raises(SceneSpecError, match=r"scenes\[0\]\.cloud: unknown key"):
+        check_scene_spec({"kind": "harbour", "port": "genoa", "cloud": 0.4})
