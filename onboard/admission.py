@@ -8,8 +8,9 @@ only outcome):
     open        the daemon is not draining                                           shutdown
     model       a model is active                                                    no_model
     manifest    array shape vs `bands`, and the bands the model needs                 invalid_frame
-    room        fewer than queue.max_frames pending, and fewer than                  queue_full
-                queue.max_pending_products products waiting for the downlink
+    room        fewer than queue.max_frames pending, fewer than                      queue_full
+                queue.max_pending_products products waiting for the downlink, and
+                fewer than queue.max_pending_product_bytes of them in memory
 
 An accepted frame becomes a FrameJob in the bounded queue the frame worker takes from; it stays
 pending until `settle` records its one outcome. The queue is bounded here, by refusing, never by
@@ -92,12 +93,15 @@ class Admission:
         """From now on every frame is refused with `shutdown`."""
         self.closed = reason
 
-    def admit(self, route: list, parts: list, pending_products: int) -> Message:
-        """The immediate answer to one FRAME: its ACK (the job is queued) or its refusal ERROR."""
+    def admit(self, route: list, parts: list, pending_products: int,
+              pending_product_bytes: int = 0) -> Message:
+        """The immediate answer to one FRAME: its ACK (the job is queued) or its refusal ERROR.
+        `pending_products`: products waiting for the downlink; `pending_product_bytes`: the
+        bytes of those held in memory."""
         msg = None
         try:
             msg = self._read(parts)
-            self._check(msg, pending_products)
+            self._check(msg, pending_products, pending_product_bytes)
         except FrameRefused as refused:
             if msg is not None:
                 msg_id, frame_id = msg.id, (msg.body["frame_id"] if msg.type == "frame" else None)
@@ -132,7 +136,7 @@ class Admission:
             code = INVALID_FRAME if exc.field.startswith("arrays") else BAD_MESSAGE
             raise FrameRefused(code, str(exc), exc.field) from None
 
-    def _check(self, msg: Message, pending_products: int) -> None:
+    def _check(self, msg: Message, pending_products: int, pending_product_bytes: int = 0) -> None:
         if msg.type != "frame":
             raise FrameRefused(BAD_MESSAGE, "the frames socket takes frame messages, got a "
                                             f"{msg.type!r} message", "type")
@@ -152,6 +156,11 @@ class Admission:
         if pending_products >= self.config.max_pending_products:
             raise FrameRefused(QUEUE_FULL, f"{pending_products} products wait for the downlink "
                                            "(queue.max_pending_products); send it again later",
+                               details={"queue_depth": depth})
+        if pending_product_bytes >= self.config.max_pending_product_bytes:
+            raise FrameRefused(QUEUE_FULL, f"{pending_product_bytes} bytes of products wait in "
+                                           "memory for the downlink (queue.max_pending_product_"
+                                           "bytes); send it again later",
                                details={"queue_depth": depth})
 
     def _refuse(self, refused: FrameRefused, ref: str | None, frame_id: str | None) -> Message:

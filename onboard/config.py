@@ -65,6 +65,7 @@ class DaemonConfig:
     outbox_peer_bytes: int = 16 << 20           # [limits]: replies waiting for one peer
     outbox_bytes: int = 64 << 20                # ... for every peer together
     outbox_max_age_s: float = 300.0             # an away peer's reply older than this is dropped
+    max_pending_product_bytes: int = 256 << 20  # [queue]: products held in memory for the downlink
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -131,6 +132,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "queue": {
         "max_frames": (_positive_int, "an integer >= 1", "max_frames"),
         "max_pending_products": (_positive_int, "an integer >= 1", "max_pending_products"),
+        "max_pending_product_bytes": (_positive_int, "an integer >= 1 (bytes)",
+                                      "max_pending_product_bytes"),
     },
     "limits": {
         "max_message_bytes": (_positive_int, "an integer >= 1", "max_message_bytes"),

@@ -192,7 +192,8 @@ class Daemon:
                 f"{self.config.max_frames}; stalls {self.supervision.stalls}")
 
     def _on_frame(self, route: list, parts: list) -> None:
-        reply = self.admission.admit(route, parts, self.bus.pending("products"))
+        reply = self.admission.admit(route, parts, self.bus.pending("products"),
+                                     self.bus.outboxes["products"].bytes)
         self.bus.send("frames", route, reply)
 
     def _on_command(self, route: list, parts: list) -> None:

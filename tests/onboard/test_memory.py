@@ -128,3 +128,28 @@ def test_a_product_backlog_waits_on_the_store_with_one_product_in_memory(make_da
     finally:
         payload.close()
         downlink.close(linger=0)
+
+
+def test_products_held_in_memory_are_bounded_in_bytes(make_daemon):
+    """Without a spill folder kept products wait for the downlink in memory: past
+    queue.max_pending_product_bytes of them new frames are refused `queue_full` (however few
+    they are), and frames are taken again once the downlink has pulled."""
+    daemon = make_daemon([1], queue={"max_frames": 4, "max_pending_products": 32,
+                                     "max_pending_product_bytes": 200_000}).start()
+    payload = Payload(daemon.endpoints["frames"])
+    downlink = None
+    try:
+        clear = frame("clear", 256)[0]                    # a kept product of ~0.8 MB
+        kept = payload.outcome(payload.send("kept-0", clear))
+        assert kept.type == "decision" and kept.body["keep"]
+        refused = payload.outcome(payload.send("no-room", clear))
+        assert refused.type == "error" and refused.body["code"] == "queue_full"
+        assert "max_pending_product_bytes" in refused.body["message"]
+        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
+        assert [p.body["frame_id"] for p in products(downlink, 1)] == ["kept-0"]
+        time.sleep(0.3)
+        assert payload.outcome(payload.send("room-again", clear)).type == "decision"
+    finally:
+        payload.close()
+        if downlink is not None:
+            downlink.close(linger=0)
