@@ -107,7 +107,9 @@ class RunFolder:
             full = p if p.is_absolute() else self.path / p      # relative to the run folder ...
             if not full.exists() and p.exists():
                 full = p                                          # ... or to the working directory
-            name = full.resolve().relative_to(self.path.resolve())
+            resolved, root = full.resolve(), self.path.resolve()
+            # an output written outside the run (`bundle --out /elsewhere`) keeps its absolute path
+            name = resolved.relative_to(root) if resolved.is_relative_to(root) else resolved
             outs[str(name)] = sha256_file(full) if full.is_file() else None
         entry = {"stage": record.stage, "finished": _now(), "inputs": record.inputs, "outputs": outs,
                  "params": record.params, "label_free": record.label_free}

@@ -22,7 +22,7 @@ from shared.keys import generate_keypair
 from shared.units import parse_bytes
 from ground.cli import COMMANDS, main
 from ground.errors import RunFolderError
-from ground.lineage import RunFolder
+from ground.lineage import RunFolder, StageRecord
 from ground.models.checkpoints import load_model
 from ground.openvino.export import export_openvino
 from ground.openvino.runtime import compile_ir, softmax
@@ -327,3 +327,17 @@ def test_fine_tuning_reuses_the_runs_distillation_objective(tmp_path):
     assert weights is not None and len(weights) == 3 and float(weights.min()) > 0
     with pytest.raises(ValueError, match="needs data.labelled"):
         ctx.batches("labels", ctx.cfg.train)
+
+
+def test_an_output_written_outside_the_run_keeps_its_absolute_path(tmp_path):
+    """`eoedge ground bundle RUN --out /elsewhere/x.tar` recorded the lineage with a traceback."""
+    run = make_run(tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere" / "x.tar"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"bundle")
+    folder = RunFolder(run)
+    entry = folder.add(StageRecord("bundle:x-v1", [elsewhere]))
+    assert list(entry["outputs"]) == [str(elsewhere.resolve())]
+    assert entry["outputs"][str(elsewhere.resolve())] is not None
+    inside = folder.add(StageRecord("distill", ["student.pt"]))
+    assert list(inside["outputs"]) == ["student.pt"]
