@@ -95,6 +95,18 @@ def test_the_chain_gates_ships_with_the_cloud_student_and_keeps_ships_under_clea
     assert not evaluate(demo.CHAIN_POLICY, cell(0.9, [])).keep
 
 
+def test_the_demo_flies_the_chain_over_scenes_placed_on_earth():
+    from flight_sim.scenario import load_scenario
+    from flight_sim.scenes import open_source
+    scenario = load_scenario(demo.DEMO_SCENARIO)
+    assert scenario.sections["bundle"]["path"].endswith("runs/demo/chain.tar")
+    scenes = scenario.scenes
+    assert scenes and all(s["kind"] == "generated" and s["place"] is True for s in scenes)
+    georefs = [open_source({**s, "rows": 64}).georef for s in scenes]       # placement needs no pixels
+    assert all(g is not None and g.crs.startswith("EPSG:32") and g.pixel_size == (10.0, 10.0) for g in georefs)
+    assert len({g.crs for g in georefs}) == len(georefs)          # seeds 11 and 12: two ports
+
+
 def png(mask):
     from PIL import Image
     buf = io.BytesIO()
