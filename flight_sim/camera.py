@@ -8,9 +8,10 @@ the track (`gap_s` apart). The camera quantises reflectance to the L1C digital n
 Sentinel-2 payload sends (uint16, reflectance = DN * 1e-4) or sends float32 reflectance.
 
 A frame from a scene that knows where it lies (its source's `georef`: a GeoTIFF's tags, a SAFE
-product's band files) carries its georeference on the bus: the CRS, the frame's own affine
-transform (the scene's, moved down to the frame's first row), the UTC time its last line was
-recorded (a SAFE product's sensing start + the frame's lines; else `epoch_utc` + its mission time,
+product's band files, a generated scene with `place = true`) carries its georeference on the bus:
+the CRS, the frame's own affine transform (the scene's, moved down to the frame's first row), the
+UTC time its last line was recorded (the source's `sensing_time`, a SAFE product's sensing start
+or a placed generated scene's, + the frame's lines; else `epoch_utc` + its mission time,
 the epoch being the camera's creation unless given) and the scene's name as `scene_id`. The daemon copies it into the frame's DECISION and PRODUCT.
 
 The sending cadence is the scenario's business (`Cadence`): "realtime" sends each frame when it
