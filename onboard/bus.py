@@ -24,11 +24,12 @@ full all along) counts as away. The products outbox is bounded by admission
 (queue.max_pending_products) instead.
 
 Products go to libzmq one at a time: the next is handed over only once libzmq has let go of
-the previous one's buffers (a MessageTracker), because CURVE encrypts each part into a copy of
-its own (libzmq's curve_encoding_t::encode: a plaintext copy and the box), so a product costs
-three times its bytes while it is encrypted, and libzmq's pipe (SNDHWM) would otherwise hold
-several kept frames' pixels for a downlink that reads slowly; and the frame worker waits for
-that encryption before its next frame (`wait_product_encrypted`), so the two take turns. With a
+the previous one's buffers (a MessageTracker), because libzmq's pipe (SNDHWM) would otherwise
+hold several kept frames' pixels for a downlink that reads slowly. CURVE encrypts each message
+part into copies of its own (libzmq's curve_encoding_t::encode: a plaintext copy and the box)
+as it writes it, so a product's arrays travel in parts of at most PRODUCT_PART_BYTES
+(shared.messages.encode's max_part_bytes: views, no copy): the encryption's copies stay that
+small while the frame worker goes on with the next frame on the other core. With a
 spill folder a kept frame's product that would wait behind another waits as its path on the
 on-board store (`push_spilled`; and at start-up, `resend_spilled`: an earlier process's, not
 yet acknowledged) and is read back (onboard.products.read_spilled, one buffer) only when its
@@ -64,7 +65,7 @@ POLL_MS = 100                 # longest the loop sleeps: bounds how late a timer
 BACKLOG_POLL_MS = 20          # ... and while an outbox holds messages
 MAX_BURST = 64                # messages read from one socket per loop turn (others stay served)
 OUTBOX_RETRY_S = 0.25         # unroutable replies are retried this often
-PRODUCT_WAIT_S = 1.0          # longest a frame waits for the product libzmq is encrypting
+PRODUCT_PART_BYTES = 4 << 20  # a product's arrays travel in parts this large at most (CURVE copies per part)
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
@@ -231,7 +232,6 @@ class Bus:
         self.spilled: collections.deque[tuple[Path, bool]] = collections.deque()
         self.resent = 0                # an earlier process's spilled products sent since start-up
         self.in_flight: zmq.MessageTracker | None = None   # the product libzmq still holds
-        self._waited: zmq.MessageTracker | None = None     # (frame worker) the last one waited for
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -372,27 +372,12 @@ class Bus:
     def push_product(self, msg: Message) -> None:
         """Queue a PRODUCT for the downlink (it leaves at the next flush, in order)."""
         try:
-            parts = encode(msg)
+            parts = encode(msg, PRODUCT_PART_BYTES)
         except MessageError as exc:   # a product we cannot encode is our bug: say so, keep serving
             log.error("product of frame %s not sent: %s", msg.body.get("frame_id"), exc)
             return
         self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
                                                  time.monotonic()))
-
-    def wait_product_encrypted(self, timeout_s: float = PRODUCT_WAIT_S) -> None:
-        """Frame worker, before a frame: wait until libzmq has let go of the product it was
-        last handed (CURVE has encrypted it), at most `timeout_s` and once per product (a
-        downlink that does not read leaves it unencrypted in libzmq's pipe: frames go on).
-        The encryption's two copies and a frame's processing then take turns instead of
-        adding up; the encryption itself runs no slower on the core inference leaves it."""
-        tracker = self.in_flight
-        if tracker is None or tracker is self._waited:
-            return
-        self._waited = tracker
-        try:
-            tracker.wait(timeout_s)
-        except zmq.NotDone:
-            pass
 
     def push_spilled(self, path: Path) -> None:
         """Queue a kept frame's PRODUCT that is on the on-board store (spill_product): read

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from onboard import outcomes
 from onboard.admission import Admission
-from onboard.bus import CLOSE_LINGER_MS, Bus, peek_parts
+from onboard.bus import CLOSE_LINGER_MS, PRODUCT_PART_BYTES, Bus, peek_parts
 from onboard.config import DaemonConfig
 from onboard.errors import (BUSY, DISK_FULL, SHUTDOWN, SPILL_FAILED, TIMEOUT, CommandFailed,
                             is_disk_full)
@@ -146,12 +146,10 @@ class Daemon:
         return 0
 
     def _decide(self, job) -> FrameOutcome:
-        """Frame worker: the test hooks (off unless configured), then, once libzmq has
-        encrypted the last product handed to it, the pipeline."""
+        """Frame worker: the test hooks (off unless configured), then the pipeline."""
         self._test_hook(job)
         if self._test_delay_s:
             time.sleep(self._test_delay_s)
-        self.bus.wait_product_encrypted()     # its copies and this frame take turns (bus)
         return decide(self.serving, job)
 
     def _supervise(self, now: float) -> bool:
@@ -259,7 +257,7 @@ class Daemon:
         job = outcome.job
         try:
             return spill_product(self.config.spill_dir, job.frame_id,
-                                 encode(outcomes.product(outcome, self.config.name)))
+                                 encode(outcomes.product(outcome, self.config.name), PRODUCT_PART_BYTES))
         except OSError as exc:
             what = "disk full" if is_disk_full(exc) else "write failed"
             log.error("product of frame %s not spilled to %s: %s", job.frame_id,

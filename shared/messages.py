@@ -49,6 +49,10 @@ ALLOWED_DTYPES: frozenset[str] = frozenset({
     "float16", "float32", "float64",
 })
 
+# An array may travel as several consecutive parts (`parts` in its spec; encode's max_part_bytes):
+# at most this many, whatever the header says.
+MAX_ARRAY_PARTS = 1024
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -436,8 +440,12 @@ def _packable(value: Any) -> Any:
     raise TypeError(f"cannot pack {type(value).__name__}")
 
 
-def encode(msg: Message) -> list[bytes | memoryview]:
+def encode(msg: Message, max_part_bytes: int | None = None) -> list[bytes | memoryview]:
     """Header frame, then one memoryview per array (zero-copy; send with copy=False).
+
+    `max_part_bytes`: an array larger than that travels as several consecutive parts (views of
+    it, no copy; its spec says how many in `parts`). Over CURVE, libzmq encrypts a message part
+    by part into copies of its own as it writes them: small parts bound that memory.
 
     Raises MessageError for a message the receiver would reject (unknown type, bad body,
     disallowed dtype), so a sender's bug surfaces where it is made.
@@ -462,8 +470,15 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         _check_array_rule(msg.type, name, dtype.name, arr.ndim)
         if arr.dtype != dtype or not arr.flags.c_contiguous:
             arr = np.array(arr, dtype=dtype, order="C")     # (ascontiguousarray would make 0-d 1-d)
-        specs.append({"name": name, "dtype": dtype.name, "shape": list(arr.shape)})
-        frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        spec = {"name": name, "dtype": dtype.name, "shape": list(arr.shape)}
+        flat = memoryview(arr.reshape(-1).view(np.uint8))
+        if max_part_bytes and flat.nbytes > max_part_bytes:
+            chunks = [flat[i:i + max_part_bytes] for i in range(0, flat.nbytes, max_part_bytes)]
+            spec["parts"] = len(chunks)
+            frames.extend(chunks)
+        else:
+            frames.append(flat)
+        specs.append(spec)
     header = {"type": msg.type, "schema": msg.schema, "id": msg.id, "ref": msg.ref, "ts": msg.ts,
               "source": msg.source, "body": msg.body, "arrays": specs}
     try:
@@ -564,14 +579,12 @@ def _check_envelope(header: dict) -> None:
         raise MessageError("body", "missing")
 
 
-def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str, np.dtype, tuple, int]]:
-    """Check every array entry (name, dtype, shape, bytes) without building any array."""
+def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str, np.dtype, tuple, int, int]]:
+    """Check every array entry (name, dtype, shape, bytes, parts) without building any array."""
     entries = header["arrays"]
     if len(entries) > limits.max_arrays:
         raise MessageError("arrays", f"{len(entries)} arrays exceeds the limit of {limits.max_arrays}")
-    if len(entries) != n_frames:
-        raise MessageError("arrays", f"header lists {len(entries)} arrays but {n_frames} array frames came")
-    out, total, seen = [], 0, set()
+    out, total, seen, n_parts = [], 0, set(), 0
     for i, entry in enumerate(entries):
         where = f"arrays[{i}]"
         DICT(entry, where)
@@ -599,7 +612,14 @@ def _array_specs(header: dict, limits: Limits, n_frames: int) -> list[tuple[str,
             raise MessageError(f"arrays.{name}.shape",
                                f"arrays total {total} bytes, over the limit of {limits.max_array_bytes}")
         _check_array_rule(header["type"], name, dtype_name, len(shape))
-        out.append((name, dtype, tuple(shape), nbytes))
+        parts = entry.get("parts", 1)
+        if not isinstance(parts, int) or isinstance(parts, bool) or not 1 <= parts <= MAX_ARRAY_PARTS:
+            raise MessageError(f"arrays.{name}.parts", f"expected an integer 1..{MAX_ARRAY_PARTS}, "
+                                                       f"got {quote(parts)}")
+        n_parts += parts
+        out.append((name, dtype, tuple(shape), nbytes, parts))
+    if n_parts != n_frames:
+        raise MessageError("arrays", f"header lists {n_parts} array parts but {n_frames} array frames came")
     _check_array_names(header["type"], [o[0] for o in out])
     return out
 
@@ -621,11 +641,17 @@ def decode(frames: Sequence[Any] | Iterable[Any], limits: Limits = DEFAULT_LIMIT
     specs = _array_specs(header, limits, len(frames) - 1)
     validate_body(header["type"], header["body"])
     arrays: dict[str, np.ndarray] = {}
-    for i, (name, dtype, shape, nbytes) in enumerate(specs, start=1):
-        buf = _as_buffer(frames[i], i)
-        if buf.nbytes != nbytes:
+    i = 1
+    for name, dtype, shape, nbytes, parts in specs:
+        bufs = [_as_buffer(frames[j], j) for j in range(i, i + parts)]
+        i += parts
+        got = sum(b.nbytes for b in bufs)
+        if got != nbytes:
             raise MessageError(f"arrays.{name}",
-                               f"frame has {buf.nbytes} bytes, header says {nbytes} ({dtype.name} {list(shape)})")
+                               f"{'frame has' if parts == 1 else f'{parts} parts have'} {got} bytes, "
+                               f"header says {nbytes} ({dtype.name} {list(shape)})")
+        # one part: a view of it; several: joined once into one buffer (its size checked above)
+        buf = bufs[0] if parts == 1 else memoryview(b"".join(bufs))
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return Message(type=header["type"], body=header["body"], arrays=arrays, id=header["id"],
                    ref=header.get("ref"), ts=header["ts"], schema=header["schema"], source=header["source"])

@@ -518,3 +518,39 @@ def test_georef_needs_crs_and_transform(georef, field):
     with pytest.raises(MessageError) as err:
         encode(frame_message(georef=georef))
     assert err.value.field == field
+
+
+def test_a_large_array_travels_as_several_parts_and_arrives_whole():
+    """encode(max_part_bytes=...) splits an array into views (no copy); decode joins them."""
+    tile = np.arange(3 * 100 * 100, dtype=np.uint16).reshape(3, 100, 100)     # 60,000 bytes
+    msg = Message("product", {"frame_id": "f", "priority": 1}, {"mask_png": b"png", "tile_0": tile})
+    frames = encode(msg, max_part_bytes=16384)
+    header = msgpack.unpackb(frames[0])
+    assert [a.get("parts", 1) for a in header["arrays"]] == [1, 4]
+    assert len(frames) == 1 + 1 + 4 and all(len(f) <= 16384 for f in frames[1:])
+    assert np.shares_memory(np.frombuffer(frames[2], np.uint8), tile)       # views, not copies
+    out = decode([bytes(f) for f in frames])
+    np.testing.assert_array_equal(out.arrays["tile_0"], tile)
+    assert out.arrays["mask_png"].tobytes() == b"png"
+    assert len(encode(msg)) == 3                                             # unsplit by default
+
+
+@pytest.mark.parametrize("parts, why", [(0, "parts"), (True, "parts"), ("2", "parts"),
+                                        (m.MAX_ARRAY_PARTS + 1, "parts"), (3, "array parts but")])
+def test_lying_part_counts_are_refused_naming_the_array(parts, why):
+    tile = np.zeros(40000, np.uint8)
+    frames = encode(Message("product", {"frame_id": "f", "priority": 1}, {"tile_0": tile}),
+                    max_part_bytes=20000)
+    header = msgpack.unpackb(frames[0])
+    header["arrays"][0]["parts"] = parts
+    with pytest.raises(MessageError, match=why) as err:
+        decode([msgpack.packb(header), *frames[1:]])
+    assert "arrays" in err.value.field
+
+
+def test_parts_that_do_not_add_up_to_the_shape_are_refused():
+    tile = np.zeros(40000, np.uint8)
+    frames = encode(Message("product", {"frame_id": "f", "priority": 1}, {"tile_0": tile}),
+                    max_part_bytes=20000)
+    with pytest.raises(MessageError, match="2 parts have 39999 bytes, header says 40000"):
+        decode([frames[0], frames[1], bytes(frames[2])[:-1]])
