@@ -439,15 +439,19 @@ class _Flight:
     def _release_frames(self, now: float) -> None:
         """The camera releases what is due: in real time, each frame once its last line is
         recorded (on the wall clock scaled by speedup); as fast as possible, while the payload
-        buffer has room. A burst goes at once and overruns the window."""
+        buffer has room. On the simulated clock a frame's times are the schedule's, so in real
+        time too a frame is rendered only once the buffer has room (a host slower than the
+        orbit at rendering scenes would otherwise hold every overdue frame's pixels: the whole
+        tile). A burst goes at once and overruns the window."""
         while self.next_i < len(self.schedule):
             in_burst = self.next_i in self.burst
             if in_burst:
                 self.payload.window = self.base_window + len(self.burst)
             elif self.realtime and now < self.rec.t_fly + self.schedule[self.next_i][4] / self.speedup:
                 break
-            elif not self.realtime and len(self.payload.buffer) >= self.base_window:
-                break                                   # asap: capture lazily, memory stays flat
+            elif (self.clock is not None or not self.realtime) \
+                    and len(self.payload.buffer) >= self.base_window:
+                break                                   # capture lazily, memory stays flat
             frame = self._capture()
             self._add_malformed(frame)
             if in_burst and self.next_i == self.burst.stop:

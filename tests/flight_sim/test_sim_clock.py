@@ -117,3 +117,17 @@ def test_clock_settles_in_acquisition_order_with_outages():
     assert (f1.start_s, f1.ready_s) == (2.5, 2.75)
     assert (f2.start_s, f2.ready_s) == (4.0, 4.5)      # acquired at 3, then 1 s down
     assert clock.now_s(5.0) == 5.0 and clock.now_s(None) == INFINITY
+
+
+def test_in_real_time_on_the_simulated_clock_frames_are_rendered_only_as_the_payload_has_room(tmp_path):
+    """A host slower than the orbit (here: every frame due at once, a slowed daemon) rendered
+    every overdue frame ahead and held their pixels: the whole scene (3.6 GB on a full tile)."""
+    make_flight_bundle(tmp_path)
+    text = SCENARIO.format(delay=0.3).replace('mode = "asap"', 'mode = "realtime"\nspeedup = 1000.0')
+    text = text.replace("window = 3", "window = 1").replace("kill_daemon_after_frames = [3]",
+                                                            "kill_daemon_after_frames = []")
+    (tmp_path / "rt.toml").write_text(text)
+    _, report = fly(tmp_path / "rt.toml", tmp_path / "rt")
+    assert report["ok"], [c for c in report["checks"] if not c["ok"]]
+    assert report["camera"]["mode"] == "realtime" and report["accounting"]["decided"] == 8
+    assert report["accounting"]["max_buffer"] == 1
