@@ -22,7 +22,7 @@ GROUPS = {
 }
 # top-level shortcuts: name -> (module, summary)
 SHORTCUTS = {
-    "demo": ("eoedge.demo", "the main job on the embedded default: build a bundle, fly it, report"),
+    "demo": ("eoedge.demo", "the main job on the embedded default: build a cloud -> ship model chain, fly it, report"),
 }
 # a missing top-level module -> the extra that brings it
 EXTRA_FOR_MODULE = {

@@ -430,9 +430,11 @@ def human(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="eoedge demo", description="The main job: build a signed bundle from the embedded default "
-        "(generated imagery, the ukis-csmask teacher, a ~100k-parameter student, FP16 IR), fly "
-        "scenarios/demo.toml with it (daemon as a separate process, faults on), print the headline.")
+        prog="eoedge demo", description="The main job, on the embedded default: generated scenes placed "
+        "on Earth; a ~100k-parameter cloud student distilled from the ukis-csmask teacher and a "
+        "small ship student trained on the scenes' truth, each a signed bundle, packed as one "
+        "chain (the cloud model gates the ship model); scenarios/demo.toml flown with it (daemon "
+        "as a separate process, faults on); COGs, a STAC catalogue and the headline.")
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=RECIPE["steps"],
                    help=f"distillation steps (default {RECIPE['steps']})")
