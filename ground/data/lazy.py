@@ -353,9 +353,13 @@ class SceneBatches:
 
     def seek(self, step: int) -> None:
         sampler = GlobalBatches(self.batch, self.seed, self.rank, self.world, start=step)
+        # workers start from a fork server, not a fork of this process: a fork copies a process
+        # whose other threads (OpenMP, OpenVINO's TBB, CUDA, ZeroMQ) may hold locks mid-call,
+        # and CUDA cannot run in a forked child at all
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=2 if self.workers else None)
+                            prefetch_factor=2 if self.workers else None,
+                            multiprocessing_context="forkserver" if self.workers else None)
         self._it = iter(loader)
 
     def __call__(self):
