@@ -34,7 +34,7 @@ import numpy as np
 
 from onboard import products as products_mod
 from onboard.errors import MISSING_BANDS, FrameError
-from onboard.pipeline import FramePipeline, FrameResult
+from onboard.pipeline import FramePipeline, FrameResult, tile_decision
 from onboard.stats import cell_edges, frame_and_cell_stats, summarise_components
 from onboard.telemetry import StepCounters
 from shared.bands import UnknownBandError, canonical_band
@@ -221,13 +221,8 @@ class ChainPipeline:
                               "cells_run": int(ran.sum()), "cells_total": int(ran.size), "ms": ms})
             t0 = time.perf_counter()
             decision = evaluate(policy, frame_stats)
-            tile_decisions = []
-            for c, names in zip(cells, steps_run):
-                d = evaluate(policy, c["stats"])
-                tile_decisions.append({"row": c["row"], "col": c["col"], "height": c["height"],
-                                       "width": c["width"], "keep": d.keep, "priority": d.priority,
-                                       "rule": d.rule, "reason": d.reason,
-                                       "fractions": c["stats"]["fractions"], "steps_run": names})
+            tile_decisions = [{**tile_decision(policy, c), "steps_run": names}
+                              for c, names in zip(cells, steps_run)]
             timings["policy"] = round((time.perf_counter() - t0) * 1e3, 3)
             t0 = time.perf_counter()
             gate_name = self.steps[0][0]

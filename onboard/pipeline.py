@@ -69,6 +69,15 @@ from shared.tiling import TileGrid
 GRAPH_INPUT_DTYPE = {"fp32": "float32"}
 
 
+def tile_decision(policy: dict, cell: dict) -> dict:
+    """A cell's entry of a DECISION's `tile_decisions`: where it is, what the policy decided on
+    its statistics, its class fractions."""
+    d = evaluate(policy, cell["stats"])
+    return {"row": cell["row"], "col": cell["col"], "height": cell["height"], "width": cell["width"],
+            "keep": d.keep, "priority": d.priority, "rule": d.rule, "reason": d.reason,
+            "fractions": cell["stats"]["fractions"]}
+
+
 @dataclass
 class FrameResult:
     keep: bool
@@ -283,13 +292,7 @@ class FramePipeline:
             frame_stats, cells = rows.stats.result(mask)
             timer.lap("stats")
             decision = evaluate(policy, frame_stats)
-            tile_decisions = []
-            for cell in cells:
-                d = evaluate(policy, cell["stats"])
-                tile_decisions.append({"row": cell["row"], "col": cell["col"], "height": cell["height"],
-                                       "width": cell["width"], "keep": d.keep, "priority": d.priority,
-                                       "rule": d.rule, "reason": d.reason,
-                                       "fractions": cell["stats"]["fractions"]})
+            tile_decisions = [tile_decision(policy, cell) for cell in cells]
             timer.lap("policy")
             kept = [(t["row"], t["col"], t["height"], t["width"]) for t in tile_decisions if t["keep"]]
             products = {}
