@@ -291,6 +291,23 @@ CHAIN = record({"steps": list_of(CHAIN_STEP, nonempty=True, max_items=MAX_CHAIN_
                {"nodata": NONNEG_INT})
 
 
+# A learning sample (SAMPLE `samples`): its window in the frame (row, col of the top-left pixel,
+# side in frame pixels) and the model's uncertainty there (shared.samples.SCORES).
+MAX_SAMPLES = 64
+MODEL_REF = record({"model_id": NAME, "version": NONNEG_INT}, {})
+SAMPLE = record({"row": NONNEG_INT, "col": NONNEG_INT, "size": NONNEG_INT, "entropy": FLOAT,
+                 "ambiguous": FLOAT}, {})
+
+
+def _sample_check(body: Mapping) -> None:
+    for i, s in enumerate(body["samples"]):
+        if s["size"] < 1:
+            raise MessageError(f"body.samples[{i}].size", f"must be >= 1, got {s['size']}")
+        for score in ("entropy", "ambiguous"):
+            if not 0.0 <= s[score] <= 1.0:
+                raise MessageError(f"body.samples[{i}].{score}", f"must be in 0..1, got {s[score]!r}")
+
+
 def optional(inner: Validator) -> Validator:
     """`inner`, or None."""
     def check(value: Any, path: str) -> None:
@@ -361,6 +378,17 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
                   "georef": GEOREF, "bands": list_of(NAME, max_items=MAX_BANDS),
                   "scale": POSITIVE_FLOAT, "chain": CHAIN},
         other_arrays=True,
+    ),
+    # Daemon -> downlink: a frame's learning samples (shared.samples): raw tiles of the model's
+    # bands, chosen by the policy's `learning` block (the tiles the model was least sure of, or
+    # drawn at random), with the model that chose them; sent whatever the frame's decision.
+    "sample": BodySchema(
+        required={"frame_id": ID, "priority": INT, "model": MODEL_REF, "selection": NAME,
+                  "bands": list_of(NAME, nonempty=True, max_items=MAX_BANDS), "scale": POSITIVE_FLOAT,
+                  "samples": list_of(SAMPLE, nonempty=True, max_items=MAX_SAMPLES)},
+        optional={"scene": SHORT, "index": INT, "acquired": FLOAT, "georef": GEOREF},
+        arrays={"tiles": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=4)},
+        check=_sample_check,
     ),
     # Any side: something failed; for a frame this is its outcome (ref = the frame's message id).
     "error": BodySchema(
