@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
         raise CommandError(f"--cloud-cover: {args.cloud_cover!r} is not a fraction or a "
                            "comma-separated profile like 0,1,0.2") from None
     gen = SceneGenerator(args.rows, args.cols, args.seed, cloud_cover=cover if len(cover) > 1 else cover[0],
-                         water_fraction=args.water, ships=args.ships)
+                         water_fraction=args.water, ships=args.ships, surface=args.surface)
     import time
     from tqdm import tqdm
     from flight_sim.camera import quantise
@@ -123,7 +123,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cloud-cover", default="0.3",
                    help="a fraction, or an along-track profile like 0,1,0.2 (default 0.3)")
-    p.add_argument("--water", type=float, default=0.35, help="water fraction (default 0.35)")
+    p.add_argument("--water", type=float, default=None,
+                   help="water fraction (default 0.35 temperate, 0.08 arid)")
+    p.add_argument("--surface", choices=("temperate", "arid"), default="temperate",
+                   help="the land: temperate (green) or arid (sand, soil, rock); default temperate")
     p.add_argument("--ships", type=int, default=10, help="ships on open water (default 10)")
     p.add_argument("--out", required=True, help="output .npz or .tif")
 

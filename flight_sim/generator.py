@@ -67,9 +67,23 @@ SPECTRA: dict[str, tuple[float, ...]] = {
     # what a more vigorous canopy adds (red edge and NIR plateau up, a little SWIR): weighted by
     # a vigour field in -0.6..1.2, it spreads vegetation NIR over ~0.26..0.55 as real land does
     "vigour":     (0.000, 0.000, 0.000, -0.005, 0.015, 0.090, 0.140, 0.160, 0.170, 0.040, 0.000, 0.020, 0.000),
+    # arid surfaces (surface="arid"). Desert sand: iron-stained quartz, rising steadily from the
+    # blue to a SWIR-1 peak, SWIR-2 a little lower; B09 kept up by the dry air, B10 near zero
+    # (after the TOA curves of the Libya-4 / Algeria calibration sites, a little darker)
+    "sand":       (0.210, 0.205, 0.265, 0.345, 0.375, 0.395, 0.410, 0.420, 0.435, 0.215, 0.008, 0.500, 0.455),
+    # dark gravel plains, desert varnish and basalt outcrops: dim and flat, rising a little
+    "rock":       (0.120, 0.095, 0.105, 0.125, 0.140, 0.150, 0.160, 0.165, 0.175, 0.070, 0.002, 0.230, 0.205),
 }
 ENDMEMBERS = ("vegetation", "soil", "urban", "water", "ship", "path", "cloud", "vigour")
-_ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   # (13, 5)
+_ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   # (13, 8)
+# An arid scene mixes two more endmembers after the eight (kept apart so that a temperate scene's
+# pixels are the same matrix product as before, bit for bit)
+ARID_ENDMEMBERS = ENDMEMBERS + ("sand", "rock")
+_ARID_MATRIX = np.array([SPECTRA[e] for e in ARID_ENDMEMBERS], np.float32).T   # (13, 10)
+SURFACES = ("temperate", "arid")
+# water_fraction when a scene does not give one: arid land has little open water
+DEFAULT_WATER_FRACTION = {"temperate": 0.35, "arid": 0.08}
+DUNE_WAVELENGTH_PX = 24.0      # ~240 m crest to crest at 10 m: transverse dunes, seen as stripes
 SHADOW_DIRECT_FRACTION = 0.28
 _QUANTILE_GRID = np.linspace(0, 1, 201)
 PARCEL_LEVELS = 97       # distinct (cover, vigour, brightness) draws the parcels cycle through
@@ -246,7 +260,7 @@ class SceneGenerator:
     cols: int
     seed: int = 0
     cloud_cover: float | Sequence[float] = 0.3
-    water_fraction: float = 0.35
+    water_fraction: float | None = None  # None: DEFAULT_WATER_FRACTION of the surface
     ships: int = 10
     urban_fraction: float = 0.05
     cloud_height_m: float = 1500.0
@@ -257,6 +271,7 @@ class SceneGenerator:
     feature_scale: float = 1.0         # >1: larger lakes, fields and clouds
     name: str = ""
     place: bool = False                # True: a georeference and a sensing time drawn from the seed
+    surface: str = "temperate"         # the land: "temperate" (green) or "arid" (sand, soil, rock)
     georef: GeoRef | None = field(init=False, default=None)
     sensing_time: datetime | None = field(init=False, default=None)   # UTC of row 0
     site: str | None = field(init=False, default=None)
@@ -267,6 +282,10 @@ class SceneGenerator:
             v = getattr(self, attr)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise SceneSpecError(f"generator.{attr}: must be an integer >= 1, got {v!r}")
+        if self.surface not in SURFACES:
+            raise SceneSpecError(f"generator.surface: one of {', '.join(SURFACES)} expected, got {self.surface!r}")
+        if self.water_fraction is None:
+            self.water_fraction = DEFAULT_WATER_FRACTION[self.surface]
         profile = np.atleast_1d(np.asarray(self.cloud_cover, np.float64))
         if profile.size == 0 or not np.all((profile >= 0) & (profile <= 1)):
             raise SceneSpecError(f"generator.cloud_cover: fractions in 0..1 expected, got {self.cloud_cover!r}")
@@ -381,7 +400,8 @@ class SceneGenerator:
         truth = np.where(water, WATER, LAND).astype(np.uint8)
         ship_ids = self._paint_ships(weights, truth, r0, r1)
         shadow, opacity = self._shade_and_cloud(weights, ys, xs)
-        toa = np.tensordot(_ENDMEMBER_MATRIX, weights, axes=1)  # (13, rows, cols)
+        matrix = _ARID_MATRIX if self.surface == "arid" else _ENDMEMBER_MATRIX
+        toa = np.tensordot(matrix, weights, axes=1)             # (13, rows, cols)
         del weights
         self._add_sensor_noise(toa, r0)
 
@@ -395,6 +415,8 @@ class SceneGenerator:
     def _surface_weights(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(weights of the ENDMEMBERS (8, rows, cols), water mask) of the bare surface: land
         (vegetation, soil, vigour by parcel and texture), urban patches, slightly turbid water."""
+        if self.surface == "arid":
+            return self._arid_weights(ys, xs)
         water_field = self._water.sample(ys, xs)
         water = water_field < self._water_level
         parcel = self._parcels.ids(ys, xs) % PARCEL_LEVELS
@@ -412,6 +434,42 @@ class SceneGenerator:
         # water: slightly turbid (a little soil signal) near the shore, where the field nears the level
         turbid = (np.clip(1 - (self._water_level - water_field) / 0.05, 0, 1) * 0.12
                   if np.isfinite(self._water_level) else np.zeros_like(veg))
+        weights[3] = np.where(water, 1 + 0.03 * fine - turbid, 0)
+        weights[1] += np.where(water, turbid, 0)
+        return weights, water
+
+    def _arid_weights(self, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights of the ARID_ENDMEMBERS (10, rows, cols), water mask) of a desert: sand seas
+        with dune stripes, bare soil and dark gravel/rock plains, sparse dry scrub (greener on a
+        few parcels: oases, irrigated fields), towns, little water. The same fields as a
+        temperate scene of that seed, read differently: no new draws, so water, clouds and ships
+        lie where they would on the temperate scene."""
+        water_field = self._water.sample(ys, xs)
+        water = water_field < self._water_level
+        parcel = self._parcels.ids(ys, xs) % PARCEL_LEVELS
+        fine = self._texture.sample(ys, xs)
+        urban = (self._urban.sample(ys, xs) > self._urban_level) & ~water
+        land = ~water & ~urban
+        broad = self._veg.sample(ys, xs)
+        # sand where the broad field is high; rock where the soil-brightness field is low
+        sand = np.clip(0.75 + 2.0 * broad + 0.3 * self._parcel_veg[parcel], 0, 1)
+        rock = np.clip(0.1 - 2.5 * self._soil_bright.sample(ys, xs), 0, 1)
+        scrub = np.clip(0.04 + 0.3 * self._vigour.sample(ys, xs) + 0.3 * self._parcel_vigour[parcel], 0, 0.5)
+        # dunes: stripes across the wind, their crests bent by the broad field
+        phase = (xs[None, :] * 0.8 + ys[:, None] * 0.6) / DUNE_WAVELENGTH_PX + 3.0 * broad
+        dunes = 1 + 0.12 * np.sin(2 * np.pi * phase).astype(np.float32)
+        # a gentler parcel brightness than fields have: desert is less patchy
+        texture = (1 + 0.12 * fine) * (1 + 0.5 * (self._parcel_bright[parcel] - 1))
+        bare = np.where(land, (1 - scrub) * texture, 0)
+        weights = np.zeros((len(ARID_ENDMEMBERS), len(ys), len(xs)), np.float32)
+        weights[0] = np.where(land, scrub * texture, 0)
+        weights[7] = weights[0] * -0.5                       # dry, thin scrub: a weak red edge
+        weights[8] = bare * sand * dunes
+        weights[1] = bare * (1 - sand) * (1 - rock)
+        weights[9] = bare * (1 - sand) * rock
+        weights[2] = np.where(urban, texture, 0)
+        turbid = (np.clip(1 - (self._water_level - water_field) / 0.05, 0, 1) * 0.2
+                  if np.isfinite(self._water_level) else np.zeros_like(fine))
         weights[3] = np.where(water, 1 + 0.03 * fine - turbid, 0)
         weights[1] += np.where(water, turbid, 0)
         return weights, water
@@ -448,7 +506,7 @@ class SceneGenerator:
         lit = 1 - (1 - SHADOW_DIRECT_FRACTION) * shadow
         below = 1 - opacity
         weights[:5] *= (lit * below)[None]
-        weights[7] *= lit * below
+        weights[7:] *= (lit * below)[None]           # vigour, and an arid scene's sand and rock
         weights[5] = (1 - lit) * below
         amp = CLOUD_TEXTURE[3]
         weights[6] = opacity * np.clip(1 + amp * self._cloud_texture.sample(ys, xs), 0.3, None)
@@ -480,7 +538,7 @@ class SceneGenerator:
     def describe(self) -> dict:
         out = {"kind": "generated", "name": self.name, "rows": self.rows, "cols": self.cols,
                "seed": self.seed, "cloud_cover": self._profile.tolist(),
-               "water_fraction": self.water_fraction, "ships": len(self._ships),
+               "surface": self.surface, "water_fraction": self.water_fraction, "ships": len(self._ships),
                "shadow_shift_px": [round(v, 1) for v in self.shadow_shift]}
         if self.georef is not None:
             out.update(site=self.site, crs=self.georef.crs, transform=list(self.georef.transform),

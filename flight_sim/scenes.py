@@ -328,7 +328,7 @@ def dataset_source(name: str, root: Path | None = None) -> ArraySource:
 
 GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ships", "urban_fraction",
                   "cloud_height_m", "sun_elevation_deg", "sun_azimuth_deg", "noise_sigma",
-                  "feature_scale", "name", "place"}
+                  "feature_scale", "name", "place", "surface"}
 COMMON_KEYS = {"kind", "crop_rows", "repeat", "georef"}
 FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
 SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"},   # by kind
@@ -388,7 +388,8 @@ def check_scene_spec(spec: Any, where: str = "scenes[0]") -> None:
 def open_source(spec: dict, base_dir: Path | None = None, where: str = "scenes[0]") -> SceneSource:
     """A source from one `[[scenes]]` table:
 
-        {kind = "generated", rows, cols, seed, cloud_cover, ships, ...}   (SceneGenerator's args)
+        {kind = "generated", rows, cols, seed, cloud_cover, ships, ...}   (SceneGenerator's args;
+                                                                           surface = "arid": desert)
         {kind = "file", path, bands?, scale?, truth?, truth_classes?}     (tif, band folder, npz,
                                                                            npy, SAFE, .zip, .jp2s)
         {kind = "dataset", name = "ukis" | "sen1floods11" | "eolearn:N"}

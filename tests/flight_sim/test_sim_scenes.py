@@ -11,6 +11,7 @@ from affine import Affine  # noqa: E402
 
 from flight_sim.scenes import (ArraySource, SceneSpecError, find_safe_band_files, open_safe,  # noqa: E402
                                open_source)
+from flight_sim.generator import CLASSES  # noqa: E402
 from shared.bands import RESOLUTION_M, S2_BANDS  # noqa: E402
 from shared.scene import MissingBandsError, Scene, SceneReadError, write_geotiff  # noqa: E402
 
@@ -149,6 +150,8 @@ def test_file_source_with_truth(tmp_path):
     ({"kind": "file"}, "scenes[0].path"),
     ({"kind": "file", "path": "x.tif", "colour": 1}, "scenes[0].colour"),
     ({"kind": "dataset", "name": "mars"}, "dataset"),
+    ({"kind": "generated", "rows": 10, "cols": 10, "surface": "lunar"}, "generator.surface"),
+    ({"kind": "generated", "rows": 10, "cols": 10, "soil": "arid"}, "scenes[0].soil"),
 ])
 def test_bad_specs_name_the_field(spec, field):
     with pytest.raises(SceneSpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -176,3 +179,9 @@ def test_dataset_sources(data_root):
     floods = open_source({"kind": "dataset", "name": "sen1floods11"})
     assert len(floods.bands) == 13 and floods.truth_classes == ("land", "water")
     assert isinstance(open_source({"kind": "dataset", "name": "eolearn:3"}), ArraySource)
+
+
+def test_generated_arid_source_describes_its_surface():
+    src = open_source({"kind": "generated", "rows": 64, "cols": 64, "seed": 2, "surface": "arid"})
+    assert src.describe()["surface"] == "arid" and src.truth_classes == CLASSES
+    assert src.read(0, 8).reflectance.shape == (13, 8, 64)
