@@ -22,19 +22,37 @@ Statistics, computed on board for a frame or a tile::
 
 To add a condition kind, write one function below and decorate it with `@condition(...)`:
 validation, evaluation, the reason text and the list of kinds all come from that registry.
+
+An optional `learning` block asks the daemon to send a few of each frame's model tiles down as
+learning samples (shared.samples), whatever the frame's decision::
+
+    "learning": {"tiles": 2, "select": "uncertainty", "score": "entropy", "min_score": 0.0,
+                 "priority": 9, "seed": 0}
+
+`tiles` (1..64, required) samples per frame at most; `select` "uncertainty" (the `tiles`
+highest-`score` tiles with score >= `min_score`) or "random" (`tiles` tiles drawn uniformly,
+seeded by `seed` and the frame id: reproducible; score and min_score are not used); `score`
+"entropy" or "ambiguous" (shared.samples.SCORES); `min_score` 0..1; `priority` of the SAMPLE
+message (default 9); `seed` 0..2^53-1. `learning_block` fills the defaults, `choose_samples`
+picks the tiles.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from shared.errors import PolicyError
 from shared.limits import MAX_COUNT, MAX_NAME_CHARS, MAX_PRIORITY, MAX_RULES, quote
+from shared.samples import SCORES, SELECTIONS
 
 ACTIONS = ("keep", "discard")
 DEFAULT_PRIORITY = 5
 DEFAULT_POLICY: dict = {"rules": [], "default": {"then": "keep", "priority": DEFAULT_PRIORITY}}
+MAX_LEARNING_TILES = 64                 # shared.messages.MAX_SAMPLES: one SAMPLE message's worth
+LEARNING_DEFAULTS: dict = {"select": "uncertainty", "score": "entropy", "min_score": 0.0,
+                           "priority": 9, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -174,9 +192,12 @@ def validate_policy(policy: Any, classes: Iterable[str] | None = None,
     classes = list(classes) if classes is not None else None
     if not isinstance(policy, dict):
         raise PolicyError(field, f"must be an object, got {type(policy).__name__}")
-    unknown = set(policy) - {"rules", "default"}
+    unknown = set(policy) - {"rules", "default", "learning"}
     if unknown:
-        raise PolicyError(f"{field}.{sorted(unknown)[0]}", "unknown field (expected rules, default)")
+        raise PolicyError(f"{field}.{sorted(unknown)[0]}",
+                          "unknown field (expected rules, default, learning)")
+    if "learning" in policy:
+        validate_learning(policy["learning"], f"{field}.learning")
     rules = policy.get("rules", [])
     if not isinstance(rules, list):
         raise PolicyError(f"{field}.rules", "must be a list")
@@ -210,6 +231,61 @@ def validate_policy(policy: Any, classes: Iterable[str] | None = None,
         raise PolicyError(f"{field}.default.{sorted(unknown)[0]}", "unknown field (expected then, priority)")
     _check_action(default, f"{field}.default")
     return policy
+
+
+def validate_learning(block: Any, field: str = "policy.learning") -> dict:
+    """Check a `learning` block (module docstring); raise PolicyError naming the field. Returns
+    the block unchanged."""
+    if not isinstance(block, dict):
+        raise PolicyError(field, f"must be an object with 'tiles', got {type(block).__name__}")
+    unknown = set(block) - {"tiles", *LEARNING_DEFAULTS}
+    if unknown:
+        raise PolicyError(f"{field}.{sorted(unknown)[0]}",
+                          f"unknown field (expected tiles, {', '.join(LEARNING_DEFAULTS)})")
+    if "tiles" not in block:
+        raise PolicyError(f"{field}.tiles", f"missing (samples per frame, 1..{MAX_LEARNING_TILES})")
+    if _count(block["tiles"], f"{field}.tiles", MAX_LEARNING_TILES) < 1:
+        raise PolicyError(f"{field}.tiles", f"must be >= 1, got {block['tiles']}")
+    for name, allowed in (("select", SELECTIONS), ("score", SCORES)):
+        if name in block and block[name] not in allowed:
+            raise PolicyError(f"{field}.{name}", f"must be one of {', '.join(allowed)}, "
+                                                 f"got {quote(block[name])}")
+    if "min_score" in block:
+        _fraction(block["min_score"], f"{field}.min_score")
+    if "priority" in block:
+        _count(block["priority"], f"{field}.priority", MAX_PRIORITY)
+    if "seed" in block:
+        _count(block["seed"], f"{field}.seed")
+    return block
+
+
+def learning_block(policy: dict) -> dict | None:
+    """A validated policy's `learning` block with its defaults filled in, or None."""
+    block = policy.get("learning")
+    return None if block is None else {**LEARNING_DEFAULTS, **block}
+
+
+def _draw_key(seed: int, frame_id: str, index: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{frame_id}:{index}".encode()).digest()
+
+
+def choose_samples(scores: Sequence[Sequence[float]], block: dict, frame_id: str) -> list[int]:
+    """The indices of a frame's tiles to send as learning samples, in sending order.
+
+    `scores`: per tile (in the inference grid's order) [entropy, ambiguous] (shared.samples.SCORES
+    order); `block`: a validated `learning` block (defaults filled by `learning_block` or not).
+    uncertainty: the `tiles` tiles of highest `score` with score >= `min_score`, highest first
+    (ties: the earlier tile). random: `tiles` tiles drawn uniformly without replacement, whatever
+    their score: those with the smallest SHA-256 of "<seed>:<frame_id>:<index>" (reproducible
+    from (seed, frame_id) in any language), in that order."""
+    block = {**LEARNING_DEFAULTS, **block}
+    n, want = len(scores), int(block["tiles"])
+    if block["select"] == "random":
+        return sorted(range(n), key=lambda i: _draw_key(block["seed"], frame_id, i))[:want]
+    column = SCORES.index(block["score"])
+    values = [float(s[column]) for s in scores]
+    eligible = [i for i in range(n) if math.isfinite(values[i]) and values[i] >= block["min_score"]]
+    return sorted(eligible, key=lambda i: (-values[i], i))[:want]
 
 
 def classes_needing_components(policy: dict) -> list[str]:
