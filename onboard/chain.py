@@ -177,8 +177,11 @@ class ChainPipeline:
 
     # ---------------------------------------------------------------------------------------
     def process(self, data: np.ndarray, bands: Sequence[str], scale: float = 1.0, *,
-                policy: dict | None = None, make_products: bool = True) -> ChainResult:
-        """Decide on one frame (bands, H, W) with the chain (module docstring)."""
+                policy: dict | None = None, make_products: bool = True,
+                frame_id: str = "") -> ChainResult:
+        """Decide on one frame (bands, H, W) with the chain (module docstring). A chain sends no
+        learning samples: a `learning` block in its policy is validated and not used, and its
+        steps run without the tile scores output (`frame_id` is taken as a FramePipeline's is)."""
         with self._lock:
             policy = self.policy if policy is None else validate_policy(policy, classes=self.classes)
             started = time.perf_counter()

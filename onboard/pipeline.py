@@ -25,6 +25,11 @@
     policy          shared.policy.evaluate for the frame and for every cell
     products        for a kept frame: mask PNG, quicklook JPEG, the kept cells' raw tiles (or the
                     frame itself when every cell is kept: no copy)
+    learning        (a policy with a `learning` block) the graph's per-tile scores (onboard.runtime
+                    `_tile_scores`: mean normalised entropy, ambiguous share) summarised for the
+                    DECISION; shared.policy.choose_samples picks tiles, whatever the decision,
+                    and their raw values are cut as the tiles were (model bands, the frame's
+                    dtype, reflect-padded past the far edges): FrameResult.learning
 
 Cutting tiles, stitching and post-processing overlap with inference; no float copy of the frame
 is made, and OpenVINO writes straight into preallocated input/output buffers (onboard.runtime).
@@ -52,7 +57,8 @@ from onboard.stats import CellStats, summarise_components
 from shared.bands import UnknownBandError, canonical_band
 from shared.bundle import load_reference
 from shared.manifest import MODEL_XML, gsd_factor, manifest_precision, validate_manifest
-from shared.policy import classes_needing_components, evaluate, validate_policy
+from shared.policy import (choose_samples, classes_needing_components, evaluate, learning_block,
+                           validate_policy)
 from shared.postprocess import RowwiseOpening, threshold, threshold_vector, upsample_rows
 from shared.tiling import TileGrid
 
@@ -78,6 +84,30 @@ def tile_decision(policy: dict, cell: dict) -> dict:
             "fractions": cell["stats"]["fractions"]}
 
 
+def uncertainty_summary(tile_scores: np.ndarray, n_samples: int) -> dict:
+    """A DECISION's `uncertainty`: mean, p50, p90, max of the frame's tile entropy and ambiguous
+    share, the tiles scored and the samples chosen."""
+    out: dict[str, Any] = {"tiles": int(len(tile_scores)), "samples": int(n_samples)}
+    for i, name in enumerate(("entropy", "ambiguous")):
+        v = tile_scores[:, i].astype(np.float64)
+        p50, p90 = np.percentile(v, [50, 90])
+        out[name] = {"mean": round(float(v.mean()), 6), "p50": round(float(p50), 6),
+                     "p90": round(float(p90), 6), "max": round(float(v.max()), 6)}
+    return out
+
+
+@dataclass
+class Learning:
+    """A frame's learning samples and scores (a policy with a `learning` block)."""
+
+    selection: str                      # shared.samples.SELECTIONS
+    priority: int                       # the SAMPLE message's
+    samples: list[dict]                 # SAMPLE entries: row, col, size, entropy, ambiguous
+    tiles: np.ndarray                   # (N, C, size, size) raw values, model bands, frame dtype
+    tile_scores: np.ndarray             # (tiles in the grid, 2) [entropy, ambiguous]
+    summary: dict                       # the DECISION's `uncertainty`
+
+
 @dataclass
 class FrameResult:
     keep: bool
@@ -88,12 +118,16 @@ class FrameResult:
     tile_decisions: list[dict]          # per cell: row, col, height, width, keep, priority, rule, reason, fractions
     timings_ms: dict[str, float]
     products: dict[str, Any] = field(default_factory=dict)   # only for a kept frame
+    learning: Learning | None = None    # only with a `learning` policy
 
     def summary(self) -> dict:
         """Everything but the mask and the products: the body of a DECISION."""
-        return {"keep": self.keep, "priority": self.priority, "reason": self.reason,
-                "stats": self.stats, "tile_decisions": self.tile_decisions,
-                "timings_ms": self.timings_ms}
+        out = {"keep": self.keep, "priority": self.priority, "reason": self.reason,
+               "stats": self.stats, "tile_decisions": self.tile_decisions,
+               "timings_ms": self.timings_ms}
+        if self.learning is not None:
+            out["uncertainty"] = self.learning.summary
+        return out
 
 
 @dataclass
@@ -270,17 +304,22 @@ class FramePipeline:
 
     # ---------------------------------------------------------------------------------------
     def process(self, data: np.ndarray, bands: Sequence[str], scale: float = 1.0, *,
-                policy: dict | None = None, make_products: bool = True) -> FrameResult:
-        """Decide on one frame (bands, H, W) of uint16, int16 or float32, reflectance = value * scale."""
+                policy: dict | None = None, make_products: bool = True,
+                frame_id: str = "") -> FrameResult:
+        """Decide on one frame (bands, H, W) of uint16, int16 or float32, reflectance = value * scale.
+        `frame_id` seeds a `learning` block's random selection."""
         with self._lock:
             policy = self.policy if policy is None else validate_policy(policy, classes=self.classes)
             timer = _Timer()
             select = self._validate(data, bands, scale)
             timer.lap("validate")
             counted = classes_needing_components(policy)
+            learning = learning_block(policy)
+            grid = self._grid(data.shape[1:])
+            tile_scores = np.zeros((len(grid), 2), np.float32) if learning else None
             quicklook = (lambda: products_mod.quicklook_jpg(data, bands, scale)) if make_products else None
             with _MaskRows(self, data.shape[1:], counted, quicklook) as rows:
-                sub = self._tile_infer_stitch(data, select, scale, rows)
+                sub = self._tile_infer_stitch(data, select, scale, rows, tile_scores)
             timer.lap("tile_infer_threshold")
             timer.ms.update(sub)
             rows.open_rest()
@@ -303,9 +342,13 @@ class FramePipeline:
                                                        all_kept=len(kept) == len(cells),
                                                        png=rows.png.finish(), quicklook=rows.quicklook)
             timer.lap("products")
+            samples = None
+            if learning:
+                samples = self._learning(data, select, grid, tile_scores, learning, frame_id)
+                timer.lap("learning")
             reason = f"{decision.reason}; {len(kept)}/{len(cells)} tiles kept"
             return FrameResult(decision.keep, decision.priority, reason, summarise_components(frame_stats),
-                               mask, tile_decisions, timer.total(), products)
+                               mask, tile_decisions, timer.total(), products, samples)
 
     # -- stages ------------------------------------------------------------------------------
     def _validate(self, data: Any, bands: Sequence[str], scale: float) -> list[int]:
@@ -382,21 +425,50 @@ class FramePipeline:
         mean, std = abs(float(self.mean[band])), float(self.std[band])
         return max(reflectance, reflectance / std + mean / std)
 
+    def _grid(self, frame_shape: tuple[int, int]) -> TileGrid:
+        """The inference grid of a frame, at the processing GSD."""
+        f = self.factor
+        return TileGrid(-(-frame_shape[0] // f), -(-frame_shape[1] // f), self.tile, self.overlap)
+
+    def _padded_lookup(self, grid: TileGrid, frame_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Frame row and column of each row/column of the padded grid at 10 m: shared.tiling pads
+        the far edges with numpy's reflect, the same lookup."""
+        (h, w), (hp, wp), f = frame_shape, grid.padded_shape, self.factor
+        return (np.pad(np.arange(h), (0, hp * f - h), mode="reflect"),
+                np.pad(np.arange(w), (0, wp * f - w), mode="reflect"))
+
+    def _learning(self, data: np.ndarray, select: list[int], grid: TileGrid, tile_scores: np.ndarray,
+                  block: dict, frame_id: str) -> Learning:
+        """The policy's learning samples of this frame: shared.policy.choose_samples on the tile
+        scores, each chosen tile's raw values cut as it was for inference (model bands, the
+        frame's dtype, reflect-padded where it reaches past the frame's far edges)."""
+        np.nan_to_num(tile_scores, copy=False, nan=0.0)
+        chosen = choose_samples(tile_scores, block, frame_id)
+        side, f = self.tile * self.factor, self.factor
+        rows, cols = self._padded_lookup(grid, data.shape[1:])
+        tiles = np.empty((len(chosen), len(select), side, side), data.dtype)
+        samples = []
+        for n, i in enumerate(chosen):
+            r, c = (v * f for v in grid.positions[i])
+            tiles[n] = data[np.ix_(np.asarray(select), rows[r:r + side], cols[c:c + side])]
+            samples.append({"row": int(r), "col": int(c), "size": int(side),
+                            "entropy": float(tile_scores[i, 0]), "ambiguous": float(tile_scores[i, 1])})
+        return Learning(block["select"], int(block["priority"]), samples, tiles, tile_scores.copy(),
+                        uncertainty_summary(tile_scores, len(chosen)))
+
     def _tile_infer_stitch(self, data: np.ndarray, select: list[int], scale: float,
-                           post: _MaskRows) -> dict[str, float]:
+                           post: _MaskRows, tile_scores: np.ndarray | None = None) -> dict[str, float]:
         """Stitch the frame's class mask at the processing GSD (factor = gsd_m / 10: the tiles
         are cut factor x larger and binned in the graph) into `post.mask` from the graph's uint8
         tile masks, and hand `post` each band of rows as its tile row completes; the times
-        spent inside inference (ms)."""
+        spent inside inference (ms). `tile_scores` ((tiles, 2) or None): filled with the graph's
+        per-tile scores (the variant with that output is run only then)."""
         h, w = data.shape[1:]
         t, f = self.tile, self.factor
-        grid = TileGrid(-(-h // f), -(-w // f), t, self.overlap)        # at the processing GSD
+        grid = self._grid((h, w))                                       # at the processing GSD
         positions, owned = grid.positions, _owned_regions(grid)
-        hp, wp = grid.padded_shape
         side = t * f
-        # shared.tiling pads the far edges with numpy's reflect: the same row/column lookup
-        rows = np.pad(np.arange(h), (0, hp * f - h), mode="reflect")
-        cols = np.pad(np.arange(w), (0, wp * f - w), mode="reflect")
+        rows, cols = self._padded_lookup(grid, (h, w))
         identity = select == list(range(data.shape[0]))
         sel = np.asarray(select)
         mask = post.mask
@@ -423,8 +495,10 @@ class FramePipeline:
                     buf[j] = data[np.ix_(sel, rows[r:r + side], cols[c:c + side])]
             busy["tiling_overlapped"] += (time.perf_counter() - t0) * 1e3
 
-        def on_output(start: int, masks: np.ndarray) -> None:
+        def on_output(start: int, masks: np.ndarray, scores: np.ndarray | None = None) -> None:
             t0 = time.perf_counter()
+            if scores is not None:
+                tile_scores[start:start + len(scores)] = scores
             for j in range(len(masks)):
                 r0, r1, c0, c1, tr, tc = owned[start + j]
                 mask[r0:r1, c0:c1] = masks[j, tr:tr + r1 - r0, tc:tc + c1 - c0]
@@ -440,7 +514,8 @@ class FramePipeline:
         gain = (np.float32(scale) / self.std).astype(np.float32)
         offset = (-self.mean / self.std).astype(np.float32)
         dtype = GRAPH_INPUT_DTYPE.get(self.precision.running, data.dtype.name)
-        self.model.run_masks(len(grid), dtype, fill, on_output, gain, offset, self.thresholds, f)
+        self.model.run_masks(len(grid), dtype, fill, on_output, gain, offset, self.thresholds, f,
+                             scores=tile_scores is not None)
         post.wait()
         busy.update(post.busy)
         return {k: round(v, 3) for k, v in busy.items()}

@@ -13,7 +13,10 @@ there, while numpy would need extra passes over every tile:
 Frames go through a second graph (`run_masks`, `_prepare_masks`): raw tiles cut f x larger in,
 binned f x f to the manifest's processing GSD (AvgPool), scaled by constants OpenVINO folds into
 the first convolution, the activation and the per-class thresholds: uint8 class indices out, one
-byte per pixel back to Python. `run`/`infer` (probabilities, runtime scaling) serve the self-test.
+byte per pixel back to Python. With `scores` (a policy with a `learning` block) the same graph
+has a second output, (batch, 2) float32 per tile: [mean normalised entropy, ambiguous share]
+(`_tile_scores`; shared.samples). `run`/`infer` (probabilities, runtime scaling) serve the
+self-test.
 
 The model is compiled at one precision of the bundle contract (onboard.precision): its
 INFERENCE_PRECISION_HINT (fp32 and int8 -> f32, fp16 -> f16, bf16 -> bf16), on every device that
@@ -36,6 +39,7 @@ import numpy as np
 from onboard import ov
 from onboard.errors import ModelLoadError
 from shared.manifest import INFERENCE_HINTS
+from shared.samples import AMBIGUOUS_MARGIN
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 INPUT_DTYPES = ("uint16", "int16", "float32")
@@ -46,6 +50,8 @@ INPUT_DTYPES = ("uint16", "int16", "float32")
 DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT"}
 PRECISION_HINT = "INFERENCE_PRECISION_HINT"
 MASK_VARIANTS = 2           # frame graphs kept compiled (one per scale/thresholds/binning seen)
+SCORES = 2                  # the scores output per tile: [entropy, ambiguous share]
+LOG_EPS = 1e-12             # p ln p with p = 0 is 0: ln(max(p, eps)) keeps 0 * -inf out
 
 
 def device_capabilities(device: str, core=None) -> tuple[str, ...]:
@@ -151,10 +157,52 @@ def _class_mask(probs, thresholds: np.ndarray):
     return cls
 
 
+def _tile_scores(probs, activation: str, thresholds: np.ndarray, margin: float = AMBIGUOUS_MARGIN):
+    """(N, K, t, t) probabilities -> (N, 2) float32 per tile: [mean normalised entropy, share of
+    ambiguous pixels], both in 0..1 (shared.samples). Softmax (and "none": probabilities
+    already): the entropy over the K classes / ln K; a pixel is ambiguous where its two likeliest
+    classes lie within `margin` (at least two classes above top - margin: no TopK needed).
+    Sigmoid: each class's binary entropy / ln 2, averaged over the classes; a pixel is ambiguous
+    where any class lies within margin / 2 of its threshold (0.5 where it has none). Reductions
+    and elementwise opset1 ops only (OpenVINO 2022.3 and the Myriad X run them)."""
+    c = ov.ops.constant
+    k = len(thresholds)
+    all_axes, class_axis, pixel_axes = (c(np.array(a, np.int64)) for a in ([1, 2, 3], [1], [1, 2]))
+
+    def plogp(p):
+        return ov.ops.multiply(p, ov.ops.log(ov.ops.maximum(p, c(np.float32(LOG_EPS)))))
+
+    if activation == "sigmoid":
+        q = ov.ops.subtract(c(np.float32(1.0)), probs)
+        h = ov.ops.add(plogp(probs), plogp(q))
+        entropy = ov.ops.multiply(ov.ops.reduce_mean(h, all_axes, False), c(np.float32(-1 / np.log(2))))
+        centre = np.where(np.isnan(thresholds), 0.5, thresholds).astype(np.float32).reshape(1, k, 1, 1)
+        near = ov.ops.less(ov.ops.abs(ov.ops.subtract(probs, c(centre))), c(np.float32(margin / 2)))
+        ambiguous = ov.ops.reduce_max(ov.ops.convert(near, "f32"), class_axis, False)
+    elif k > 1:
+        # mean over pixels of sum over classes = K * mean over (classes, pixels)
+        entropy = ov.ops.multiply(ov.ops.reduce_mean(plogp(probs), all_axes, False),
+                                  c(np.float32(-k / np.log(k))))
+        top = ov.ops.reduce_max(probs, class_axis, True)
+        close = ov.ops.greater(probs, ov.ops.subtract(top, c(np.float32(margin))))
+        count = ov.ops.reduce_sum(ov.ops.convert(close, "f32"), class_axis, False)
+        ambiguous = ov.ops.convert(ov.ops.greater(count, c(np.float32(1.5))), "f32")
+    else:                   # one softmax class: certain everywhere
+        entropy = ov.ops.multiply(ov.ops.reduce_mean(probs, all_axes, False), c(np.float32(0.0)))
+        ambiguous = ov.ops.multiply(probs, c(np.float32(0.0)))
+        ambiguous = ov.ops.reduce_max(ambiguous, class_axis, False)
+    ambiguous = ov.ops.reduce_mean(ambiguous, pixel_axes, False)
+    one = c(np.array([1], np.int64))
+    both = ov.ops.concat([ov.ops.unsqueeze(entropy, one), ov.ops.unsqueeze(ambiguous, one)], 1)
+    return ov.ops.clamp(both, 0.0, 1.0)     # bf16 rounding must not leave 0..1
+
+
 def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: str, gain: np.ndarray,
-                   offset: np.ndarray, thresholds: np.ndarray, factor: int, scaling_inputs: bool = False):
+                   offset: np.ndarray, thresholds: np.ndarray, factor: int, scaling_inputs: bool = False,
+                   scores: bool = False):
     """The graph frames run through: raw (batch, C, factor*tile, factor*tile) values of
-    `input_dtype` in, (batch, 1, tile, tile) uint8 class indices out. In the graph, where they
+    `input_dtype` in, (batch, 1, tile, tile) uint8 class indices out (and with `scores` a second
+    output, (batch, 2) float32: `_tile_scores` of the same probabilities). In the graph, where they
     are cheapest: the mean over factor x factor blocks (binning to the model's ground sampling
     distance), the scaling with constant gain and offset (OpenVINO folds the gain into the first
     convolution), the activation and the per-class thresholds (OpenVINO's threads, not Python).
@@ -176,8 +224,11 @@ def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: s
                        ov.ops.constant(offset.reshape(1, -1, 1, 1)))
     for target in list(old.output(0).get_target_inputs()):
         target.replace_source_output(x.output(0))
-    mask = _class_mask(_activated(model.get_results()[0].input_value(0), activation), thresholds)
-    return ov.Model([ov.ops.result(mask)], params, model.get_friendly_name())
+    probs = _activated(model.get_results()[0].input_value(0), activation)
+    results = [ov.ops.result(_class_mask(probs, thresholds))]
+    if scores:
+        results.append(ov.ops.result(_tile_scores(probs, activation, thresholds)))
+    return ov.Model(results, params, model.get_friendly_name())
 
 
 @dataclass
@@ -188,14 +239,18 @@ class _Buffers:
     outputs: list[np.ndarray]
     input_tensors: list
     output_tensors: list
+    extras: list[np.ndarray] | None = None        # a second output (the tile scores), if any
+    extra_tensors: list | None = None
 
     @classmethod
     def make(cls, n: int, shape_in: tuple, dtype: str, shape_out: tuple,
-             out_dtype: str = "float32") -> "_Buffers":
+             out_dtype: str = "float32", shape_extra: tuple | None = None) -> "_Buffers":
         inputs = [np.zeros(shape_in, dtype) for _ in range(n)]
         outputs = [np.zeros(shape_out, out_dtype) for _ in range(n)]
+        extras = None if shape_extra is None else [np.zeros(shape_extra, np.float32) for _ in range(n)]
         return cls(inputs, outputs, [ov.shared_tensor(a) for a in inputs],
-                   [ov.shared_tensor(a) for a in outputs])
+                   [ov.shared_tensor(a) for a in outputs], extras,
+                   None if extras is None else [ov.shared_tensor(a) for a in extras])
 
 
 class OpenVinoModel:
@@ -252,8 +307,9 @@ class OpenVinoModel:
                                  f"{str(exc).splitlines()[0]}") from None
         n = max(1, int(self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         shape_out = tuple(compiled.outputs[0].get_shape())
+        shape_extra = tuple(compiled.outputs[1].get_shape()) if len(compiled.outputs) > 1 else None
         return (compiled, ov.AsyncInferQueue(compiled, n),
-                _Buffers.make(n + 1, shape_in, dtype, shape_out, out_dtype))
+                _Buffers.make(n + 1, shape_in, dtype, shape_out, out_dtype, shape_extra))
 
     def _variant(self, dtype: str):
         """(compiled model, AsyncInferQueue, buffer pool) for raw input of `dtype` with runtime
@@ -268,17 +324,20 @@ class OpenVinoModel:
         return self._variants[dtype]
 
     def _mask_variant(self, dtype: str, gain: np.ndarray, offset: np.ndarray,
-                      thresholds: np.ndarray, factor: int):
+                      thresholds: np.ndarray, factor: int, scores: bool = False):
         """The frame graph (`_prepare_masks`) for these constants, compiled on first use; the
-        last MASK_VARIANTS stay compiled (a daemon sees one scale, so one variant, in practice)."""
+        last MASK_VARIANTS stay compiled (a daemon sees one scale, so one variant, in practice).
+        `scores`: the variant with the tile scores output (only a `learning` policy asks: the
+        plain variant's cost does not change)."""
         if dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
-        key = (dtype, gain.tobytes(), offset.tobytes(), thresholds.tobytes(), factor)
+        key = (dtype, gain.tobytes(), offset.tobytes(), thresholds.tobytes(), factor, bool(scores))
         if key not in self._mask_variants:
             while len(self._mask_variants) >= MASK_VARIANTS:
                 self._mask_variants.pop(next(iter(self._mask_variants)))
             model = _prepare_masks(self._model, self.tile, self.batch_size, dtype, self.activation,
-                                   gain, offset, thresholds, factor, scaling_inputs=self.precision == "int8")
+                                   gain, offset, thresholds, factor, scaling_inputs=self.precision == "int8",
+                                   scores=scores)
             side = self.tile * factor
             variant = self._compile(model, (self.batch_size, self.channels, side, side), dtype, "uint8")
             if self.precision == "int8":
@@ -340,12 +399,14 @@ class OpenVinoModel:
             self._stream(queue, buffers, n_tiles, fill, on_output)
 
     def run_masks(self, n_tiles: int, dtype: str, fill: Callable[[int, np.ndarray], None],
-                  on_output: Callable[[int, np.ndarray], None], gain: np.ndarray, offset: np.ndarray,
-                  thresholds: np.ndarray, factor: int = 1) -> None:
+                  on_output: Callable[..., None], gain: np.ndarray, offset: np.ndarray,
+                  thresholds: np.ndarray, factor: int = 1, scores: bool = False) -> None:
         """Stream `n_tiles` raw tiles of (C, factor*tile, factor*tile) through the frame graph:
         `fill(start, buf)` as in `run`; `on_output(start, masks)` gets (n, tile, tile) uint8 class
         indices (shared.postprocess.threshold with `thresholds`, NaN: none) of the tiles binned
-        `factor` x `factor`, a view valid only during the call."""
+        `factor` x `factor`, a view valid only during the call. With `scores`,
+        `on_output(start, masks, scores)`: also (n, 2) float32 per tile [mean normalised entropy,
+        ambiguous share] (`_tile_scores`), a view as well."""
         gain, offset = np.asarray(gain, np.float32), np.asarray(offset, np.float32)
         thresholds = np.asarray(thresholds, np.float32)
         if gain.shape != (self.channels,) or offset.shape != (self.channels,):
@@ -354,13 +415,18 @@ class OpenVinoModel:
         if thresholds.shape != (self.num_classes,):
             raise ValueError(f"{thresholds.size} thresholds for {self.num_classes} classes")
         with self._lock:
-            _, queue, buffers = self._mask_variant(dtype, gain, offset, thresholds, int(factor))
-            self._stream(queue, buffers, n_tiles, fill, lambda start, out: on_output(start, out[:, 0]))
+            _, queue, buffers = self._mask_variant(dtype, gain, offset, thresholds, int(factor), scores)
+            if scores:
+                self._stream(queue, buffers, n_tiles, fill,
+                             lambda start, out, extra: on_output(start, out[:, 0], extra))
+            else:
+                self._stream(queue, buffers, n_tiles, fill, lambda start, out: on_output(start, out[:, 0]))
 
     @staticmethod
     def _stream(queue, buffers: _Buffers, n_tiles: int, fill: Callable, on_output: Callable) -> None:
         """Batches through the queue, each cut by `fill` into a free input buffer and handed to
-        the next idle request; each finished one to `on_output` while the others infer."""
+        the next idle request; each finished one to `on_output` while the others infer (with a
+        second output: `on_output(start, out, extra)`)."""
         batch = buffers.inputs[0].shape[0]
         # No Python callback on the queue: OpenVINO's own marks requests idle in completion
         # order, and we collect a finished request's output when get_idle_request_id hands
@@ -375,7 +441,10 @@ class OpenVinoModel:
 
         def collect(job: tuple[int, int, int, int]) -> None:
             start, count, i, o = job
-            on_output(start, buffers.outputs[o][:count])
+            if buffers.extras is None:
+                on_output(start, buffers.outputs[o][:count])
+            else:
+                on_output(start, buffers.outputs[o][:count], buffers.extras[o][:count])
             free_in.append(i)
             free_out.append(o)
 
@@ -390,6 +459,8 @@ class OpenVinoModel:
                 request = queue[rid]
                 request.set_input_tensor(0, buffers.input_tensors[i])
                 request.set_output_tensor(0, buffers.output_tensors[o])
+                if buffers.extras is not None:
+                    request.set_output_tensor(1, buffers.extra_tensors[o])
                 queue.start_async()
                 pending[rid] = (start, count, i, o)
                 if finished is not None:
@@ -420,18 +491,23 @@ class OpenVinoModel:
         return out
 
     def infer_masks(self, tiles: np.ndarray, gain: np.ndarray, offset: np.ndarray,
-                    thresholds: np.ndarray) -> np.ndarray:
-        """(N, C, t, t) tiles -> (N, t, t) uint8 class masks through the frame graph (unbinned)."""
+                    thresholds: np.ndarray, scores: bool = False):
+        """(N, C, t, t) tiles -> (N, t, t) uint8 class masks through the frame graph (unbinned);
+        with `scores`, (masks, (N, 2) float32 tile scores)."""
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[1:] != (self.channels, self.tile, self.tile):
             raise ValueError(f"tiles must be (N, {self.channels}, {self.tile}, {self.tile}), got {tiles.shape}")
         out = np.zeros((len(tiles), self.tile, self.tile), np.uint8)
+        tile_scores = np.full((len(tiles), SCORES), np.nan, np.float32)
 
         def fill(start: int, buf: np.ndarray) -> None:
             buf[...] = tiles[start:start + len(buf)]
 
-        def on_output(start: int, masks: np.ndarray) -> None:
+        def on_output(start: int, masks: np.ndarray, extra: np.ndarray | None = None) -> None:
             out[start:start + len(masks)] = masks
+            if extra is not None:
+                tile_scores[start:start + len(extra)] = extra
 
-        self.run_masks(len(tiles), tiles.dtype.name, fill, on_output, gain, offset, thresholds)
-        return out
+        self.run_masks(len(tiles), tiles.dtype.name, fill, on_output, gain, offset, thresholds,
+                       scores=scores)
+        return (out, tile_scores) if scores else out

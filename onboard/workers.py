@@ -66,7 +66,8 @@ def decide(serving: Serving, job: FrameJob) -> FrameOutcome:
     try:
         slot, pipeline = model
         body = job.msg.body
-        result = pipeline.process(job.msg.arrays["data"], body["bands"], body["scale"])
+        result = pipeline.process(job.msg.arrays["data"], body["bands"], body["scale"],
+                                  frame_id=job.frame_id)      # seeds a random learning selection
         return FrameOutcome(job, slot, result)
     except FrameError as exc:              # the pipeline's verdict on the frame's values
         return FrameOutcome(job, code=exc.code, message=str(exc))
