@@ -2,7 +2,7 @@
 
     frames      ROUTER  FRAME in; ACK, DECISION, ERROR out (to the payload's routing id)
     commands    ROUTER  COMMAND in; ACK out
-    products    PUSH    PRODUCT out to the downlink
+    products    PUSH    PRODUCT and SAMPLE out to the downlink
     telemetry   PUB     TELEMETRY out (a slow listener may miss some: by design)
 
 Every socket is a CURVE server whose ZAP domain is its name (onboard.security): only the keys
@@ -34,6 +34,11 @@ spill folder a kept frame's product that would wait behind another waits as its 
 on-board store (`push_spilled`; and at start-up, `resend_spilled`: an earlier process's, not
 yet acknowledged) and is read back (onboard.products.read_spilled, one buffer) only when its
 turn comes: a backlog costs disk, not memory.
+
+Learning samples (SAMPLE, `push_sample`) share the products outbox, behind the frame's PRODUCT,
+but are best effort: never spilled, not counted against admission's product bounds, and a
+sample that would make more than MAX_SAMPLES_WAITING samples or MAX_SAMPLE_BYTES_WAITING bytes
+of them wait is dropped and counted (`sample_status`: telemetry `learning.samples`).
 
 A reply that cannot be encoded (a value out of bounds that slipped past validation) is answered
 with an error reply naming it (`internal`), never an exit: the daemon keeps serving.
@@ -69,6 +74,8 @@ PRODUCT_PART_BYTES = 4 << 20  # a product's arrays travel in parts this large at
 CLOSE_LINGER_MS = 2000        # at exit, queued outgoing messages get this long to leave
 PEEK_MAX_BYTES = 1 << 20      # a broken header longer than this is not even peeked at
 WAKE = "wake"                 # the name `poll` gives the wake-up pipe's event
+MAX_SAMPLES_WAITING = 8       # SAMPLE messages waiting for the downlink at most (best effort)
+MAX_SAMPLE_BYTES_WAITING = 64 << 20   # ... and their bytes (one always may wait)
 
 
 def peek_header(frame: Any) -> tuple[str | None, str | None]:
@@ -103,6 +110,7 @@ class Pending:
     nbytes: int
     since: float
     outcome: bool = False
+    sample_tiles: int = 0       # a SAMPLE's tile count (0: not a SAMPLE)
 
     @property
     def peer(self) -> bytes:
@@ -232,6 +240,8 @@ class Bus:
         self.spilled: collections.deque[tuple[Path, bool]] = collections.deque()
         self.resent = 0                # an earlier process's spilled products sent since start-up
         self.in_flight: zmq.MessageTracker | None = None   # the product libzmq still holds
+        self.samples = {"queued": 0, "sent": 0, "tiles_sent": 0, "bytes_sent": 0, "dropped": 0,
+                        "waiting": 0, "waiting_bytes": 0}
         # The pipe exists before the sockets: a signal may ask for a wake-up during start-up.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -379,6 +389,32 @@ class Bus:
         self.outboxes["products"].append(Pending([], parts, sum(len(p) for p in parts),
                                                  time.monotonic()))
 
+    def push_sample(self, msg: Message) -> bool:
+        """Queue a SAMPLE for the downlink behind what waits there; best effort: dropped (and
+        counted) when it cannot be encoded or would pass the samples' bounds. True if queued."""
+        counts = self.samples
+        try:
+            parts = encode(msg, PRODUCT_PART_BYTES)
+        except MessageError as exc:
+            log.error("samples of frame %s not sent: %s", msg.body.get("frame_id"), exc)
+            counts["dropped"] += 1
+            return False
+        nbytes = sum(len(p) for p in parts)
+        if counts["waiting"] and (counts["waiting"] >= MAX_SAMPLES_WAITING
+                                  or counts["waiting_bytes"] + nbytes > MAX_SAMPLE_BYTES_WAITING):
+            counts["dropped"] += 1
+            return False
+        self.outboxes["products"].append(Pending([], parts, nbytes, time.monotonic(),
+                                                 sample_tiles=len(msg.body["samples"])))
+        counts["queued"] += 1
+        counts["waiting"] += 1
+        counts["waiting_bytes"] += nbytes
+        return True
+
+    def sample_status(self) -> dict:
+        """SAMPLE messages queued, sent (handed to libzmq: tiles, bytes), dropped, waiting."""
+        return dict(self.samples)
+
     def push_spilled(self, path: Path) -> None:
         """Queue a kept frame's PRODUCT that is on the on-board store (spill_product): read
         back when its turn comes."""
@@ -423,7 +459,15 @@ class Bus:
             pass
 
     def pending(self, name: str) -> int:
-        return len(self.outboxes[name]) + (len(self.spilled) if name == "products" else 0)
+        """Messages waiting on socket `name`; for products, the PRODUCTs (waiting or spilled),
+        not the SAMPLEs beside them."""
+        if name == "products":
+            return len(self.outboxes[name]) - self.samples["waiting"] + len(self.spilled)
+        return len(self.outboxes[name])
+
+    def product_bytes(self) -> int:
+        """Bytes of PRODUCTs waiting in memory (admission's bound; SAMPLEs have their own)."""
+        return self.outboxes["products"].bytes - self.samples["waiting_bytes"]
 
     def backlog(self) -> bool:
         return bool(self.spilled) or any(len(box) for box in self.outboxes.values())
@@ -481,7 +525,15 @@ class Bus:
                 return
             except zmq.ZMQError as exc:
                 log.error("products: message not sent: %s", exc)
+            else:
+                if item.sample_tiles:
+                    self.samples["sent"] += 1
+                    self.samples["tiles_sent"] += item.sample_tiles
+                    self.samples["bytes_sent"] += item.nbytes
             outbox.pop_first()
+            if item.sample_tiles:
+                self.samples["waiting"] -= 1
+                self.samples["waiting_bytes"] -= item.nbytes
             outbox.next_try = 0.0
 
     # ------------------------------------------------------------------ close

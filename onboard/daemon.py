@@ -8,7 +8,8 @@ One turn of the poller loop, read top to bottom in `Daemon.run`:
     commands    each COMMAND runs here and is answered with an ACK, or goes to the     telecommands,
                 admin worker (install, rollback)                                        workers
     results     a finished frame's outcome: DECISION (+ PRODUCT to the downlink if     outcomes
-                kept) or ERROR; a finished background command's ACK
+                kept, + SAMPLE with a `learning` policy, whatever the decision) or
+                ERROR; a finished background command's ACK
     flush       outboxes retried: a payload back after an absence, a downlink pulling  bus.Bus.flush_all
     telemetry   a heartbeat every telemetry.interval_s                                 telemetry
     supervise   a frame past its deadline gets ERROR timeout and stops the watchdog;    supervision
@@ -33,7 +34,10 @@ reconnects with the same routing id. Products wait in an outbox while the downli
 pull, and while that outbox is full new frames are refused. With `supervision.spill_dir` a kept
 frame's PRODUCT is on disk (fsync'd) before its DECISION leaves; it stays there until the ground
 acknowledges it (`products_received`), and a restarted daemon sends every spilled product again,
-so a kill -9 between the DECISION and the downlink loses no kept product.
+so a kill -9 between the DECISION and the downlink loses no kept product. A frame's learning
+samples (SAMPLE) follow its DECISION and PRODUCT on the products socket, best effort: never
+spilled, and dropped (counted in telemetry `learning.samples`) rather than let them hold up or
+refuse frames (onboard.bus.push_sample).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ from onboard.serving import Serving
 from onboard.store import ModelStore
 from onboard.supervision import EXIT_STALLED, Notifier, Supervision
 from onboard.telecommands import Command, execute, find_command, read_command, refusal
-from onboard.telemetry import FrameCounters, Heartbeat, LatencyTracker, rss_mb
+from onboard.telemetry import FrameCounters, Heartbeat, LatencyTracker, UncertaintyTracker, rss_mb
 from onboard.uploads import Uploads
 from onboard.workers import CommandDone, Workers, blocking_hook, decide, frame_deadline
 from shared.messages import Limits, Message, encode
@@ -88,6 +92,7 @@ class Daemon:
         self.command_limits = Limits(max_array_bytes=config.max_chunk_bytes)
         self.counters = FrameCounters()
         self.latency = LatencyTracker(config.telemetry_window)
+        self.uncertainty = UncertaintyTracker(config.telemetry_window)
         self.heartbeat = Heartbeat()
         self.bus = Bus(config)
         self.serving = Serving(self.store, config.device)
@@ -191,7 +196,7 @@ class Daemon:
 
     def _on_frame(self, route: list, parts: list) -> None:
         reply = self.admission.admit(route, parts, self.bus.pending("products"),
-                                     self.bus.outboxes["products"].bytes)
+                                     self.bus.product_bytes())
         self.bus.send("frames", route, reply)
 
     def _on_command(self, route: list, parts: list) -> None:
@@ -250,6 +255,17 @@ class Daemon:
                 self.bus.push_spilled(spilled)     # behind others: read back when its turn comes
             else:
                 self.bus.push_product(outcomes.product(outcome, source))
+        self._learning_samples(outcome, source)
+
+    def _learning_samples(self, outcome: FrameOutcome, source: str) -> None:
+        """A decided frame's tile scores into telemetry, its SAMPLE (if any) to the downlink."""
+        learning = getattr(outcome.result, "learning", None)
+        if learning is None:
+            return
+        self.uncertainty.add(learning.tile_scores)
+        msg = outcomes.sample(outcome, source)
+        if msg is not None:
+            self.bus.push_sample(msg)
 
     def _spill(self, outcome: FrameOutcome) -> Path | FrameOutcome:
         """Write a kept frame's product to the spill folder: its path, or an ERROR outcome
@@ -272,9 +288,15 @@ class Daemon:
                                    self.latency, pending_products=self.bus.pending("products"),
                                    state=self.state, stalls=self.supervision.stalls,
                                    refusals=self.admission.refusals.as_dict(),
-                                   uploads=self.uploads.counters())
+                                   uploads=self.uploads.counters(), **self._learning_telemetry())
         self.bus.publish(Message("telemetry", body, source=self.config.name))
         self._next_telemetry = time.monotonic() + self.config.telemetry_interval_s
+
+    def _learning_telemetry(self) -> dict:
+        """{"learning": ...} once a `learning` policy has scored a frame, else nothing."""
+        if not self.uncertainty.frames and not self.bus.samples["queued"]:
+            return {}
+        return {"learning": {**self.uncertainty.summary(), "samples": self.bus.sample_status()}}
 
     # ================================================================== shutdown
     def request_shutdown(self, reason: str) -> None:
@@ -350,7 +372,7 @@ class Daemon:
                 "uptime": round(self.heartbeat.uptime(), 3), "queue_depth": len(self.admission.pending),
                 "max_frames": self.config.max_frames, "frames": self.counters.as_dict(),
                 "pending_products": self.bus.pending("products"),
-                "latency_ms": self.latency.summary(), "rss_mb": round(rss_mb(), 2),
+                "latency_ms": self.latency.summary(), **self._learning_telemetry(), "rss_mb": round(rss_mb(), 2),
                 "refusals": self.admission.refusals.as_dict(), "outboxes": self.bus.outbox_status(),
                 "upload_limits": self.uploads.counters(),
                 "supervision": self.supervision_status(),

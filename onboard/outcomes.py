@@ -7,6 +7,11 @@
     product     a kept frame's PRODUCT {frame_id, priority, reason, stats, classes, tiles, model,
                 scene, index, acquired, georef, bands, scale, chain} + its arrays (mask, quicklook,
                 tiles; a chain's later steps' masks `mask_<step>`) to the downlink
+    sample      a frame's learning samples (a policy with a `learning` block), SAMPLE {frame_id,
+                priority, model {model_id, version}, selection, bands (the model's), scale,
+                samples [{row, col, size, entropy, ambiguous}], scene, index, acquired, georef}
+                + `tiles` (N, C, size, size) in the frame's dtype, to the downlink after the
+                frame's DECISION and PRODUCT, whatever the decision (shared.samples)
     error       ERROR {code, message, frame_id} to the payload, when the pipeline refused the
                 frame's values, failed, or the drain ran out of time (message at most 1024
                 characters: shared.limits.clip)
@@ -28,6 +33,7 @@ from shared.messages import Message
 
 # copied from the FRAME when present (georef: where it lies; the ground derives each tile's from it)
 PRODUCT_KEYS_FROM_FRAME = ("scene", "index", "acquired", "georef", "bands", "scale")
+SAMPLE_KEYS_FROM_FRAME = ("scene", "index", "acquired", "georef")
 
 
 @dataclass
@@ -67,7 +73,26 @@ def decision(outcome: FrameOutcome, timings: dict, source: str) -> Message:
         body["georef"] = job.msg.body["georef"]
     if isinstance(result, ChainResult):
         body["chain"] = {"steps": jsonable(result.chain)}
+    if getattr(result, "learning", None) is not None:
+        body["uncertainty"] = jsonable(result.learning.summary)
     return job.msg.reply("decision", body, source=source)
+
+
+def sample(outcome: FrameOutcome, source: str) -> Message | None:
+    """The frame's SAMPLE (its learning samples), or None when it has none (no `learning`
+    block, or no tile reached `min_score`). `bands` are the model's, in manifest order: the
+    tiles' channels."""
+    job, learning = outcome.job, getattr(outcome.result, "learning", None)
+    if learning is None or not learning.samples:
+        return None
+    body = {"frame_id": job.frame_id, "priority": int(learning.priority),
+            "model": {"model_id": outcome.slot.model_id, "version": int(outcome.slot.version)},
+            "selection": learning.selection, "bands": list(outcome.slot.manifest["input"]["bands"]),
+            "scale": float(job.msg.body["scale"]), "samples": jsonable(learning.samples)}
+    for key in SAMPLE_KEYS_FROM_FRAME:
+        if key in job.msg.body:
+            body[key] = job.msg.body[key]
+    return Message("sample", body, {"tiles": learning.tiles}, ref=job.msg.id, source=source)
 
 
 def chain_product(result: ChainResult) -> dict:

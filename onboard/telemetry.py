@@ -54,6 +54,38 @@ class LatencyTracker:
         return out
 
 
+class UncertaintyTracker:
+    """The learning tile scores of the last `window` scored frames (telemetry `learning`): a
+    histogram of tile entropy in HISTOGRAM_BINS equal bins over 0..1, its mean and p90, and the
+    ambiguous share's mean and p90. Written and read by the poller loop."""
+
+    HISTOGRAM_BINS = 10
+
+    def __init__(self, window: int = 200):
+        self._frames: deque[np.ndarray] = deque(maxlen=window)
+        self.frames = 0                 # frames scored since start
+        self.tiles = 0
+
+    def add(self, tile_scores: np.ndarray) -> None:
+        """One frame's (tiles, 2) [entropy, ambiguous] scores."""
+        self._frames.append(np.asarray(tile_scores, np.float32))
+        self.frames += 1
+        self.tiles += len(tile_scores)
+
+    def summary(self) -> dict:
+        out = {"frames_scored": self.frames, "tiles_scored": self.tiles, "window_frames": len(self._frames)}
+        scores = np.concatenate(list(self._frames)) if self._frames else np.zeros((0, 2), np.float32)
+        if not len(scores):
+            return out
+        entropy, ambiguous = scores[:, 0].astype(np.float64), scores[:, 1].astype(np.float64)
+        counts, _ = np.histogram(np.clip(entropy, 0.0, 1.0), bins=self.HISTOGRAM_BINS, range=(0.0, 1.0))
+        out["entropy"] = {"histogram": counts.tolist(), "mean": round(float(entropy.mean()), 6),
+                          "p90": round(float(np.percentile(entropy, 90)), 6)}
+        out["ambiguous"] = {"mean": round(float(ambiguous.mean()), 6),
+                            "p90": round(float(np.percentile(ambiguous, 90)), 6)}
+        return out
+
+
 class StepCounters:
     """Per step of a model chain, since it was loaded: frames decided, and cells run of the cells
     seen (telemetry and status `model.chain`; each step's latency is `latency_ms.step_<name>`).

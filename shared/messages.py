@@ -362,11 +362,13 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
         optional={"scene": SHORT, "index": INT, "acquired": FLOAT, "georef": GEOREF},
         arrays={"data": ArrayRule(frozenset({"uint16", "int16", "float32"}), ndim=3)},
     ),
-    # Daemon -> payload: the outcome of an accepted frame (`chain`: a model chain's steps).
+    # Daemon -> payload: the outcome of an accepted frame (`chain`: a model chain's steps;
+    # `uncertainty`: with a `learning` policy, the frame's tile scores summarised and the samples
+    # chosen: {tiles, samples, entropy: {mean, p50, p90, max}, ambiguous: {...}}).
     "decision": BodySchema(
         required={"frame_id": ID, "keep": BOOL, "priority": INT, "reason": STR},
         optional={"stats": DICT, "tile_decisions": list_of(DICT), "timings_ms": DICT,
-                  "model": optional(DICT), "georef": GEOREF, "chain": CHAIN},
+                  "model": optional(DICT), "georef": GEOREF, "chain": CHAIN, "uncertainty": DICT},
         other_arrays=True,
     ),
     # Daemon -> downlink: what is kept of a frame (compressed mask, tiles, quicklook; a chain's
@@ -409,10 +411,12 @@ BODY_SCHEMAS: dict[str, BodySchema] = {
                   "result": DICT, "error": STR, "frame_id": ID},
         check=_ack_check,
     ),
-    # Daemon -> anyone subscribed: the heartbeat.
+    # Daemon -> anyone subscribed: the heartbeat (`learning`: the tile uncertainty of recent
+    # frames and the learning samples sent, once a `learning` policy has scored a frame).
     "telemetry": BodySchema(
         required={"seq": NONNEG_INT, "uptime": FLOAT, "queue_depth": NONNEG_INT},
-        optional={"model": optional(DICT), "frames": DICT, "latency_ms": DICT, "rss_mb": FLOAT},
+        optional={"model": optional(DICT), "frames": DICT, "latency_ms": DICT, "rss_mb": FLOAT,
+                  "learning": DICT},
     ),
 }
 
