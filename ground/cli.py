@@ -40,6 +40,9 @@ COMMANDS = {
                                               "latency, bytes", a.add_gap),
     "bundle": Command(_lazy("deploy", "cmd_bundle"), "sign an uplink bundle from an export, within a budget",
                       a.add_bundle),
+    "redistil": Command(_lazy("redistil", "cmd_redistil"), "the flying student (bundle v) re-distilled on "
+                                                           "downlinked learning samples plus its own imagery: "
+                                                           "bundle v+1, parent v", a.add_redistil),
     "chain": Command(_lazy("chain", "cmd_chain"), "a signed model chain from step bundles: a gate, then models "
                                                   "that run only where it allows", a.add_chain),
     "search": Command(_lazy("search", "cmd_search"), "architecture search on the device's own clock: the Pareto "

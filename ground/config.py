@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.bands import canonical_band
 from shared.manifest import FRAME_GSD_M, MAX_GSD_FACTOR
+from ground.data.learning import parse_held_out
 from ground.errors import ConfigError
 from ground.training.config import TrainConfig
 from ground.training.losses import LOSSES
@@ -74,6 +75,8 @@ class RunConfig:
     raw: dict
     source: Path | None = None
     gsd_m: float | None = None       # processing GSD: imagery and labels binned to it (None: 10 m)
+    # regions no georeferenced training sample may touch (ground.data.learning.HeldOutRegion)
+    held_out: list = field(default_factory=list)
 
     @property
     def gsd_factor(self) -> int:
@@ -136,7 +139,8 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
                                 "student": ..., "train": {}, "experiment": ...})
     run = _take(top["run"], "run", {"name": ..., "out": "runs", "seed": 0, "cache": None, "deliver": None})
     data = _take(top["data"], "data", {"bands": ..., "classes": ..., "class_weights": "none",
-                                       "unlabelled": [], "labelled": [], "gsd_m": None})
+                                       "unlabelled": [], "labelled": [], "gsd_m": None,
+                                       "held_out": []})
     ev = _take(top["eval"], "eval", {"data": None, "tile": 256, "overlap": 128, "opening_radius": 2,
                                      "calibrate": "auto"})
     teacher = _take(top["teacher"], "teacher", {"name": ..., "options": {}, "train": {}})
@@ -155,6 +159,7 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
     except ValueError as exc:
         raise ConfigError(f"data.bands: {exc}") from None
     gsd_m = _gsd_m(data["gsd_m"])
+    held_out = parse_held_out(data["held_out"])
     if ev["calibrate"] not in ("auto", "labels", "teacher", "none"):
         raise ConfigError(f"eval.calibrate: one of auto, labels, teacher, none; got {ev['calibrate']!r}")
     if ev["data"] is not None and (not isinstance(ev["data"], dict) or "source" not in ev["data"]):
@@ -190,18 +195,24 @@ def parse_config(raw: dict, source: Path | None = None) -> RunConfig:
         tile=int(ev["tile"]), overlap=int(ev["overlap"]), opening_radius=int(ev["opening_radius"]),
         calibrate=ev["calibrate"], teacher=teacher, feature_teacher=ft,
         student={k: v for k, v in student.items() if v is not None}, train=train,
-        experiments=experiments, raw=raw, source=source, gsd_m=gsd_m)
+        experiments=experiments, raw=raw, source=source, gsd_m=gsd_m, held_out=held_out)
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML config file as a dict; a missing file or a syntax error is named."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a TOML file; `overrides` are dotted keys (e.g. {"train.steps": 50}) applied first."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config {path} not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    raw = read_toml(path)
     resolve_inputs(raw, path.resolve().parent)
     for dotted, value in (overrides or {}).items():
         node = raw

@@ -260,3 +260,26 @@ def add_build(p) -> None:
     p.add_argument("--fp16-steps", type=COUNT, help="FP16-aware fine-tuning steps (default: the search's steps)")
     p.add_argument("--max-bytes", type=byte_size, default=byte_size(DEFAULT_MAX_BYTES), help="uplink budget")
     _search_args(p, 12)
+
+
+def add_redistil(p) -> None:
+    p.add_argument("config", nargs="?",
+                   help="TOML file with a [redistil] table holding any of the options below (flags override "
+                        "it; relative paths resolve against its folder)")
+    p.add_argument("--bundle", help="the bundle that flies (v): its manifest names the run and checkpoint")
+    p.add_argument("--samples", nargs="+", metavar="DIR",
+                   help="downlinked learning samples: folders (searched recursively) or .npz files")
+    p.add_argument("--key", help="Ed25519 private key: verifies v and signs v+1 (eoedge shared keygen)")
+    p.add_argument("--run", help="the run folder of v (default: the folder above the bundle, as the "
+                                 "manifest's lineage names it)")
+    p.add_argument("--steps", type=POSITIVE, help="fine-tuning steps from the checkpoint (default 100)")
+    p.add_argument("--replay", type=float,
+                   help="share of each batch from the run's own imagery, 0..1 (default 0.5): no forgetting")
+    p.add_argument("--lr", type=float, help="learning rate (default: a fifth of the run's)")
+    p.add_argument("--seed", type=COUNT, help="seed of the batches and of torch (default 0)")
+    p.add_argument("--min-entropy", type=float, help="drop samples whose entropy score is below this")
+    p.add_argument("--selection", choices=("uncertainty", "random"),
+                   help="keep only samples chosen this way on board")
+    p.add_argument("--out", help="bundle path (default: RUN/bundles/MODEL_ID-vN.tar)")
+    p.add_argument("--max-bytes", type=byte_size, help="uplink budget (default: v's, else 5MB)")
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads while training (default: train.threads)")

@@ -35,8 +35,9 @@ def load_data(cfg: RunConfig) -> Data:
     # at a processing GSD (data.gsd_m) every image and label map is binned as the daemon bins
     # frames, before the teacher labels it and before the normalisation is fitted
     unlabelled = [bin_sample(s, f) for spec in cfg.unlabelled
-                  for s in load_source(spec, cfg.bands, "train", K, labelled=False)]
-    labelled = [bin_sample(s, f) for spec in cfg.labelled for s in load_source(spec, cfg.bands, "train", K)]
+                  for s in load_source(spec, cfg.bands, "train", K, labelled=False, held_out=cfg.held_out)]
+    labelled = [bin_sample(s, f) for spec in cfg.labelled
+                for s in load_source(spec, cfg.bands, "train", K, held_out=cfg.held_out)]
     evals = [bin_sample(s, f) for s in load_source(cfg.eval_data, cfg.bands, "eval", K)] \
         if cfg.eval_data is not None else []
     ev = evals[0] if evals else None

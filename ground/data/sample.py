@@ -17,6 +17,9 @@ class Sample:
     labels: np.ndarray | None = None  # (H, W) uint8 class ids, IGNORE where unlabelled
     name: str = ""
     files: list[str] = field(default_factory=list)   # where it came from (lineage)
+    # a downlinked learning sample's record (ground.data.learning): frame, window, the tile's
+    # georeference, the model id and version that chose it, its scores, file and sha256
+    origin: dict | None = None
 
     def digest(self) -> str:
         """A content hash: names the sample in the teacher cache and in lineage."""
@@ -42,7 +45,7 @@ def bin_sample(sample: Sample, factor: int) -> Sample:
         blocks = sample.labels[:hb * factor, :wb * factor].reshape(hb, factor, wb, factor)
         counts = _block_label_counts(blocks)
         labels = np.where(counts.max(axis=0) > 0, counts.argmax(axis=0), IGNORE).astype(np.uint8)
-    return Sample(image.mean(axis=(2, 4), dtype=np.float32), labels, sample.name, sample.files)
+    return Sample(image.mean(axis=(2, 4), dtype=np.float32), labels, sample.name, sample.files, sample.origin)
 
 
 def _block_label_counts(blocks: np.ndarray) -> np.ndarray:

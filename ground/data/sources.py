@@ -7,7 +7,11 @@ resolved against the config file's folder (ground.config does that before they g
 imagery at archive scale (ground.data.lazy): training reads random crops from the scene files by
 window (ground.stages.distill); what this registry returns for it is only `windows` sampled windows
 of `window` px (never a whole scene), from which the run computes its normalisation, class weights
-and operating point."""
+and operating point.
+
+`{source = "learning", path = "downlink/samples"}` is what the satellite sent down to learn from
+(ground.data.learning): unlabelled model tiles with their georeference and the model version that
+chose them; the config's `data.held_out` regions drop the samples that fall in them."""
 from __future__ import annotations
 
 import glob
@@ -18,6 +22,7 @@ import numpy as np
 
 from shared.datasets import UKIS_HELD_OUT_ROWS, load_eolearn, load_sen1floods11, load_ukis_chip
 from shared.scene import Scene, read_scene
+from ground.data.learning import load_learning
 from ground.data.layouts import LAYOUT_DEFAULTS, PATCH_LAYOUTS, map_labels
 from ground.data.lazy import Readers, SceneOnDisk, find_scenes, sample_windows
 from ground.data.sample import Sample
@@ -151,18 +156,25 @@ def _scenes(spec: dict, bands, role: str) -> list[Sample]:
 
 
 SOURCES: dict[str, Callable] = {"ukis": _ukis, "sen1floods11": _sen1floods11, "eolearn": _eolearn,
-                                "scene": _scene, "patches": _patches, "scenes": _scenes, "ships": _ships}
+                                "scene": _scene, "patches": _patches, "scenes": _scenes, "ships": _ships,
+                                "learning": load_learning}
 
 
 def load_source(spec: dict, bands, role: str = "train", num_classes: int | None = None,
-                labelled: bool = True) -> list[Sample]:
+                labelled: bool = True, held_out: list | None = None) -> list[Sample]:
     """Load one data-source table. role 'eval' is the only one allowed on the held-out rows.
-    labelled=False drops any labels (imagery the teacher labels)."""
+    labelled=False drops any labels (imagery the teacher labels). `held_out`: the config's
+    data.held_out regions (ground.data.learning), applied to the georeferenced learning samples."""
     name = spec.get("source")
     if name not in SOURCES:
         raise DataError(f"data source {name!r} unknown; known: {sorted(SOURCES)}")
     fn = SOURCES[name]
-    samples = fn(spec, tuple(bands), role, num_classes) if name == "patches" else fn(spec, tuple(bands), role)
+    if name == "patches":
+        samples = fn(spec, tuple(bands), role, num_classes)
+    elif name == "learning":
+        samples = fn(spec, tuple(bands), role, held_out)
+    else:
+        samples = fn(spec, tuple(bands), role)
     if not labelled:
         for s in samples:
             s.labels = None

@@ -203,7 +203,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
            max_bytes: int | str = DEFAULT_MAX_BYTES, policy: dict | str | Path | None = None,
            parent: dict | None = None, reference_tiles: int = 2, reference_window: int | None = None,
            tile_size: int | None = None, overlap: int | None = None, profile: str | None = None,
-           reference_windows: int = 1, compress: bool = True) -> dict:
+           reference_windows: int = 1, compress: bool = True, lineage_extra: dict | None = None) -> dict:
     """Build, sign and verify the bundle of `export` (a folder the export stage wrote in the run).
 
     `tile_size`/`overlap` default to the tiling the model was scored with; another tiling is
@@ -211,7 +211,8 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     gives. `profile` defaults to the export's; the IR is checked against it before anything is
     signed (IncompatibleIR names the op). Raises shared.bundle.TooLarge (sizes named) when over
     `max_bytes`. `reference_window`/`reference_windows`: see reference_for; `compress`: files
-    stored xz-compressed where that is smaller (shared.bundle.build_bundle)."""
+    stored xz-compressed where that is smaller (shared.bundle.build_bundle). `lineage_extra`: more
+    of what the model came from, merged into the manifest's lineage (e.g. `redistil`)."""
     record, xml, binf = read_export(run, export)
     target = get_profile(profile or record.get("profile", DEFAULT_PROFILE))
     require_compatible(xml, target)
@@ -239,6 +240,7 @@ def bundle(run: Run, export: str, key, model_id: str, version: int, out: str | N
     files = {MODEL_XML: xml, MODEL_BIN: binf, REFERENCE_NAME: ref_path}
     lineage = manifest_lineage(run, record, export, ref["where"], reference_window,
                                {"max_abs_diff": spread, "mask_agreement": agree}, reference_windows)
+    lineage.update(lineage_extra or {})
     manifest = make_manifest(model_id=model_id, version=int(version), bands=record["bands"], mean=norm["mean"],
                              std=norm["std"], classes=classes, tile_size=tile, overlap=ov, activation="softmax",
                              threshold={c: t for c, t in zip(classes, point["thresholds"]) if t is not None},

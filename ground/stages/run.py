@@ -163,21 +163,23 @@ class Run:
 
     # ---- training -------------------------------------------------------------------------------
 
-    def batches(self, source: str, train, reference_model=None, norm=None):
+    def batches(self, source: str, train, reference_model=None, norm=None, mix=None):
         teacher = self.teacher if source == "teacher" else None
         return batch_source(source, self.cfg, train, self.data, self.experiment, teacher, reference_model,
-                            norm, self.progress, self.ctx)
+                            norm, self.progress, self.ctx, mix)
 
     def finetune(self, model: torch.nn.Module, steps: int, source: str = "teacher", fp16: bool = False,
                  lr: float | None = None, reference_model=None, norm=None, seed: int = 0,
-                 desc: str = "fine-tune") -> list[dict]:
+                 desc: str = "fine-tune", mix=None) -> list[dict]:
         """Train `model` in place for `steps` with the run's set-up (a fifth of its lr by default);
-        `fp16=True` trains FP16-aware (ground.compression.fp16.fp16_aware)."""
+        `fp16=True` trains FP16-aware (ground.compression.fp16.fp16_aware). `mix = (samples, replay)`:
+        batches of new imagery that the teacher labels beside a `replay` share of the run's own
+        (ground.training.sources.batch_source)."""
         if steps <= 0 or source == "none":
             return []
         train = replace(self.cfg.train, steps=int(steps), lr=float(lr or self.cfg.train.lr * 0.2), seed=seed,
                         log_every=max(1, int(steps) // 20), checkpoint_every=int(steps))
-        sampler, objective = self.batches(source, train, reference_model, norm)
+        sampler, objective = self.batches(source, train, reference_model, norm, mix)
         with fp16_aware(model) if fp16 else nullcontext():
             history = fit(model, sampler, objective, norm or self.data.norm, train, checkpoint=None,
                           progress=self.progress, desc=desc)

@@ -125,3 +125,29 @@ class BatchSampler:
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
         p = torch.from_numpy(np.stack(ps)) if ps else None
         return x, p, y
+
+
+class MixedSampler:
+    """Each batch drawn from several BatchSamplers, a fixed number of crops from each (e.g. the
+    re-distillation's replay of the original imagery beside the downlinked samples): the parts'
+    crops concatenated in order. Every part draws from its own seed, so adding one part does not
+    change what another draws."""
+
+    sharded = False
+
+    def __init__(self, parts: list[BatchSampler]):
+        if not parts:
+            raise DataError("training: a mixed batch needs at least one part")
+        self.parts = parts
+
+    def seek(self, step: int) -> None:
+        for p in self.parts:
+            p.seek(step)
+
+    def __call__(self):
+        drawn = [p() for p in self.parts]
+        x = torch.cat([d[0] for d in drawn])
+        y = torch.cat([d[2] for d in drawn])
+        probs = [d[1] for d in drawn]
+        p = torch.cat(probs) if all(q is not None for q in probs) else None
+        return x, p, y
