@@ -280,6 +280,8 @@ def add_redistil(p) -> None:
     p.add_argument("--min-entropy", type=float, help="drop samples whose entropy score is below this")
     p.add_argument("--selection", choices=("uncertainty", "random"),
                    help="keep only samples chosen this way on board")
-    p.add_argument("--out", help="bundle path (default: RUN/bundles/MODEL_ID-vN.tar)")
+    p.add_argument("--name", help="names the run's artifacts: redistil/NAME.pt, export/NAME/, bundles/NAME.tar "
+                                  "(default MODEL_ID-vN; two v+1 of one v need two names)")
+    p.add_argument("--out", help="bundle path (default: RUN/bundles/NAME.tar)")
     p.add_argument("--max-bytes", type=byte_size, help="uplink budget (default: v's, else 5MB)")
     p.add_argument("--threads", type=POSITIVE, help="torch CPU threads while training (default: train.threads)")

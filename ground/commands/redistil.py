@@ -10,8 +10,8 @@ from ground.errors import ConfigError
 from ground.stages.redistil import redistil
 
 KEYS = {"bundle": "path", "samples": "paths", "key": "path", "run": "path", "steps": int, "replay": float,
-        "lr": float, "seed": int, "min_entropy": float, "selection": str, "held_out": list, "out": "path",
-        "max_bytes": str, "threads": int}
+        "lr": float, "seed": int, "min_entropy": float, "selection": (str, list), "held_out": list, "out": "path",
+        "max_bytes": (int, str), "threads": int, "name": str}
 DEFAULTS = {"steps": 100, "replay": 0.5, "seed": 0}
 
 
@@ -41,7 +41,8 @@ def read_config(path: str | Path) -> dict:
         elif isinstance(value, kind) and not isinstance(value, bool):
             out[key] = value
         else:
-            raise ConfigError(f"{path}: redistil.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+            what = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ConfigError(f"{path}: redistil.{key}: expected {what}, got {value!r}")
     return out
 
 
@@ -76,6 +77,6 @@ def cmd_redistil(args) -> int:
     res = redistil(o["bundle"], o["samples"], o["key"], steps=o["steps"], replay=o["replay"], run_dir=o.get("run"),
                    lr=o.get("lr"), seed=o["seed"], held_out=o.get("held_out"), min_entropy=o.get("min_entropy"),
                    selection=o.get("selection"), out=o.get("out"), max_bytes=o.get("max_bytes"),
-                   threads=o.get("threads"), progress=not args.json)
+                   threads=o.get("threads"), name=o.get("name"), progress=not args.json)
     emit(res, args.json, _text)
     return 0

@@ -17,6 +17,7 @@ section (the counts, a digest of the sample hashes, the model versions that chos
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -31,7 +32,8 @@ from ground.data.sample import bin_sample
 from ground.errors import RunFolderError, StageError
 from ground.lineage import StageRecord
 from ground.models.checkpoints import save_checkpoint
-from ground.stages.bundle import DEFAULT_MAX_BYTES, bundle, read_export
+from ground.stages.bundle import DEFAULT_MAX_BYTES, read_export
+from ground.stages.bundle import bundle as make_bundle
 from ground.stages.export import export
 from ground.stages.run import Run
 from ground.teachers.cache import TeacherCache
@@ -48,16 +50,17 @@ def _bundle_stage(run: Run, model_id: str, version: int, sha: str) -> dict | Non
                  if s.get("stage") == name and sha in (s.get("outputs") or {}).values()), None)
 
 
-def flying(bundle_path: str | Path, key, run_dir: str | Path | None = None,
-           progress: bool = True) -> tuple[Run, dict, str, dict]:
+def flying(bundle_path: str | Path, key, run_dir: str | Path | None = None, progress: bool = True,
+           public_key=None) -> tuple[Run, dict, str, dict]:
     """(the run, the manifest, the bundle's sha256, its bundle stage record) of the bundle that flies,
-    verified with `key`'s public half. The run is `run_dir`, or the folder the manifest's lineage
-    names beside the bundle (RUN/bundles/MODEL-vN.tar); either way its lineage must record this
-    bundle, else RunFolderError."""
+    verified with `public_key` (default: `key`'s public half). The run is `run_dir`, or the folder
+    the manifest's lineage names above the bundle (RUN/bundles/MODEL-vN.tar); either way its
+    lineage must record this bundle (its sha256), else RunFolderError."""
     path = Path(bundle_path)
     if not path.is_file():
         raise FileNotFoundError(f"bundle {path}: no such file")
-    manifest = verify_bundle(path, load_private_key(key).public_key()).manifest
+    manifest = verify_bundle(path, public_key if public_key is not None
+                             else load_private_key(key).public_key()).manifest
     if is_chain(manifest):
         raise StageError(f"{path}: a chain bundle; re-distil one of its step bundles")
     lineage = manifest.get("lineage") or {}
@@ -116,17 +119,22 @@ def _manifest_section(got: LearningRead, source: dict, checkpoint: str, params: 
                          "run_stage": stage}}
 
 
-def redistil(bundle_path: str | Path, samples, key, steps: int = 100, replay: float = 0.5,
+def redistil(bundle: str | Path, samples, key, steps: int = 100, replay: float = 0.5,
              run_dir: str | Path | None = None, lr: float | None = None, seed: int = 0, held_out=None,
              min_entropy: float | None = None, selection=None, out: str | Path | None = None,
-             max_bytes: int | str | None = None, threads: int | None = None, progress: bool = True) -> dict:
-    """Re-distil the student of `bundle_path` (v) on the learning samples in `samples` (folders or
+             max_bytes: int | str | None = None, threads: int | None = None, name: str | None = None,
+             public_key=None, progress: bool = True) -> dict:
+    """Re-distil the student of `bundle` (v) on the learning samples in `samples` (folders or
     files) with `replay` of each batch from its run's own imagery, for `steps` steps from its
-    checkpoint, then export and bundle it as v+1 (parent v), signed with `key`. Deterministic for
-    a `seed`; `threads` overrides train.threads. Returns the result (bundle path, version, samples
-    used and dropped, the student's agreement with the teacher before and after)."""
+    checkpoint, then export and bundle it as v+1 (parent v), signed with `key` (a PEM path or the
+    key); v is verified with `public_key` (default: the key's public half). Deterministic for a
+    `seed`; `threads` overrides train.threads. `name` names the run's artifacts (redistil/NAME.pt,
+    export/NAME/, stage redistil:NAME; default MODEL-vN+1): two v+1 of one v need two names.
+    Returns the result (bundle path, version, samples used and dropped, the student's agreement
+    with the teacher before and after)."""
     t0 = time.perf_counter()
-    run, manifest, sha, bundle_record = flying(bundle_path, key, run_dir, progress)
+    bundle_path = bundle
+    run, manifest, sha, bundle_record = flying(bundle_path, key, run_dir, progress, public_key)
     if threads is not None:
         run.cfg = replace(run.cfg, train=replace(run.cfg.train, threads=int(threads)))
     model_id, version = manifest["model_id"], int(manifest["version"])
@@ -157,7 +165,9 @@ def redistil(bundle_path: str | Path, samples, key, steps: int = 100, replay: fl
         after = agreements()
     run.log(f"agreement with the teacher: samples {before['samples']:.4f} -> {after['samples']:.4f}, "
             f"run imagery {before['replay']:.4f} -> {after['replay']:.4f}")
-    name = f"{model_id}-v{new}"
+    name = name or f"{model_id}-v{new}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise StageError(f"name {name!r}: letters, digits, '.', '_' and '-' only (it names files in the run)")
     ckpt = Path("redistil") / f"{name}.pt"
     params = {"steps": int(steps), "replay": float(replay), "seed": int(seed),
               "lr": float(lr or run.cfg.train.lr * 0.2), "fp16_aware": fp16}
@@ -181,7 +191,7 @@ def redistil(bundle_path: str | Path, samples, key, steps: int = 100, replay: fl
     refs = lin.get("reference_tiles") or {}
     per_tile = int(refs.get("windows_per_tile") or 1)
     budget = max_bytes or (bundle_record.get("params") or {}).get("max_bytes") or DEFAULT_MAX_BYTES
-    built = bundle(run, f"export/{name}", key, model_id, new, out=None if out is None else str(out),
+    built = make_bundle(run, f"export/{name}", key, model_id, new, out=str(out or run.run_dir / "bundles" / f"{name}.tar"),
                    max_bytes=budget, policy=manifest["policy"], parent={"model_id": model_id, "version": version},
                    reference_tiles=max(1, int(refs.get("count") or 2) // per_tile),
                    reference_window=refs.get("window"), reference_windows=per_tile,

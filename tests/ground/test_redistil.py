@@ -254,12 +254,14 @@ def test_replay_never_yields_the_held_out_rows(data_root, flying, tmp_path):
 def test_cli_config_file_form_reports_json(flying, keys, tmp_path, capsys):
     cfg = tmp_path / "redistil.toml"
     cfg.write_text(f'[redistil]\nbundle = "{flying["v1"]}"\nsamples = ["{flying["samples"]}"]\n'
-                   f'key = "{keys[0]}"\nsteps = 2\nreplay = 0.5\nout = "elsewhere/v2.tar"\n'
+                   f'key = "{keys[0]}"\nsteps = 2\nreplay = 0.5\nout = "elsewhere/v2.tar"\nname = "cli-v2"\n'
                    f'held_out = [{{crs = "EPSG:32633", bounds = {_window(0, 0)} }}]\n')
     assert main(["redistil", str(cfg), "--steps", "1", "--json"]) == 0        # a flag over the file
     res = json.loads(capsys.readouterr().out)
     assert res["version"] == 2 and res["steps"] == 1 and res["replay"] == 0.5
     assert res["bundle"] == str(tmp_path / "elsewhere" / "v2.tar")        # relative to the config's folder
+    # a second v+1 of the same v beside the first: its own name for the run's files
+    assert res["checkpoint"] == "redistil/cli-v2.pt" and res["export"] == "export/cli-v2"
     assert res["samples"]["dropped"]["held_out"] == 1 and res["samples"]["kept"] == 5
     assert verify_bundle(res["bundle"], keys[1]).manifest["parent"]["version"] == 1
 
