@@ -12,6 +12,15 @@ and smaller ones behind it may still go (no head-of-line blocking). What goes do
 `GroundStation` writes to disk: one folder per product with its body (product.json), the class
 mask PNG (and a model chain's later steps' masks, mask_<step>.png), the quicklook JPEG, the kept
 tiles or whole frame and their boxes (.npy).
+
+Learning samples (SAMPLE messages, shared.samples: raw model-band tiles the daemon's model was
+unsure of, or drawn at random) wait in a queue of their own, one file per sample (each re-encoded
+as a one-sample SAMPLE message: what it costs on the link), and go down within a budget of their
+own per pass (`Pass.learning_budget_bytes`; 0, the default: samples never go down and are
+reported as left on board), by priority (smaller first), then the higher entropy, then the
+older; the science products' budget is never touched by them. The station writes each one with
+shared.samples.write_sample into <out>/learning/, the folder the factory's `learning` source
+reads.
 """
 from __future__ import annotations
 
@@ -28,7 +37,8 @@ import numpy as np
 from flight_sim.catalog import Catalogue, check_catalog, product_item
 from flight_sim.errors import ScenarioError
 from flight_sim.products_gis import write_gis
-from shared.messages import Limits, MessageError, decode
+from shared.messages import Limits, Message, MessageError, decode, encode
+from shared.samples import LearningSample, SampleError, samples_from_message, write_sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEPT_AFTER_DOWNLINK = ("mask_png", "tile_boxes")   # and a chain's step masks (mask_<step>)
@@ -41,18 +51,40 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 class Pass:
     start_s: float
     duration_s: float
-    budget_bytes: int
+    budget_bytes: int                  # the science products'
     station: str = "ground"
+    learning_budget_bytes: int = 0     # the learning samples' own
 
     @property
     def end_s(self) -> float:
         return self.start_s + self.duration_s
 
 
+LEARNING_KEYS = ("learning_budget_bytes", "learning_rate_mbps")
+PASS_KEYS = {"start_s", "duration_s", "rate_mbps", "budget_bytes", "station", *LEARNING_KEYS}
+
+
+def _learning_budget(p: dict, duration_s: float, where: str) -> int:
+    """A pass's learning budget: `learning_budget_bytes`, or `learning_rate_mbps` over the pass."""
+    for key in LEARNING_KEYS:
+        v = p.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+            raise ScenarioError(f"{where}.{key}: a number >= 0 expected, got {v!r}")
+    if p.get("learning_budget_bytes") is not None and p.get("learning_rate_mbps") is not None:
+        raise ScenarioError(f"{where}: give learning_budget_bytes or learning_rate_mbps, not both")
+    if p.get("learning_budget_bytes") is not None:
+        return int(p["learning_budget_bytes"])
+    if p.get("learning_rate_mbps") is not None:
+        return int(float(p["learning_rate_mbps"]) * 1e6 / 8 * duration_s)
+    return 0
+
+
 def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
     """The pass timeline of a scenario's [downlink] table: an explicit `passes` list of
     {start_s, duration_s, rate_mbps | budget_bytes}, or a periodic one from `first_pass_s`,
-    `pass_every_s`, `pass_duration_s`, `rate_mbps`, `passes_after_end`.
+    `pass_every_s`, `pass_duration_s`, `rate_mbps`, `passes_after_end`. The learning samples'
+    own budget per pass: `learning_budget_bytes` or `learning_rate_mbps` (the table's, or a
+    `passes` entry's own; default 0: none go down).
 
     Periodic passes cover `until_s` (the end of acquisition) and `passes_after_end` more."""
     def budget(p: dict, where: str) -> int:
@@ -61,6 +93,8 @@ def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
         if "rate_mbps" in p:
             return int(float(p["rate_mbps"]) * 1e6 / 8 * float(p["duration_s"]))
         raise ScenarioError(f"{where}: give rate_mbps or budget_bytes")
+
+    table_learning = {k: spec[k] for k in LEARNING_KEYS if spec.get(k) is not None}
 
     out = []
     if "passes" in spec:
@@ -71,11 +105,16 @@ def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
             if not isinstance(p, dict):
                 raise ScenarioError(f"{where}: a table {{start_s, duration_s, rate_mbps}} expected, "
                                     f"got {p!r}")
+            unknown = sorted(set(p) - PASS_KEYS)
+            if unknown:
+                raise ScenarioError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(PASS_KEYS))})")
             for key in ("start_s", "duration_s"):
                 if not isinstance(p.get(key), (int, float)) or p[key] < 0:
                     raise ScenarioError(f"{where}.{key}: a number >= 0 expected, got {p.get(key)!r}")
+            own = {k: p[k] for k in LEARNING_KEYS if k in p}
+            learning = _learning_budget(own or table_learning, float(p["duration_s"]), where)
             out.append(Pass(float(p["start_s"]), float(p["duration_s"]), budget(p, where),
-                            str(p.get("station", "ground"))))
+                            str(p.get("station", "ground")), learning))
     else:
         every = float(spec.get("pass_every_s", 60.0))
         duration = float(spec.get("pass_duration_s", 10.0))
@@ -87,9 +126,10 @@ def passes_from_spec(spec: dict, until_s: float) -> list[Pass]:
                                                  if k in spec}}
         if "rate_mbps" not in template and "budget_bytes" not in template:
             template["rate_mbps"] = 100.0
+        learning = _learning_budget(table_learning, duration, "downlink")
         t, n_after = first, 0
         while n_after < after:
-            out.append(Pass(t, duration, budget(template, "downlink"), "ground"))
+            out.append(Pass(t, duration, budget(template, "downlink"), "ground", learning))
             if t + duration > until_s:
                 n_after += 1
             t += every
@@ -107,6 +147,41 @@ class Stored:
     body: dict = field(compare=False)
     arrays: dict = field(compare=False)     # all of them only while the station writes them
     path: Path | None = field(default=None, compare=False)   # the message, while it waits
+
+
+@dataclass(order=True)
+class StoredSample:
+    """One learning sample waiting on board: its one-sample SAMPLE message is the file `path`."""
+
+    priority: int
+    neg_entropy: float                  # the most uncertain first (sort key)
+    neg_ambiguous: float
+    seq: int
+    ready_s: float = field(compare=False)
+    frame_id: str = field(compare=False)
+    row: int = field(compare=False)
+    col: int = field(compare=False)
+    selection: str = field(compare=False)
+    model: dict = field(compare=False)
+    nbytes: int = field(compare=False)
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.frame_id, self.row, self.col)
+
+
+def one_sample_messages(msg: Message) -> list[tuple[dict, list]]:
+    """A SAMPLE message split into one message per sample, (entry, encoded parts) each: the
+    unit that waits on board and goes down (the frame's fields shared, its own window)."""
+    tiles = np.asarray(msg.arrays["tiles"])
+    out = []
+    for i, entry in enumerate(msg.body["samples"]):
+        body = {**msg.body, "samples": [dict(entry)]}
+        parts = encode(Message("sample", body, {"tiles": np.ascontiguousarray(tiles[i:i + 1])},
+                               id=msg.id, ref=msg.ref, ts=msg.ts, source=msg.source))
+        out.append((entry, [memoryview(p).cast("B") for p in parts]))   # flat: len() = bytes
+    return out
 
 
 def write_parts(path: Path, parts: Sequence) -> None:
@@ -148,6 +223,23 @@ class GroundStation:
         self.received: list[dict] = []
         self.catalogue = Catalogue(self.out_dir)
         self.gis_problems: list[str] = []
+        self.samples_received: list[dict] = []
+
+    @property
+    def learning_dir(self) -> Path:
+        """Where downlinked learning samples go (the factory's `learning` source reads it)."""
+        return self.out_dir / "learning"
+
+    def receive_sample(self, sample: LearningSample, pass_index: int, pass_: Pass, t_s: float,
+                       nbytes: int) -> Path:
+        """One learning sample to <out>/learning/<frame>-r<row>-c<col>.npz (shared.samples)."""
+        path = write_sample(self.learning_dir, sample)
+        self.samples_received.append({
+            "frame_id": sample.frame_id, "row": sample.row, "col": sample.col, "pass": pass_index,
+            "station": pass_.station, "received_s": round(t_s, 3), "bytes": nbytes,
+            "selection": sample.selection, "model_id": sample.model_id,
+            "model_version": sample.model_version, "entropy": sample.entropy, "file": path.name})
+        return path
 
     def receive(self, item: Stored, pass_index: int, pass_: Pass, t_s: float) -> Path:
         folder = self.out_dir / f"pass-{pass_index:02d}" / _safe(item.frame_id)
@@ -209,17 +301,29 @@ class Downlink:
         self.peak_stored_bytes = 0                # ... and the most it held at once
         self._next_pass = 0
         self._seq = 0
+        # learning samples: their own queue, by (frame_id, row, col)
+        self.sample_queue: list[StoredSample] = []
+        self.samples: dict[tuple[str, int, int], StoredSample] = {}
+        self.samples_by_frame: dict[str, list[StoredSample]] = {}
+        self.samples_downlinked: dict[tuple[str, int, int], tuple[int, float]] = {}
+        self.sample_messages = 0                  # SAMPLE messages stored (valid)
+        self.sample_messages_seen = 0             # ... and all that came, refused ones too
+        self.sample_duplicates = 0
 
     def receive(self, parts: list, ready_s: float | None = None) -> str | None:
-        """A PRODUCT message from the daemon, stored on disk until its pass; returns its frame_id
-        (None if refused or a duplicate). `ready_s` None: not ready until `set_ready`."""
+        """A PRODUCT (or SAMPLE) message from the daemon, stored on disk until its pass; returns
+        its frame_id (None if refused or a duplicate). `ready_s` None: not ready until
+        `set_ready`."""
         try:
             msg = decode(parts, self.limits)
         except MessageError as exc:
             self.rejected.append(str(exc))
             return None
+        if msg.type == "sample":
+            self.sample_messages_seen += 1
+            return self._receive_samples(msg, ready_s)
         if msg.type != "product":
-            self.rejected.append(f"type: expected product, got {msg.type}")
+            self.rejected.append(f"type: expected product or sample, got {msg.type}")
             return None
         frame_id = msg.body["frame_id"]
         if frame_id in self.products:             # a resent frame processed twice
@@ -240,11 +344,45 @@ class Downlink:
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes)
         return frame_id
 
+    def _receive_samples(self, msg: Message, ready_s: float | None) -> str | None:
+        """A SAMPLE message: checked (shared.samples), each sample stored as its own message."""
+        try:
+            samples_from_message(msg.body, np.asarray(msg.arrays["tiles"]))
+        except SampleError as exc:
+            self.rejected.append(str(exc))
+            return None
+        frame_id = msg.body["frame_id"]
+        self.sample_messages += 1
+        stored = 0
+        for entry, parts in one_sample_messages(msg):
+            key = (frame_id, int(entry["row"]), int(entry["col"]))
+            if key in self.samples:            # the frame processed again after a restart
+                self.sample_duplicates += 1
+                continue
+            nbytes = sum(len(p) for p in parts)
+            path = self.queue_dir / f"{self._seq:06d}-{_safe(frame_id)[:90]}-r{key[1]}-c{key[2]}.sample"
+            write_parts(path, parts)
+            item = StoredSample(int(msg.body["priority"]), -float(entry["entropy"]), -float(entry["ambiguous"]),
+                                self._seq, NOT_READY if ready_s is None else float(ready_s), frame_id,
+                                key[1], key[2], msg.body["selection"], dict(msg.body["model"]), nbytes, path)
+            self._seq += 1
+            self.samples[key] = item
+            self.samples_by_frame.setdefault(frame_id, []).append(item)
+            heapq.heappush(self.sample_queue, item)
+            self.stored_bytes += nbytes
+            stored += 1
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes)
+        return frame_id if stored else None
+
     def set_ready(self, frame_id: str, ready_s: float) -> None:
-        """The mission time a received product was ready (the simulated clock's)."""
+        """The mission time a received product (and the frame's samples) was ready (the
+        simulated clock's)."""
         item = self.products.get(frame_id)
         if item is not None and frame_id not in self.downlinked:
             item.ready_s = float(ready_s)
+        for sample in self.samples_by_frame.get(frame_id, ()):
+            if sample.key not in self.samples_downlinked:
+                sample.ready_s = float(ready_s)
 
     def advance(self, mission_s: float) -> int:
         """Play every pass that has ended by `mission_s`; returns products sent down."""
@@ -273,10 +411,41 @@ class Downlink:
             sent += 1
         for item in waiting:
             heapq.heappush(self.queue, item)
+        learning_used, samples = self._play_samples(index, p)
         self.pass_log.append({"pass": index, "start_s": p.start_s, "end_s": p.end_s,
                               "budget_bytes": p.budget_bytes, "used_bytes": used, "products": sent,
-                              "left_on_board": len(self.queue)})
+                              "left_on_board": len(self.queue),
+                              "science_within_budget": used <= p.budget_bytes,
+                              "learning_budget_bytes": p.learning_budget_bytes,
+                              "learning_used_bytes": learning_used, "samples": samples,
+                              "samples_left_on_board": len(self.sample_queue)})
         return sent
+
+    def _play_samples(self, index: int, p: Pass) -> tuple[int, int]:
+        """The pass's learning budget spent on the sample queue (most uncertain first; one too
+        big for what is left waits, smaller ones behind it may go); (bytes used, samples sent)."""
+        budget, used, sent, waiting = p.learning_budget_bytes, 0, 0, []
+        while self.sample_queue and budget > 0:
+            item = heapq.heappop(self.sample_queue)
+            if item.ready_s > p.end_s or item.nbytes > budget - used:
+                waiting.append(item)
+                continue
+            used += item.nbytes
+            t = min(max(p.start_s, item.ready_s) + used / budget * p.duration_s, p.end_s)
+            self._sample_down(item, index, p, t)
+            sent += 1
+        for item in waiting:
+            heapq.heappush(self.sample_queue, item)
+        return used, sent
+
+    def _sample_down(self, item: StoredSample, index: int, pass_: Pass, t_s: float) -> None:
+        msg = decode(read_parts(item.path), self.limits)
+        sample, = samples_from_message(msg.body, np.asarray(msg.arrays["tiles"]))
+        self.station.receive_sample(sample, index, pass_, t_s, item.nbytes)
+        self.samples_downlinked[item.key] = (index, t_s)
+        item.path.unlink(missing_ok=True)
+        item.path = None
+        self.stored_bytes -= item.nbytes
 
     def _down(self, item: Stored, index: int, pass_: Pass, t_s: float) -> None:
         """One product to the ground station: read back from the queue folder, written by the
@@ -296,4 +465,33 @@ class Downlink:
         return {"products": len(self.products), "downlinked": len(self.downlinked),
                 "left_on_board": len(self.queue), "duplicates_ignored": self.duplicates,
                 "rejected": self.rejected, "bytes_produced": sum(p.nbytes for p in self.products.values()),
-                "bytes_downlinked": sum(p.nbytes for p in down), "passes": self.pass_log}
+                "bytes_downlinked": sum(p.nbytes for p in down), "passes": self.pass_log,
+                "learning": self.learning_summary()}
+
+    def learning_summary(self) -> dict:
+        """The learning samples: received, downlinked, left on board, bytes, by selection; the
+        budgets per pass, and whether every pass kept the science products within theirs."""
+        by_selection: dict[str, dict] = {}
+        for item in self.samples.values():
+            sel = by_selection.setdefault(item.selection, {"samples": 0, "downlinked": 0, "bytes_received": 0,
+                                                           "bytes_downlinked": 0})
+            down = item.key in self.samples_downlinked
+            sel["samples"] += 1
+            sel["downlinked"] += int(down)
+            sel["bytes_received"] += item.nbytes
+            sel["bytes_downlinked"] += item.nbytes if down else 0
+        versions = sorted({(i.model.get("model_id"), i.model.get("version")) for i in self.samples.values()},
+                          key=str)
+        return {"messages": self.sample_messages, "samples": len(self.samples),
+                "downlinked": len(self.samples_downlinked), "left_on_board": len(self.sample_queue),
+                "duplicates_ignored": self.sample_duplicates,
+                "bytes_received": sum(s["bytes_received"] for s in by_selection.values()),
+                "bytes_downlinked": sum(s["bytes_downlinked"] for s in by_selection.values()),
+                "by_selection": by_selection,
+                "models": [{"model_id": m, "version": v} for m, v in versions],
+                "folder": str(self.station.learning_dir),
+                "passes": [{"pass": e["pass"], "learning_budget_bytes": e["learning_budget_bytes"],
+                            "learning_used_bytes": e["learning_used_bytes"], "samples": e["samples"],
+                            "science_budget_bytes": e["budget_bytes"], "science_used_bytes": e["used_bytes"],
+                            "science_within_budget": e["science_within_budget"]} for e in self.pass_log],
+                "science_within_budget": all(e["science_within_budget"] for e in self.pass_log)}

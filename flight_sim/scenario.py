@@ -14,9 +14,13 @@
     [payload]   window, retry_s, ack_timeout_s, outcome_timeout_s
     [[scenes]]  one table per scene (flight_sim.scenes.open_source; its keys are checked here,
                 its values when the scene opens)
+    [[uplinks]] path, after_pass = N (0-based, as the report's passes), public_key (default the
+                bundle's): a newer bundle uplinked to the running daemon once pass N is over;
+                frames acquired after that pass's end wait for it and run on it
     [downlink]  passes = [{start_s, duration_s, rate_mbps | budget_bytes}] or periodic:
                 first_pass_s, pass_every_s, pass_duration_s, rate_mbps | budget_bytes,
-                passes_after_end
+                passes_after_end; learning samples' own budget per pass: learning_budget_bytes
+                or learning_rate_mbps (default 0: none go down)
     [faults]    kill_daemon_after_frames = [N, ...], restart_after_s, unsigned_bundle,
                 corrupt_bundle, corrupt_chunks = [i, ...], interrupt_uplink_after_chunks,
                 malformed = ["band_count", ...], malformed_every, burst = {after_frames, frames},
@@ -130,7 +134,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  "pass_every_s": (_num(0, lo_open=True), None),
                  "pass_duration_s": (_num(0, lo_open=True), None),
                  "rate_mbps": (_num(0, lo_open=True), None), "budget_bytes": (_num(0, integer=True), None),
-                 "passes_after_end": (_num(0, integer=True), None)},
+                 "passes_after_end": (_num(0, integer=True), None),
+                 "learning_budget_bytes": (_num(0, integer=True), None),
+                 "learning_rate_mbps": (_num(0), None)},
     "faults": {"kill_daemon_after_frames": (_int_list, []), "restart_after_s": (_num(0), 0.5),
                "unsigned_bundle": (_bool, False), "corrupt_bundle": (_bool, False),
                "corrupt_chunks": (_int_list, []), "interrupt_uplink_after_chunks": (_num(1, integer=True), None),
@@ -146,7 +152,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "run": {"timeout_s": (_num(0, lo_open=True), 900.0),
             "clock": (_choice("simulated", "wall"), "simulated")},
 }
-TOP_LEVEL = {"name", "description", "scenes"}
+TOP_LEVEL = {"name", "description", "scenes", "uplinks"}
+# one [[uplinks]] table: a newer bundle uplinked to the running daemon after pass `after_pass`
+UPLINK_KEYS: dict[str, tuple] = {"path": (_str, None), "public_key": (_str, None),
+                                 "after_pass": (_num(0, integer=True), None)}
 
 
 @dataclass
@@ -205,6 +214,7 @@ def scenario_from_dict(doc: dict, base_dir: Path, where: str = "<scenario>") -> 
             check_scene_spec(spec, f"scenes[{i}]")
         except SceneSpecError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
+    sections["uplinks"] = _uplinks(doc.get("uplinks", []), where)
     try:
         passes_from_spec(sections["downlink"], 0.0)     # the pass timeline's fields, checked now
     except ScenarioError as exc:
@@ -213,6 +223,27 @@ def scenario_from_dict(doc: dict, base_dir: Path, where: str = "<scenario>") -> 
     if not isinstance(name, str) or not name:
         raise ScenarioError(f"{where}: name: a non-empty string expected")
     return Scenario(name, str(doc.get("description", "")), Path(base_dir), sections, scenes, raw=doc)
+
+
+def _uplinks(value: Any, where: str) -> list[dict]:
+    """The [[uplinks]] tables, checked: {path, after_pass, public_key (default: the bundle's)}."""
+    if not isinstance(value, list) or not all(isinstance(u, dict) for u in value):
+        raise ScenarioError(f"{where}: uplinks: [[uplinks]] tables {{path, after_pass}} expected")
+    out = []
+    for i, given in enumerate(value):
+        for key in given:
+            if key not in UPLINK_KEYS:
+                raise ScenarioError(f"{where}: uplinks[{i}].{key}: unknown key (known: {', '.join(UPLINK_KEYS)})")
+        for key, (check, _) in UPLINK_KEYS.items():
+            if key not in given:
+                if key != "public_key":
+                    raise ScenarioError(f"{where}: uplinks[{i}].{key}: missing")
+                continue
+            problem = check(given[key])
+            if problem:
+                raise ScenarioError(f"{where}: uplinks[{i}].{key}: must be {problem}, got {given[key]!r}")
+        out.append(dict(given))
+    return sorted(out, key=lambda u: u["after_pass"])
 
 
 def load_scenario(path: str | Path) -> Scenario:

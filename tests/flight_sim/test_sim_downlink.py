@@ -147,3 +147,117 @@ def test_quantise_and_band_selection():
 def test_camera_config_names_the_field(bad):
     with pytest.raises(ValueError, match="camera."):
         CameraConfig(**bad)
+
+
+# ------------------------------------------------------------------------------- learning samples
+
+FRAME_GEOREF = {"crs": "EPSG:32632", "transform": [10.0, 0.0, 500_000.0, 0.0, -10.0, 4_900_000.0]}
+
+
+def sample_message(frame_id: str, windows, size: int = 32, selection: str = "uncertainty",
+                   version: int = 3, priority: int = 9, entropy=None) -> list:
+    """A SAMPLE as the daemon sends it: raw uint16 tiles of 4 bands, one per window (row, col)."""
+    entropy = entropy or [0.5 + 0.01 * i for i in range(len(windows))]
+    tiles = np.stack([np.full((4, size, size), 1000 + 10 * i, np.uint16) for i in range(len(windows))])
+    body = {"frame_id": frame_id, "priority": priority, "model": {"model_id": "cloud-student", "version": version},
+            "selection": selection, "bands": ["B02", "B03", "B04", "B08"], "scale": 1e-4,
+            "samples": [{"row": r, "col": c, "size": size, "entropy": e, "ambiguous": 0.1}
+                        for (r, c), e in zip(windows, entropy)],
+            "scene": "arid-1", "acquired": 1.5, "georef": FRAME_GEOREF}
+    return [bytes(p) for p in encode(Message("sample", body, {"tiles": tiles}))]
+
+
+def test_a_sample_comes_down_as_a_readable_file_with_its_window_georef(tmp_path):
+    """The ground station writes each downlinked sample with shared.samples.write_sample into
+    <station>/learning/: read back, it carries the tile's own georeference (the frame's shifted
+    by its window), the model version that chose it, and its values."""
+    from shared.samples import read_sample, read_samples
+    dl = Downlink([Pass(10, 5, 10**6, learning_budget_bytes=10**6)], GroundStation(tmp_path / "ground"),
+                  queue_dir=tmp_path / "q")
+    assert dl.receive(sample_message("f-0001", [(64, 96), (0, 0)]), ready_s=2.0) == "f-0001"
+    assert len(list((tmp_path / "q").iterdir())) == 2          # one message per sample, on disk
+    dl.finish()
+    files = sorted((tmp_path / "ground" / "learning").iterdir())
+    assert [f.name for f in files] == ["f-0001-r0-c0.npz", "f-0001-r64-c96.npz"]
+    s = read_sample(files[1])
+    assert (s.row, s.col, s.size, s.model_id, s.model_version) == (64, 96, 32, "cloud-student", 3)
+    assert s.georef == {"crs": "EPSG:32632",
+                        "transform": [10.0, 0.0, 500_000.0 + 960.0, 0.0, -10.0, 4_900_000.0 - 640.0]}
+    assert s.data.shape == (4, 32, 32) and s.data.dtype == np.uint16 and int(s.data[0, 0, 0]) == 1000
+    assert s.selection == "uncertainty" and s.scene == "arid-1"
+    assert len(read_samples(tmp_path / "ground" / "learning")) == 2
+    learning = dl.summary()["learning"]
+    assert learning["samples"] == learning["downlinked"] == 2 and learning["left_on_board"] == 0
+    assert learning["by_selection"]["uncertainty"]["downlinked"] == 2
+    assert not list((tmp_path / "q").iterdir()) and dl.stored_bytes == 0
+
+
+def test_learning_budget_zero_sends_no_sample_while_products_go_down(tmp_path):
+    dl = Downlink([Pass(10, 5, 10**6)], GroundStation(tmp_path / "ground"))   # default: no learning budget
+    dl.receive(product("p", 1, 1000), ready_s=1.0)
+    dl.receive(sample_message("p", [(0, 0)]), ready_s=1.0)
+    dl.finish()
+    assert "p" in dl.downlinked
+    assert not (tmp_path / "ground" / "learning").exists()
+    learning = dl.summary()["learning"]
+    assert learning["samples"] == 1 and learning["downlinked"] == 0 and learning["left_on_board"] == 1
+    assert dl.pass_log[0]["learning_used_bytes"] == 0 and dl.pass_log[0]["samples_left_on_board"] == 1
+
+
+def test_samples_never_take_the_science_budget(tmp_path):
+    """The science products get exactly what they would get without any sample on board, and
+    each pass's learning bytes stay within the learning budget; the most uncertain go first."""
+    def fly(with_samples: bool):
+        dl = Downlink([Pass(10, 5, 2600, learning_budget_bytes=20_000), Pass(20, 5, 2600, learning_budget_bytes=20_000)],
+                      GroundStation(tmp_path / f"g{with_samples}"), queue_dir=tmp_path / f"q{with_samples}")
+        for i in range(4):
+            dl.receive(product(f"p{i}", 5, 1000, float(i)), ready_s=float(i))
+            if with_samples:
+                dl.receive(sample_message(f"p{i}", [(0, 0), (32, 0)], entropy=[0.1 * i, 0.9 - 0.1 * i]),
+                           ready_s=float(i))
+        dl.finish()
+        return dl
+
+    plain, mixed = fly(False), fly(True)
+    assert mixed.downlinked == plain.downlinked
+    for e in mixed.pass_log:
+        assert e["used_bytes"] <= e["budget_bytes"] and e["science_within_budget"]
+        assert 0 < e["learning_used_bytes"] <= e["learning_budget_bytes"]
+    assert [e["used_bytes"] for e in mixed.pass_log] == [e["used_bytes"] for e in plain.pass_log]
+    first = [r for r in mixed.station.samples_received if r["pass"] == 0]
+    entropies = [r["entropy"] for r in first]
+    assert entropies == sorted(entropies, reverse=True) and entropies[0] == pytest.approx(0.9)
+    assert mixed.summary()["learning"]["science_within_budget"] is True
+
+
+def test_sample_duplicates_and_bad_samples_are_refused(tmp_path):
+    dl = Downlink([Pass(0, 1, 10**6, learning_budget_bytes=10**6)], GroundStation(tmp_path))
+    assert dl.receive(sample_message("a", [(0, 0)]), 0) == "a"
+    assert dl.receive(sample_message("a", [(0, 0)]), 0) is None      # processed again after a restart
+    bad = sample_message("b", [(0, 0)], selection="clever")          # valid message, unknown selection
+    assert dl.receive(bad, 0) is None
+    assert dl.sample_duplicates == 1 and "selection" in dl.rejected[-1]
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"learning_budget_bytes": -1}, "downlink.learning_budget_bytes"),
+    ({"learning_budget_bytes": 5, "learning_rate_mbps": 1}, "not both"),
+    ({"passes": [{"start_s": 0, "duration_s": 1, "rate_mbps": 1, "learning_bytes": 3}]},
+     r"downlink.passes\[0\].learning_bytes"),
+])
+def test_learning_budget_spec_errors_name_the_field(spec, field):
+    from flight_sim.errors import ScenarioError
+    with pytest.raises(ScenarioError, match=field):
+        passes_from_spec(spec, 10.0)
+
+
+def test_learning_budget_from_the_table_or_a_rate():
+    periodic = passes_from_spec({"pass_every_s": 10, "pass_duration_s": 4, "rate_mbps": 8,
+                                 "learning_rate_mbps": 2, "passes_after_end": 1}, 5.0)
+    assert periodic[0].learning_budget_bytes == 1_000_000 and periodic[0].budget_bytes == 4_000_000
+    explicit = passes_from_spec({"learning_budget_bytes": 700,
+                                 "passes": [{"start_s": 0, "duration_s": 1, "budget_bytes": 10},
+                                            {"start_s": 5, "duration_s": 1, "budget_bytes": 10,
+                                             "learning_budget_bytes": 0}]}, 5.0)
+    assert [p.learning_budget_bytes for p in explicit] == [700, 0]
+    assert passes_from_spec({"rate_mbps": 1}, 5.0)[0].learning_budget_bytes == 0

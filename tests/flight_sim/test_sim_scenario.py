@@ -39,6 +39,25 @@ def test_minimal_scenario_gets_defaults(tmp_path):
     assert s.daemon["test_frame_delay_s"] == 0
 
 
+def test_learning_budget_and_uplinks_are_read(tmp_path):
+    s = load_scenario(write(tmp_path, MINIMAL + """
+[downlink]
+rate_mbps = 10
+learning_budget_bytes = 4000
+[[uplinks]]
+path = "v3.tar"
+after_pass = 2
+[[uplinks]]
+path = "v2.tar"
+public_key = "other.pub"
+after_pass = 0
+"""))
+    assert s.downlink["learning_budget_bytes"] == 4000
+    assert [u["path"] for u in s.sections["uplinks"]] == ["v2.tar", "v3.tar"]     # by pass
+    assert s.sections["uplinks"][0]["public_key"] == "other.pub"
+    assert load_scenario(write(tmp_path, MINIMAL, "plain.toml")).sections["uplinks"] == []
+
+
 @pytest.mark.parametrize("extra, field", [
     ("[camera]\nframe_lines = 0", "camera.frame_lines: must be >= 1"),
     ("[camera]\nmode = \"slow\"", "camera.mode: must be one of realtime, asap"),
@@ -50,9 +69,19 @@ def test_minimal_scenario_gets_defaults(tmp_path):
     ("[payload]\nwindow = true", "payload.window: must be an integer"),
     ("[run]\nclock = \"sundial\"", "run.clock: must be one of simulated, wall"),
     ("[daemon]\ntest_frame_delay_s = -1", "daemon.test_frame_delay_s: must be >= 0"),
+    ("[downlink]\nlearning_budget = 5", "downlink.learning_budget: unknown key"),
+    ("[downlink]\nlearning_budget_bytes = -5", "downlink.learning_budget_bytes: must be >= 0"),
+    ("[downlink]\nlearning_budget_bytes = 5\nlearning_rate_mbps = 1", "give learning_budget_bytes or"),
+    ("[[uplinks]]\npath = \"v2.tar\"\nafter_pass = 0\nwhen = 3", "uplinks[0].when: unknown key"),
+    ("[[uplinks]]\npath = \"v2.tar\"", "uplinks[0].after_pass: missing"),
+    ("[[uplinks]]\npath = \"v2.tar\"\nafter_pass = -1", "uplinks[0].after_pass: must be >= 0"),
+    ("[[uplinks]]\nafter_pass = 1", "uplinks[0].path: missing"),
+    ("uplinks = 3", "uplinks: [[uplinks]] tables"),
 ])
 def test_bad_values_name_file_and_field(tmp_path, extra, field):
-    path = write(tmp_path, MINIMAL + "\n" + extra)
+    # a top-level key must come before the first table
+    text = extra + "\n" + MINIMAL if extra.startswith("uplinks =") else MINIMAL + "\n" + extra
+    path = write(tmp_path, text)
     with pytest.raises(ScenarioError) as exc:
         load_scenario(path)
     assert field in str(exc.value) and str(path) in str(exc.value)
