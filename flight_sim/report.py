@@ -15,6 +15,16 @@ Figures (report.json keys):
   a check demands agreement.
 - `masks`: class masks that came down against the truth: confusion, per-class IoU, mIoU (a model
   chain: the gate's, with every step's in `masks.steps`).
+- `masks_by_version`: the same masks grouped by the scene's surface (a generated scene's
+  `surface`, "other" for the rest) and the model version that made them (the frame's DECISION
+  `model`): {surface: {version: {model_id, version, frames, decided, miou, per_class, ...}}}, so
+  the frames scored with a bundle and with the one uplinked after it are told apart.
+- `learning`: the learning samples (SAMPLE messages): received, downlinked, left on board,
+  bytes, by selection, the models that chose them, per pass the learning and science budgets
+  and bytes used, and `science_within_budget` (every pass kept its products within their budget).
+- `uplinks`: the scheduled uplinks ([[uplinks]]) as flown: after which pass, mission time, the
+  bundle's model and version, installed or refused, and `activated`: the first frame decided
+  with it (frame id, order of acquisition, mission time acquired).
 - `chain` (a chain bundle; flight_sim.chain_report): per step cells run / total, milliseconds, its
   mask against the truth where it ran; per frame the same; the time the gate saved (estimated).
 - `latency_ms`: daemon-side total per frame and payload round trip, p50/p90/p99/max.
@@ -84,7 +94,7 @@ def build_report(rec: RunRecord) -> dict:
     targets = rec.scenario.sections["report"].get("targets") or default_targets(classes)
     states = list(rec.payload.states.values()) if rec.payload else []
     normal = [s for s in states if s.frame.kind == "frame"]
-    value, decisions, masks, examples = _score_against_truth(rec, normal, classes, targets)
+    value, decisions, masks, examples, by_version = _score_against_truth(rec, normal, classes, targets)
     report = {
         "scenario": rec.scenario.name, "description": rec.scenario.description,
         "out_dir": str(rec.out_dir),
@@ -93,7 +103,9 @@ def build_report(rec: RunRecord) -> dict:
         "accounting": rec.payload.accounting() if rec.payload else {},
         "malformed": _malformed(states),
         "data": _data(rec),
-        "value": value, "decisions": decisions, "masks": masks,
+        "value": value, "decisions": decisions, "masks": masks, "masks_by_version": by_version,
+        "learning": rec.downlink.learning_summary() if rec.downlink else None,
+        "uplinks": _scheduled_uplinks(rec, normal),
         "latency_ms": _latency(states),
         "realtime": _realtime(rec, normal),
         "uplink": rec.uplink, "restarts": rec.restarts, "crashes": rec.crashes,
@@ -173,18 +185,23 @@ def _frames_with_truth(rec: RunRecord, normal: list, classes: list[str]):
 
 
 def _score_against_truth(rec: RunRecord, normal: list, classes: list[str],
-                         targets: list[str]) -> tuple[dict, dict, dict, list]:
-    """(value, decisions, masks, mask examples): every frame with truth scored once."""
+                         targets: list[str]) -> tuple[dict, dict, dict, list, dict | None]:
+    """(value, decisions, masks, mask examples, masks by surface and model version): every
+    frame with truth scored once."""
     value = _ValueTally(targets, [classes.index(t) for t in targets if t in classes])
     decisions = _DecisionTally(classes, rec.manifest.get("policy"))
     n_examples = rec.scenario.sections["report"]["mask_examples"]
     # a chain: each step's mask in its own classes where it ran (the gate's is the report's `masks`)
     masks = StepMasks(rec.chain["steps"], n_examples) if rec.chain else _MaskTally(classes, n_examples)
+    by_version = None if rec.chain else _VersionMaskTally(classes, rec.scenes)
     for seen in _frames_with_truth(rec, normal, classes):
         value.add(seen)
         decisions.add(seen)
         masks.add(seen)
-    return value.result(), decisions.result(targets), masks.result(), masks.examples
+        if by_version is not None:
+            by_version.add(seen)
+    return (value.result(), decisions.result(targets), masks.result(), masks.examples,
+            by_version.result() if by_version is not None else None)
 
 
 class _ValueTally:
@@ -292,6 +309,75 @@ class _MaskTally:
         return masks
 
 
+def _frame_model(seen: _Seen) -> tuple[str | None, int | None]:
+    """(model id, version) that decided a frame: its DECISION's `model`, else its product's."""
+    model = (seen.decision or {}).get("model") or (seen.product.body.get("model") if seen.product else None) or {}
+    return model.get("id") or model.get("model_id"), model.get("version")
+
+
+class _VersionMaskTally:
+    """The downlinked masks against the truth, one confusion matrix per (scene surface, model
+    version); frames decided per group besides (a discarded frame sends no mask)."""
+
+    def __init__(self, classes: list[str], scenes: list[dict]):
+        self.classes = classes
+        self.surfaces = [s.get("surface") or "other" for s in scenes]
+        self.groups: dict[tuple[str, int | None], dict] = {}
+
+    def add(self, seen: _Seen) -> None:
+        if seen.decision is None:
+            return
+        f = seen.frame
+        surface = self.surfaces[f.scene_index] if 0 <= f.scene_index < len(self.surfaces) else "other"
+        model_id, version = _frame_model(seen)
+        g = self.groups.setdefault((surface, version), {"model_id": model_id, "decided": 0, "frames": 0,
+                                                        "cm": np.zeros((len(self.classes),) * 2, np.int64)})
+        g["decided"] += 1
+        product = seen.product
+        if not (seen.down and product is not None and "mask_png" in product.arrays):
+            return
+        mapped = seen.mapped
+        classes = product.body.get("classes") or self.classes
+        if list(classes) != list(self.classes):          # a newer model with other classes
+            return
+        try:
+            pred = decode_png(product.arrays["mask_png"])
+        except Exception:
+            return
+        if pred.shape != mapped.shape:
+            return
+        valid = mapped != IGNORE
+        g["cm"] += confusion_matrix(mapped[valid], pred[valid], len(self.classes))
+        g["frames"] += 1
+
+    def result(self) -> dict:
+        out: dict[str, dict] = {}
+        for (surface, version), g in sorted(self.groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            entry = {"model_id": g["model_id"], "version": version, "decided": g["decided"],
+                     "frames": g["frames"]}
+            if g["frames"]:
+                entry.update(SegmentationScores.from_confusion(g["cm"], self.classes).as_dict())
+            out.setdefault(surface, {})[str(version)] = entry
+        return out
+
+
+def _scheduled_uplinks(rec: RunRecord, normal: list) -> list[dict]:
+    """The scheduled uplinks as flown, each with the first frame (in acquisition order) that a
+    DECISION says ran on its model version."""
+    decided = sorted(((s.frame.acquired, s.frame.frame_id, s.body.get("model") or {}) for s in normal
+                      if s.outcome == "decision"), key=lambda x: x[0])
+    out = []
+    for up in rec.uplinks:
+        first = next(((i, fid, t) for i, (t, fid, m) in enumerate(decided)
+                      if (m.get("id") or m.get("model_id")) == up["model_id"] and m.get("version") == up["version"]),
+                     None)
+        activated = ({"frame_id": first[1], "frame_order": first[0], "acquired_s": first[2]}
+                     if up["ok"] and first else None)
+        out.append({**{k: v for k, v in up.items() if k != "upload"},
+                    "chunks": up["upload"].get("chunks"), "activated": activated})
+    return out
+
+
 # ------------------------------------------------------------------------------- the rest
 
 def _data(rec: RunRecord) -> dict:
@@ -380,6 +466,16 @@ def _checks(r: dict) -> list[dict]:
           f"({sum(x.get('products_lost_reprocessed', 0) for x in r['restarts'])} processed again)")
     for name, ok, detail in soak_checks(r["soak"]) if r.get("soak") else ():
         check(name, ok, detail)
+    for up in r.get("uplinks") or []:
+        check(f"scheduled uplink {up['index']} (v{up['version']} after pass {up['after_pass']}) installed",
+              up["ok"], up.get("error") or (f"first frame on it: {up['activated']['frame_id']}"
+                                            if up.get("activated") else "no frame decided on it"))
+    lr = r.get("learning") or {}
+    if lr.get("samples"):
+        check("science products within their budget in every pass (learning samples beside them)",
+              lr["science_within_budget"],
+              f"{lr['downlinked']}/{lr['samples']} samples down, {_size(lr['bytes_downlinked'])} of "
+              f"the learning budget")
     if r["daemon"]["exit_code"] is not None:
         check("daemon shut down cleanly", r["daemon"]["exit_code"] == 0,
               f"exit code {r['daemon']['exit_code']}")
@@ -434,8 +530,42 @@ def markdown(r: dict) -> str:
     L = [f"# Scenario report: {r['scenario']}", "", r["description"] or "", "",
          "```", headline(r), "```", ""]
     L += _md_checks(r) + _md_frames(r) + _md_data(r) + _md_stac(r) + _md_decisions(r) + md_chain(r) + _md_timing(r)
-    L += _md_uplink_and_daemon(r) + _md_soak(r)
+    L += _md_learning(r) + _md_by_version(r) + _md_uplink_and_daemon(r) + _md_soak(r)
     return "\n".join(L)
+
+
+def _md_learning(r: dict) -> list[str]:
+    lr = r.get("learning") or {}
+    if not lr.get("messages"):
+        return []
+    L = ["", "## Learning samples", "",
+         f"{lr['samples']} samples received ({lr['messages']} SAMPLE messages, {_size(lr['bytes_received'])}), "
+         f"{lr['downlinked']} downlinked ({_size(lr['bytes_downlinked'])}), {lr['left_on_board']} left on "
+         f"board; science within budget every pass: {lr['science_within_budget']}", "",
+         "| selection | samples | downlinked | bytes down |", "|---|---:|---:|---:|"]
+    L += [f"| {sel} | {x['samples']} | {x['downlinked']} | {x['bytes_downlinked']:,} |"
+          for sel, x in lr["by_selection"].items()]
+    L += ["", "| pass | learning used / budget | science used / budget | samples |", "|---:|---:|---:|---:|"]
+    L += [f"| {p['pass']} | {p['learning_used_bytes']:,} / {p['learning_budget_bytes']:,} | "
+          f"{p['science_used_bytes']:,} / {p['science_budget_bytes']:,} | {p['samples']} |" for p in lr["passes"]]
+    return L
+
+
+def _md_by_version(r: dict) -> list[str]:
+    groups = r.get("masks_by_version") or {}
+    rows = [(surface, g) for surface, per in groups.items() for g in per.values()]
+    if not rows or not (r.get("uplinks") or len(rows) > 1):
+        return []
+    L = ["", "## Masks by scene surface and model version", "",
+         "| surface | model | version | frames decided | masks scored | mIoU |", "|---|---|---:|---:|---:|---:|"]
+    L += [f"| {surface} | {g['model_id']} | {g['version']} | {g['decided']} | {g['frames']} | "
+          f"{'n/a' if g.get('miou') is None else format(g['miou'], '.3f')} |" for surface, g in rows]
+    for up in r.get("uplinks") or []:
+        act = up.get("activated")
+        L.append(f"- uplink {up['index']}: v{up['version']} after pass {up['after_pass']} (mission "
+                 f"{up['mission_s']} s): {'installed' if up['ok'] else 'refused: ' + str(up.get('error'))[:150]}"
+                 + (f"; first frame on it {act['frame_id']} (acquired {act['acquired_s']} s)" if act else ""))
+    return L
 
 
 def _md_soak(r: dict) -> list[str]:

@@ -8,19 +8,25 @@ Read top to bottom in `run_scenario`:
     start       `python -m onboard run` as a separate process (flight_sim.daemon_proc)
     uplink      the bundle in chunks (faults: a chunk corrupted in transit, the link lost midway
                 and resumed), install; then the bad bundles a scenario asks for (unsigned,
-                corrupted), each refused while the installed model keeps serving
+                corrupted), each refused while the installed model keeps serving. Scheduled
+                uplinks ([[uplinks]] after_pass = N) come during the flight: the camera holds
+                the first frame acquired after pass N's end until every earlier frame has its
+                outcome and the pass is played, the newer bundle goes up the same way and is
+                installed, then the frames go on (on it)
     fly         one loop, one thread (ZeroMQ sockets are not thread-safe): the camera releases
                 frames (paced on the wall clock, or as fast as the daemon takes them), the
                 payload sends them and keeps each until its outcome, products are pulled into
                 on-board storage (files in the run folder) and acknowledged to the daemon (it
                 then drops its spilled copy), telemetry is recorded, passes are played as the
                 mission clock passes them; faults on the way: kill -9 of the daemon and its
-                restart, malformed frames, a burst of frames faster than processing
+                restart, malformed frames, a burst of frames faster than processing; SAMPLE
+                messages (learning samples) go into on-board storage beside the products
     soak        (flight_sim.soak, when the scenario asks) the supervisor role on a real
                 NOTIFY_SOCKET, restarts on a missed watchdog, periodic kill -9, SIGSTOP, a
                 filled disk, a corrupted state.json; the daemon's RSS and fds sampled
-    land        wait for the last outcomes and products, play the remaining passes, ask the
-                daemon's status, shut it down (it drains and exits 0)
+    land        wait for the last outcomes and products (and the learning samples the daemon
+                says it sent), play the remaining passes, ask the daemon's status, shut it down
+                (it drains and exits 0)
 
 The mission clock (`[run] clock`): "simulated" (flight_sim.clock: the orbit's cadence and the
 daemon's own measured processing time per frame; passes are played when that clock passes them,
@@ -48,7 +54,7 @@ from flight_sim.camera import CameraConfig, CapturedFrame, PushbroomCamera, safe
 from flight_sim.clock import SimulatedClock
 from flight_sim.daemon_proc import DaemonProcess, write_daemon_config
 from flight_sim.downlink import Downlink, GroundStation, passes_from_spec
-from flight_sim.errors import ScenarioFailed
+from flight_sim.errors import ScenarioError, ScenarioFailed
 from flight_sim.payload import Payload
 from flight_sim.scenario import Scenario
 from flight_sim.scenes import open_source
@@ -88,6 +94,7 @@ class RunRecord:
     payload: Payload | None = None
     downlink: Downlink | None = None
     uplink: dict = field(default_factory=dict)
+    uplinks: list[dict] = field(default_factory=list)   # the scheduled ones ([[uplinks]]), as flown
     restarts: list[dict] = field(default_factory=list)
     telemetry: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
@@ -151,6 +158,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     daemon.env = {**soak.env(), **_test_env(S["daemon"])}
     rec.downlink = Downlink(passes_from_spec(S["downlink"], camera.duration_s),
                             GroundStation(out_dir / "ground"), queue_dir=out_dir / "downlink_queue")
+    scheduled = _scheduled_uplinks(scenario, rec.downlink.passes)
 
     ctx = zmq.Context()
     sockets: list = []
@@ -171,10 +179,11 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         payload = _payload(ctx, scenario, endpoints.frames, rec, keys)
         rec.payload = payload
         sockets.append(payload)
-        _Flight(scenario, rec, camera, daemon, link, payload, products, telemetry).fly(progress)
+        flight = _Flight(scenario, rec, camera, daemon, link, payload, products, telemetry, scheduled)
+        flight.fly(progress)
 
         # ------------------------------------------------------------ land
-        _land(rec, daemon, link)
+        _land(rec, daemon, link, flight)
     finally:
         _tear_down(rec, daemon, sockets, ctx)
     return rec
@@ -246,6 +255,29 @@ def _verified_bundle(scenario: Scenario, rec: RunRecord) -> Path:
     return bundle
 
 
+def _scheduled_uplinks(scenario: Scenario, passes: list) -> list[dict]:
+    """The scenario's [[uplinks]], each bundle checked with its key (default the [bundle] one)
+    before any daemon starts, its pass on the timeline: {path, public_key, after_pass, at_s
+    (the pass's end), model_id, version}."""
+    out = []
+    for i, up in enumerate(scenario.sections.get("uplinks") or []):
+        where = f"uplinks[{i}]"
+        if up["after_pass"] >= len(passes):
+            raise ScenarioError(f"{where}.after_pass: {up['after_pass']}, but the timeline has "
+                                f"{len(passes)} passes (0..{len(passes) - 1})")
+        path = (scenario.base_dir / up["path"]).expanduser().resolve()
+        key = ((scenario.base_dir / up["public_key"]).expanduser().resolve() if up.get("public_key")
+               else scenario.path("bundle", "public_key"))
+        try:
+            manifest = verify_bundle(path, key).manifest
+        except (BundleError, FileNotFoundError, ValueError) as exc:
+            raise ScenarioFailed(f"{where}.path: {path} does not verify with {key}: {exc}") from None
+        out.append({"index": i, "path": path, "public_key": key, "after_pass": up["after_pass"],
+                    "at_s": passes[up["after_pass"]].end_s, "model_id": manifest.get("model_id"),
+                    "version": manifest.get("version")})
+    return out
+
+
 def _daemon_config(scenario: Scenario, camera: PushbroomCamera, endpoints: Endpoints,
                    daemon_dir: Path, keys: Path, writable: Path | None = None) -> Path:
     """The daemon's TOML in the run folder, from the scenario's [daemon] section; its store,
@@ -289,8 +321,10 @@ def _payload(ctx: zmq.Context, scenario: Scenario, endpoint: str, rec: RunRecord
                    keys=client_keys(keys, "payload"))
 
 
-def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandClient) -> None:
-    """Play the remaining passes, ask the daemon's status, shut it down (it drains, exits 0)."""
+def _land(rec: RunRecord, daemon: DaemonProcess, link: CommandClient, flight: "_Flight") -> None:
+    """The learning samples still on their way, the remaining passes played, the daemon's
+    status, its shutdown (it drains, exits 0)."""
+    flight.collect_samples()
     rec.downlink.finish()
     rec.event("passes_done")
     try:
@@ -374,8 +408,11 @@ class _Flight:
 
     def __init__(self, scenario: Scenario, rec: RunRecord, camera: PushbroomCamera,
                  daemon: DaemonProcess, link: CommandClient, payload: Payload, products: zmq.Socket,
-                 telemetry: zmq.Socket):
+                 telemetry: zmq.Socket, scheduled: list[dict] | None = None):
         S = scenario.sections
+        self.chunk_size = S["bundle"]["chunk_size"]
+        self.scheduled = list(scheduled or [])    # uplinks still to come, by pass
+        self.hold_since: float | None = None      # the camera waits for a scheduled uplink
         self.faults, self.start_timeout_s = S["faults"], S["daemon"]["start_timeout_s"]
         self.rec, self.camera, self.daemon, self.link = rec, camera, daemon, link
         self.daemon_dir = Path(daemon.config_path).parent if rec.soak is None or \
@@ -430,6 +467,8 @@ class _Flight:
             if self._done():
                 break
         self._advance_clock()             # products named missing settle their frames too
+        while self.scheduled and not self.rec.timed_out:   # after the last frame: up all the same
+            self._uplink_now(self.scheduled.pop(0), None)
         self._acknowledge(final=True)
         if self.bar is not None:
             self.bar.close()
@@ -445,6 +484,9 @@ class _Flight:
         tile). A burst goes at once and overruns the window."""
         while self.next_i < len(self.schedule):
             in_burst = self.next_i in self.burst
+            if self.scheduled and self.schedule[self.next_i][4] >= self.scheduled[0]["at_s"] \
+                    and not self._scheduled_uplink():
+                break                                   # held for the uplink after a pass
             if in_burst:
                 self.payload.window = self.base_window + len(self.burst)
             elif self.realtime and now < self.rec.t_fly + self.schedule[self.next_i][4] / self.speedup:
@@ -456,6 +498,66 @@ class _Flight:
             self._add_malformed(frame)
             if in_burst and self.next_i == self.burst.stop:
                 self.rec.event("burst", frames=len(self.burst))
+
+    def _scheduled_uplink(self) -> bool:
+        """The next [[uplinks]] bundle, once every frame acquired before its pass's end has its
+        outcome (and, on the simulated clock, is settled, so the pass is played: a product that
+        never comes is waited for PRODUCT_WAIT_S); True once it is up (the camera goes on),
+        False while it waits."""
+        if self.payload.unresolved:
+            return False
+        now = time.monotonic()
+        self.hold_since = self.hold_since or now
+        self._advance_clock()
+        if self.clock is not None and self.clock.settled < len(self.clock.frames) \
+                and now - self.hold_since < PRODUCT_WAIT_S:
+            return False
+        self.hold_since = None
+        self._uplink_now(self.scheduled.pop(0), self.next_i)
+        return True
+
+    def _uplink_now(self, up: dict, next_frame: int | None) -> None:
+        """Upload and install a scheduled bundle (flight_sim.uplink, as the first one); what
+        happened goes on record (the report finds the first frame decided with it)."""
+        rec, t = self.rec, time.monotonic()
+        before = _model_key(self.link.call("status")["model"])
+        uplink = Uplink(self.link, self.chunk_size)
+        report = uplink.upload(up["path"])
+        ack = uplink.install(report.upload_id)
+        after = _model_key(self.link.call("status")["model"])
+        played = self.downlink._next_pass > up["after_pass"]
+        entry = {"index": up["index"], "bundle": str(up["path"]), "after_pass": up["after_pass"],
+                 "mission_s": round(up["at_s"], 3), "pass_played": played,
+                 "model_id": up["model_id"], "version": up["version"], "ok": bool(ack.get("ok")),
+                 "error": ack.get("error"),
+                 "model_before": {"id": before[0], "version": before[1]} if before else None,
+                 "model_after": {"id": after[0], "version": after[1]} if after else None,
+                 "upload": report.as_dict(), "seconds": round(time.monotonic() - t, 3),
+                 "next_frame": (None if next_frame is None else
+                                {"schedule_index": next_frame,
+                                 "acquired_s": round(self.schedule[next_frame][4], 6)})}
+        rec.uplinks.append(entry)
+        rec.event("scheduled_uplink", bundle=up["path"].name, ok=entry["ok"], version=up["version"])
+        log.info("scheduled uplink %s after pass %d: %s", up["path"].name, up["after_pass"],
+                 "installed" if entry["ok"] else f"refused ({entry['error']})")
+
+    def collect_samples(self) -> None:
+        """Learning samples follow their frame's DECISION on the products socket: after the
+        last outcome, wait (PRODUCT_WAIT_S at most) until the daemon's outbox holds none and
+        as many SAMPLE messages came as it says it sent (its status `learning.samples`)."""
+        until = time.monotonic() + PRODUCT_WAIT_S
+        while self.daemon.alive() and time.monotonic() < until:
+            self._take_products()
+            try:
+                status = self.link.request("status", {}, timeout_s=ACK_TIMEOUT_S, retries=0)
+            except Exception:
+                return
+            counts = ((status.get("result") or {}).get("learning") or {}).get("samples") or {}
+            if not counts or (not counts.get("waiting") and
+                              self.downlink.sample_messages_seen >= counts.get("sent", 0)):
+                self._take_products()
+                return
+            time.sleep(POLL_MS / 1000)
 
     def _capture(self) -> CapturedFrame:
         frame = self.camera.capture(*self.schedule[self.next_i])
@@ -569,12 +671,18 @@ class _Flight:
 
     def _on_product(self, parts: list) -> None:
         """A PRODUCT into on-board storage (a second copy, sent again after a restart, is
-        dropped there), with its ready time when known; acknowledged to the daemon either way."""
+        dropped there), with its ready time when known; acknowledged to the daemon either way.
+        A SAMPLE goes there too (its frame's ready time), never acknowledged (not spilled)."""
         now = time.monotonic()
         try:
-            frame_id = decode(parts, self.downlink.limits).body.get("frame_id")
+            msg = decode(parts, self.downlink.limits)
+            frame_id, kind = msg.body.get("frame_id"), msg.type
         except MessageError:
-            frame_id = None
+            frame_id, kind = None, None
+        if kind == "sample":
+            state = self.payload.states.get(frame_id)
+            self.downlink.receive(parts, ready_s=self._ready_s(frame_id, state, now) if state else 0.0)
+            return
         if frame_id and self.durable:
             self.unacked.append(frame_id)
         state = self.payload.states.get(frame_id) if frame_id else None

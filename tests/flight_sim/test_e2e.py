@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("openvino")
 pytest.importorskip("zmq")
 
-from sim_flight import fly, make_flight_bundle  # noqa: E402
+from sim_flight import assert_checks_pass, fly_text, make_flight_bundle  # noqa: E402
 
 SCENARIO = """
 name = "e2e"
@@ -67,17 +67,11 @@ burst = {after_frames = 5, frames = 3}
 def flight(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     make_flight_bundle(root)
-    (root / "scenario.toml").write_text(SCENARIO)
-    out = root / "run"
-    proc, report = fly(root / "scenario.toml", out)
-    return proc, report, out
+    return fly_text(root, SCENARIO)
 
 
 def test_every_check_passes_and_exit_code_says_so(flight):
-    proc, report, _ = flight
-    failed = [c for c in report["checks"] if not c["ok"]]
-    assert not failed, failed
-    assert report["ok"] and proc.returncode == 0, proc.stderr[-2000:]
+    assert_checks_pass(*flight[:2])
 
 
 def test_accounting_balances_nothing_lost(flight):
