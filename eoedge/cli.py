@@ -23,6 +23,7 @@ GROUPS = {
 # top-level shortcuts: name -> (module, summary)
 SHORTCUTS = {
     "demo": ("eoedge.demo", "the main job on the embedded default: build a cloud -> ship model chain, fly it, report"),
+    "loop": ("eoedge.loop", "the closed loop: fly, downlink uncertain tiles, re-distil, uplink v+1, fly again"),
 }
 # a missing top-level module -> the extra that brings it
 EXTRA_FOR_MODULE = {

@@ -168,7 +168,19 @@ def write_training_scenes(folder: Path, size: int, scenes: list = TRAINING_SCENE
 CLOUD_TRAIN_THREADS = 1
 
 
-def ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
+def ground_config(out: Path, scenes: list[Path], steps: int, label_free: bool = False) -> dict:
+    """The cloud student's run; `label_free`: the teacher's outputs alone (no cross-entropy on
+    the generated truth, thresholds calibrated on the teacher's labels), as a ground without
+    labels of its imagery distils."""
+    cfg = _ground_config(out, scenes, steps)
+    if label_free:
+        del cfg["data"]["labelled"]
+        cfg["eval"]["calibrate"] = "teacher"
+        del cfg["experiment"][0]["ce_weight"]
+    return cfg
+
+
+def _ground_config(out: Path, scenes: list[Path], steps: int) -> dict:
     r = RECIPE
     return {"run": {"name": "distil", "out": str(out / "ground"), "seed": 0, "deliver": "distilled"},
             "data": {"bands": TEACHER_BANDS, "classes": CLASSES,
@@ -244,8 +256,10 @@ def build_ship_bundle(out: Path, steps: int, quiet: bool) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
-    """Steps 2-5: imagery -> distilled student -> FP16 IR -> signed bundle (OUT/bundle.tar)."""
+def build_bundle(out: Path, steps: int, quiet: bool, policy: dict = POLICY, name: str = "bundle.tar",
+                 label_free: bool = False) -> dict:
+    """Steps 2-5: imagery -> distilled student -> FP16 IR -> signed bundle (OUT/NAME) with `policy`
+    (`label_free`: ground_config's)."""
     t0 = time.perf_counter()
     sk, _ = ensure_keys(out)
     scenes = write_training_scenes(out / "scenes", RECIPE["scene_size"])
@@ -254,7 +268,7 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     log(f"distil: {RECIPE['teacher']} -> {RECIPE['student']} {RECIPE['params']}, {steps} steps", quiet)
     t = time.perf_counter()
-    distilled = distill(parse_config(ground_config(out, scenes, steps)), progress=not quiet)
+    distilled = distill(parse_config(ground_config(out, scenes, steps, label_free)), progress=not quiet)
     distil_s = time.perf_counter() - t
     run = Run.open(run_dir, progress=not quiet)
     log("export: FP16 OpenVINO IR", quiet)
@@ -262,7 +276,7 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
     exported = export(run, "student.pt", name="student")
     export_s = time.perf_counter() - t
     policy_path = out / "policy.json"
-    policy_path.write_text(json.dumps(POLICY, indent=1))
+    policy_path.write_text(json.dumps(policy, indent=1))
     log("bundle: manifest, reference tiles, signature", quiet)
     t = time.perf_counter()
     r = RECIPE
@@ -270,10 +284,10 @@ def build_bundle(out: Path, steps: int, quiet: bool) -> dict:
                      reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
                      reference_windows=r["reference_windows"])
     # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
-    shutil.copyfile(bundled["bundle"], out / "bundle.tar")
+    shutil.copyfile(bundled["bundle"], out / name)
     bundle_s = time.perf_counter() - t
     row = (distilled.get("rows") or [{}])[-1]
-    return {"bundle": str(out / "bundle.tar"), "built": bundled["bundle"], "bytes": bundled["bytes"],
+    return {"bundle": str(out / name), "built": bundled["bundle"], "bytes": bundled["bytes"],
             "model_id": bundled["model_id"],
             "version": bundled["version"], "params": row.get("params"), "macs_per_tile": row.get("macs"),
             "parity": exported.get("parity"), "latency": exported.get("latency"),
