@@ -412,19 +412,23 @@ class Downlink:
         for item in waiting:
             heapq.heappush(self.queue, item)
         learning_used, samples = self._play_samples(index, p)
+        by_selection: dict[str, int] = {}
+        for item in samples:
+            by_selection[item.selection] = by_selection.get(item.selection, 0) + 1
         self.pass_log.append({"pass": index, "start_s": p.start_s, "end_s": p.end_s,
                               "budget_bytes": p.budget_bytes, "used_bytes": used, "products": sent,
                               "left_on_board": len(self.queue),
                               "science_within_budget": used <= p.budget_bytes,
                               "learning_budget_bytes": p.learning_budget_bytes,
-                              "learning_used_bytes": learning_used, "samples": samples,
+                              "learning_used_bytes": learning_used, "samples": len(samples),
+                              "samples_by_selection": by_selection,
                               "samples_left_on_board": len(self.sample_queue)})
         return sent
 
-    def _play_samples(self, index: int, p: Pass) -> tuple[int, int]:
+    def _play_samples(self, index: int, p: Pass) -> tuple[int, list[StoredSample]]:
         """The pass's learning budget spent on the sample queue (most uncertain first; one too
         big for what is left waits, smaller ones behind it may go); (bytes used, samples sent)."""
-        budget, used, sent, waiting = p.learning_budget_bytes, 0, 0, []
+        budget, used, sent, waiting = p.learning_budget_bytes, 0, [], []
         while self.sample_queue and budget > 0:
             item = heapq.heappop(self.sample_queue)
             if item.ready_s > p.end_s or item.nbytes > budget - used:
@@ -433,7 +437,7 @@ class Downlink:
             used += item.nbytes
             t = min(max(p.start_s, item.ready_s) + used / budget * p.duration_s, p.end_s)
             self._sample_down(item, index, p, t)
-            sent += 1
+            sent.append(item)
         for item in waiting:
             heapq.heappush(self.sample_queue, item)
         return used, sent
@@ -492,6 +496,7 @@ class Downlink:
                 "folder": str(self.station.learning_dir),
                 "passes": [{"pass": e["pass"], "learning_budget_bytes": e["learning_budget_bytes"],
                             "learning_used_bytes": e["learning_used_bytes"], "samples": e["samples"],
+                            "samples_by_selection": e["samples_by_selection"],
                             "science_budget_bytes": e["budget_bytes"], "science_used_bytes": e["used_bytes"],
                             "science_within_budget": e["science_within_budget"]} for e in self.pass_log],
                 "science_within_budget": all(e["science_within_budget"] for e in self.pass_log)}

@@ -505,6 +505,16 @@ def headline(r: dict) -> str:
         parts.append("chain: " + ", ".join(f"{s['name']} on {s['cells_run']}/{s['cells_total']} cells "
                                            f"({s['ms_total']:.0f} ms)" for s in c["steps"])
                      + (f"; the gate saved ~{_fmt_pct(saved)} of model time (estimated)" if saved is not None else ""))
+    lr = r.get("learning") or {}
+    if lr.get("samples"):
+        parts.append(f"learning samples: {lr['downlinked']}/{lr['samples']} down "
+                     f"({_size(lr['bytes_downlinked'])}), {lr['left_on_board']} left on board; science "
+                     f"within its budget every pass: {lr['science_within_budget']}")
+    for up in r.get("uplinks") or []:
+        act = up.get("activated")
+        parts.append(f"uplink after pass {up['after_pass']}: v{up['version']} "
+                     + ("installed" if up["ok"] else "REFUSED")
+                     + (f", first frame on it {act['frame_id']}" if act else ""))
     dec = r["decisions"]
     if dec["with_truth"]:
         parts.append(f"decisions agree with the policy on the truth: {dec['agree']}/{dec['with_truth']}"

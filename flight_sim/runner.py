@@ -520,11 +520,15 @@ class _Flight:
         """Upload and install a scheduled bundle (flight_sim.uplink, as the first one); what
         happened goes on record (the report finds the first frame decided with it)."""
         rec, t = self.rec, time.monotonic()
-        before = _model_key(self.link.call("status")["model"])
-        uplink = Uplink(self.link, self.chunk_size)
-        report = uplink.upload(up["path"])
-        ack = uplink.install(report.upload_id)
-        after = _model_key(self.link.call("status")["model"])
+        before = after = report = None
+        try:
+            before = _model_key(self.link.call("status")["model"])
+            uplink = Uplink(self.link, self.chunk_size)
+            report = uplink.upload(up["path"]).as_dict()
+            ack = uplink.install(report["upload_id"])
+            after = _model_key(self.link.call("status")["model"])
+        except Exception as exc:          # a lost link or a refusal: on record, the flight goes on
+            ack = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         played = self.downlink._next_pass > up["after_pass"]
         entry = {"index": up["index"], "bundle": str(up["path"]), "after_pass": up["after_pass"],
                  "mission_s": round(up["at_s"], 3), "pass_played": played,
@@ -532,7 +536,7 @@ class _Flight:
                  "error": ack.get("error"),
                  "model_before": {"id": before[0], "version": before[1]} if before else None,
                  "model_after": {"id": after[0], "version": after[1]} if after else None,
-                 "upload": report.as_dict(), "seconds": round(time.monotonic() - t, 3),
+                 "upload": report or {}, "seconds": round(time.monotonic() - t, 3),
                  "next_frame": (None if next_frame is None else
                                 {"schedule_index": next_frame,
                                  "acquired_s": round(self.schedule[next_frame][4], 6)})}

@@ -103,3 +103,32 @@ def test_the_uplink_after_pass_0_runs_the_arid_scene(flight):
     md = (flight[2] / "report.md").read_text()
     assert "## Learning samples" in md and "## Masks by scene surface and model version" in md
     assert json.loads((flight[2] / "report.json").read_text())["uplinks"][0]["version"] == 2
+
+
+def test_scheduled_uplinks_checked_before_the_daemon_starts(tmp_path):
+    """Each [[uplinks]] bundle verifies with its key (default: the [bundle] one) and names a pass
+    of the timeline, before anything flies; errors name the entry."""
+    from flight_sim.downlink import Pass
+    from flight_sim.errors import ScenarioError, ScenarioFailed
+    from flight_sim.runner import _scheduled_uplinks
+    from flight_sim.scenario import scenario_from_dict
+    from flight_sim.uplink import newer_version_copy
+    from shared.keys import generate_keypair
+    bundle = make_flight_bundle(tmp_path)
+    newer_version_copy(bundle, tmp_path / "v2.tar", tmp_path / "keys" / "uplink.key")
+    generate_keypair(tmp_path / "other")
+
+    def scenario(**up):
+        return scenario_from_dict({"bundle": {"path": "bundle.tar", "public_key": "keys/uplink.pub"},
+                                   "scenes": [{"kind": "generated", "rows": 8, "cols": 8}],
+                                   "uplinks": [{"path": "v2.tar", "after_pass": 1, **up}]}, tmp_path)
+
+    passes = [Pass(0, 1, 100), Pass(10, 2, 100)]
+    up, = _scheduled_uplinks(scenario(), passes)
+    assert (up["version"], up["after_pass"], up["at_s"]) == (2, 1, 12.0)
+    with pytest.raises(ScenarioError, match=r"uplinks\[0\].after_pass: 1, but the timeline has 1 passes"):
+        _scheduled_uplinks(scenario(), passes[:1])
+    with pytest.raises(ScenarioFailed, match=r"uplinks\[0\].path: .*v9.tar"):
+        _scheduled_uplinks(scenario(path="v9.tar"), passes)
+    with pytest.raises(ScenarioFailed, match=r"uplinks\[0\].path: .*other"):
+        _scheduled_uplinks(scenario(public_key="other/uplink.pub"), passes)
