@@ -504,9 +504,10 @@ class _Flight:
         outcome (and, on the simulated clock, is settled, so the pass is played: a product that
         never comes is waited for PRODUCT_WAIT_S); True once it is up (the camera goes on),
         False while it waits."""
-        if self.payload.unresolved:
-            return False
         now = time.monotonic()
+        if self.payload.unresolved or (self.realtime and self.clock is None and
+                                       (now - self.rec.t_fly) * self.speedup < self.scheduled[0]["at_s"]):
+            return False                 # (on the wall clock in real time: the pass must be over too)
         self.hold_since = self.hold_since or now
         self._advance_clock()
         if self.clock is not None and self.clock.settled < len(self.clock.frames) \
