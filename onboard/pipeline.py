@@ -315,7 +315,7 @@ class FramePipeline:
             timer.lap("validate")
             counted = classes_needing_components(policy)
             learning = learning_block(policy)
-            grid = self._grid(data.shape[1:])
+            grid = self._grid(data.shape[1:]) if learning else None
             tile_scores = np.zeros((len(grid), 2), np.float32) if learning else None
             quicklook = (lambda: products_mod.quicklook_jpg(data, bands, scale)) if make_products else None
             with _MaskRows(self, data.shape[1:], counted, quicklook) as rows:

@@ -3,6 +3,7 @@ operator would drive it. Every daemon is killed in teardown; every wait has a ti
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import selectors
@@ -242,12 +243,11 @@ def bundles(tmp_path_factory) -> BundleFactory:
     return BundleFactory(tmp_path_factory.mktemp("bundles"))
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, bundles):
-    """One daemon serving v1 (installed offline first), a payload and a downlink on it."""
-    root = tmp_path_factory.mktemp("served")
-    offline_install(root / "store", bundles.public, bundles.build(1))
-    daemon = DaemonProcess(root, bundles.public, limits={"max_message_bytes": 4 << 20})
+@contextlib.contextmanager
+def serving(root: Path, public_key: Path, bundle: Path):
+    """A daemon serving `bundle` (installed offline first), a payload and a downlink on it."""
+    offline_install(root / "store", public_key, bundle)
+    daemon = DaemonProcess(root, public_key, limits={"max_message_bytes": 4 << 20})
     payload = downlink = None
     try:
         daemon.start()
@@ -259,6 +259,13 @@ def served(tmp_path_factory, bundles):
             if sock is not None:
                 sock.close()
         daemon.cleanup()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, bundles):
+    """One daemon serving v1, a payload and a downlink on it."""
+    with serving(tmp_path_factory.mktemp("served"), bundles.public, bundles.build(1)) as peers:
+        yield peers
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from onboard_models import BANDS_6, CLASSES_3, default_scaling, synthetic_frame  # noqa: E402
-from test_daemon import (DaemonProcess, Payload, command, connect, offline_install,  # noqa: E402
-                         products)
+from test_daemon import Payload, command, connect, products, serving  # noqa: E402
 from test_pipeline import TILE, manifest, model_dir  # noqa: E402,F401  (fixtures)
 from test_store import BundleFactory  # noqa: E402
 
@@ -153,23 +152,13 @@ def test_a_policy_without_learning_compiles_no_scores_output(manifest, model_dir
 
 @pytest.fixture(scope="module")
 def learning_daemon(tmp_path_factory):
+    """A daemon serving v3 of the test model with a learning policy, a payload and a downlink."""
     bundles = BundleFactory(tmp_path_factory.mktemp("bundles"))
     policy = {"rules": [{"if": {"class": "cloud", "fraction_above": 0.6}, "then": "discard"}],
               "default": {"then": "keep", "priority": 5}, "learning": LEARNING}
-    root = tmp_path_factory.mktemp("learning")
-    offline_install(root / "store", bundles.public, bundles.build(3, policy=policy))
-    daemon = DaemonProcess(root, bundles.public, limits={"max_message_bytes": 4 << 20})
-    payload = downlink = None
-    try:
-        daemon.start()
-        payload = Payload(daemon.endpoints["frames"])
-        downlink = connect(zmq.PULL, daemon.endpoints["products"], "downlink")
+    bundle = bundles.build(3, policy=policy)
+    with serving(tmp_path_factory.mktemp("learning"), bundles.public, bundle) as (daemon, payload, downlink):
         yield daemon, payload, downlink, policy
-    finally:
-        for sock in (payload, downlink):
-            if sock is not None:
-                sock.close()
-        daemon.cleanup()
 
 
 def send_frame(payload: Payload, frame_id: str, data: np.ndarray, bands=BANDS_6) -> Message:
