@@ -244,3 +244,31 @@ def test_daemon_without_a_learning_block_sends_no_samples(learning_daemon):
         assert [m.type for m in got] == ["product"]
     finally:
         assert command(ep, "set_policy", {"policy": None})["ok"]     # the bundle's own again
+
+
+def test_waiting_samples_are_bounded_and_never_count_as_products():
+    """Bus.push_sample: best effort. Past MAX_SAMPLES_WAITING a new SAMPLE is dropped and counted,
+    and waiting SAMPLEs count neither in pending("products") nor in product_bytes (admission's
+    bounds), so they never make the daemon refuse a frame."""
+    import collections
+
+    from onboard import bus as bus_mod
+
+    bus = object.__new__(bus_mod.Bus)          # the outboxes alone: no sockets, no keys
+    bus.outboxes = {"products": bus_mod.Outbox("products")}
+    bus.spilled = collections.deque()
+    bus.samples = dict.fromkeys(("queued", "sent", "tiles_sent", "bytes_sent", "dropped", "waiting",
+                                 "waiting_bytes"), 0)
+    bus.push_product(Message("product", {"frame_id": "p", "priority": 1}, {"mask_png": np.zeros(10, np.uint8)}))
+    product_bytes = bus.product_bytes()
+    tiles = np.zeros((1, 6, 8, 8), np.uint16)
+    body = {"frame_id": "s", "priority": 9, "model": {"model_id": "m", "version": 1}, "selection": "random",
+            "bands": list(BANDS_6), "scale": 1e-4,
+            "samples": [{"row": 0, "col": 0, "size": 8, "entropy": 0.5, "ambiguous": 0.1}]}
+    queued = [bus.push_sample(Message("sample", body, {"tiles": tiles}))
+              for _ in range(bus_mod.MAX_SAMPLES_WAITING + 3)]
+    assert queued == [True] * bus_mod.MAX_SAMPLES_WAITING + [False] * 3
+    status = bus.sample_status()
+    assert status["waiting"] == bus_mod.MAX_SAMPLES_WAITING and status["dropped"] == 3
+    assert bus.pending("products") == 1 and bus.product_bytes() == product_bytes
+    assert len(bus.outboxes["products"]) == 1 + bus_mod.MAX_SAMPLES_WAITING
