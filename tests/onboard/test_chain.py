@@ -232,6 +232,18 @@ def test_the_policy_keeps_a_ship_under_clear_sky_and_never_looks_under_the_cloud
     assert not hidden.keep and hidden.products == {}
 
 
+def test_a_chain_takes_a_learning_block_and_sends_no_samples(chain_pipeline):
+    """Learning samples are a single model's (docs/onboard.md): a chain's policy may carry the
+    block (validated), its steps run without the scores output and its result has none."""
+    policy = {**chain_pipeline.policy, "learning": {"tiles": 2}}
+    result = chain_pipeline.process(chain_frame(), BANDS_6, 1e-4, policy=policy, frame_id="c-1")
+    assert result.learning is None and "uncertainty" not in result.summary()
+    for _, pipeline, _ in chain_pipeline.steps:
+        assert all(key[-1] is False for key in pipeline.model._mask_variants)
+    with pytest.raises(ValueError, match="policy.learning.tiles"):
+        chain_pipeline.process(chain_frame(), BANDS_6, 1e-4, policy={**policy, "learning": {"tiles": 0}})
+
+
 def test_a_ship_cut_by_the_edge_of_the_cells_run_keeps_its_part_undiminished(chain_pipeline):
     """Half a ship under the cloud's cell, half in the clear cell beside it: the ship model runs
     on the clear half alone, and the opening does not erode it at the cut (the box's edge is
