@@ -69,7 +69,8 @@ def _text(r: dict) -> str:
         f"{r['steps']} steps, replay {r['replay']:.0%}: agreement with the teacher on the samples "
         f"{a['before']['samples']:.4f} -> {a['after']['samples']:.4f}, on the run's imagery "
         f"{a['before']['replay']:.4f} -> {a['after']['replay']:.4f}",
-        f"checkpoint: {r['run_dir']}/{r['checkpoint']} ({r['seconds']['total']} s)"])
+        f"checkpoint: {r['run_dir']}/{r['checkpoint']} (training {r['seconds']['train']} s, "
+        f"all {r['seconds']['total']} s)"])
 
 
 def cmd_redistil(args) -> int:
