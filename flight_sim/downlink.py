@@ -384,6 +384,10 @@ class Downlink:
             if sample.key not in self.samples_downlinked:
                 sample.ready_s = float(ready_s)
 
+    @property
+    def passes_played(self) -> int:
+        return self._next_pass
+
     def advance(self, mission_s: float) -> int:
         """Play every pass that has ended by `mission_s`; returns products sent down."""
         sent = 0

@@ -530,7 +530,7 @@ class _Flight:
             after = _model_key(self.link.call("status")["model"])
         except Exception as exc:          # a lost link or a refusal: on record, the flight goes on
             ack = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        played = self.downlink._next_pass > up["after_pass"]
+        played = self.downlink.passes_played > up["after_pass"]
         entry = {"index": up["index"], "bundle": str(up["path"]), "after_pass": up["after_pass"],
                  "mission_s": round(up["at_s"], 3), "pass_played": played,
                  "model_id": up["model_id"], "version": up["version"], "ok": bool(ack.get("ok")),
