@@ -44,6 +44,11 @@ from flight_sim.generator import SceneGenerator
 from flight_sim.report import build_report, write_report
 from flight_sim.runner import run_scenario
 from flight_sim.scenario import load_scenario
+from ground.stages.bundle import bundle
+from ground.stages.redistil import redistil
+from ground.stages.run import Run
+from ground.teachers.registry import build_teacher
+from onboard.pipeline import FramePipeline
 from eoedge import demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +77,6 @@ def learning_policy(select: str) -> dict:
 def build_v(out: Path, steps: int, rebuild: bool, quiet: bool) -> dict:
     """v: the demo's cloud student (temperate imagery only), bundled once per selection
     (OUT/v1-<selection>.tar: same model, same version, the policies' `learning.select` apart)."""
-    from ground.stages.bundle import bundle
-    from ground.stages.run import Run
     names = {s: f"v1-{s}.tar" for s in SELECTIONS}
     if not rebuild and all(demo.existing_bundle(out, n) and (out / "ground" / f"distil-{s}").is_dir()
                            for s, n in names.items()):
@@ -122,7 +125,6 @@ def fly(out: Path, scenario_path: Path, bundle: Path, folder: str, quiet: bool,
 def redistil_v(out: Path, v: Path, samples: Path, select: str, steps: int, quiet: bool) -> dict:
     """v+1 from v's checkpoint, the teacher's labels on `samples` and v's imagery replayed, in
     the run folder v was bundled from (OUT/ground/distil-<selection>)."""
-    from ground.stages.redistil import redistil
     sk, _ = demo.ensure_keys(out)
     return redistil(v, [samples], sk, steps=steps, replay=REDISTIL["replay"],
                     run_dir=out / "ground" / f"distil-{select}",
@@ -144,7 +146,6 @@ def eval_scenes() -> list[dict]:
 
 
 def teacher_masks(scenes: list[dict]) -> list[np.ndarray]:
-    from ground.teachers.registry import build_teacher
     teacher = build_teacher(demo.RECIPE["teacher"])
     idx = [S2_BANDS.index(b) for b in teacher.bands]
     return [np.argmax(teacher.predict_proba(s["reflectance"][idx]), axis=0).astype(np.uint8) for s in scenes]
@@ -153,7 +154,6 @@ def teacher_masks(scenes: list[dict]) -> list[np.ndarray]:
 def bundle_masks(bundle: Path, public_key: Path, scenes: list[dict]) -> list[np.ndarray]:
     """The class masks the on-board pipeline makes of each scene with `bundle` (verified, run
     by OpenVINO as the daemon runs it)."""
-    from onboard.pipeline import FramePipeline
     with tempfile.TemporaryDirectory() as tmp:
         v = extract_bundle(bundle, Path(tmp) / "b", public_key)
         policy = {k: x for k, x in v.manifest["policy"].items() if k != "learning"}

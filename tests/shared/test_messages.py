@@ -63,6 +63,15 @@ BODIES = {
                      "classes": st.lists(text, max_size=3), "tiles": st.lists(plain_map, max_size=2),
                      "georef": georefs, "bands": st.lists(ident, max_size=4),
                      "scale": st.floats(min_value=1e-6, max_value=1e6)}),
+    "sample": body({"frame_id": ident, "priority": int64,
+                    "model": st.fixed_dictionaries({"model_id": ident, "version": st.integers(0, 2**40)}),
+                    "selection": st.sampled_from(["uncertainty", "random"]),
+                    "bands": st.lists(ident, min_size=1, max_size=4),
+                    "scale": st.floats(min_value=1e-6, max_value=1e6),
+                    "samples": st.lists(st.fixed_dictionaries(
+                        {"row": st.integers(0, 2**31), "col": st.integers(0, 2**31), "size": st.integers(1, 4),
+                         "entropy": st.floats(0, 1), "ambiguous": st.floats(0, 1)}), min_size=1, max_size=3)},
+                   {"scene": text, "index": int64, "acquired": finite, "georef": georefs}),
     "error": body({"code": ident, "message": text},
                   {"frame_id": st.none() | text, "field": st.none() | text, "details": plain_map}),
     "command": body({"name": ident}, {"args": plain_map}),
@@ -83,6 +92,9 @@ any_array = allowed_dtypes.flatmap(lambda dt: hnp.arrays(dt, shapes))
 frame_array = st.sampled_from(["uint16", "int16", "float32"]).flatmap(
     lambda dt: hnp.arrays(np.dtype(dt), hnp.array_shapes(min_dims=3, max_dims=3, min_side=0, max_side=6)))
 
+sample_tiles = st.sampled_from(["uint16", "int16", "float32"]).flatmap(
+    lambda dt: hnp.arrays(np.dtype(dt), hnp.array_shapes(min_dims=4, max_dims=4, min_side=1, max_side=3)))
+
 
 @st.composite
 def messages(draw, types=st.sampled_from(MESSAGE_TYPES)):
@@ -90,6 +102,8 @@ def messages(draw, types=st.sampled_from(MESSAGE_TYPES)):
     b = draw(BODIES[type_])
     if type_ == "frame":
         arrays = {"data": draw(frame_array)}
+    elif type_ == "sample":
+        arrays = {"tiles": draw(sample_tiles)}
     elif m.BODY_SCHEMAS[type_].other_arrays:
         arrays = draw(st.dictionaries(ident, any_array, max_size=3))
     else:
@@ -316,12 +330,16 @@ def test_missing_header_fields(key):
 
 @pytest.mark.parametrize("type_", MESSAGE_TYPES)
 def test_missing_required_body_fields(type_):
-    arrays = {"data": np.zeros((1, 1, 1), np.uint16)} if type_ == "frame" else {}
-    good = Message(type_, _minimal_body(type_), arrays)
+    good = Message(type_, _minimal_body(type_), _minimal_arrays(type_))
     for name in m.BODY_SCHEMAS[type_].required:
         h = header_of(good)
         del h["body"][name]
         raises_field(with_header(good, h), f"body.{name}")
+
+
+def _minimal_arrays(type_: str) -> dict:
+    return {"frame": {"data": np.zeros((1, 1, 1), np.uint16)},
+            "sample": {"tiles": np.zeros((1, 1, 2, 2), np.uint16)}}.get(type_, {})
 
 
 def _minimal_body(type_: str) -> dict:
@@ -331,7 +349,10 @@ def _minimal_body(type_: str) -> dict:
             "error": {"code": "queue_full", "message": "full"},
             "command": {"name": "status"},
             "ack": {"ok": True},
-            "telemetry": {"seq": 0, "uptime": 1.0, "queue_depth": 0}}[type_]
+            "telemetry": {"seq": 0, "uptime": 1.0, "queue_depth": 0},
+            "sample": {"frame_id": "f", "priority": 9, "model": {"model_id": "m", "version": 1},
+                       "selection": "random", "bands": ["B02"], "scale": 1e-4,
+                       "samples": [{"row": 0, "col": 0, "size": 2, "entropy": 0.5, "ambiguous": 0.0}]}}[type_]
 
 
 @pytest.mark.parametrize("type_,field,value", [
@@ -343,10 +364,13 @@ def _minimal_body(type_: str) -> dict:
     ("ack", "ok", "yes"), ("ack", "queue_depth", -1), ("ack", "code", 5), ("ack", "code", ""),
     ("ack", "code", "x" * 65), ("error", "code", "x" * 65),
     ("telemetry", "seq", -3), ("telemetry", "uptime", float("inf")),
+    ("sample", "model", {"model_id": "m"}), ("sample", "samples", []),
+    ("sample", "samples", [{"row": 0, "col": 0, "size": 0, "entropy": 0.5, "ambiguous": 0.0}]),
+    ("sample", "samples", [{"row": 0, "col": 0, "size": 2, "entropy": 1.5, "ambiguous": 0.0}]),
 ])
 def test_wrong_body_field_types(type_, field, value):
     b = {**_minimal_body(type_), field: value}
-    arrays = {"data": np.zeros((1, 1, 1), np.uint16)} if type_ == "frame" else {}
+    arrays = _minimal_arrays(type_)
     with pytest.raises(MessageError) as info:
         encode(Message(type_, b, arrays))                          # the sender is told ...
     assert info.value.field.startswith(f"body.{field}")
