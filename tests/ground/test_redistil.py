@@ -203,6 +203,15 @@ def test_the_onboard_store_installs_v_plus_1_over_v(flying, redistilled, keys, t
         store.close()
 
 
+def test_v_plus_1_re_distils_in_turn(flying, redistilled, keys):
+    """The loop goes on: v2 flies, its samples come down, v3 names v2 as parent and starts from v2's
+    checkpoint."""
+    res = redistil(redistilled["bundle"], [flying["samples"]], keys[0], steps=1, progress=False)
+    m3 = verify_bundle(res["bundle"], keys[1]).manifest
+    assert (m3["version"], m3["parent"]) == (3, {"model_id": MODEL_ID, "version": 2})
+    assert m3["lineage"]["redistil"]["checkpoint"] == redistilled["checkpoint"]
+
+
 def test_redistil_is_deterministic(flying):
     """Two fine-tunings with the same seed from the same checkpoint give the same weights."""
     def once():
