@@ -1,12 +1,12 @@
 """`eoedge loop`: the closed loop. The satellite sends down what its model is unsure of, the
 ground's teacher labels it and re-distils the flying student, and the next uplink is better.
 
-    1. v          the demo's cloud student (eoedge.demo.build_bundle): distilled from the
-                  ukis-csmask teacher on generated *temperate* scenes only; bundled twice, the
-                  policies differing only in `learning.select` (LEARNING): the model's most
-                  uncertain tiles, or as many tiles drawn at random (the control)
-    2. flight 1   FLIGHT_1 with each: temperate and *arid* scenes (flight_sim.generator's
-                  second kind, never seen by v); the daemon scores every tile (entropy in the
+    1. v          the demo's cloud student (eoedge.demo.build_bundle), label-free: distilled
+                  from the ukis-csmask teacher alone on generated temperate scenes only;
+                  bundled twice, the policies differing only in `learning.select` (LEARNING):
+                  the model's most uncertain tiles, or as many tiles drawn at random (control)
+    2. flight 1   FLIGHT_1 with each: temperate scenes and arid scenes under a dust haze
+                  (KINDS; v never saw them); the daemon scores every tile (entropy in the
                   frame graph) and sends LEARNING["tiles"] samples per frame beside the science
                   products; samples go down within their own byte budget per pass, the science
                   products within theirs; the ground station writes them (shared.samples)
@@ -57,8 +57,11 @@ FLIGHT_2 = REPO_ROOT / "scenarios" / "loop_flight2.toml"
 # Learning samples: three model tiles a frame, by the mean entropy of the class probabilities
 LEARNING = {"tiles": 3, "score": "entropy", "min_score": 0.0, "priority": 9, "seed": 0}
 REDISTIL = {"steps": 150, "replay": 0.5}
-# (seed, surface, cloud cover): scenes no flight and no training saw, scored before and after
-EVAL_SCENES = [(401, "arid", 0.3), (402, "arid", [0.1, 0.6]), (403, "arid", 0.15),
+# The two kinds of scene: what v was trained on (temperate land under clear air), and what it never
+# saw (arid land under a heavy dust haze, flight_sim.generator's surface and haze)
+KINDS = {"temperate": {"surface": "temperate"}, "dust": {"surface": "arid", "haze": 1.0}}
+# (seed, kind, cloud cover): scenes no flight and no training saw, scored before and after
+EVAL_SCENES = [(401, "dust", 0.3), (402, "dust", [0.1, 0.6]), (403, "dust", 0.15),
                (404, "temperate", 0.3), (405, "temperate", [0.5, 0.1])]
 EVAL_SIZE = 768
 
@@ -83,7 +86,7 @@ def build_v(out: Path, steps: int, rebuild: bool, quiet: bool) -> dict:
         log("v: reusing OUT/v1-*.tar (--rebuild to redo)", quiet)
         return {s: str(out / n) for s, n in names.items()}
     if rebuild or not demo.existing_bundle(out, "v1.tar"):
-        demo.build_bundle(out, steps, quiet, name="v1.tar")     # the demo's student and policy
+        demo.build_bundle(out, steps, quiet, name="v1.tar", label_free=True)   # the teacher's outputs alone
     sk, _ = demo.ensure_keys(out)
     r = demo.RECIPE
     for select, name in names.items():
@@ -132,15 +135,15 @@ def redistil_v(out: Path, v: Path, samples: Path, select: str, steps: int, quiet
 
 
 def eval_scenes() -> list[dict]:
-    """EVAL_SCENES rendered: DN frame, truth in the model's classes, surface."""
+    """EVAL_SCENES rendered: DN frame, truth in the model's classes, kind."""
     lut = np.zeros(256, np.uint8)
     for t, c in demo.TRUTH_TO_CLASSES.items():
         lut[int(t)] = c
     out = []
-    for seed, surface, cover in EVAL_SCENES:
-        win = SceneGenerator(EVAL_SIZE, EVAL_SIZE, seed, cloud_cover=cover, surface=surface).window()
+    for seed, kind, cover in EVAL_SCENES:
+        win = SceneGenerator(EVAL_SIZE, EVAL_SIZE, seed, cloud_cover=cover, **KINDS[kind]).window()
         dn, scale = quantise(win.reflectance, "uint16")
-        out.append({"seed": seed, "surface": surface, "dn": dn, "scale": scale, "truth": lut[win.truth],
+        out.append({"seed": seed, "kind": kind, "dn": dn, "scale": scale, "truth": lut[win.truth],
                     "reflectance": win.reflectance})
     return out
 
@@ -163,17 +166,17 @@ def bundle_masks(bundle: Path, public_key: Path, scenes: list[dict]) -> list[np.
 
 
 def scores(masks: list[np.ndarray], scenes: list[dict], teacher: list[np.ndarray]) -> dict:
-    """Per surface: mIoU against the truth, per-class IoU, pixel agreement with the teacher."""
+    """Per kind of scene: mIoU against the truth, per-class IoU, pixel agreement with the teacher."""
     k = len(demo.CLASSES)
     out = {}
-    for surface in sorted({s["surface"] for s in scenes}):
+    for kind in sorted({s["kind"] for s in scenes}):
         cm, agree, n = np.zeros((k, k), np.int64), 0, 0
         for m, s, t in zip(masks, scenes, teacher):
-            if s["surface"] == surface:
+            if s["kind"] == kind:
                 cm += confusion_matrix(s["truth"], m, k)
                 agree, n = agree + int((m == t).sum()), n + m.size
         sc = SegmentationScores.from_confusion(cm, demo.CLASSES)
-        out[surface] = {"miou": round(float(sc.miou), 4),
+        out[kind] = {"miou": round(float(sc.miou), 4),
                         "iou": {c: round(float(x), 4) for c, x in zip(demo.CLASSES, sc.iou)},
                         "teacher_agreement": round(agree / n, 4)}
     return out
@@ -203,12 +206,12 @@ def learning_figures(flight: dict) -> dict:
 # ------------------------------------------------------------------------------------ main
 def checks(result: dict) -> list[dict]:
     ev = result["evaluation"]
-    v, unc, rnd = ev["v1"].get("arid", {}), ev["v2-uncertainty"].get("arid", {}), ev["v2-random"].get("arid", {})
+    v, unc, rnd = ev["v1"].get("dust", {}), ev["v2-uncertainty"].get("dust", {}), ev["v2-random"].get("dust", {})
     temp_v, temp_unc = ev["v1"].get("temperate", {}), ev["v2-uncertainty"].get("temperate", {})
     flights = [f for sel in result["flights"].values() for f in sel.values()]
     same_bytes = len({result["flights"][s]["flight1"]["learning"]["bytes"] for s in SELECTIONS}) == 1
     out = [
-        ("arid mIoU rises after v+1 (uncertainty samples)", unc.get("miou", 0) > v.get("miou", 1)),
+        ("dust-haze mIoU rises after v+1 (uncertainty samples)", unc.get("miou", 0) > v.get("miou", 1)),
         ("uncertainty samples beat random ones at the same byte budget", unc.get("miou", 0) > rnd.get("miou", 1)),
         ("both selections downlinked the same learning bytes", same_bytes),
         ("temperate mIoU kept (within 0.02 of v)", temp_unc.get("miou", 0) >= temp_v.get("miou", 1) - 0.02),

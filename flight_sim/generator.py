@@ -81,6 +81,12 @@ _ENDMEMBER_MATRIX = np.array([SPECTRA[e] for e in ENDMEMBERS], np.float32).T   #
 ARID_ENDMEMBERS = ENDMEMBERS + ("sand", "rock")
 _ARID_MATRIX = np.array([SPECTRA[e] for e in ARID_ENDMEMBERS], np.float32).T   # (13, 10)
 SURFACES = ("temperate", "arid")
+# A haze of load 1 (a heavy dust or smog haze, aerosol optical depth ~1): a quarter of the signal
+# lost on the way, twice the clear-sky path reflectance added plus 0.02 flat (mineral dust
+# scatters at every wavelength). A student that only saw clear air takes it for something else.
+HAZE = (0.25, 2.0)          # (signal lost, multiple of the clear-sky path added) at load 1
+HAZE_MAX = 2.0
+_HAZE_PATH = (HAZE[1] * np.array(SPECTRA["path"], np.float32) + np.float32(0.02))[:, None, None]
 # water_fraction when a scene does not give one: arid land has little open water
 DEFAULT_WATER_FRACTION = {"temperate": 0.35, "arid": 0.08}
 DUNE_WAVELENGTH_PX = 24.0      # ~240 m crest to crest at 10 m: transverse dunes, seen as stripes
@@ -272,6 +278,7 @@ class SceneGenerator:
     name: str = ""
     place: bool = False                # True: a georeference and a sensing time drawn from the seed
     surface: str = "temperate"         # the land: "temperate" (green) or "arid" (sand, soil, rock)
+    haze: float = 0.0                  # aerosol load 0..HAZE_MAX (0: clear air; 1: a heavy dust haze)
     georef: GeoRef | None = field(init=False, default=None)
     sensing_time: datetime | None = field(init=False, default=None)   # UTC of row 0
     site: str | None = field(init=False, default=None)
@@ -284,6 +291,8 @@ class SceneGenerator:
                 raise SceneSpecError(f"generator.{attr}: must be an integer >= 1, got {v!r}")
         if self.surface not in SURFACES:
             raise SceneSpecError(f"generator.surface: one of {', '.join(SURFACES)} expected, got {self.surface!r}")
+        if isinstance(self.haze, bool) or not isinstance(self.haze, (int, float)) or not 0 <= self.haze <= HAZE_MAX:
+            raise SceneSpecError(f"generator.haze: a number in 0..{HAZE_MAX} expected, got {self.haze!r}")
         if self.water_fraction is None:
             self.water_fraction = DEFAULT_WATER_FRACTION[self.surface]
         profile = np.atleast_1d(np.asarray(self.cloud_cover, np.float64))
@@ -403,6 +412,8 @@ class SceneGenerator:
         matrix = _ARID_MATRIX if self.surface == "arid" else _ENDMEMBER_MATRIX
         toa = np.tensordot(matrix, weights, axes=1)             # (13, rows, cols)
         del weights
+        if self.haze:
+            self._add_haze(toa)
         self._add_sensor_noise(toa, r0)
 
         # a shadow on open water changes its reflectance by < 0.01 (water is already near the
@@ -512,6 +523,15 @@ class SceneGenerator:
         weights[6] = opacity * np.clip(1 + amp * self._cloud_texture.sample(ys, xs), 0.3, None)
         return shadow, opacity
 
+    def _add_haze(self, toa: np.ndarray) -> None:
+        """Aerosols in place: the surface (and cloud) signal is attenuated by the haze's
+        transmittance and its own path reflectance is added, blue-heavy like the clear-sky path
+        plus a flat dust component (HAZE). Not cloud: the truth is unchanged."""
+        transmittance, path = HAZE
+        h = np.float32(self.haze)
+        toa *= 1 - h * np.float32(transmittance)
+        toa += h * _HAZE_PATH
+
     def _add_sensor_noise(self, toa: np.ndarray, r0: int) -> None:
         """Sensor noise in place: uniform with the requested standard deviation (6x cheaper than
         normal), seeded by the window's first row so a window renders the same on its own."""
@@ -538,7 +558,7 @@ class SceneGenerator:
     def describe(self) -> dict:
         out = {"kind": "generated", "name": self.name, "rows": self.rows, "cols": self.cols,
                "seed": self.seed, "cloud_cover": self._profile.tolist(),
-               "surface": self.surface, "water_fraction": self.water_fraction, "ships": len(self._ships),
+               "surface": self.surface, "haze": self.haze, "water_fraction": self.water_fraction, "ships": len(self._ships),
                "shadow_shift_px": [round(v, 1) for v in self.shadow_shift]}
         if self.georef is not None:
             out.update(site=self.site, crs=self.georef.crs, transform=list(self.georef.transform),

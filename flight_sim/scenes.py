@@ -328,7 +328,7 @@ def dataset_source(name: str, root: Path | None = None) -> ArraySource:
 
 GENERATOR_KEYS = {"rows", "cols", "seed", "cloud_cover", "water_fraction", "ships", "urban_fraction",
                   "cloud_height_m", "sun_elevation_deg", "sun_azimuth_deg", "noise_sigma",
-                  "feature_scale", "name", "place", "surface"}
+                  "feature_scale", "name", "place", "surface", "haze"}
 COMMON_KEYS = {"kind", "crop_rows", "repeat", "georef"}
 FILE_KEYS = {"path", "bands", "scale", "truth", "truth_classes", "resampling", "name"}
 SCENE_KEYS = {"generated": GENERATOR_KEYS, "file": FILE_KEYS, "dataset": {"name"},   # by kind

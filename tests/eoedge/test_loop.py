@@ -37,24 +37,25 @@ def test_scenarios_fly_two_kinds_with_a_learning_budget_and_an_uplink():
     # flight 2 and the evaluation see scenes no flight 1 nor training saw
     assert not seeds(one) & seeds(two)
     evaluated = {seed for seed, _, _ in loop.EVAL_SCENES}
+    assert {kind for _, kind, _ in loop.EVAL_SCENES} == set(loop.KINDS)
     trained = {seed for seed, *_ in demo.TRAINING_SCENES}
     assert not evaluated & (seeds(one) | seeds(two) | trained)
 
 
-def test_scores_per_surface_against_truth_and_teacher():
+def test_scores_per_kind_against_truth_and_teacher():
     truth = np.zeros((4, 4), np.uint8)
     truth[:2] = 1                                           # top half cloud
-    scenes = [{"surface": "arid", "truth": truth}, {"surface": "temperate", "truth": truth}]
+    scenes = [{"kind": "dust", "truth": truth}, {"kind": "temperate", "truth": truth}]
     perfect, wrong = truth.copy(), np.zeros_like(truth)      # wrong: all clear
     got = loop.scores([perfect, wrong], scenes, teacher=[perfect, perfect])
-    assert got["arid"]["miou"] == 1.0 and got["arid"]["teacher_agreement"] == 1.0
+    assert got["dust"]["miou"] == 1.0 and got["dust"]["teacher_agreement"] == 1.0
     assert got["temperate"]["iou"]["cloud"] == 0.0 and got["temperate"]["teacher_agreement"] == 0.5
 
 
 def _result(v, unc, rnd, bytes_=(100, 100), within=True):
-    ev = {"v1": {"arid": {"miou": v}, "temperate": {"miou": 0.8}},
-          "v2-uncertainty": {"arid": {"miou": unc}, "temperate": {"miou": 0.79}},
-          "v2-random": {"arid": {"miou": rnd}, "temperate": {"miou": 0.8}}}
+    ev = {"v1": {"dust": {"miou": v}, "temperate": {"miou": 0.8}},
+          "v2-uncertainty": {"dust": {"miou": unc}, "temperate": {"miou": 0.79}},
+          "v2-random": {"dust": {"miou": rnd}, "temperate": {"miou": 0.8}}}
     flight = lambda b: {"learning": {"bytes": b}, "report": {"learning": {"science_within_budget": within}}}   # noqa
     return {"evaluation": ev, "flights": {s: {"flight1": flight(b), "flight2": flight(b)}
                                           for s, b in zip(SELECTIONS, bytes_)}}
@@ -63,7 +64,7 @@ def _result(v, unc, rnd, bytes_=(100, 100), within=True):
 def test_checks_fail_when_the_loop_does_not_help():
     assert all(c["ok"] for c in loop.checks(_result(0.6, 0.7, 0.65)))
     names = lambda r: {c["name"] for c in loop.checks(r) if not c["ok"]}     # noqa: E731
-    assert names(_result(0.6, 0.58, 0.5)) == {"arid mIoU rises after v+1 (uncertainty samples)"}
+    assert names(_result(0.6, 0.58, 0.5)) == {"dust-haze mIoU rises after v+1 (uncertainty samples)"}
     assert names(_result(0.6, 0.7, 0.75)) == {"uncertainty samples beat random ones at the same byte budget"}
     assert names(_result(0.6, 0.7, 0.65, bytes_=(100, 90))) == {"both selections downlinked the same learning bytes"}
     assert len(names(_result(0.6, 0.7, 0.65, within=False))) == 1

@@ -198,3 +198,27 @@ def test_temperate_pixels_unchanged_by_the_surface_option():
     assert np.array_equal(win.reflectance, explicit.reflectance)
     # (a sum, not a hash: BLAS may round the last bit differently on another CPU)
     assert float(win.reflectance.astype(np.float64).sum()) == pytest.approx(21844.665, abs=0.05)
+
+
+def test_haze_brightens_the_blue_dims_the_contrast_and_keeps_the_truth():
+    """A dust haze (issue 17's second kind of scene, with an arid surface): the blue gains more than
+    the SWIR (path reflectance), land and cloud come closer (transmittance), nothing becomes cloud."""
+    clear = SceneGenerator(160, 160, seed=5, cloud_cover=0.3, surface="arid", noise_sigma=0.0).window()
+    hazy = SceneGenerator(160, 160, seed=5, cloud_cover=0.3, surface="arid", noise_sigma=0.0, haze=1.0).window()
+    assert np.array_equal(clear.truth, hazy.truth)
+    land = clear.truth == LAND
+    gain = np.median(hazy.reflectance[:, land] - clear.reflectance[:, land], axis=1)
+    assert gain[B["B02"]] > 0.05 > gain[B["B11"]]
+    cloud = clear.truth == CLOUD
+    contrast = lambda w: np.median(w.reflectance[B["B02"], cloud]) - np.median(w.reflectance[B["B02"], land])  # noqa
+    assert contrast(hazy) < 0.8 * contrast(clear)
+    same = SceneGenerator(160, 160, seed=5, cloud_cover=0.3, surface="arid", noise_sigma=0.0, haze=0.0).window()
+    assert np.array_equal(same.reflectance, clear.reflectance)
+    assert SceneGenerator(8, 8, seed=1, haze=0.5).describe()["haze"] == 0.5
+
+
+@pytest.mark.parametrize("haze", [-0.1, 2.5, "1", True, float("nan")])
+def test_bad_haze_is_refused_naming_it(haze):
+    from flight_sim.errors import SceneSpecError
+    with pytest.raises(SceneSpecError, match="generator.haze"):
+        SceneGenerator(8, 8, seed=1, haze=haze)
