@@ -37,7 +37,8 @@ def check_precision(precision: str, device: str = "CPU") -> None:
     have = capabilities(device)
     if REQUIRED_CAPABILITY[precision] not in have:
         raise GroundError(f"this {device} does not compute {precision} natively (OpenVINO capabilities: "
-                          f"{', '.join(have)}); measure it on a device that does")
+                          f"{', '.join(have)}); measure it on a device that does, or pass --precision fp32 to "
+                          "measure what this one runs")
 
 
 def compile_ir(model_path: str | Path, threads: int | None = None, shape: tuple | None = None,

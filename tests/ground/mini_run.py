@@ -12,6 +12,13 @@ from ground.lineage import RunFolder, StageRecord
 from ground.models.checkpoints import save_checkpoint
 from ground.models.tiny_unet import TinyUNet
 
+# The deployed precision a search or build here is timed at: fp16 where the host computes it (a
+# Xeon with AVX-512 FP16), else fp32 (an AVX2 AMD EPYC: ground refuses to time fp16 it cannot run)
+def host_precision() -> str:
+    from ground.openvino.runtime import capabilities
+    return "fp16" if "FP16" in capabilities() else "fp32"
+
+
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
 
 SCENES = ("s0.npz", "s1.npz")

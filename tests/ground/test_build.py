@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from mini_run import BANDS, imagery
+from mini_run import BANDS, host_precision, imagery
 from shared.keys import generate_keypair
 from ground.models.checkpoints import save_checkpoint
 from ground.data.normalization import Normalization
@@ -54,7 +54,8 @@ loss = "kl"
 def _build(config, key, *args):
     return subprocess.run([sys.executable, "-m", "eoedge", "ground", "build", config, "--key", str(key),
                            "--model-id", "tiny", "--version", "1", "--trials", "2", "--steps", "2",
-                           "--population", "2", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--population", "2", "--precision", host_precision(), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_build_refuses_an_impossible_budget_naming_the_closest_point(tmp_path):
@@ -78,7 +79,7 @@ def test_build_delivers_a_self_tested_bundle_within_a_loose_budget(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["self_test"]["ok"] and r["bytes"] > 0 and r["ms_per_tile"] <= 10000
-    assert r["miou_heldout"] is not None and r["chosen"] == "search/build/picked.pt" and r["precision"] == "fp16"
+    assert r["miou_heldout"] is not None and r["chosen"] == "search/build/picked.pt" and r["precision"] == host_precision()
     assert (tmp_path / "tiny" / "bundles" / "tiny-v1.tar").exists()
 
 

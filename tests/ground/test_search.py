@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from mini_run import make_run
+from mini_run import host_precision, make_run
 from ground.compression.pruning.plan import prune_to_target
 from ground.models.checkpoints import build_arch, load_model
 from ground.openvino.export import export_openvino
@@ -139,7 +139,8 @@ def test_an_rdb_url_is_a_storage_workers_share(tmp_path):
 
 def _search(run_dir, *args, as_json=True):
     return subprocess.Popen([sys.executable, "-m", "eoedge", "ground", "search", str(run_dir), "--steps", "2",
-                             "--population", "4", *(["--json"] if as_json else []), *args], cwd=REPO, stdout=subprocess.PIPE,
+                             "--population", "4", "--precision", host_precision(),
+                             *(["--json"] if as_json else []), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
