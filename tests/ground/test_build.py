@@ -76,7 +76,7 @@ def test_build_delivers_a_self_tested_bundle_within_a_loose_budget(tmp_path):
     key, _ = generate_keypair(tmp_path / "keys")
     out = _build(config, key, "--latency-budget-ms", "10000", "--accuracy-tolerance", "1.0", "--fp16-steps", "1",
                  "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["self_test"]["ok"] and r["bytes"] > 0 and r["ms_per_tile"] <= 10000
     assert r["miou_heldout"] is not None and r["chosen"] == "search/build/picked.pt" and r["precision"] == host_precision()
@@ -88,6 +88,6 @@ def test_build_via_pruning_the_distilled_student(tmp_path):
     key, _ = generate_keypair(tmp_path / "keys")
     out = _build(config, key, "--latency-budget-ms", "10000", "--accuracy-tolerance", "1.0", "--via", "prune",
                  "--fp16-steps", "1", "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["via"] == "prune" and r["chosen"] == "pruned/build-lamp-30.pt" and r["self_test"]["ok"]
