@@ -101,6 +101,17 @@ def test_a_precision_this_cpu_cannot_compute_is_refused(run_dir, monkeypatch):
         runtime.check_precision("fp64")
 
 
+def test_fp16_exports_on_a_cpu_without_fp16_checked_at_f32(run_dir, monkeypatch):
+    """A Pi 5 or a VPU computes fp16, an AVX2 ground host does not: the FP16 IR is still exported,
+    checked at f32 here with the torch FP16 emulation beside it."""
+    monkeypatch.setattr(runtime, "capabilities", lambda device="CPU": ["FP32", "INT8"])
+    import ground.stages.export as export_stage
+    monkeypatch.setattr(export_stage, "capabilities", lambda device="CPU": ["FP32", "INT8"])
+    record = export(_open(run_dir), name="fp16-here", precision="fp16", evaluate=False)
+    assert record["precision"] == "fp16" and record["fp16"] is True
+    assert record["parity"]["mask_agreement"] > 0.99 and "fp16_emulated_vs_ir" in record["parity"]
+
+
 def test_gap_table_has_a_row_per_precision(run_dir, monkeypatch):
     # a CPU without BF16: its row says so instead of timing a silent f32 run
     monkeypatch.setattr(runtime, "capabilities", lambda device="CPU": ["FP32", "FP16", "INT8"])
