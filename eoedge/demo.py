@@ -246,10 +246,7 @@ def build_ship_bundle(out: Path, steps: int, quiet: bool) -> dict:
     exported = export(run, "student.pt", name="student")
     policy_path = out / "ship-policy.json"
     policy_path.write_text(json.dumps(SHIP_POLICY, indent=1))
-    bundled = bundle(run, "export/student", sk, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
-                     reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
-                     reference_windows=r["reference_windows"])
-    shutil.copyfile(bundled["bundle"], out / "ships.tar")
+    bundled = bundle_student(run, sk, policy_path, out / "ships.tar", r)
     return {"bundle": str(out / "ships.tar"), "bytes": bundled["bytes"], "model_id": bundled["model_id"],
             "version": bundled["version"], "params": exported.get("params"),
             "operating_point": exported.get("operating_point"), "run_dir": str(run.run_dir),
@@ -279,12 +276,7 @@ def build_bundle(out: Path, steps: int, quiet: bool, policy: dict = POLICY, name
     policy_path.write_text(json.dumps(policy, indent=1))
     log("bundle: manifest, reference tiles, signature", quiet)
     t = time.perf_counter()
-    r = RECIPE
-    bundled = bundle(run, "export/student", sk, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
-                     reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
-                     reference_windows=r["reference_windows"])
-    # the run folder keeps its bundle (its lineage names it); the scenarios fly a copy at OUT/
-    shutil.copyfile(bundled["bundle"], out / name)
+    bundled = bundle_student(run, sk, policy_path, out / name)
     bundle_s = time.perf_counter() - t
     row = (distilled.get("rows") or [{}])[-1]
     return {"bundle": str(out / name), "built": bundled["bundle"], "bytes": bundled["bytes"],
@@ -294,6 +286,17 @@ def build_bundle(out: Path, steps: int, quiet: bool, policy: dict = POLICY, name
             "run_dir": str(run_dir),
             "seconds": {"distil": round(distil_s, 1), "export": round(export_s, 1),
                         "bundle": round(bundle_s, 1), "total": round(time.perf_counter() - t0, 1)}}
+
+
+def bundle_student(run: Run, key: Path, policy_path: Path, dest: Path, r: dict = RECIPE) -> dict:
+    """The run's exported student as a signed v1 bundle with recipe `r`'s id, size limit and
+    reference settings and `policy_path`'s policy; the run folder keeps it (its lineage names
+    it), the scenarios fly a copy at `dest`."""
+    bundled = bundle(run, "export/student", key, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
+                     reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
+                     reference_windows=r["reference_windows"])
+    shutil.copyfile(bundled["bundle"], dest)
+    return bundled
 
 
 def existing_bundle(out: Path, name: str = "bundle.tar") -> dict | None:
@@ -334,13 +337,21 @@ def build_chain(out: Path, steps: int, ship_steps: int, rebuild: bool, quiet: bo
     return {**chain, "steps": built, "run_if": {"ship": SHIP_RUN_IF}, "policy": CHAIN_POLICY}
 
 
-def fly(out: Path, scenario_path: Path, quiet: bool):
+def fly(out: Path, scenario_path: Path, quiet: bool, flown: Path | None = None, folder: str = "flight",
+        uplink: Path | None = None):
+    """One flight of `scenario_path` into OUT/`folder` with the bundle built here (`flown`,
+    default OUT/chain.tar), whatever the scenario's file says, and OUT/keys; `uplink` replaces
+    the bundle of the scenario's first scheduled uplink. (report, its paths, the flight record)."""
     scenario = load_scenario(scenario_path)
-    # the scenario flies the chain built here, whatever its file says
-    scenario.sections["bundle"].update(path=str(out / "chain.tar"), public_key=str(out / "keys" / "uplink.pub"),
-                                       private_key=str(out / "keys" / "uplink.key"))
+    keys = {"public_key": str(out / "keys" / "uplink.pub"), "private_key": str(out / "keys" / "uplink.key")}
+    scenario.sections["bundle"].update(path=str(flown or out / "chain.tar"), **keys)
+    if uplink is not None:
+        uplinks = scenario.sections.get("uplinks") or []
+        if not uplinks:
+            raise CommandError(f"{scenario_path}: no [[uplinks]] entry to fly {uplink.name} with")
+        uplinks[0].update(path=str(uplink), public_key=keys["public_key"])
     scenario.base_dir = scenario_path.resolve().parent
-    record = run_scenario(scenario, out / "flight", progress=not quiet)
+    record = run_scenario(scenario, out / folder, progress=not quiet)
     report = build_report(record)
     paths = write_report(report, record)
     return report, paths, record

@@ -36,15 +36,11 @@ import numpy as np
 
 from shared.bands import S2_BANDS
 from shared.bundle import extract_bundle
-from shared.cliutil import CommandError, add_json_flag, emit, run_cli
+from shared.cliutil import add_json_flag, emit, run_cli
 from shared.metrics import SegmentationScores, confusion_matrix
 from shared.samples import SELECTIONS, read_samples
 from flight_sim.camera import quantise
 from flight_sim.generator import SceneGenerator
-from flight_sim.report import build_report, write_report
-from flight_sim.runner import run_scenario
-from flight_sim.scenario import load_scenario
-from ground.stages.bundle import bundle
 from ground.stages.redistil import redistil
 from ground.stages.run import Run
 from ground.teachers.registry import build_teacher
@@ -90,7 +86,6 @@ def build_v(out: Path, steps: int, rebuild: bool, quiet: bool) -> dict:
     if rebuild or not demo.existing_bundle(out, "v1.tar"):
         demo.build_bundle(out, steps, quiet, name="v1.tar", label_free=True)   # the teacher's outputs alone
     sk, _ = demo.ensure_keys(out)
-    r = demo.RECIPE
     for select, name in names.items():
         # a copy of v's run per selection: its lineage records its own bundle and, later, v+1
         run_dir = out / "ground" / f"distil-{select}"
@@ -99,29 +94,15 @@ def build_v(out: Path, steps: int, rebuild: bool, quiet: bool) -> dict:
         run = Run.open(run_dir, progress=not quiet)
         policy_path = out / f"policy-{select}.json"
         policy_path.write_text(json.dumps(learning_policy(select), indent=1))
-        b = bundle(run, "export/student", sk, r["model_id"], 1, policy=policy_path, max_bytes=r["max_bytes"],
-                   reference_tiles=r["reference_tiles"], reference_window=r["reference_window"],
-                   reference_windows=r["reference_windows"])
-        shutil.copyfile(b["bundle"], out / name)
+        demo.bundle_student(run, sk, policy_path, out / name)
     return {s: str(out / n) for s, n in names.items()}
 
 
-def fly(out: Path, scenario_path: Path, bundle: Path, folder: str, quiet: bool,
+def fly(out: Path, scenario_path: Path, flown: Path, folder: str, quiet: bool,
         uplink: Path | None = None) -> dict:
-    """One flight of `scenario_path` with `bundle` (and `uplink`, the scenario's scheduled
+    """One flight of `scenario_path` with `flown` (and `uplink`, the scenario's scheduled
     uplink, replaced by this bundle); the report and where the ground station put things."""
-    scenario = load_scenario(scenario_path)
-    keys = {"public_key": str(out / "keys" / "uplink.pub"), "private_key": str(out / "keys" / "uplink.key")}
-    scenario.sections["bundle"].update(path=str(bundle), **keys)
-    if uplink is not None:
-        uplinks = scenario.sections.get("uplinks") or []
-        if not uplinks:
-            raise CommandError(f"{scenario_path}: no [[uplinks]] entry to fly v+1 with")
-        uplinks[0].update(path=str(uplink), public_key=keys["public_key"])
-    scenario.base_dir = scenario_path.resolve().parent
-    record = run_scenario(scenario, out / folder, progress=not quiet)
-    report = build_report(record)
-    write_report(report, record)
+    report, _, record = demo.fly(out, scenario_path, quiet, flown=flown, folder=folder, uplink=uplink)
     station = Path(record.downlink.station.out_dir)
     return {"report": report, "station": str(station), "learning": str(station / "learning"),
             "folder": str(out / folder)}
@@ -157,11 +138,11 @@ def teacher_masks(scenes: list[dict]) -> list[np.ndarray]:
     return [np.argmax(teacher.predict_proba(s["reflectance"][idx]), axis=0).astype(np.uint8) for s in scenes]
 
 
-def bundle_masks(bundle: Path, public_key: Path, scenes: list[dict]) -> list[np.ndarray]:
-    """The class masks the on-board pipeline makes of each scene with `bundle` (verified, run
-    by OpenVINO as the daemon runs it)."""
+def bundle_masks(path: Path, public_key: Path, scenes: list[dict]) -> list[np.ndarray]:
+    """The class masks the on-board pipeline makes of each scene with the bundle at `path`
+    (verified, run by OpenVINO as the daemon runs it)."""
     with tempfile.TemporaryDirectory() as tmp:
-        v = extract_bundle(bundle, Path(tmp) / "b", public_key)
+        v = extract_bundle(path, Path(tmp) / "b", public_key)
         policy = {k: x for k, x in v.manifest["policy"].items() if k != "learning"}
         pipe = FramePipeline(v.manifest, v.root)
         return [pipe.process(s["dn"], S2_BANDS, s["scale"], policy=policy, make_products=False).class_mask
