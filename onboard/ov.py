@@ -14,13 +14,13 @@ from __future__ import annotations
 import openvino
 
 if hasattr(openvino, "Core"):            # 2023.1 and later
-    from openvino import AsyncInferQueue, Core, Model, PartialShape, Tensor, Type, get_version
+    from openvino import AsyncInferQueue, Core, Model, Output, PartialShape, Tensor, Type, get_version
     from openvino import opset10 as ops
 else:                                    # 2022.x
-    from openvino.runtime import AsyncInferQueue, Core, Model, PartialShape, Tensor, Type, get_version
+    from openvino.runtime import AsyncInferQueue, Core, Model, Output, PartialShape, Tensor, Type, get_version
     from openvino.runtime import opset10 as ops
 
-__all__ = ["AsyncInferQueue", "Core", "Model", "PartialShape", "Tensor", "Type", "ops", "VERSION",
+__all__ = ["AsyncInferQueue", "Core", "Model", "Output", "PartialShape", "Tensor", "Type", "ops", "VERSION",
            "rt_string", "property_string", "shared_tensor"]
 
 VERSION = get_version()

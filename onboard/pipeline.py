@@ -7,7 +7,7 @@
                     as float32 or in the frame's dtype (GRAPH_INPUT_DTYPE); the graph
                     (onboard.runtime's frame graph) bins them to the manifest's processing GSD
                     (`input.gsd_m`, mean of f x f blocks, f = gsd_m / 10), scales ((value * scale
-                    - mean) / std, constants OpenVINO folds into the first convolution), runs the
+                    - mean) / std; at fp32 folded into the first convolutions), runs the
                     network, its activation and the per-class thresholds
                     (shared.postprocess.threshold's rule): uint8 out
     stitch          as each batch comes back (while the other requests still infer): every tile's
@@ -68,11 +68,13 @@ from shared.tiling import TileGrid
 # buffers (on the Python thread, while the requests infer) for ~0.2 ms more per batch of two
 # 13 x 256 x 256 tiles than the plain copy, where OpenVINO's CPU plugin converts u16 with a
 # reference kernel on the inference threads (PERF_COUNT: Convert "ref_u16", i32 alike), about
-# 5 ms of a 160 ms f32 batch; the masks are identical. Not at bf16: OpenVINO then fuses the
+# 5 ms of a 160 ms f32 batch; the masks are identical. int8 alike (its graph computes in f32 up
+# to the first FakeQuantize; on an AVX2 AMD EPYC the int8 graph ran 2.03 s per 13 x 2048^2
+# frame on float32 tiles against 2.10 on uint16, bench_onboard). Not at bf16: OpenVINO then fuses the
 # scaling differently (a bf16 snippet after the u16 Convert, f32 on float32 tiles), which moved
 # 0.03% of a 20 m student's pixels at 10 m and 0.1% with the 2x2 binning in the graph.
 # bench_onboard times the frame graph alone on pre-cut uint16 and float32 tiles.
-GRAPH_INPUT_DTYPE = {"fp32": "float32"}
+GRAPH_INPUT_DTYPE = {"fp32": "float32", "int8": "float32"}
 
 
 def tile_decision(policy: dict, cell: dict) -> dict:

@@ -81,3 +81,70 @@ def test_pipeline_at_20_m_takes_odd_frames_and_finds_big_clouds(manifest, model_
     inside = result.class_mask[30:170, 40:240]
     assert (inside == 1).all() and (result.class_mask[200:, :] == 0).all()
     assert result.stats["fractions"]["cloud"] == pytest.approx((truth == 1).mean(), abs=0.01)
+
+
+def _first_layer_model(kind: str, channels: int = 4, tile: int = 16):
+    """input -> `kind` (3x3 convolution, padding 1; a depthwise one; or an Add before the
+    convolution) -> output: raw network outputs, to compare to the last bit that matters."""
+    import openvino as ov
+    import openvino.opset10 as ops
+
+    rng = np.random.default_rng(1)
+    x = ops.parameter([2, channels, tile, tile], ov.Type.f32, name="x")
+    if kind == "depthwise":
+        w = rng.normal(0, 1, (channels, 1, 1, 3, 3)).astype(np.float32)
+        y = ops.group_convolution(x, ops.constant(w), [1, 1], [1, 1], [1, 1], [1, 1])
+    else:
+        w = rng.normal(0, 1, (5, channels, 3, 3)).astype(np.float32)
+        source = ops.add(x, ops.constant(np.float32(1.0))) if kind == "add first" else x
+        y = ops.convolution(source, ops.constant(w), [1, 1], [1, 1], [1, 1], [1, 1])
+    return ov.Model([ops.result(y)], [x])
+
+
+@pytest.mark.parametrize("kind", ["convolution", "depthwise"])
+def test_scaling_folded_into_the_first_convolution_keeps_its_zero_padding(kind):
+    """conv(x * g + o) computed as conv_{W g}(x) + conv_W(o): equal everywhere, the borders
+    (where the network's zero padding meets the offsets) included."""
+    import openvino as ov
+    import openvino.opset10 as ops
+
+    from onboard.runtime import _folded_scaling
+
+    gain = np.array([1e-4, 2e-4, 5e-5, 1e-3], np.float32)
+    offset = np.array([-1.5, 0.3, -2.0, 4.0], np.float32)
+    raw = np.random.default_rng(2).integers(0, 10000, (2, 4, 16, 16)).astype(np.float32)
+    core = ov.Core()
+
+    def run(model):
+        return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(raw)[0]
+
+    explicit = _first_layer_model(kind)
+    x = explicit.get_parameters()[0]
+    scaled = ops.add(ops.multiply(x, ops.constant(gain.reshape(1, -1, 1, 1))),
+                     ops.constant(offset.reshape(1, -1, 1, 1)))
+    for target in list(x.output(0).get_target_inputs()):
+        if target.get_node() is not scaled.input_value(0).get_node():
+            target.replace_source_output(scaled.output(0))
+    want = run(explicit)
+    folded = _first_layer_model(kind)
+    p = folded.get_parameters()[0]
+    assert _folded_scaling(p.output(0).get_target_inputs(), p, gain, offset, core)
+    got = run(folded)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    # what the offsets alone give (raw zeros) differs at the borders from the interior: a bias
+    # (the interior value) in place of the constant map would be wrong there
+    raw[...] = 0
+    offsets_only = run(explicit)
+    assert np.abs(offsets_only[..., 0, :] - offsets_only[..., 8:9, 8:9][..., 0, :]).max() > 0.1
+    assert np.abs(run(folded) - offsets_only).max() <= 1e-5 * max(1.0, np.abs(offsets_only).max())
+
+
+def test_scaling_is_not_folded_where_the_input_feeds_anything_but_convolutions():
+    from onboard.runtime import _folded_scaling
+
+    model = _first_layer_model("add first")
+    p = model.get_parameters()[0]
+    before = [t.get_node().get_type_name() for t in p.output(0).get_target_inputs()]
+    assert not _folded_scaling(p.output(0).get_target_inputs(), p, np.ones(4, np.float32),
+                               np.zeros(4, np.float32), None)
+    assert [t.get_node().get_type_name() for t in p.output(0).get_target_inputs()] == before == ["Add"]

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from skimage import morphology
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from onboard_models import BANDS_6  # noqa: E402
+from onboard_models import BANDS_6, make_int8_test_model_files, make_test_manifest  # noqa: E402
 # the module's IR and manifest are test_pipeline's fixtures
-from test_pipeline import boxes_frame, manifest, model_dir  # noqa: E402,F401
+from test_pipeline import CLASSES_3, OVERLAP, TILE, boxes_frame, manifest, model_dir  # noqa: E402,F401
 
 from onboard.pipeline import FramePipeline  # noqa: E402
 from onboard.products import MaskPng, decode_mask_png, mask_png, quicklook_jpg  # noqa: E402
@@ -182,11 +182,19 @@ def test_pipeline_products_made_during_inference_are_the_frame_products(manifest
     assert r.timings_ms["products_overlapped"] > 0
 
 
-def test_frame_graph_input_dtype_per_precision_leaves_the_masks(manifest, model_dir, monkeypatch):
-    """fp32 feeds float32 tiles (numpy converts while cutting), the same masks as tiles in the
-    frame's dtype; a precision GRAPH_INPUT_DTYPE does not name keeps the frame's dtype."""
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_frame_graph_input_dtype_per_precision_leaves_the_masks(manifest, model_dir, precision, monkeypatch,
+                                                                 tmp_path):
+    """fp32 and int8 feed float32 tiles (numpy converts while cutting), the same masks as tiles
+    in the frame's dtype; a precision GRAPH_INPUT_DTYPE does not name keeps the frame's dtype."""
     import onboard.pipeline as pipeline_mod
     from onboard.runtime import OpenVinoModel
+
+    if precision == "int8":
+        model_dir = tmp_path / "int8"
+        files = make_int8_test_model_files(model_dir, bands=BANDS_6, classes=CLASSES_3, tile=TILE)
+        manifest = make_test_manifest(files, tile=TILE, overlap=OVERLAP, bands=BANDS_6, classes=CLASSES_3,
+                                      precision="int8")
 
     seen = []
     run_masks = OpenVinoModel.run_masks
@@ -197,7 +205,7 @@ def test_frame_graph_input_dtype_per_precision_leaves_the_masks(manifest, model_
 
     monkeypatch.setattr(OpenVinoModel, "run_masks", spy)
     data, _ = boxes_frame(BANDS_6, 200, 150, 5)
-    pipeline = FramePipeline(manifest, model_dir, batch_size=2, precision="fp32")
+    pipeline = FramePipeline(manifest, model_dir, batch_size=2, precision=precision)
     as_float = pipeline.process(data, BANDS_6, 1e-4)
     monkeypatch.setattr(pipeline_mod, "GRAPH_INPUT_DTYPE", {})
     as_frame = pipeline.process(data, BANDS_6, 1e-4)
