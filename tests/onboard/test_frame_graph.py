@@ -84,14 +84,17 @@ def test_pipeline_at_20_m_takes_odd_frames_and_finds_big_clouds(manifest, model_
 
 
 def _first_layer_model(kind: str, channels: int = 4, tile: int = 16):
-    """input -> `kind` (3x3 convolution, padding 1; a depthwise one; or an Add before the
-    convolution) -> output: raw network outputs, to compare to the last bit that matters."""
+    """input -> `kind` (3x3 convolution, padding 1; a depthwise one; an 8-bit FakeQuantize; or an
+    Add before the convolution) -> output: raw network outputs, to compare to the last bit."""
     import openvino as ov
     import openvino.opset10 as ops
 
     rng = np.random.default_rng(1)
     x = ops.parameter([2, channels, tile, tile], ov.Type.f32, name="x")
-    if kind == "depthwise":
+    if kind == "quantized":            # what NNCF puts in front of an INT8 IR's first convolution
+        lo, hi = ops.constant(np.float32(-3.0)), ops.constant(np.float32(5.0))
+        y = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+    elif kind == "depthwise":
         w = rng.normal(0, 1, (channels, 1, 1, 3, 3)).astype(np.float32)
         y = ops.group_convolution(x, ops.constant(w), [1, 1], [1, 1], [1, 1], [1, 1])
     else:
@@ -101,10 +104,11 @@ def _first_layer_model(kind: str, channels: int = 4, tile: int = 16):
     return ov.Model([ops.result(y)], [x])
 
 
-@pytest.mark.parametrize("kind", ["convolution", "depthwise"])
-def test_scaling_folded_into_the_first_convolution_keeps_its_zero_padding(kind):
+@pytest.mark.parametrize("kind", ["convolution", "depthwise", "quantized"])
+def test_scaling_folded_into_the_first_layer_computes_the_same(kind):
     """conv(x * g + o) computed as conv_{W g}(x) + conv_W(o): equal everywhere, the borders
-    (where the network's zero padding meets the offsets) included."""
+    (where the network's zero padding meets the offsets) included; FQ(x * g + o; lo, hi) as
+    FQ(x; (lo - o) / g, (hi - o) / g), the same quantisation levels."""
     import openvino as ov
     import openvino.opset10 as ops
 
@@ -130,6 +134,11 @@ def test_scaling_folded_into_the_first_convolution_keeps_its_zero_padding(kind):
     p = folded.get_parameters()[0]
     assert _folded_scaling(p.output(0).get_target_inputs(), p, gain, offset, core)
     got = run(folded)
+    if kind == "quantized":         # one level apart at most, where x g + o rounds onto a level's edge
+        step = 8.0 / 255
+        assert np.abs(got - want).max() <= step * 1.001 and np.mean(got == want) > 0.999
+        assert len(np.unique(want)) > 100           # the ranges were used, not saturated
+        return
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     # what the offsets alone give (raw zeros) differs at the borders from the interior: a bias
     # (the interior value) in place of the constant map would be wrong there
