@@ -1,14 +1,16 @@
 """The on-board frame pipeline against bare OpenVINO, an onnxruntime pipeline and torch eager.
 
-    .venv/bin/python benchmarks/bench_onboard.py                # 13-band 2048 x 2048 frames, f32 and bf16
+    .venv/bin/python benchmarks/bench_onboard.py                # 13-band 2048 x 2048 frames, every precision
     .venv/bin/python benchmarks/bench_onboard.py --frames 6 --json
-    .venv/bin/python benchmarks/bench_onboard.py --precisions f32   # one precision only
+    .venv/bin/python benchmarks/bench_onboard.py --precisions fp32  # one precision only
 
 What runs (a TinyUNet, widths (8, 16, 32, 64), 13 bands in, exported to an FP16 IR and to ONNX;
-random weights: speed does not depend on them):
+random weights: speed does not depend on them; for int8, the same network quantised by NNCF,
+ground.compression.quantize, calibrated on another synthetic frame):
 - pipeline:  onboard.pipeline.FramePipeline.process on uint16 frames at each precision the daemon
-             runs here (fp32, and bf16 where the CPU has AVX512-BF16/AMX), every stage (validate,
-             tile + infer + threshold, opening, statistics, policy, products);
+             runs here (fp32; bf16 where the CPU has AVX512-BF16/AMX, else fp16 where it computes
+             it; int8 where OpenVINO reports INT8), every stage (validate, tile + infer +
+             threshold, opening, statistics, policy, products);
 - bare:      the same IR compiled at the same precision (same batch, same AsyncInferQueue size),
              on the same frame's tiles cut beforehand, handed to the requests without a copy;
              twice: with runtime scaling in the graph (uint16 tiles) and as the plain IR on
@@ -22,9 +24,11 @@ random weights: speed does not depend on them):
              centre-stitch, threshold) and the same OpenCV/numpy opening, statistics, policy and
              products (`pip install ".[benchmark]"`);
 - torch:     the same steps in torch eager.
-Pipeline and bare runs alternate frame by frame so that load from other processes falls on both
-alike; CPU seconds per frame (every thread of the process) are printed beside wall time. The OpenVINO and onnxruntime parts run in child processes without torch: their peak RSS is
-what a daemon would need. Figures depend on the machine and its load (printed with them).
+Pipeline and bare runs alternate frame by frame, each frame starting with the next one in turn,
+so that load from other processes, and what one run leaves to the next, fall on all alike; CPU
+seconds per frame (every thread of the process) are printed beside wall time. The OpenVINO and
+onnxruntime parts run in child processes without torch: their peak RSS is what a daemon would
+need. Figures depend on the machine and its load (printed with them).
 """
 from __future__ import annotations
 
@@ -140,6 +144,37 @@ def build_bundle_dir(out: Path, seed: int) -> tuple[dict, Path, int]:
     return manifest, out, params
 
 
+def build_int8_dir(fp_dir: Path, manifest: dict, out: Path, seed: int) -> dict:
+    """The same network as an INT8 IR (NNCF post-training quantisation, ground.compression.
+    quantize, calibrated on tiles of another synthetic frame) in `out`, with its reference
+    probabilities computed by OpenVINO at int8 (as the ground's bundle stage does) and a manifest
+    that says int8."""
+    import openvino as ov
+
+    from ground.compression.quantize import quantize_ir
+    from shared.bundle import load_reference, save_reference
+    from shared.manifest import make_manifest
+    from shared.tiling import tile
+
+    out.mkdir(parents=True, exist_ok=True)
+    inp = manifest["input"]
+    mean = np.asarray(inp["scaling"]["mean"], np.float32)[:, None, None]
+    std = np.asarray(inp["scaling"]["std"], np.float32)[:, None, None]
+    calibration, _ = tile(make_frames(1, seed + 1)[0], TILE, OVERLAP)
+    calibration = ((calibration[::3].astype(np.float32) * np.float32(1e-4) - mean) / std).astype(np.float32)
+    quantize_ir(fp_dir / "model.xml", calibration, out / "model.xml")
+    tiles, _ = load_reference(fp_dir / "reference.npz", manifest)
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    logits = np.concatenate([compiled(((t[None] - mean) / std).astype(np.float32))[0] for t in tiles])
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    save_reference(out / "reference.npz", tiles, e / e.sum(axis=1, keepdims=True))
+    return make_manifest(
+        model_id="bench-tinyunet", version=1, bands=inp["bands"], mean=inp["scaling"]["mean"],
+        std=inp["scaling"]["std"], classes=CLASSES, tile_size=TILE, overlap=OVERLAP,
+        threshold={"cloud": 0.5}, opening_radius=2, policy=POLICY, precision="int8",
+        files={n: out / n for n in ("model.xml", "model.bin", "reference.npz")})
+
+
 # ------------------------------------------------------------------------------------------------
 # OpenVINO side (child process: no torch)
 
@@ -174,6 +209,15 @@ def _run_bare(queue, tiles: np.ndarray, batch: int, extra: dict) -> tuple[float,
     return ((time.perf_counter() - t0) * len(tiles) / n, (time.process_time() - c0) * len(tiles) / n)
 
 
+def _run_pipeline(pipeline, frame: np.ndarray) -> tuple:
+    """Wall and CPU seconds of one frame through FramePipeline.process, and its result."""
+    from shared.bands import S2_BANDS
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = pipeline.process(frame, S2_BANDS, 1e-4)
+    return time.perf_counter() - t0, time.process_time() - c0, result
+
+
 def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
     from tqdm import tqdm
 
@@ -185,16 +229,13 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     pipeline = FramePipeline(manifest, model_dir, batch_size=args.batch_size,
                              num_requests=args.num_requests, precision=args.precision)
     self_test = pipeline.self_test(model_dir / "reference.npz")
-    pipeline.process(frames[0], S2_BANDS, 1e-4)                      # warm-up: first-use compile
+    for frame in frames[:2]:                  # warm-up (first-use compile), before any pre-cut tiles
+        pipeline.process(frame, S2_BANDS, 1e-4)
     rss_pipeline = peak_rss_mb()
     bare16, bare32 = _bare_model(model_dir, "uint16", args), _bare_model(model_dir, "float32", args)
     mean = np.asarray(manifest["input"]["scaling"]["mean"], np.float32)[:, None, None]
     std = np.asarray(manifest["input"]["scaling"]["std"], np.float32)[:, None, None]
     scaling = {1: (np.float32(1e-4) / std).reshape(1, 13, 1, 1), 2: (-mean / std).reshape(1, 13, 1, 1)}
-    stage_sums: dict[str, float] = {}
-    t_pipe = t_bare16 = t_bare32 = 0.0
-    cpu = {"pipeline": 0.0, "bare16": 0.0, "bare32": 0.0, "graph_uint16": 0.0,
-           "graph_float32": 0.0}                   # CPU seconds: robust to other load
     # the pipeline's own frame graph (scaling constants, thresholds, uint8 out) on pre-cut tiles:
     # what the pipeline's Python work (cutting, stitching, post-processing) adds to it; with
     # uint16 and float32 tiles in (the pipeline feeds the one GRAPH_INPUT_DTYPE names)
@@ -202,49 +243,54 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
         dtype, (np.float32(1e-4) / pipeline.std).astype(np.float32),
         (-pipeline.mean / pipeline.std).astype(np.float32), pipeline.thresholds, 1)[1]
         for dtype in ("uint16", "float32")}
-    t_graph = dict.fromkeys(graph_queues, 0.0)
-    kept, masks = 0, []
-    n_tiles = 0
+    names = ("pipeline", "bare16", "bare32", "graph_uint16", "graph_float32")
+    wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)   # CPU: every thread's
+    per_frame = []                  # pipeline / best bare, frame by frame (runs seconds apart)
+    stage_sums: dict[str, float] = {}
+    kept, masks, n_tiles = 0, [], 0
     for i in tqdm(range(args.frames), desc=f"openvino {args.precision} frames", unit="frame", file=sys.stderr):
         frame = frames[i % len(frames)]
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = pipeline.process(frame, S2_BANDS, 1e-4)
-        t_pipe += time.perf_counter() - t0
-        cpu["pipeline"] += time.process_time() - c0
-        for k, v in result.timings_ms.items():
-            stage_sums[k] = stage_sums.get(k, 0.0) + v
-        kept += result.keep
-        if i < len(frames):
-            masks.append(result.class_mask.copy())
         tiles16, _ = tile(frame, TILE, OVERLAP)
-        n_tiles = len(tiles16)
-        wall, c = _run_bare(bare16[1], tiles16, args.batch_size, scaling)
-        t_bare16, cpu["bare16"] = t_bare16 + wall, cpu["bare16"] + c
-        wall, c = _run_bare(graph_queues["uint16"], tiles16, args.batch_size, {})
-        t_graph["uint16"], cpu["graph_uint16"] = t_graph["uint16"] + wall, cpu["graph_uint16"] + c
         tiles32 = tiles16.astype(np.float32)
-        del tiles16
-        wall, c = _run_bare(graph_queues["float32"], tiles32, args.batch_size, {})
-        t_graph["float32"], cpu["graph_float32"] = t_graph["float32"] + wall, cpu["graph_float32"] + c
-        tiles32 *= np.float32(1e-4)
-        tiles32 -= mean
-        tiles32 /= std
-        wall, c = _run_bare(bare32[1], tiles32, args.batch_size, {})
-        t_bare32, cpu["bare32"] = t_bare32 + wall, cpu["bare32"] + c
-        del tiles32
+        normalised = (tiles32 * np.float32(1e-4) - mean) / std
+        n_tiles = len(tiles16)
+        runs = {"pipeline": lambda: _run_pipeline(pipeline, frame),
+                "bare16": lambda: _run_bare(bare16[1], tiles16, args.batch_size, scaling),
+                "bare32": lambda: _run_bare(bare32[1], normalised, args.batch_size, {}),
+                "graph_uint16": lambda: _run_bare(graph_queues["uint16"], tiles16, args.batch_size, {}),
+                "graph_float32": lambda: _run_bare(graph_queues["float32"], tiles32, args.batch_size, {})}
+        # each frame starts with the next run in turn: what a run leaves behind (the threads of
+        # another compiled model still spinning, the caches) falls on every run alike, not
+        # always on the one after it
+        this = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            w, c, *result = runs[name]()
+            wall[name] += w
+            cpu[name] += c
+            this[name] = w
+            if result:
+                for k, v in result[0].timings_ms.items():
+                    stage_sums[k] = stage_sums.get(k, 0.0) + v
+                kept += result[0].keep
+                if i < len(frames):
+                    masks.append(result[0].class_mask.copy())
+        per_frame.append(min(this["bare16"], this["bare32"]) / this["pipeline"])
+        tiles16 = tiles32 = normalised = None     # freed before the next frame's are cut
     mpix = args.frames * H * W / 1e6
     return {
         "self_test": {"ok": self_test.ok, "message": self_test.message},
         "runtime": pipeline.model.properties(),
         "tiles_per_frame": n_tiles,
-        "pipeline_mpix_s": mpix / t_pipe,
-        "bare_scaled_uint16_mpix_s": mpix / t_bare16,
-        "bare_plain_float32_mpix_s": mpix / t_bare32,
-        "frame_graph_mpix_s": {dtype: mpix / t for dtype, t in t_graph.items()},
+        "pipeline_mpix_s": mpix / wall["pipeline"],
+        "bare_scaled_uint16_mpix_s": mpix / wall["bare16"],
+        "bare_plain_float32_mpix_s": mpix / wall["bare32"],
+        "frame_graph_mpix_s": {dtype: mpix / wall["graph_" + dtype] for dtype in graph_queues},
         "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
-        "pipeline_s_per_frame": t_pipe / args.frames,
+        "pipeline_s_per_frame": wall["pipeline"] / args.frames,
         "cpu_s_per_frame": {k: round(v / args.frames, 3) for k, v in cpu.items()},
         "cpu_ratio_vs_bare": min(cpu["bare16"], cpu["bare32"]) / cpu["pipeline"],
+        "ratio_vs_bare_per_frame": [round(r, 4) for r in per_frame],
+        "ratio_vs_bare_median": float(np.median(per_frame)),
         "stages_ms_per_frame": {k: round(v / args.frames, 2) for k, v in stage_sums.items()},
         "frames_kept": kept,
         "rss_mb": {"start": round(rss_start, 1), "peak_after_pipeline": round(rss_pipeline, 1),
@@ -428,7 +474,9 @@ def human(r: dict) -> str:
         lines.append(f"  pipeline / best bare at {p} = {o['ratio_vs_bare']:.3f}  (floor {FLOOR_VS_BARE}: "
                      f"{'met' if o['ratio_vs_bare'] >= FLOOR_VS_BARE else 'NOT met'}); in CPU seconds per "
                      f"frame {o['cpu_ratio_vs_bare']:.3f} (pipeline {o['cpu_s_per_frame']['pipeline']:.2f}, "
-                     f"bare {min(o['cpu_s_per_frame']['bare16'], o['cpu_s_per_frame']['bare32']):.2f})")
+                     f"bare {min(o['cpu_s_per_frame']['bare16'], o['cpu_s_per_frame']['bare32']):.2f}); "
+                     f"frame by frame median {o['ratio_vs_bare_median']:.3f} "
+                     f"(range {min(o['ratio_vs_bare_per_frame']):.3f}-{max(o['ratio_vs_bare_per_frame']):.3f})")
     for key, label in (("ratio_vs_ort_f32", "pipeline fp32 / onnxruntime f32"),
                        ("ratio_best_vs_ort_best", f"pipeline {r.get('best_precision')} (the daemon's best) / "
                                                   "onnxruntime's best (f32)")):
@@ -451,7 +499,7 @@ def human(r: dict) -> str:
     for key, label in (("ort_stages_ms_per_frame", "onnxruntime"), ("torch_stages_ms_per_frame", "torch")):
         if r.get(key):
             lines += [f"  {label} stages, ms per frame:", "    " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items())]
-    lines.append("  peak RSS: each OpenVINO child (no torch) after its pipeline frames, before the bare runs' "
+    lines.append("  peak RSS: each OpenVINO child (no torch) after two pipeline frames, before the bare runs' "
                  f"pre-cut tiles; parent with torch {r['parent_peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
 
@@ -479,12 +527,13 @@ def run_child(measure, manifest: dict, model_dir: Path, args) -> dict:
 
 
 def default_precisions() -> list[str]:
-    """fp32, and the CPU's fastest other precision the daemon can run (bf16 with AVX512-BF16/AMX,
-    fp16 where the CPU computes it natively)."""
+    """fp32, the CPU's fastest other float precision the daemon can run (bf16 with
+    AVX512-BF16/AMX, fp16 where the CPU computes it natively), and int8 where it has INT8."""
     from onboard.runtime import device_capabilities
 
     caps = device_capabilities("CPU")
-    return ["fp32"] + [p for p, c in (("bf16", "BF16"), ("fp16", "FP16")) if c in caps][:1]
+    return (["fp32"] + [p for p, c in (("bf16", "BF16"), ("fp16", "FP16")) if c in caps][:1]
+            + (["int8"] if "INT8" in caps else []))
 
 
 def main(argv=None) -> int:
@@ -500,8 +549,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=None,
                     help="AsyncInferQueue size (default: OpenVINO's optimal number)")
     ap.add_argument("--precisions", default=None,
-                    help="comma-separated daemon precisions (fp32, bf16, fp16; default: fp32 and the "
-                         "CPU's best other one)")
+                    help="comma-separated daemon precisions (fp32, bf16, fp16, int8; default: fp32, "
+                         "the CPU's best other float one, int8)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -513,9 +562,12 @@ def main(argv=None) -> int:
     ov_masks = {}
     with tempfile.TemporaryDirectory(prefix="bench_onboard_") as tmp:
         manifest, model_dir, params = build_bundle_dir(Path(tmp), args.seed)
+        bundles = {p: (manifest, model_dir) for p in precisions}
+        if "int8" in precisions:
+            bundles["int8"] = build_int8_dir(model_dir, manifest, Path(tmp) / "int8", args.seed), Path(tmp) / "int8"
         for p in precisions:
             args.precision = p
-            o = run_child(_openvino_side, manifest, model_dir, args)
+            o = run_child(_openvino_side, *bundles[p], args)
             ov_masks[p] = o.pop("masks")
             o["ratio_vs_bare"] = o["pipeline_mpix_s"] / max(o["bare_scaled_uint16_mpix_s"],
                                                             o["bare_plain_float32_mpix_s"])
