@@ -269,8 +269,8 @@ def _prepare_masks(model, tile: int, batch: int, input_dtype: str, activation: s
     `input_dtype` in, (batch, 1, tile, tile) uint8 class indices out (and with `scores` a second
     output, (batch, 2) float32: `_tile_scores` of the same probabilities). In the graph, where they
     are cheapest: the mean over factor x factor blocks (binning to the model's ground sampling
-    distance), the scaling with constant gain and offset (OpenVINO folds the gain into the first
-    convolution), the activation and the per-class thresholds (OpenVINO's threads, not Python).
+    distance), the scaling with constant gain and offset (an elementwise multiply-add before the
+    network), the activation and the per-class thresholds (OpenVINO's threads, not Python).
     `scaling_inputs`: gain and offset as runtime inputs instead (an INT8 IR: OpenVINO's
     low-precision passes take Convert(u16) -> Multiply(constant) for a dequantisation and fail).
     `fold`: the scaling folded into the network's first layers where they take it exactly
