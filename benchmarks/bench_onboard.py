@@ -113,30 +113,38 @@ def make_frames(n: int, seed: int) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 # building the model (parent process, torch)
 
+MEAN = [0.12 + 0.005 * i for i in range(13)]
+STD = [0.08 + 0.002 * i for i in range(13)]
+
+
+def bench_manifest(out: Path, precision: str = "fp32") -> dict:
+    """The manifest of the bench bundle whose model.xml/.bin and reference.npz lie in `out`."""
+    from shared.bands import S2_BANDS
+    from shared.manifest import make_manifest
+
+    return make_manifest(
+        model_id="bench-tinyunet", version=1, bands=S2_BANDS, mean=MEAN, std=STD, classes=CLASSES,
+        tile_size=TILE, overlap=OVERLAP, threshold={"cloud": 0.5}, opening_radius=2, policy=POLICY,
+        precision=precision, files={n: out / n for n in ("model.xml", "model.bin", "reference.npz")})
+
+
 def build_bundle_dir(out: Path, seed: int) -> tuple[dict, Path, int]:
     import openvino as ov
     import torch
 
     from ground.models.tiny_unet import TinyUNet
-    from shared.bands import S2_BANDS
     from shared.bundle import save_reference
-    from shared.manifest import make_manifest
 
     torch.manual_seed(seed)
     model = TinyUNet(13, len(CLASSES), widths=WIDTHS).eval()
     params = sum(p.numel() for p in model.parameters())
     ov.save_model(ov.convert_model(model, example_input=torch.zeros(1, 13, TILE, TILE)), out / "model.xml")
-    mean = [0.12 + 0.005 * i for i in range(13)]
-    std = [0.08 + 0.002 * i for i in range(13)]
     tiles = np.random.default_rng(seed).uniform(0, 0.5, (2, 13, TILE, TILE)).astype(np.float32)
     with torch.inference_mode():
-        x = (torch.from_numpy(tiles) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        x = (torch.from_numpy(tiles) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
         probs = torch.softmax(model(x.float()), dim=1).numpy()
     save_reference(out / "reference.npz", tiles, probs)
-    manifest = make_manifest(
-        model_id="bench-tinyunet", version=1, bands=S2_BANDS, mean=mean, std=std, classes=CLASSES,
-        tile_size=TILE, overlap=OVERLAP, threshold={"cloud": 0.5}, opening_radius=2, policy=POLICY,
-        files={n: out / n for n in ("model.xml", "model.bin", "reference.npz")})
+    manifest = bench_manifest(out)
     torch.save(model.state_dict(), out / "model.pt")
     torch.onnx.export(model, torch.zeros(1, 13, TILE, TILE), out / "model.onnx", dynamo=False,
                       opset_version=17, input_names=["x"], output_names=["logits"],
@@ -152,27 +160,21 @@ def build_int8_dir(fp_dir: Path, manifest: dict, out: Path, seed: int) -> dict:
     import openvino as ov
 
     from ground.compression.quantize import quantize_ir
+    from ground.openvino.runtime import softmax
     from shared.bundle import load_reference, save_reference
-    from shared.manifest import make_manifest
     from shared.tiling import tile
 
     out.mkdir(parents=True, exist_ok=True)
-    inp = manifest["input"]
-    mean = np.asarray(inp["scaling"]["mean"], np.float32)[:, None, None]
-    std = np.asarray(inp["scaling"]["std"], np.float32)[:, None, None]
+    mean = np.asarray(MEAN, np.float32)[:, None, None]
+    std = np.asarray(STD, np.float32)[:, None, None]
     calibration, _ = tile(make_frames(1, seed + 1)[0], TILE, OVERLAP)
     calibration = ((calibration[::3].astype(np.float32) * np.float32(1e-4) - mean) / std).astype(np.float32)
     quantize_ir(fp_dir / "model.xml", calibration, out / "model.xml")
     tiles, _ = load_reference(fp_dir / "reference.npz", manifest)
     compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     logits = np.concatenate([compiled(((t[None] - mean) / std).astype(np.float32))[0] for t in tiles])
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    save_reference(out / "reference.npz", tiles, e / e.sum(axis=1, keepdims=True))
-    return make_manifest(
-        model_id="bench-tinyunet", version=1, bands=inp["bands"], mean=inp["scaling"]["mean"],
-        std=inp["scaling"]["std"], classes=CLASSES, tile_size=TILE, overlap=OVERLAP,
-        threshold={"cloud": 0.5}, opening_radius=2, policy=POLICY, precision="int8",
-        files={n: out / n for n in ("model.xml", "model.bin", "reference.npz")})
+    save_reference(out / "reference.npz", tiles, softmax(logits))
+    return bench_manifest(out, "int8")
 
 
 # ------------------------------------------------------------------------------------------------
