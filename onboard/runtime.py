@@ -364,7 +364,7 @@ class OpenVinoModel:
         self._config.update(config or {})
         self._num_requests = num_requests
         self._variants: dict[str, tuple] = {}
-        self._mask_variants: dict[tuple, tuple] = {}
+        self._mask_variants: dict[tuple, dict[int, tuple]] = {}   # constants -> {batch: variant}
         self._lock = threading.Lock()
         self.num_classes = self._variant("float32")[0].outputs[0].get_partial_shape()[1].get_length()
 
@@ -395,28 +395,33 @@ class OpenVinoModel:
         return self._variants[dtype]
 
     def _mask_variant(self, dtype: str, gain: np.ndarray, offset: np.ndarray,
-                      thresholds: np.ndarray, factor: int, scores: bool = False):
-        """The frame graph (`_prepare_masks`) for these constants, compiled on first use; the
-        last MASK_VARIANTS stay compiled (a daemon sees one scale, so one variant, in practice).
-        `scores`: the variant with the tile scores output (only a `learning` policy asks: the
-        plain variant's cost does not change)."""
+                      thresholds: np.ndarray, factor: int, scores: bool = False, batch: int | None = None):
+        """The frame graph (`_prepare_masks`) for these constants at `batch` tiles per request
+        (None: `batch_size`), compiled on first use; the last MASK_VARIANTS sets of constants stay
+        compiled (a daemon sees one scale, so one set, in practice), with every batch size asked
+        for them. `scores`: the variant with the tile scores output (only a `learning` policy
+        asks: the plain variant's cost does not change)."""
         if dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype}")
+        batch = self.batch_size if batch is None else int(batch)
         key = (dtype, gain.tobytes(), offset.tobytes(), thresholds.tobytes(), factor, bool(scores))
         if key not in self._mask_variants:
             while len(self._mask_variants) >= MASK_VARIANTS:
                 self._mask_variants.pop(next(iter(self._mask_variants)))
-            model = _prepare_masks(self._model, self.tile, self.batch_size, dtype, self.activation,
+            self._mask_variants[key] = {}
+        by_batch = self._mask_variants[key]
+        if batch not in by_batch:
+            model = _prepare_masks(self._model, self.tile, batch, dtype, self.activation,
                                    gain, offset, thresholds, factor, scaling_inputs=self.precision == "int8",
                                    scores=scores, fold=self.precision in FOLD_PRECISIONS, core=self._core)
             side = self.tile * factor
-            variant = self._compile(model, (self.batch_size, self.channels, side, side), dtype, "uint8")
+            variant = self._compile(model, (batch, self.channels, side, side), dtype, "uint8")
             if len(variant[0].inputs) == 3:     # gain and offset as runtime inputs
                 for request in variant[1]:
                     request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
                     request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
-            self._mask_variants[key] = variant
-        return self._mask_variants[key]
+            by_batch[batch] = variant
+        return by_batch[batch]
 
     @property
     def num_requests(self) -> int:
@@ -467,7 +472,7 @@ class OpenVinoModel:
             for request in queue:           # all idle here: set this run's scaling once
                 request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
                 request.get_input_tensor(2).data[...] = offset.reshape(1, -1, 1, 1)
-            self._stream(queue, buffers, n_tiles, fill, on_output)
+            self._stream([(queue, buffers)], n_tiles, fill, on_output)
 
     def run_masks(self, n_tiles: int, dtype: str, fill: Callable[[int, np.ndarray], None],
                   on_output: Callable[..., None], gain: np.ndarray, offset: np.ndarray,
@@ -486,19 +491,23 @@ class OpenVinoModel:
         if thresholds.shape != (self.num_classes,):
             raise ValueError(f"{thresholds.size} thresholds for {self.num_classes} classes")
         with self._lock:
-            _, queue, buffers = self._mask_variant(dtype, gain, offset, thresholds, int(factor), scores)
+            lanes = [self._mask_variant(dtype, gain, offset, thresholds, int(factor), scores)[1:]]
+            if n_tiles % self.batch_size:   # the last tiles through a one-tile variant
+                lanes.append(self._mask_variant(dtype, gain, offset, thresholds, int(factor), scores, 1)[1:])
             if scores:
-                self._stream(queue, buffers, n_tiles, fill,
-                             lambda start, out, extra: on_output(start, out[:, 0], extra))
+                self._stream(lanes, n_tiles, fill, lambda start, out, extra: on_output(start, out[:, 0], extra))
             else:
-                self._stream(queue, buffers, n_tiles, fill, lambda start, out: on_output(start, out[:, 0]))
+                self._stream(lanes, n_tiles, fill, lambda start, out: on_output(start, out[:, 0]))
 
     @staticmethod
-    def _stream(queue, buffers: _Buffers, n_tiles: int, fill: Callable, on_output: Callable) -> None:
-        """Batches through the queue, each cut by `fill` into a free input buffer and handed to
-        the next idle request; each finished one to `on_output` while the others infer (with a
-        second output: `on_output(start, out, extra)`)."""
-        batch = buffers.inputs[0].shape[0]
+    def _stream(lanes: list[tuple], n_tiles: int, fill: Callable, on_output: Callable) -> None:
+        """Batches through the queue of `lanes[0]` ((queue, buffers)), each cut by `fill` into a
+        free input buffer and handed to the next idle request; each finished one to `on_output`
+        while the others infer (with a second output: `on_output(start, out, extra)`). With a
+        second lane (a one-tile variant), the `n_tiles % batch` tiles left after the whole batches
+        go through it, one per request, beside the first lane's last batches: a static batch
+        would compute a whole batch for them (81 tiles at batch 2: 82 computed, and the request
+        with the half-empty last batch finishing one batch after the other)."""
         # No Python callback on the queue: OpenVINO's own marks requests idle in completion
         # order, and we collect a finished request's output when get_idle_request_id hands
         # it back. (A Python callback makes OpenVINO threads take the GIL; destroying such a
@@ -507,41 +516,50 @@ class OpenVinoModel:
         # batch is cut into a free input buffer before a request is free, a free request gets
         # it and a fresh output buffer and starts at once, and only then is the output it had
         # finished post-processed, while it runs again.
-        free_in, free_out = list(range(len(buffers.inputs))), list(range(len(buffers.outputs)))
-        pending: dict[int, tuple[int, int, int, int]] = {}   # request -> (start, count, in, out)
+        batch = lanes[0][1].inputs[0].shape[0]
+        whole = n_tiles - n_tiles % batch if len(lanes) > 1 else n_tiles
+        jobs = [(start, min(batch, n_tiles - start), 0) for start in range(0, whole, batch)]
+        jobs += [(start, 1, 1) for start in range(whole, n_tiles)]
+        free_in = [list(range(len(buffers.inputs))) for _, buffers in lanes]
+        free_out = [list(range(len(buffers.outputs))) for _, buffers in lanes]
+        pending: list[dict[int, tuple[int, int, int, int]]] = [{} for _ in lanes]  # request -> job
 
-        def collect(job: tuple[int, int, int, int]) -> None:
+        def collect(lane: int, job: tuple[int, int, int, int]) -> None:
             start, count, i, o = job
+            buffers = lanes[lane][1]
             if buffers.extras is None:
                 on_output(start, buffers.outputs[o][:count])
             else:
                 on_output(start, buffers.outputs[o][:count], buffers.extras[o][:count])
-            free_in.append(i)
-            free_out.append(o)
+            free_in[lane].append(i)
+            free_out[lane].append(o)
 
         try:
-            for start in range(0, n_tiles, batch):
-                count = min(batch, n_tiles - start)
-                i = free_in.pop()
+            for start, count, lane in jobs:
+                queue, buffers = lanes[lane]
+                i = free_in[lane].pop()
                 fill(start, buffers.inputs[i][:count])
                 rid = queue.get_idle_request_id()    # start_async takes this same request
-                finished = pending.pop(rid, None)
-                o = free_out.pop()
+                finished = pending[lane].pop(rid, None)
+                o = free_out[lane].pop()
                 request = queue[rid]
                 request.set_input_tensor(0, buffers.input_tensors[i])
                 request.set_output_tensor(0, buffers.output_tensors[o])
                 if buffers.extras is not None:
                     request.set_output_tensor(1, buffers.extra_tensors[o])
                 queue.start_async()
-                pending[rid] = (start, count, i, o)
+                pending[lane][rid] = (start, count, i, o)
                 if finished is not None:
-                    collect(finished)
-            queue.wait_all()
-            for job in sorted(pending.values()):
-                collect(job)
+                    collect(lane, finished)
+            for lane, (queue, _) in enumerate(lanes):
+                queue.wait_all()
+                for job in sorted(pending[lane].values()):
+                    collect(lane, job)
         finally:
-            queue.wait_all()        # never leave a request writing into a buffer we dropped
-            pending.clear()
+            for queue, _ in lanes:      # never leave a request writing into a buffer we dropped
+                queue.wait_all()
+            for jobs_out in pending:
+                jobs_out.clear()
 
     def infer(self, tiles: np.ndarray, gain: np.ndarray | None = None,
               offset: np.ndarray | None = None) -> np.ndarray:

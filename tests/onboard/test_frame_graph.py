@@ -38,6 +38,21 @@ def test_frame_graph_thresholds_like_shared_postprocess(model_dir, thresholds):
     assert np.array_equal(masks, threshold(probs, thresholds))
 
 
+@pytest.mark.parametrize("n", [1, 3, 7, 8])
+def test_tiles_left_after_whole_batches_run_through_a_one_tile_variant(model_dir, n):
+    """7 tiles at batch 4: one batch of 4, then 3 one-tile requests (not a batch padded to 4)."""
+    tiles = np.random.default_rng(n).uniform(0, 0.6, (n, 6, TILE, TILE)).astype(np.float32)
+    gain, offset = np.full(6, 4.0, np.float32), np.full(6, -1.0, np.float32)
+    thresholds = np.asarray([np.nan, 0.4, np.nan], np.float32)
+    model = OpenVinoModel(model_dir / "model.xml", batch_size=4, activation="softmax")
+    masks, scores = model.infer_masks(tiles, gain, offset, thresholds, scores=True)
+    single = OpenVinoModel(model_dir / "model.xml", batch_size=1, activation="softmax")
+    expected, expected_scores = single.infer_masks(tiles, gain, offset, thresholds, scores=True)
+    assert np.array_equal(masks, expected) and np.allclose(scores, expected_scores, atol=1e-5)
+    (by_batch,) = model._mask_variants.values()
+    assert sorted(by_batch) == ([1, 4] if n % 4 else [4])
+
+
 def test_gsd_m_is_optional_and_a_whole_multiple_of_10_m(manifest):
     assert gsd_factor(manifest["input"]) == 1
     assert gsd_factor(validate_manifest(with_gsd(manifest, 20))["input"]) == 2

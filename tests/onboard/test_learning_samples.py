@@ -140,11 +140,11 @@ def test_a_policy_without_learning_compiles_no_scores_output(manifest, model_dir
     pipeline.process(gradient_frame(100, 100), BANDS_6, 1e-4)
     variants = pipeline.model._mask_variants
     assert variants and all(key[-1] is False for key in variants)
-    assert all(len(compiled.outputs) == 1 for compiled, _, _ in variants.values())
+    assert all(len(compiled.outputs) == 1 for by_batch in variants.values() for compiled, _, _ in by_batch.values())
     pipeline.process(gradient_frame(100, 100), BANDS_6, 1e-4,
                      policy={**manifest["policy"], "learning": {"tiles": 1}})
-    scored = [v for key, v in variants.items() if key[-1] is True]
-    assert len(scored) == 1 and len(scored[0][0].outputs) == 2
+    scored = [by_batch for key, by_batch in variants.items() if key[-1] is True]
+    assert len(scored) == 1 and all(len(compiled.outputs) == 2 for compiled, _, _ in scored[0].values())
 
 
 # --------------------------------------------------------------------------------------------
