@@ -57,7 +57,8 @@ def cell_class_counts(mask: np.ndarray, num_classes: int, cell: int) -> np.ndarr
     counts = np.empty((len(rows), len(cols), num_classes), np.int64)
     sizes = np.outer(np.minimum(cell, h - rows), np.minimum(cell, w - cols))
     for k in range(1, num_classes):
-        counts[:, :, k] = _block_sums((mask == k).view(np.uint8), cell)
+        binary = (mask == k).view(np.uint8)
+        counts[:, :, k] = _block_sums(binary, cell) if cv2.countNonZero(binary) else 0
     counts[:, :, 0] = sizes - counts[:, :, 1:].sum(axis=2)
     return counts
 

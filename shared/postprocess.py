@@ -169,6 +169,8 @@ class RowwiseOpening:
         band = self.mask[self.done:end]
         for c in self.classes:
             binary = (src == c).view(np.uint8)
+            if not cv2.countNonZero(binary):     # absent from this band (most bands of a clear
+                continue                         # frame): nothing to open
             opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, self.kernel)
             # opened is a subset of binary: the difference is what the opening removed
             removed = cv2.subtract(binary, opened)[self.done - lo:end - lo]
