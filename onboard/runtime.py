@@ -50,6 +50,7 @@ INPUT_DTYPES = ("uint16", "int16", "float32")
 # fp32 bundles), never from the plugin's default. `config` entries win over both.
 DEFAULT_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT"}
 PRECISION_HINT = "INFERENCE_PRECISION_HINT"
+ONE_STREAM = {"NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "1"}   # the frame graph's tail variant
 MASK_VARIANTS = 2           # frame graphs kept compiled (one per scale/thresholds/binning seen)
 FOLD_PRECISIONS = ("fp32", "int8")  # the frame graph's scaling folded into the first layers
 SCORES = 2                  # the scores output per tile: [entropy, ambiguous share]
@@ -369,14 +370,24 @@ class OpenVinoModel:
         self.num_classes = self._variant("float32")[0].outputs[0].get_partial_shape()[1].get_length()
 
     # -- compiled variants -------------------------------------------------------------------
-    def _compile(self, model, shape_in: tuple, dtype: str, out_dtype: str) -> tuple:
-        """(compiled model, AsyncInferQueue, buffer pool one larger than the queue)."""
+    def _compile(self, model, shape_in: tuple, dtype: str, out_dtype: str, single: bool = False) -> tuple:
+        """(compiled model, AsyncInferQueue, buffer pool one larger than the queue). `single`: one
+        request on one stream of one thread (the CPU's: ONE_STREAM), for the few tiles left after
+        a frame's whole batches: half the scratch memory of two streams, and not pinned, so that
+        the OS runs it on whichever core the frame's last batches leave free (pinned, it shared
+        one core with a main stream: no faster than the padded batch)."""
+        config = self._config
+        if single and self.device == "CPU":
+            config = {**config, **ONE_STREAM}
+            if "ENABLE_CPU_PINNING" in self._core.get_property(self.device, "SUPPORTED_PROPERTIES"):
+                config["ENABLE_CPU_PINNING"] = False      # runs on whichever core is free (2023.0+)
         try:
-            compiled = self._core.compile_model(model, self.device, self._config)
+            compiled = self._core.compile_model(model, self.device, config)
         except RuntimeError as exc:
             raise ModelLoadError(f"{self.xml_path}: cannot compile for {self.device}: "
                                  f"{str(exc).splitlines()[0]}") from None
-        n = max(1, int(self._num_requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        n = 1 if single else max(1, int(self._num_requests
+                                        or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         shape_out = tuple(compiled.outputs[0].get_shape())
         shape_extra = tuple(compiled.outputs[1].get_shape()) if len(compiled.outputs) > 1 else None
         return (compiled, ov.AsyncInferQueue(compiled, n),
@@ -415,7 +426,8 @@ class OpenVinoModel:
                                    gain, offset, thresholds, factor, scaling_inputs=self.precision == "int8",
                                    scores=scores, fold=self.precision in FOLD_PRECISIONS, core=self._core)
             side = self.tile * factor
-            variant = self._compile(model, (batch, self.channels, side, side), dtype, "uint8")
+            variant = self._compile(model, (batch, self.channels, side, side), dtype, "uint8",
+                                    single=batch < self.batch_size)
             if len(variant[0].inputs) == 3:     # gain and offset as runtime inputs
                 for request in variant[1]:
                     request.get_input_tensor(1).data[...] = gain.reshape(1, -1, 1, 1)
