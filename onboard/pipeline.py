@@ -7,7 +7,7 @@
                     as float32 or in the frame's dtype (GRAPH_INPUT_DTYPE); the graph
                     (onboard.runtime's frame graph) bins them to the manifest's processing GSD
                     (`input.gsd_m`, mean of f x f blocks, f = gsd_m / 10), scales ((value * scale
-                    - mean) / std; at fp32 folded into the first convolutions), runs the
+                    - mean) / std; at fp32 and int8 folded into the first layers), runs the
                     network, its activation and the per-class thresholds
                     (shared.postprocess.threshold's rule): uint8 out
     stitch          as each batch comes back (while the other requests still infer): every tile's
