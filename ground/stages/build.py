@@ -104,7 +104,8 @@ def self_test(bundle_path: str | Path, key) -> dict:
     except (json.JSONDecodeError, IndexError):
         result = {"ok": False, "reason": (out.stderr or out.stdout).strip()[-500:]}
     if out.returncode != 0 or not result.get("ok", False):
-        raise StageError(f"on-board self-test of {bundle_path} refused it: {result.get('message') or result.get('reason')}")
+        reason = (result.get("error") or {}).get("message") or result.get("message") or result.get("reason")
+        raise StageError(f"on-board self-test of {bundle_path} refused it: {reason}")
     return result
 
 

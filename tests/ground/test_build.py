@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from mini_run import BANDS, host_precision, imagery
 from shared.keys import generate_keypair
@@ -91,3 +93,17 @@ def test_build_via_pruning_the_distilled_student(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["via"] == "prune" and r["chosen"] == "pruned/build-lamp-30.pt" and r["self_test"]["ok"]
+
+
+def test_self_test_refusal_names_the_daemons_reason(tmp_path):
+    """`onboard install --json` reports a refusal as {"ok": false, "error": {"code", "message"}}:
+    the stage's error carries that message, not None."""
+    from ground.stages.build import self_test
+    from ground.errors import StageError
+
+    key, _ = generate_keypair(tmp_path / "keys")
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a bundle")
+    with pytest.raises(StageError, match="install refused: .*broken.tar") as err:
+        self_test(broken, key)
+    assert "None" not in str(err.value)
