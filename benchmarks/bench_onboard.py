@@ -24,11 +24,14 @@ ground.compression.quantize, calibrated on another synthetic frame):
              centre-stitch, threshold) and the same OpenCV/numpy opening, statistics, policy and
              products (`pip install ".[benchmark]"`);
 - torch:     the same steps in torch eager.
-Pipeline and bare runs alternate frame by frame, each frame starting with the next one in turn,
-so that load from other processes, and what one run leaves to the next, fall on all alike; CPU
-seconds per frame (every thread of the process) are printed beside wall time. The OpenVINO and
-onnxruntime parts run in child processes without torch: their peak RSS is what a daemon would
-need. Figures depend on the machine and its load (printed with them).
+Each run has fresh processes of its own (the pipeline; each bare run; the frame graph alone),
+in --rounds rounds one after another, sharing --frames: a daemon's process holds its pipeline
+alone, and on a shared VM a compiled model can run 10-50% slower than the same graph compiled
+in another process, for its whole life (docs/onboard.md): beside the bare runs' compiled models
+and pre-cut tiles the pipeline drew that more often. The floor's ratio is the median of the
+rounds'; each is printed. CPU seconds per frame (every thread of the process) are printed beside
+wall time. The OpenVINO and onnxruntime parts run in child processes without torch: their peak
+RSS is what a daemon would need. Figures depend on the machine and its load (printed with them).
 """
 from __future__ import annotations
 
@@ -220,85 +223,135 @@ def _run_pipeline(pipeline, frame: np.ndarray) -> tuple:
     return time.perf_counter() - t0, time.process_time() - c0, result
 
 
+# What each fresh OpenVINO process measures: the pipeline alone (what a daemon's process holds),
+# each bare run alone, and the frame graph on pre-cut tiles (two dtypes, informational).
+PROCESS_GROUPS = (("pipeline",), ("bare16",), ("bare32",), ("graph_uint16", "graph_float32"))
+
+
 def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], args) -> dict:
+    """Wall and CPU seconds of the runs in `args.runs` (PROCESS_GROUPS) over `args.frames`
+    frames, each after one untimed frame (two for the pipeline: first-use compiles)."""
     from tqdm import tqdm
 
     from onboard.pipeline import GRAPH_INPUT_DTYPE, FramePipeline
     from shared.bands import S2_BANDS
     from shared.tiling import tile
 
+    names = tuple(args.runs)
+    out: dict = {"runs": names, "round": args.round, "frames": args.frames, "stage_sums_ms": {}, "frames_kept": 0, "masks": [],
+                 "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
+                 "torch_in_openvino_process": "torch" in sys.modules}
     rss_start = peak_rss_mb()       # python, numpy, openvino and the frames
-    pipeline = FramePipeline(manifest, model_dir, batch_size=args.batch_size,
-                             num_requests=args.num_requests, precision=args.precision)
-    self_test = pipeline.self_test(model_dir / "reference.npz")
-    for frame in frames[:2]:                  # warm-up (first-use compile), before any pre-cut tiles
-        pipeline.process(frame, S2_BANDS, 1e-4)
-    rss_pipeline = peak_rss_mb()
-    bare16, bare32 = _bare_model(model_dir, "uint16", args), _bare_model(model_dir, "float32", args)
+    pipeline = None
+    if "pipeline" in names or any(n.startswith("graph_") for n in names):
+        pipeline = FramePipeline(manifest, model_dir, batch_size=args.batch_size,
+                                 num_requests=args.num_requests, precision=args.precision)
+        out["runtime"] = pipeline.model.properties()
+    if "pipeline" in names:
+        test = pipeline.self_test(model_dir / "reference.npz")
+        out["self_test"] = {"ok": test.ok, "message": test.message}
+        for frame in frames[:2]:              # warm-up (first-use compile)
+            pipeline.process(frame, S2_BANDS, 1e-4)
+        out["rss_mb"] = {"start": round(rss_start, 1), "peak_after_warm_up": round(peak_rss_mb(), 1)}
     mean = np.asarray(manifest["input"]["scaling"]["mean"], np.float32)[:, None, None]
     std = np.asarray(manifest["input"]["scaling"]["std"], np.float32)[:, None, None]
     scaling = {1: (np.float32(1e-4) / std).reshape(1, 13, 1, 1), 2: (-mean / std).reshape(1, 13, 1, 1)}
+    queues = {}
+    if "bare16" in names:
+        queues["bare16"] = _bare_model(model_dir, "uint16", args)[1]
+    if "bare32" in names:
+        queues["bare32"] = _bare_model(model_dir, "float32", args)[1]
     # the pipeline's own frame graph (scaling constants, thresholds, uint8 out) on pre-cut tiles:
     # what the pipeline's Python work (cutting, stitching, post-processing) adds to it; with
     # uint16 and float32 tiles in (the pipeline feeds the one GRAPH_INPUT_DTYPE names)
-    graph_queues = {dtype: pipeline.model._mask_variant(
-        dtype, (np.float32(1e-4) / pipeline.std).astype(np.float32),
-        (-pipeline.mean / pipeline.std).astype(np.float32), pipeline.thresholds, 1)[1]
-        for dtype in ("uint16", "float32")}
-    names = ("pipeline", "bare16", "bare32", "graph_uint16", "graph_float32")
+    for dtype in ("uint16", "float32"):
+        if "graph_" + dtype in names:
+            queues["graph_" + dtype] = pipeline.model._mask_variant(
+                dtype, (np.float32(1e-4) / pipeline.std).astype(np.float32),
+                (-pipeline.mean / pipeline.std).astype(np.float32), pipeline.thresholds, 1)[1]
+
+    def inputs(frame: np.ndarray, name: str) -> tuple[np.ndarray, dict]:
+        """The frame's tiles cut beforehand, as `name` takes them."""
+        tiles = tile(frame, TILE, OVERLAP)[0]
+        if name in ("bare16", "graph_uint16"):
+            return tiles, scaling if name == "bare16" else {}
+        tiles = tiles.astype(np.float32)
+        return ((tiles * np.float32(1e-4) - mean) / std, {}) if name == "bare32" else (tiles, {})
+
+    def run(name: str, frame: np.ndarray) -> tuple:
+        if name == "pipeline":
+            return _run_pipeline(pipeline, frame)
+        tiles, extra = inputs(frame, name)
+        out["tiles_per_frame"] = len(tiles)
+        return _run_bare(queues[name], tiles, args.batch_size, extra)
+
+    for name in names:
+        if name != "pipeline":
+            run(name, frames[0])              # warm-up
     wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)   # CPU: every thread's
-    per_frame = []                  # pipeline / best bare, frame by frame (runs seconds apart)
-    stage_sums: dict[str, float] = {}
-    kept, masks, n_tiles = 0, [], 0
-    for i in tqdm(range(args.frames), desc=f"openvino {args.precision} frames", unit="frame", file=sys.stderr):
+    for i in tqdm(range(args.frames), desc=f"openvino {args.precision} {'+'.join(names)}", unit="frame",
+                  file=sys.stderr):
         frame = frames[i % len(frames)]
-        tiles16, _ = tile(frame, TILE, OVERLAP)
-        tiles32 = tiles16.astype(np.float32)
-        normalised = (tiles32 * np.float32(1e-4) - mean) / std
-        n_tiles = len(tiles16)
-        runs = {"pipeline": lambda: _run_pipeline(pipeline, frame),
-                "bare16": lambda: _run_bare(bare16[1], tiles16, args.batch_size, scaling),
-                "bare32": lambda: _run_bare(bare32[1], normalised, args.batch_size, {}),
-                "graph_uint16": lambda: _run_bare(graph_queues["uint16"], tiles16, args.batch_size, {}),
-                "graph_float32": lambda: _run_bare(graph_queues["float32"], tiles32, args.batch_size, {})}
-        # each frame starts with the next run in turn: what a run leaves behind (the threads of
-        # another compiled model still spinning, the caches) falls on every run alike, not
-        # always on the one after it
-        this = {}
         for name in names[i % len(names):] + names[:i % len(names)]:
-            w, c, *result = runs[name]()
+            w, c, *result = run(name, frame)
             wall[name] += w
             cpu[name] += c
-            this[name] = w
             if result:
                 for k, v in result[0].timings_ms.items():
-                    stage_sums[k] = stage_sums.get(k, 0.0) + v
-                kept += result[0].keep
+                    out["stage_sums_ms"][k] = out["stage_sums_ms"].get(k, 0.0) + v
+                out["frames_kept"] += result[0].keep
+                out["tiles_per_frame"] = len(pipeline._grid(frame.shape[1:]))
                 if i < len(frames):
-                    masks.append(result[0].class_mask.copy())
-        per_frame.append(min(this["bare16"], this["bare32"]) / this["pipeline"])
-        tiles16 = tiles32 = normalised = None     # freed before the next frame's are cut
-    mpix = args.frames * H * W / 1e6
+                    out["masks"].append(result[0].class_mask.copy())
+    out.update(wall_s=wall, cpu_s=cpu)
+    if "pipeline" in names:
+        out["rss_mb"]["peak"] = round(peak_rss_mb(), 1)
+    return out
+
+
+def pool_processes(children: list[dict]) -> dict:
+    """One precision's figures from its fresh processes (PROCESS_GROUPS, `--processes` times
+    over): throughput from the pooled seconds, and the floor's ratio as the median of each
+    round's (its pipeline process against its bare ones, the same frames). Each run has a
+    process of its own, as a daemon's pipeline has: on a shared VM a compiled model can run
+    10-50% slower than the same graph compiled in another process, for its whole life, and
+    beside the bare runs' compiled models and pre-cut tiles the pipeline drew that more often
+    (docs/onboard.md)."""
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    frames: dict[str, int] = {}
+    rounds: dict[int, dict[str, float]] = {}
+    for c in children:
+        for name in c["runs"]:
+            wall[name] = wall.get(name, 0.0) + c["wall_s"][name]
+            cpu[name] = cpu.get(name, 0.0) + c["cpu_s"][name]
+            frames[name] = frames.get(name, 0) + c["frames"]
+            rounds.setdefault(c["round"], {})[name] = c["wall_s"][name] / c["frames"]
+    per_round = [min(r["bare16"], r["bare32"]) / r["pipeline"] for _, r in sorted(rounds.items())]
+    mpix = {name: frames[name] * H * W / 1e6 / wall[name] for name in wall}
+    s_cpu = {name: round(cpu[name] / frames[name], 3) for name in cpu}
+    first = next(c for c in children if c["runs"][0] == "pipeline")
+    n = frames["pipeline"]
     return {
-        "self_test": {"ok": self_test.ok, "message": self_test.message},
-        "runtime": pipeline.model.properties(),
-        "tiles_per_frame": n_tiles,
-        "pipeline_mpix_s": mpix / wall["pipeline"],
-        "bare_scaled_uint16_mpix_s": mpix / wall["bare16"],
-        "bare_plain_float32_mpix_s": mpix / wall["bare32"],
-        "frame_graph_mpix_s": {dtype: mpix / wall["graph_" + dtype] for dtype in graph_queues},
-        "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
-        "pipeline_s_per_frame": wall["pipeline"] / args.frames,
-        "cpu_s_per_frame": {k: round(v / args.frames, 3) for k, v in cpu.items()},
-        "cpu_ratio_vs_bare": min(cpu["bare16"], cpu["bare32"]) / cpu["pipeline"],
-        "ratio_vs_bare_per_frame": [round(r, 4) for r in per_frame],
-        "ratio_vs_bare_median": float(np.median(per_frame)),
-        "stages_ms_per_frame": {k: round(v / args.frames, 2) for k, v in stage_sums.items()},
-        "frames_kept": kept,
-        "rss_mb": {"start": round(rss_start, 1), "peak_after_pipeline": round(rss_pipeline, 1),
-                   "peak_with_bare_tiles": round(peak_rss_mb(), 1)},
-        "torch_in_openvino_process": "torch" in sys.modules,
-        "masks": masks,
+        "self_test": first["self_test"], "runtime": first["runtime"], "tiles_per_frame": first["tiles_per_frame"],
+        "processes": len(children), "rounds": len(rounds),
+        "pipeline_mpix_s": mpix["pipeline"],
+        "bare_scaled_uint16_mpix_s": mpix["bare16"],
+        "bare_plain_float32_mpix_s": mpix["bare32"],
+        "frame_graph_mpix_s": {dtype: mpix["graph_" + dtype] for dtype in ("uint16", "float32")},
+        "graph_input_dtype": first["graph_input_dtype"],
+        "pipeline_s_per_frame": wall["pipeline"] / n,
+        "cpu_s_per_frame": s_cpu,
+        "ratio_vs_bare": float(np.median(per_round)),
+        "ratio_vs_bare_per_round": [round(r, 4) for r in per_round],
+        "ratio_vs_bare_pooled": mpix["pipeline"] / max(mpix["bare16"], mpix["bare32"]),
+        "cpu_ratio_vs_bare": min(s_cpu["bare16"], s_cpu["bare32"]) / s_cpu["pipeline"],
+        "stages_ms_per_frame": {k: round(sum(c["stage_sums_ms"].get(k, 0.0) for c in children) / n, 2)
+                                for k in first["stage_sums_ms"]},
+        "frames_kept": sum(c["frames_kept"] for c in children),
+        "rss_mb": {k: max(c["rss_mb"][k] for c in children if "rss_mb" in c) for k in first["rss_mb"]},
+        "torch_in_openvino_process": any(c["torch_in_openvino_process"] for c in children),
+        "masks": first["masks"],
     }
 
 
@@ -459,7 +512,7 @@ def human(r: dict) -> str:
     for p, o in r["openvino"].items():
         cpu = o["cpu_s_per_frame"]
         rows = [("pipeline " + p + " (FramePipeline.process, " + str(r["frames"]) + " frames)",
-                 o["pipeline_mpix_s"], cpu["pipeline"], f"{o['rss_mb']['peak_after_pipeline']:13.0f}"),
+                 o["pipeline_mpix_s"], cpu["pipeline"], f"{o['rss_mb']['peak']:13.0f}"),
                 ("  bare OpenVINO " + p + ", scaling in graph", o["bare_scaled_uint16_mpix_s"], cpu["bare16"], ""),
                 ("  bare OpenVINO " + p + ", plain IR float32", o["bare_plain_float32_mpix_s"], cpu["bare32"], "")]
         rows += [("  the frame graph alone, pre-cut " + dtype + (" *" if dtype == o["graph_input_dtype"] else ""),
@@ -473,12 +526,13 @@ def human(r: dict) -> str:
                      f"{r['torch_mpix_s']:8.2f}{r['torch_s_per_frame']:9.2f}")
     lines.append("")
     for p, o in r["openvino"].items():
-        lines.append(f"  pipeline / best bare at {p} = {o['ratio_vs_bare']:.3f}  (floor {FLOOR_VS_BARE}: "
-                     f"{'met' if o['ratio_vs_bare'] >= FLOOR_VS_BARE else 'NOT met'}); in CPU seconds per "
-                     f"frame {o['cpu_ratio_vs_bare']:.3f} (pipeline {o['cpu_s_per_frame']['pipeline']:.2f}, "
-                     f"bare {min(o['cpu_s_per_frame']['bare16'], o['cpu_s_per_frame']['bare32']):.2f}); "
-                     f"frame by frame median {o['ratio_vs_bare_median']:.3f} "
-                     f"(range {min(o['ratio_vs_bare_per_frame']):.3f}-{max(o['ratio_vs_bare_per_frame']):.3f})")
+        per_round = ", ".join(f"{x:.3f}" for x in o["ratio_vs_bare_per_round"])
+        lines.append(f"  pipeline / best bare at {p} = {o['ratio_vs_bare']:.3f}, the median of {o['rounds']} "
+                     f"rounds of fresh processes ({per_round})  (floor {FLOOR_VS_BARE}: "
+                     f"{'met' if o['ratio_vs_bare'] >= FLOOR_VS_BARE else 'NOT met'})")
+        lines.append(f"    pooled {o['ratio_vs_bare_pooled']:.3f}; in CPU seconds per frame "
+                     f"{o['cpu_ratio_vs_bare']:.3f} (pipeline {o['cpu_s_per_frame']['pipeline']:.2f}, "
+                     f"bare {min(o['cpu_s_per_frame']['bare16'], o['cpu_s_per_frame']['bare32']):.2f})")
     for key, label in (("ratio_vs_ort_f32", "pipeline fp32 / onnxruntime f32"),
                        ("ratio_best_vs_ort_best", f"pipeline {r.get('best_precision')} (the daemon's best) / "
                                                   "onnxruntime's best (f32)")):
@@ -501,8 +555,8 @@ def human(r: dict) -> str:
     for key, label in (("ort_stages_ms_per_frame", "onnxruntime"), ("torch_stages_ms_per_frame", "torch")):
         if r.get(key):
             lines += [f"  {label} stages, ms per frame:", "    " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items())]
-    lines.append("  peak RSS: each OpenVINO child (no torch) after two pipeline frames, before the bare runs' "
-                 f"pre-cut tiles; parent with torch {r['parent_peak_rss_mb']:.0f} MB")
+    lines.append("  peak RSS: the pipeline's own process (no torch, no bare runs), over all its frames (the "
+                 f"highest of the rounds); parent with torch {r['parent_peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
 
 
@@ -528,6 +582,17 @@ def run_child(measure, manifest: dict, model_dir: Path, args) -> dict:
     return result
 
 
+def process_args(args) -> list[argparse.Namespace]:
+    """`args` for each fresh OpenVINO process: `--rounds` rounds of PROCESS_GROUPS, one after
+    another, sharing `--frames` between the rounds (each at least one frame)."""
+    n = max(1, min(args.rounds, args.frames))
+    k = len(PROCESS_GROUPS)
+    return [argparse.Namespace(**{**vars(args), "frames": args.frames // n + (i < args.frames % n),
+                                  "runs": group, "round": i})
+            for i in range(n) for group in PROCESS_GROUPS[i % k:] + PROCESS_GROUPS[:i % k]]  # each round
+    # starts with the next group: load that drifts over a round falls on every run alike
+
+
 def default_precisions() -> list[str]:
     """fp32, the CPU's fastest other float precision the daemon can run (bf16 with
     AVX512-BF16/AMX, fp16 where the CPU computes it natively), and int8 where it has INT8."""
@@ -542,6 +607,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--frames", type=int, default=6, help="frames through each OpenVINO pipeline (default 6)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of fresh OpenVINO processes (the pipeline, each bare run, the frame "
+                         "graph: one process each) sharing --frames; the floor's ratio is the rounds' "
+                         "median (default 3)")
     ap.add_argument("--ort-frames", type=int, default=2,
                     help="frames through the onnxruntime baseline (default 2; 0 skips it)")
     ap.add_argument("--torch-frames", type=int, default=1,
@@ -569,10 +638,9 @@ def main(argv=None) -> int:
             bundles["int8"] = build_int8_dir(model_dir, manifest, Path(tmp) / "int8", args.seed), Path(tmp) / "int8"
         for p in precisions:
             args.precision = p
-            o = run_child(_openvino_side, *bundles[p], args)
+            o = pool_processes([run_child(_openvino_side, *bundles[p], child_args)
+                                for child_args in process_args(args)])
             ov_masks[p] = o.pop("masks")
-            o["ratio_vs_bare"] = o["pipeline_mpix_s"] / max(o["bare_scaled_uint16_mpix_s"],
-                                                            o["bare_plain_float32_mpix_s"])
             result["openvino"][p] = o
             result["tiles_per_frame"] = o["tiles_per_frame"]
         if args.ort_frames:
