@@ -585,7 +585,7 @@ def run_child(measure, manifest: dict, model_dir: Path, args) -> dict:
 def process_args(args) -> list[argparse.Namespace]:
     """`args` for each fresh OpenVINO process: `--rounds` rounds of PROCESS_GROUPS, one after
     another, sharing `--frames` between the rounds (each at least one frame)."""
-    n = max(1, min(args.rounds, args.frames))
+    n = min(args.rounds, args.frames)
     k = len(PROCESS_GROUPS)
     return [argparse.Namespace(**{**vars(args), "frames": args.frames // n + (i < args.frames % n),
                                   "runs": group, "round": i})
@@ -626,6 +626,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = ap.parse_args(argv)
+    if args.frames < 1 or args.rounds < 1:
+        ap.error(f"--frames and --rounds must be at least 1, got {args.frames} and {args.rounds}")
     precisions = args.precisions.split(",") if args.precisions else default_precisions()
 
     load_before = load_line()
