@@ -27,8 +27,8 @@ ground.compression.quantize, calibrated on another synthetic frame):
 Each run has fresh processes of its own (the pipeline; each bare run; the frame graph alone),
 in --rounds rounds one after another, sharing --frames: a daemon's process holds its pipeline
 alone, and on a shared VM a compiled model can run 10-50% slower than the same graph compiled
-in another process, for its whole life (docs/onboard.md): beside the bare runs' compiled models
-and pre-cut tiles the pipeline drew that more often. The floor's ratio is the median of the
+in another process, for its whole life (docs/onboard.md), and a process holding several compiled
+models and their pre-cut tiles drew that more often. The floor's ratio is the median of the
 rounds'; each is printed. CPU seconds per frame (every thread of the process) are printed beside
 wall time. The OpenVINO and onnxruntime parts run in child processes without torch: their peak
 RSS is what a daemon would need. Figures depend on the machine and its load (printed with them).
@@ -238,8 +238,8 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
     from shared.tiling import tile
 
     names = tuple(args.runs)
-    out: dict = {"runs": names, "round": args.round, "frames": args.frames, "stage_sums_ms": {}, "frames_kept": 0, "masks": [],
-                 "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
+    out: dict = {"runs": names, "round": args.round, "frames": args.frames, "stage_sums_ms": {},
+                 "frames_kept": 0, "masks": [], "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
                  "torch_in_openvino_process": "torch" in sys.modules}
     rss_start = peak_rss_mb()       # python, numpy, openvino and the frames
     pipeline = None
@@ -310,13 +310,10 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
 
 
 def pool_processes(children: list[dict]) -> dict:
-    """One precision's figures from its fresh processes (PROCESS_GROUPS, `--processes` times
-    over): throughput from the pooled seconds, and the floor's ratio as the median of each
-    round's (its pipeline process against its bare ones, the same frames). Each run has a
-    process of its own, as a daemon's pipeline has: on a shared VM a compiled model can run
-    10-50% slower than the same graph compiled in another process, for its whole life, and
-    beside the bare runs' compiled models and pre-cut tiles the pipeline drew that more often
-    (docs/onboard.md)."""
+    """One precision's figures from its fresh processes (PROCESS_GROUPS, `--rounds` times over):
+    throughput from the pooled seconds, and the floor's ratio as the median of the rounds' (each
+    round's pipeline process against its bare ones, the same frames), so that one compiled model
+    that drew a slow state (module docstring) moves one round, not the verdict."""
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
     frames: dict[str, int] = {}
