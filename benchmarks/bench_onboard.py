@@ -235,12 +235,13 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
 
     from onboard.pipeline import GRAPH_INPUT_DTYPE, FramePipeline
     from shared.bands import S2_BANDS
-    from shared.tiling import tile
+    from shared.tiling import TileGrid, tile
 
     names = tuple(args.runs)
     out: dict = {"runs": names, "round": args.round, "frames": args.frames, "stage_sums_ms": {},
                  "frames_kept": 0, "masks": [], "graph_input_dtype": GRAPH_INPUT_DTYPE.get(args.precision, "uint16"),
-                 "torch_in_openvino_process": "torch" in sys.modules}
+                 "torch_in_openvino_process": "torch" in sys.modules,
+                 "tiles_per_frame": len(TileGrid(H, W, TILE, OVERLAP))}
     rss_start = peak_rss_mb()       # python, numpy, openvino and the frames
     pipeline = None
     if "pipeline" in names or any(n.startswith("graph_") for n in names):
@@ -282,7 +283,6 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
         if name == "pipeline":
             return _run_pipeline(pipeline, frame)
         tiles, extra = inputs(frame, name)
-        out["tiles_per_frame"] = len(tiles)
         return _run_bare(queues[name], tiles, args.batch_size, extra)
 
     for name in names:
@@ -300,7 +300,6 @@ def _openvino_side(manifest: dict, model_dir: Path, frames: list[np.ndarray], ar
                 for k, v in result[0].timings_ms.items():
                     out["stage_sums_ms"][k] = out["stage_sums_ms"].get(k, 0.0) + v
                 out["frames_kept"] += result[0].keep
-                out["tiles_per_frame"] = len(pipeline._grid(frame.shape[1:]))
                 if i < len(frames):
                     out["masks"].append(result[0].class_mask.copy())
     out.update(wall_s=wall, cpu_s=cpu)
